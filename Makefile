@@ -1,0 +1,33 @@
+# Two commands for a new user (see README.md):
+#   make demo   set up the virtual environment and run the main demo
+#   make test   set up the virtual environment and run the tests
+# The CPU wheel of torch is installed first so that pip does not pull several GB of CUDA packages;
+# override it for a GPU machine, e.g.  make test TORCH_SPEC="torch==2.13.0 --index-url <your index>"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

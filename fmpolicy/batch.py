@@ -1,0 +1,113 @@
+"""Data keys (LeRobot's names) and the checks that turn a user's batch into validated tensors.
+
+Errors name the key, the value's shape or content, and what was expected, so that a wrong input
+never surfaces as a bare shape mismatch deep inside torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fmpolicy.errors import InputError
+
+STATE = "observation.state"
+PREFIX = "observation.prefix"
+PREFIX_MASK = "observation.prefix_mask"
+ACTION = "action"
+ACTION_IS_PAD = "action_is_pad"
+IMAGES_PREFIX = "observation.images."
+TASK = "task"
+
+
+def as_tensor(value: Any, key: str, device: torch.device, dtype: torch.dtype | None = torch.float32) -> Tensor:
+    """A tensor on `device` from a tensor, numpy array or nested list; `key` names it in errors."""
+    if isinstance(value, Tensor):
+        t = value
+    elif isinstance(value, (np.ndarray, list, tuple, float, int)):
+        t = torch.as_tensor(np.asarray(value))
+    else:
+        raise InputError(f"{key!r} has type {type(value).__name__}: expected a torch.Tensor or numpy array")
+    if dtype is not None and t.dtype != dtype:
+        if dtype.is_floating_point and not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64, torch.uint8)):
+            raise InputError(f"{key!r} has dtype {t.dtype}: expected a real-valued array")
+        t = t.to(dtype)
+    return t.to(device)
+
+
+def require(batch: Mapping[str, Any], key: str) -> Any:
+    if not isinstance(batch, Mapping):
+        raise InputError(f"a batch must be a mapping of keys to arrays, got {type(batch).__name__}")
+    if key not in batch:
+        raise InputError(f"the batch is missing the key {key!r}: it has {sorted(map(str, batch))}")
+    return batch[key]
+
+
+def check_finite(t: Tensor, key: str, where: Tensor | None = None) -> None:
+    """NaN or inf in an observation or action is an input error, reported with a location."""
+    bad = ~torch.isfinite(t)
+    if where is not None:
+        bad = bad & where
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise InputError(f"{key!r} contains NaN or inf ({int(bad.sum())} entries, first at index {first})")
+
+
+def check_shape(t: Tensor, key: str, expected: tuple[int | str | None, ...], names: str) -> None:
+    """Check rank and the fixed sizes in `expected` (None or a letter = any size). `names` labels the axes."""
+    if t.dim() != len(expected) or any(isinstance(e, int) and s != e for s, e in zip(t.shape, expected)):
+        want = ", ".join(str(e) if isinstance(e, int) else n for e, n in zip(expected, names.split()))
+        raise InputError(f"{key!r} has shape {tuple(t.shape)}: expected ({want})")
+
+
+def read_state(batch: Mapping[str, Any], state_dim: int, max_state_dim: int, device: torch.device) -> Tensor:
+    """observation.state (b, s) with s == state_dim, finite. -> float32 (b, s)"""
+    state = as_tensor(require(batch, STATE), STATE, device)
+    if state.dim() != 2:
+        raise InputError(f"{STATE!r} has shape {tuple(state.shape)}: expected (b, {state_dim}), a batch of states")
+    if state.shape[1] > max_state_dim:
+        raise InputError(f"{STATE!r} has width {state.shape[1]}, more than max_state_dim={max_state_dim}")
+    if state.shape[1] != state_dim:
+        raise InputError(f"{STATE!r} has width {state.shape[1]}: this policy expects state_dim={state_dim}")
+    check_finite(state, STATE)
+    return state
+
+
+def read_prefix(batch: Mapping[str, Any], batch_size: int, prefix_dim: int,
+                device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+    """Optional observation.prefix (b, p, d_prefix) and observation.prefix_mask (b, p) bool."""
+    if PREFIX not in batch:
+        if PREFIX_MASK in batch:
+            raise InputError(f"{PREFIX_MASK!r} was given without {PREFIX!r}")
+        return None, None
+    if prefix_dim == 0:
+        raise InputError(f"{PREFIX!r} was given but this policy has no prefix input (expert.prefix_dim = 0)")
+    prefix = as_tensor(batch[PREFIX], PREFIX, device)
+    check_shape(prefix, PREFIX, (batch_size, None, prefix_dim), "b p d_prefix")
+    mask = None
+    if PREFIX_MASK in batch:
+        mask = as_tensor(batch[PREFIX_MASK], PREFIX_MASK, device, dtype=None).bool()
+        check_shape(mask, PREFIX_MASK, (batch_size, prefix.shape[1]), "b p")
+    check_finite(prefix, PREFIX, None if mask is None else mask[..., None])
+    return prefix, mask
+
+
+def read_action(batch: Mapping[str, Any], batch_size: int, chunk_size: int, action_dim: int, max_action_dim: int,
+                device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """action (b, h, a) and optional action_is_pad (b, h) bool. Padded steps may hold anything."""
+    action = as_tensor(require(batch, ACTION), ACTION, device)
+    if action.dim() == 3 and action.shape[2] > max_action_dim:
+        raise InputError(f"{ACTION!r} has width {action.shape[2]}, more than max_action_dim={max_action_dim}")
+    if action.dim() == 3 and action.shape[0] == batch_size and action.shape[1] == chunk_size and action.shape[2] != action_dim:
+        raise InputError(f"{ACTION!r} has width {action.shape[2]}: this policy expects action_dim={action_dim}")
+    check_shape(action, ACTION, (batch_size, chunk_size, action_dim), "b h a")
+    is_pad = None
+    if ACTION_IS_PAD in batch:
+        is_pad = as_tensor(batch[ACTION_IS_PAD], ACTION_IS_PAD, device, dtype=None).bool()
+        check_shape(is_pad, ACTION_IS_PAD, (batch_size, chunk_size), "b h")
+    check_finite(action, ACTION, None if is_pad is None else ~is_pad[..., None])
+    return action, is_pad

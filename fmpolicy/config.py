@@ -1,0 +1,237 @@
+"""Typed, frozen configs: one dataclass per concern, each field documented next to its default.
+
+Every config validates itself on construction (a bad value raises `ConfigError` naming the field and
+the value) and maps one-to-one onto a dict / YAML mapping through `config_from_dict` and
+`config_to_dict`; an unknown key is an error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fmpolicy.errors import ConfigError
+
+C = TypeVar("C")
+
+TIME_SAMPLINGS = ("uniform", "beta", "logit_normal")
+SAMPLER_METHODS = ("euler", "midpoint", "rk4", "dopri5")
+NORM_MODES = ("identity", "mean_std", "min_max", "quantile")
+EXPERT_KINDS = ("transformer", "mlp")
+HEADS = ("flow", "regression")
+
+
+def _check(ok: bool, cls: str, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{cls}.{name} = {value!r} is invalid: expected {expected}")
+
+
+def _positive_ints(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(isinstance(value, int) and value > 0, type(obj).__name__, name, value, "a positive int")
+
+
+def _choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    _check(value in choices, type(obj).__name__, name, value, f"one of {list(choices)}")
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """The velocity network: a transformer action expert or a small MLP."""
+
+    kind: str = "transformer"  # "transformer" (state token + action tokens) or "mlp" (low-dim control)
+    width: int = 128  # hidden size d of every token / MLP layer
+    depth: int = 4  # number of transformer blocks (or hidden layers of the MLP)
+    num_heads: int = 4  # attention heads; width must divide by it
+    mlp_ratio: float = 4.0  # feed-forward hidden size = mlp_ratio * width
+    max_state_dim: int = 32  # states are zero-padded to this width
+    max_action_dim: int = 32  # actions are zero-padded to this width
+    prefix_dim: int = 0  # width of prefix tokens (observation.prefix); 0 = no prefix input
+    time_embed_dim: int = 128  # width of the sinusoidal time features before the time MLP
+    dropout: float = 0.0  # dropout inside attention and feed-forward layers (training only)
+
+    def __post_init__(self) -> None:
+        _choice(self, "kind", EXPERT_KINDS)
+        _positive_ints(self, "width", "depth", "num_heads", "max_state_dim", "max_action_dim", "time_embed_dim")
+        name = type(self).__name__
+        _check(self.width % self.num_heads == 0, name, "num_heads", self.num_heads, f"a divisor of width={self.width}")
+        _check(self.time_embed_dim % 2 == 0, name, "time_embed_dim", self.time_embed_dim, "an even int")
+        _check(self.mlp_ratio > 0, name, "mlp_ratio", self.mlp_ratio, "a positive number")
+        _check(isinstance(self.prefix_dim, int) and self.prefix_dim >= 0, name, "prefix_dim", self.prefix_dim, "an int >= 0")
+        _check(0.0 <= self.dropout < 1.0, name, "dropout", self.dropout, "a number in [0, 1)")
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """How training draws the flow time t (t = 0 is noise, t = 1 is the action)."""
+
+    time_sampling: str = "beta"  # "uniform", "beta" (pi0: mass on the noisy end) or "logit_normal"
+    beta_alpha: float = 1.5  # Beta(alpha, beta) of pi0; t = 1 - s * (1 - t_min) puts the mass near t = 0
+    beta_beta: float = 1.0
+    t_min: float = 0.001  # smallest distance from t = 1 kept by the beta sampler (pi0's 0.001)
+    logit_mean: float = 0.0  # logit-normal location
+    logit_std: float = 1.0  # logit-normal scale
+
+    def __post_init__(self) -> None:
+        _choice(self, "time_sampling", TIME_SAMPLINGS)
+        name = type(self).__name__
+        for f in ("beta_alpha", "beta_beta", "logit_std"):
+            _check(getattr(self, f) > 0, name, f, getattr(self, f), "a positive number")
+        _check(0.0 <= self.t_min < 1.0, name, "t_min", self.t_min, "a number in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How a chunk is drawn: integrate the learned velocity from t = 0 (noise) to t = 1 (action)."""
+
+    method: str = "euler"  # "euler", "midpoint", "rk4" (fixed grid) or "dopri5" (adaptive)
+    num_steps: int = 10  # integration steps of the fixed-grid methods
+    atol: float = 1e-5  # dopri5 absolute tolerance
+    rtol: float = 1e-5  # dopri5 relative tolerance
+
+    def __post_init__(self) -> None:
+        _choice(self, "method", SAMPLER_METHODS)
+        _positive_ints(self, "num_steps")
+        name = type(self).__name__
+        _check(self.atol > 0, name, "atol", self.atol, "a positive number")
+        _check(self.rtol > 0, name, "rtol", self.rtol, "a positive number")
+
+
+@dataclass(frozen=True)
+class NormalizationConfig:
+    """How state and action are mapped to network units (fitted from data, saved with the policy)."""
+
+    state: str = "mean_std"  # "identity", "mean_std", "min_max" (to [-1, 1]) or "quantile" (q01/q99 to [-1, 1])
+    action: str = "mean_std"
+    min_scale: float = 1e-4  # a dimension whose spread is below this is only centred, never divided by ~0
+
+    def __post_init__(self) -> None:
+        _choice(self, "state", NORM_MODES)
+        _choice(self, "action", NORM_MODES)
+        _check(self.min_scale > 0, type(self).__name__, "min_scale", self.min_scale, "a positive number")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Everything needed to rebuild a `FlowPolicy`: robot widths, chunking, network, flow, sampler."""
+
+    state_dim: int = 2  # width of observation.state for this robot (<= expert.max_state_dim)
+    action_dim: int = 2  # width of one action for this robot (<= expert.max_action_dim)
+    chunk_size: int = 10  # h: actions predicted per chunk
+    n_action_steps: int = 5  # actions executed from each chunk before re-planning (<= chunk_size)
+    head: str = "flow"  # "flow" (CFM, sampled by ODE) or "regression" (MSE baseline, same backbone)
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    normalization: NormalizationConfig = field(default_factory=NormalizationConfig)
+    device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N"
+
+    def __post_init__(self) -> None:
+        _positive_ints(self, "state_dim", "action_dim", "chunk_size", "n_action_steps")
+        _choice(self, "head", HEADS)
+        name = type(self).__name__
+        _check(self.state_dim <= self.expert.max_state_dim, name, "state_dim", self.state_dim,
+               f"at most expert.max_state_dim={self.expert.max_state_dim}")
+        _check(self.action_dim <= self.expert.max_action_dim, name, "action_dim", self.action_dim,
+               f"at most expert.max_action_dim={self.expert.max_action_dim}")
+        _check(self.n_action_steps <= self.chunk_size, name, "n_action_steps", self.n_action_steps,
+               f"at most chunk_size={self.chunk_size}")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), name,
+               "device", self.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+# Named presets for the expert. "cpu" answers a 10-step chunk at batch 1 in a few ms on 2 CPU cores;
+# "pi0" is sized like the anchors' action experts (pi0's Gemma-300M expert: width 1024, depth 18).
+EXPERT_PRESETS: dict[str, ExpertConfig] = {
+    "tiny": ExpertConfig(width=64, depth=2, num_heads=4, time_embed_dim=64),
+    "cpu": ExpertConfig(width=128, depth=4, num_heads=4),
+    "base": ExpertConfig(width=512, depth=6, num_heads=8, time_embed_dim=256),
+    "pi0": ExpertConfig(width=1024, depth=18, num_heads=8, time_embed_dim=256),
+    "mlp": ExpertConfig(kind="mlp", width=256, depth=3, time_embed_dim=64),
+}
+
+
+def make_expert_config(preset: str, **overrides: Any) -> ExpertConfig:
+    """A named expert preset with some fields replaced."""
+    if preset not in EXPERT_PRESETS:
+        raise ConfigError(f"expert preset {preset!r} is unknown: expected one of {sorted(EXPERT_PRESETS)}")
+    return dataclasses.replace(EXPERT_PRESETS[preset], **overrides)
+
+
+def resolve_device(device: str) -> "torch.device":  # noqa: F821 (torch imported lazily)
+    """`auto` picks CUDA when present; anything else is taken as given."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ---- dict <-> dataclass ---------------------------------------------------------------------------
+
+
+def _is_config_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def config_from_dict(cls: type[C], data: dict[str, Any] | None, where: str = "") -> C:
+    """Build `cls` from a (nested) mapping; unknown keys and wrong types raise `ConfigError`."""
+    where = where or cls.__name__
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}: {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}: expected some of {sorted(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if _is_config_type(tp):
+            kwargs[name] = value if isinstance(value, tp) else config_from_dict(tp, value, f"{where}.{name}")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check a scalar against its annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where} = {value!r} has the wrong type: expected {tp}")
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif tp in (str, bool) and isinstance(value, tp):
+        return value
+    elif origin in (tuple, list) and isinstance(value, (list, tuple)):
+        return tuple(value) if origin is tuple else list(value)
+    raise ConfigError(f"{where} = {value!r} has the wrong type: expected {getattr(tp, '__name__', tp)}")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A plain nested dict (JSON / YAML ready) that `config_from_dict` maps back to `config`."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = config_to_dict(value) if dataclasses.is_dataclass(value) else (
+            list(value) if isinstance(value, tuple) else value)
+    return out

@@ -1,0 +1,39 @@
+"""What a velocity network computes once per chunk and reuses at every integration step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from torch import Tensor
+
+
+@dataclass
+class ExpertCache:
+    """Per-chunk conditioning, independent of (x_t, t).
+
+    For the transformer: the state token and each layer's prefix keys/values. For the MLP: the
+    conditioning vector. Fields that a network does not use stay None.
+    """
+
+    state_token: Tensor | None = None  # (b, 1, d) transformer state token
+    prefix_kv: list[tuple[Tensor, Tensor]] | None = None  # per layer: keys, values (b, heads, p, d_head)
+    attn_mask: Tensor | None = None  # (b, 1, 1 + h, p + 1 + h) bool, True = may attend
+    cond: Tensor | None = None  # (b, c) MLP conditioning vector
+
+    @property
+    def batch_size(self) -> int:
+        for f in (self.state_token, self.cond):
+            if f is not None:
+                return f.shape[0]
+        raise ValueError("empty ExpertCache")
+
+    def repeat_interleave(self, m: int) -> "ExpertCache":
+        """Repeat every sample m times along the batch axis (b -> b*m), e.g. for FPO's m (t, noise) pairs."""
+
+        def rep(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.repeat_interleave(m, 0)
+
+        kv = None if self.prefix_kv is None else [(rep(k), rep(v)) for k, v in self.prefix_kv]
+        # a mask of batch 1 is shared by every sample (it broadcasts) and stays as it is
+        mask = self.attn_mask if self.attn_mask is None or self.attn_mask.shape[0] == 1 else rep(self.attn_mask)
+        return replace(self, state_token=rep(self.state_token), prefix_kv=kv, attn_mask=mask, cond=rep(self.cond))

@@ -1,0 +1,61 @@
+"""A small MLP velocity network for low-dimensional control (the kind the FPO paper uses)."""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from fmpolicy.config import ExpertConfig
+from fmpolicy.model.cache import ExpertCache
+from fmpolicy.model.layers import sinusoidal_time_features
+from fmpolicy.model.transformer import zero_padded
+
+
+class MLPVelocityNet(nn.Module):
+    """v(x_t, t | state, pooled prefix) from one MLP over the flattened chunk.
+
+    Input: [flattened zero-padded x_t (h*A), zero-padded state (S), masked mean of the prefix
+    (d_prefix, when configured), time features]; output: the flattened velocity (h*A).
+    Same interface as `ActionExpert`: `encode` once per chunk, `velocity` per step.
+    """
+
+    def __init__(self, config: ExpertConfig, chunk_size: int):
+        super().__init__()
+        self.config = config
+        self.chunk_size = chunk_size
+        in_dim = chunk_size * config.max_action_dim + config.max_state_dim + config.prefix_dim + config.time_embed_dim
+        layers: list[nn.Module] = []
+        for i in range(config.depth):
+            layers += [nn.Linear(in_dim if i == 0 else config.width, config.width), nn.SiLU()]
+            if config.dropout:
+                layers.append(nn.Dropout(config.dropout))
+        layers.append(nn.Linear(config.width, chunk_size * config.max_action_dim))
+        self.net = nn.Sequential(*layers)
+
+    def encode(self, state: Tensor, state_valid: Tensor | None = None, prefix: Tensor | None = None,
+               prefix_mask: Tensor | None = None) -> ExpertCache:
+        """Conditioning vector (b, S [+ d_prefix]) from the state and the masked mean of the prefix."""
+        cond = [zero_padded(state, state_valid)]
+        if self.config.prefix_dim:
+            if prefix is None:
+                cond.append(state.new_zeros(state.shape[0], self.config.prefix_dim))
+            else:
+                if prefix_mask is None:
+                    prefix_mask = torch.ones(prefix.shape[:2], dtype=torch.bool, device=prefix.device)
+                weights = prefix_mask.to(prefix.dtype)[..., None]  # (b, p, 1)
+                pooled = (zero_padded(prefix, prefix_mask[..., None]) * weights).sum(1)
+                cond.append(pooled / weights.sum(1).clamp_min(1.0))
+        return ExpertCache(cond=torch.cat(cond, dim=-1))
+
+    def velocity(self, x_t: Tensor, t: Tensor, cache: ExpertCache, action_valid: Tensor | None = None) -> Tensor:
+        """x_t (b, h, A), t (b,) -> (b, h, A); padded entries are 0."""
+        flat = rearrange(zero_padded(x_t, action_valid), "b h a -> b (h a)")
+        feats = sinusoidal_time_features(t, self.config.time_embed_dim).to(flat.dtype)
+        v = self.net(torch.cat([flat, cache.cond.to(flat.dtype), feats], dim=-1))
+        return zero_padded(rearrange(v, "b (h a) -> b h a", h=self.chunk_size), action_valid)
+
+    def forward(self, x_t: Tensor, t: Tensor, state: Tensor, state_valid: Tensor | None = None,
+                prefix: Tensor | None = None, prefix_mask: Tensor | None = None,
+                action_valid: Tensor | None = None) -> Tensor:
+        return self.velocity(x_t, t, self.encode(state, state_valid, prefix, prefix_mask), action_valid)

@@ -1,0 +1,136 @@
+"""The transformer action expert: a state token and h action tokens, attending to prefix tokens.
+
+Token layout of the expert's own sequence (the "suffix" in pi0's words): [state, a_1 ... a_h].
+Attention (pi0's block mask): the state token attends to itself; action tokens attend to the state
+token and to each other; every token also attends to the valid prefix tokens, in one joint softmax
+over [prefix keys, suffix keys]. The prefix keys/values of every layer depend only on the
+observation, so `encode` computes them once per chunk and `velocity` reuses them at every step.
+
+Time enters every block through adaLN-Zero modulation (pi0.5's adaRMSNorm): scale, shift and a
+zero-initialised gate per residual branch, computed from the time embedding.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from fmpolicy.config import ExpertConfig
+from fmpolicy.model.cache import ExpertCache
+from fmpolicy.model.layers import AdaptiveModulation, FeedForward, RMSNorm, TimeEmbedding, modulate
+
+
+def zero_padded(x: Tensor, valid: Tensor | None) -> Tensor:
+    """Zero the entries where `valid` is False, so that padded values cannot reach the network."""
+    return x if valid is None else torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+class ExpertBlock(nn.Module):
+    """One pre-norm transformer block with time modulation and joint attention to prefix keys/values."""
+
+    def __init__(self, config: ExpertConfig):
+        super().__init__()
+        d = config.width
+        self.num_heads = config.num_heads
+        self.norm_attn = RMSNorm(d, affine=False)
+        self.norm_ff = RMSNorm(d, affine=False)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.ff = FeedForward(d, int(config.mlp_ratio * d), config.dropout)
+        self.modulation = AdaptiveModulation(d, n_triples=2)
+        self.attn_dropout = config.dropout
+        # the prefix has its own norm and key/value projection in every layer (pi0's VLM layers play
+        # this part; here the prefix arrives as embeddings from an encoder)
+        self.prefix_norm = RMSNorm(d) if config.prefix_dim else None
+        self.prefix_kv = nn.Linear(d, 2 * d) if config.prefix_dim else None
+
+    def prefix_keys_values(self, prefix: Tensor) -> tuple[Tensor, Tensor]:
+        """(b, p, d) -> keys, values (b, heads, p, d_head)."""
+        kv = self.prefix_kv(self.prefix_norm(prefix))
+        k, v = rearrange(kv, "b p (two n e) -> two b n p e", two=2, n=self.num_heads)
+        return k, v
+
+    def forward(self, x: Tensor, temb: Tensor, prefix_kv: tuple[Tensor, Tensor] | None, mask: Tensor) -> Tensor:
+        """x (b, q, d), temb (b, d), mask (b|1, 1, q, p + q) -> (b, q, d)"""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(temb)
+        h = modulate(self.norm_attn(x), shift1, scale1)
+        q, k, v = rearrange(self.qkv(h), "b q (three n e) -> three b n q e", three=3, n=self.num_heads)
+        if prefix_kv is not None:
+            k = torch.cat([prefix_kv[0], k], dim=2)
+            v = torch.cat([prefix_kv[1], v], dim=2)
+        attn = nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0)
+        x = x + gate1 * self.out(rearrange(attn, "b n q e -> b q (n e)"))
+        x = x + gate2 * self.ff(modulate(self.norm_ff(x), shift2, scale2))
+        return x
+
+
+class ActionExpert(nn.Module):
+    """Velocity network v(x_t, t | state, prefix) over zero-padded action chunks.
+
+    `encode(state, ...)` -> ExpertCache (once per chunk); `velocity(x_t, t, cache)` -> v (every step);
+    `forward` does both (no cache reuse).
+    """
+
+    def __init__(self, config: ExpertConfig, chunk_size: int):
+        super().__init__()
+        d = config.width
+        self.config = config
+        self.chunk_size = chunk_size
+        self.state_in = nn.Linear(config.max_state_dim, d)
+        self.action_in = nn.Linear(config.max_action_dim, d)
+        self.position = nn.Parameter(torch.randn(chunk_size, d) * 0.02)
+        self.time_embed = TimeEmbedding(config.time_embed_dim, d)
+        self.prefix_in = nn.Linear(config.prefix_dim, d) if config.prefix_dim else None
+        self.blocks = nn.ModuleList(ExpertBlock(config) for _ in range(config.depth))
+        self.final_norm = RMSNorm(d, affine=False)
+        self.final_modulation = AdaptiveModulation(d, n_triples=1)
+        self.action_out = nn.Linear(d, config.max_action_dim)
+        # suffix block mask: the state token (row 0) sees only itself, action tokens see everything
+        q = 1 + chunk_size
+        suffix_mask = torch.ones(q, q, dtype=torch.bool)
+        suffix_mask[0, 1:] = False
+        self.register_buffer("suffix_mask", suffix_mask, persistent=False)
+
+    def encode(
+        self,
+        state: Tensor,
+        state_valid: Tensor | None = None,
+        prefix: Tensor | None = None,
+        prefix_mask: Tensor | None = None,
+    ) -> ExpertCache:
+        """Everything that does not depend on (x_t, t), computed once per chunk.
+
+        state (b, S) zero-padded to max_state_dim; state_valid (b, S) or (S,) bool;
+        prefix (b, p, d_prefix) and prefix_mask (b, p) bool (True = a real token), both optional.
+        """
+        state_token = self.state_in(zero_padded(state, state_valid))[:, None, :]  # (b, 1, d)
+        b, q = state.shape[0], 1 + self.chunk_size
+        if prefix is None or self.prefix_in is None:
+            return ExpertCache(state_token=state_token, attn_mask=self.suffix_mask[None, None])
+        if prefix_mask is None:
+            prefix_mask = torch.ones(prefix.shape[:2], dtype=torch.bool, device=prefix.device)
+        # zero masked tokens too: a NaN there would otherwise survive the -inf of the attention mask
+        tokens = self.prefix_in(zero_padded(prefix, prefix_mask[..., None]))  # (b, p, d)
+        prefix_kv = [block.prefix_keys_values(tokens) for block in self.blocks]
+        mask = torch.cat([prefix_mask[:, None, :].expand(b, q, -1), self.suffix_mask.expand(b, q, q)], dim=-1)
+        return ExpertCache(state_token=state_token, prefix_kv=prefix_kv, attn_mask=mask[:, None])
+
+    def velocity(self, x_t: Tensor, t: Tensor, cache: ExpertCache, action_valid: Tensor | None = None) -> Tensor:
+        """v(x_t, t) for a cached observation. x_t (b, h, A), t (b,) -> (b, h, A); padded entries are 0."""
+        tokens = self.action_in(zero_padded(x_t, action_valid)) + self.position
+        x = torch.cat([cache.state_token.to(tokens.dtype), tokens], dim=1)  # (b, 1 + h, d)
+        temb = self.time_embed(t)
+        prefix_kv = cache.prefix_kv or [None] * len(self.blocks)
+        for block, kv in zip(self.blocks, prefix_kv):
+            x = block(x, temb, kv, cache.attn_mask)
+        shift, scale, _ = self.final_modulation(temb)
+        v = self.action_out(modulate(self.final_norm(x[:, 1:]), shift, scale))
+        return zero_padded(v, action_valid)
+
+    def forward(self, x_t: Tensor, t: Tensor, state: Tensor, state_valid: Tensor | None = None,
+                prefix: Tensor | None = None, prefix_mask: Tensor | None = None,
+                action_valid: Tensor | None = None) -> Tensor:
+        """Uncached velocity: encode the observation and evaluate once. -> (b, h, A)"""
+        return self.velocity(x_t, t, self.encode(state, state_valid, prefix, prefix_mask), action_valid)

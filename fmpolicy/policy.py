@@ -1,0 +1,256 @@
+"""`FlowPolicy`: the user-facing policy around a velocity network.
+
+It owns the normalizers (fitted from data, saved with the weights), the zero-padding to
+`max_state_dim` / `max_action_dim`, the CFM training loss, chunk sampling by ODE integration and
+the action queue of `select_action`. With `head="regression"` the same backbone is trained by MSE to
+predict the chunk in one pass: the baseline that averages modes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from fmpolicy import batch as keys
+from fmpolicy.config import PolicyConfig, SamplerConfig, config_from_dict, config_to_dict, resolve_device
+from fmpolicy.errors import CheckpointError, InputError
+from fmpolicy.flow import compute_cfm_loss, compute_masked_mse, interpolate, make_valid_mask, sample_time
+from fmpolicy.model import ExpertCache, make_velocity_net
+from fmpolicy.normalize import Normalizer
+from fmpolicy.sampling import SampleResult, sample_noise, sample_ode
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class FlowPolicy(nn.Module):
+    """A flow-matching action-chunk policy. See the module docstring and README for the API."""
+
+    def __init__(self, config: PolicyConfig):
+        super().__init__()
+        self.config = config
+        ex = config.expert
+        self.net = make_velocity_net(ex, config.chunk_size)
+        norm = config.normalization
+        self.state_normalizer = Normalizer(config.state_dim, norm.state, norm.min_scale)
+        self.action_normalizer = Normalizer(config.action_dim, norm.action, norm.min_scale)
+        # which padded entries are the robot's own (the rest are zero and masked)
+        self.register_buffer("state_valid", torch.arange(ex.max_state_dim) < config.state_dim, persistent=False)
+        self.register_buffer("action_valid", torch.arange(ex.max_action_dim) < config.action_dim, persistent=False)
+        self._queue: deque[Tensor] = deque()
+        self.to(resolve_device(config.device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.state_valid.device
+
+    # ---- normalization -----------------------------------------------------------------------------
+
+    def fit_normalization(self, states: Tensor, actions: Tensor) -> "FlowPolicy":
+        """Fit the state and action normalizers from data: states (n, s), actions (n, [h,] a)."""
+        self.state_normalizer.fit(torch.as_tensor(states).float().to(self.device))
+        self.action_normalizer.fit(torch.as_tensor(actions).float().to(self.device))
+        return self
+
+    def _check_fitted(self) -> None:
+        for name, normalizer in (("state", self.state_normalizer), ("action", self.action_normalizer)):
+            if not bool(normalizer.fitted):
+                raise InputError(
+                    f"the {name} normalizer (mode {normalizer.mode!r}) is not fitted: call "
+                    f"policy.fit_normalization(states, actions) first, or set normalization.{name}='identity'")
+
+    # ---- inputs ------------------------------------------------------------------------------------
+
+    def pad_state(self, state: Tensor) -> Tensor:
+        """Normalize and zero-pad a state (b, s) to (b, S)."""
+        s = self.state_normalizer.normalize(state)
+        return nn.functional.pad(s, (0, self.config.expert.max_state_dim - s.shape[-1]))
+
+    def pad_action(self, action: Tensor) -> Tensor:
+        """Normalize and zero-pad an action chunk (b, h, a) to (b, h, A)."""
+        a = self.action_normalizer.normalize(action)
+        return nn.functional.pad(a, (0, self.config.expert.max_action_dim - a.shape[-1]))
+
+    def encode(self, obs: Mapping[str, Any]) -> ExpertCache:
+        """Validate an observation and compute the per-chunk cache (state token, prefix keys/values)."""
+        self._check_fitted()
+        cfg = self.config
+        state = keys.read_state(obs, cfg.state_dim, cfg.expert.max_state_dim, self.device)
+        prefix, prefix_mask = keys.read_prefix(obs, state.shape[0], cfg.expert.prefix_dim, self.device)
+        return self.net.encode(self.pad_state(state), self.state_valid, prefix, prefix_mask)
+
+    def velocity_fn(self, cache: ExpertCache):
+        """A callable `v(x_t, t)` over padded, normalized chunks for `sample_ode`, reusing `cache`."""
+        return lambda x_t, t: self.net.velocity(x_t, t, cache, self.action_valid)
+
+    def _chunk_shape(self, batch_size: int) -> tuple[int, int, int]:
+        return batch_size, self.config.chunk_size, self.config.expert.max_action_dim
+
+    def _valid_mask(self, action_is_pad: Tensor | None, batch_size: int) -> Tensor:
+        return make_valid_mask(action_is_pad, batch_size, self.config.chunk_size, self.config.action_dim,
+                               self.config.expert.max_action_dim, device=self.device)
+
+    # ---- training ----------------------------------------------------------------------------------
+
+    def compute_loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+        """Training loss on a batch with `observation.state`, `action` [, `action_is_pad`, prefix].
+
+        Returns the mean loss and an info dict with the per-sample losses `per_sample` (b,).
+        Flow head: CFM loss at t ~ flow.time_sampling; regression head: MSE of a one-pass prediction.
+        """
+        cache = self.encode(batch)
+        b = cache.batch_size
+        action, is_pad = keys.read_action(batch, b, self.config.chunk_size, self.config.action_dim,
+                                          self.config.expert.max_action_dim, self.device)
+        target = self.pad_action(action)
+        valid = self._valid_mask(is_pad, b)
+        if self.config.head == "regression":
+            per_sample = compute_masked_mse(self._regress(cache), target, valid)
+        else:
+            f = self.config.flow
+            t = sample_time(b, f.time_sampling, generator=generator, device=self.device, beta_alpha=f.beta_alpha,
+                            beta_beta=f.beta_beta, t_min=f.t_min, logit_mean=f.logit_mean, logit_std=f.logit_std)
+            noise = sample_noise(target.shape, generator=generator, device=self.device)
+            v = self.net.velocity(interpolate(target, noise, t), t, cache, self.action_valid)
+            per_sample = compute_cfm_loss(v, target, noise, valid)
+        return per_sample.mean(), {"per_sample": per_sample.detach()}
+
+    def compute_cfm_losses(self, obs: Mapping[str, Any], action: Tensor, t: Tensor, noise: Tensor,
+                           action_is_pad: Tensor | None = None) -> Tensor:
+        """CFM loss for each of m explicit (t, noise) pairs per sample, as FPO needs. -> (b, m)
+
+        action (b, h, a) in environment units; t (b, m); noise (b, m, h, A) in padded network units.
+        The observation is encoded once and shared by the m pairs.
+        """
+        b, m = t.shape
+        cache = self.encode(obs).repeat_interleave(m)
+        target = self.pad_action(action.to(self.device)).repeat_interleave(m, 0)  # (b*m, h, A)
+        noise = noise.reshape(b * m, *noise.shape[2:]).to(self.device)
+        t = t.reshape(b * m).to(self.device)
+        is_pad = None if action_is_pad is None else action_is_pad.to(self.device).repeat_interleave(m, 0)
+        valid = self._valid_mask(is_pad, b * m)
+        v = self.net.velocity(interpolate(target, noise, t), t, cache, self.action_valid)
+        return compute_cfm_loss(v, target, noise, valid).reshape(b, m)
+
+    def _regress(self, cache: ExpertCache) -> Tensor:
+        """Regression head: one pass at x = 0, t = 0 gives the normalized chunk directly."""
+        b = cache.batch_size
+        zeros = torch.zeros(self._chunk_shape(b), device=self.device)
+        return self.net.velocity(zeros, torch.zeros(b, device=self.device), cache, self.action_valid)
+
+    # ---- sampling ----------------------------------------------------------------------------------
+
+    def sample_noise(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+        """Initial noise x0 (b, h, A) for `predict_action_chunk(noise=...)`."""
+        return sample_noise(self._chunk_shape(batch_size), generator=generator, device=self.device)
+
+    @torch.no_grad()
+    def sample_chunk(self, obs: Mapping[str, Any], noise: Tensor | None = None,
+                     generator: torch.Generator | None = None, sampler: SamplerConfig | None = None,
+                     return_trajectory: bool = False) -> SampleResult:
+        """Integrate the flow for a batch of observations; `x1` is padded and in network units."""
+        cache = self.encode(obs)
+        b = cache.batch_size
+        if self.config.head == "regression":
+            return SampleResult(x1=self._regress(cache), nfe=1)
+        if noise is None:
+            noise = self.sample_noise(b, generator)
+        elif tuple(noise.shape) != self._chunk_shape(b):
+            raise InputError(f"noise has shape {tuple(noise.shape)}: expected {self._chunk_shape(b)} (b, h, max_action_dim)")
+        s = sampler or self.config.sampler
+        return sample_ode(self.velocity_fn(cache), noise.to(self.device), method=s.method, num_steps=s.num_steps,
+                          atol=s.atol, rtol=s.rtol, return_trajectory=return_trajectory)
+
+    @torch.no_grad()
+    def predict_action_chunk(self, obs: Mapping[str, Any], noise: Tensor | None = None,
+                             generator: torch.Generator | None = None,
+                             sampler: SamplerConfig | None = None) -> Tensor:
+        """Sample an action chunk (b, h, action_dim) in environment units.
+
+        `noise` (b, h, max_action_dim) fixes the initial point (reproducible chunks; FPO; tests);
+        otherwise it is drawn from `generator` (or torch's global generator).
+        """
+        x1 = self.sample_chunk(obs, noise, generator, sampler).x1
+        return self.action_normalizer.unnormalize(x1[..., : self.config.action_dim])
+
+    @torch.no_grad()
+    def select_action(self, obs: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
+        """One action (b, action_dim) per call; a new chunk is sampled every `n_action_steps` calls."""
+        if not self._queue:
+            chunk = self.predict_action_chunk(obs, generator=generator)
+            self._queue.extend(chunk[:, : self.config.n_action_steps].unbind(1))
+        return self._queue.popleft()
+
+    def reset(self) -> None:
+        """Forget queued actions (call at the start of every episode)."""
+        self._queue.clear()
+
+    # ---- save / load -------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write `config.json` and `model.safetensors` (weights + normalizer stats) atomically."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            meta = {"format_version": FORMAT_VERSION, "type": "FlowPolicy", "config": config_to_dict(self.config)}
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
+            replace_dir(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | None = None) -> "FlowPolicy":
+        """Rebuild a saved policy; `device` overrides the saved config's device."""
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise CheckpointError(f"{path} is missing: expected a directory written by save_pretrained")
+        try:
+            meta = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"{config_path} has format_version {version!r}: this fmpolicy reads {FORMAT_VERSION}")
+        config = config_from_dict(PolicyConfig, meta.get("config"), where=f"{config_path}:config")
+        if device is not None:
+            config = config_from_dict(PolicyConfig, {**config_to_dict(config), "device": device})
+        policy = cls(config)
+        state = load_file(str(weights_path), device=str(policy.device))
+        own = policy.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        shapes = [k for k, v in own.items() if k in state and state[k].shape != v.shape]
+        if missing or unexpected or shapes:
+            raise CheckpointError(f"{weights_path} does not match its config: missing {missing}, "
+                                  f"unexpected {unexpected}, wrong shape {shapes}")
+        policy.load_state_dict(state)
+        return policy
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished directory `src` to `dst`. An old `dst` is set aside first and removed only once
+    the new one is in place, so a crash leaves either the old or the new copy (`.<name>.old`)."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
