@@ -1,0 +1,55 @@
+"""Gymnasium environments with batched torch cores and multimodal scripted experts.
+
+Importing this package registers `fmpolicy/PointObstacle-v0`, `fmpolicy/ArmReach-v0` and
+`fmpolicy/Push-v0` (single env: `gymnasium.make`; batched torch: `gymnasium.make_vec(...,
+vectorization_mode="vector_entry_point")` or the `*VectorEnv` classes directly). See docs/envs.md.
+This package never imports `fmpolicy`.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+
+from .core_arm import ArmReachCore, ArmReachExpert
+from .core_base import ModalExpert, TorchCore
+from .core_point import PointObstacleCore, PointObstacleExpert
+from .core_push import PushCore, PushExpert
+from .gym_env import IMAGE_KEY, STATE_KEY, ArmReachEnv, PointObstacleEnv, PushEnv, TorchCoreEnv
+from .vector_env import ArmReachVectorEnv, PointObstacleVectorEnv, PushVectorEnv, TorchVectorEnv
+
+# id -> (env class, vector env class, core class, expert class)
+TASKS = {
+    "fmpolicy/PointObstacle-v0": (PointObstacleEnv, PointObstacleVectorEnv, PointObstacleCore, PointObstacleExpert),
+    "fmpolicy/ArmReach-v0": (ArmReachEnv, ArmReachVectorEnv, ArmReachCore, ArmReachExpert),
+    "fmpolicy/Push-v0": (PushEnv, PushVectorEnv, PushCore, PushExpert),
+}
+
+
+def make_expert(env_id: str, seed: int | None = None) -> ModalExpert:
+    """The scripted expert of a registered id; call it as expert(core) -> actions (e, a)."""
+    if env_id not in TASKS:
+        raise ValueError(f"unknown env id {env_id!r}; expected one of {sorted(TASKS)}")
+    return TASKS[env_id][3](seed=seed)
+
+
+def _register() -> None:
+    for env_id, (env_cls, vec_cls, core_cls, _) in TASKS.items():
+        if env_id in gym.registry:
+            continue
+        gym.register(
+            id=env_id,
+            entry_point=f"{__name__}.gym_env:{env_cls.__name__}",
+            vector_entry_point=f"{__name__}.vector_env:{vec_cls.__name__}",
+            max_episode_steps=core_cls.max_episode_steps,
+        )
+
+
+_register()
+
+__all__ = [
+    "IMAGE_KEY", "STATE_KEY", "TASKS", "make_expert",
+    "TorchCore", "ModalExpert", "TorchCoreEnv", "TorchVectorEnv",
+    "PointObstacleCore", "PointObstacleExpert", "PointObstacleEnv", "PointObstacleVectorEnv",
+    "ArmReachCore", "ArmReachExpert", "ArmReachEnv", "ArmReachVectorEnv",
+    "PushCore", "PushExpert", "PushEnv", "PushVectorEnv",
+]
