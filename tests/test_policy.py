@@ -1,0 +1,215 @@
+"""FlowPolicy: save/load, action queue, normalization, FPO losses, and errors on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fmpolicy import (
+    CheckpointError,
+    ConfigError,
+    FlowPolicy,
+    InputError,
+    NormalizationConfig,
+    PolicyConfig,
+    make_expert_config,
+)
+from fmpolicy.normalize import Normalizer
+from tests.helpers import randomized
+
+S, A, H, DP = 3, 2, 6, 8
+
+
+def make_policy(kind: str = "transformer", seed: int = 0, **overrides) -> FlowPolicy:
+    preset = "tiny" if kind == "transformer" else "mlp"
+    cfg = PolicyConfig(state_dim=S, action_dim=A, chunk_size=H, n_action_steps=4,
+                       expert=make_expert_config(preset, prefix_dim=DP), device="cpu", **overrides)
+    policy = FlowPolicy(cfg)
+    randomized(policy.net, seed)
+    g = torch.Generator().manual_seed(seed)
+    policy.fit_normalization(torch.randn(200, S, generator=g) * 3 + 1, torch.randn(200, H, A, generator=g) * 2 - 5)
+    return policy
+
+
+def make_obs(b: int = 4, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "observation.state": torch.randn(b, S, generator=g),
+        "observation.prefix": torch.randn(b, 5, DP, generator=g),
+        "observation.prefix_mask": torch.tensor([[True] * 5] * (b - 1) + [[True, True, False, False, False]]),
+    }
+
+
+def make_batch(b: int = 4, seed: int = 1) -> dict:
+    obs = make_obs(b, seed)
+    obs["action"] = torch.randn(b, H, A, generator=torch.Generator().manual_seed(seed + 1))
+    return obs
+
+
+@pytest.mark.parametrize("kind", ["transformer", "mlp"])
+def test_save_load_round_trip_gives_identical_chunks(kind, tmp_path):
+    policy = make_policy(kind)
+    obs = make_obs()
+    noise = policy.sample_noise(4, torch.Generator().manual_seed(3))
+    before = policy.predict_action_chunk(obs, noise=noise)
+    path = policy.save_pretrained(tmp_path / "policy")
+    meta = json.loads((path / "config.json").read_text())
+    assert meta["format_version"] == 1 and meta["config"]["expert"]["prefix_dim"] == DP
+    loaded = FlowPolicy.from_pretrained(path)
+    assert loaded.config == policy.config
+    assert torch.equal(loaded.predict_action_chunk(obs, noise=noise), before)
+    # the normalizer statistics travel with the weights
+    assert torch.equal(loaded.action_normalizer.scale, policy.action_normalizer.scale)
+    # a different noise gives a different chunk (so the equality above is not vacuous)
+    assert not torch.equal(policy.predict_action_chunk(obs, noise=noise + 1), before)
+
+
+def test_save_replaces_an_existing_directory_atomically(tmp_path):
+    a, b = make_policy(seed=0), make_policy(seed=1)
+    a.save_pretrained(tmp_path / "p")
+    b.save_pretrained(tmp_path / "p")
+    loaded = FlowPolicy.from_pretrained(tmp_path / "p")
+    obs, noise = make_obs(), b.sample_noise(4, torch.Generator().manual_seed(0))
+    assert torch.equal(loaded.predict_action_chunk(obs, noise=noise), b.predict_action_chunk(obs, noise=noise))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # no temporary or old copies left
+
+
+def test_predict_is_deterministic_under_a_seeded_generator():
+    policy, obs = make_policy(), make_obs()
+    c1 = policy.predict_action_chunk(obs, generator=torch.Generator().manual_seed(5))
+    c2 = policy.predict_action_chunk(obs, generator=torch.Generator().manual_seed(5))
+    c3 = policy.predict_action_chunk(obs, generator=torch.Generator().manual_seed(6))
+    assert c1.shape == (4, H, A)
+    assert torch.equal(c1, c2) and not torch.equal(c1, c3)
+
+
+def test_select_action_replans_every_n_action_steps():
+    policy, obs = make_policy(), make_obs()
+    calls = []
+    encode = policy.encode
+    policy.encode = lambda o: calls.append(1) or encode(o)
+    expected = policy.predict_action_chunk(obs, generator=torch.Generator().manual_seed(7))
+    calls.clear()
+    g = torch.Generator().manual_seed(7)
+    actions = [policy.select_action(obs, generator=g) for _ in range(9)]
+    assert len(calls) == 3  # re-planned at calls 1, 5 and 9 (n_action_steps = 4)
+    for i in range(4):  # the first chunk is executed in order
+        torch.testing.assert_close(actions[i], expected[:, i])
+    assert actions[0].shape == (4, A)
+    policy.reset()  # a new episode re-plans at once
+    policy.select_action(obs, generator=g)
+    assert len(calls) == 4
+
+
+def test_cfm_losses_per_pair_match_the_network_directly():
+    policy, batch = make_policy(), make_batch()
+    g = torch.Generator().manual_seed(2)
+    t = torch.rand(4, 3, generator=g)
+    noise = torch.randn(4, 3, H, 32, generator=g)
+    losses = policy.compute_cfm_losses(batch, batch["action"], t, noise)
+    assert losses.shape == (4, 3)
+    target = policy.pad_action(batch["action"])
+    state = policy.pad_state(batch["observation.state"])
+    for j in range(3):
+        x_t = t[:, j, None, None] * target + (1 - t[:, j, None, None]) * noise[:, j]
+        v = policy.net(x_t, t[:, j], state, policy.state_valid, batch["observation.prefix"],
+                       batch["observation.prefix_mask"], policy.action_valid)
+        u = (target - noise[:, j])[..., :A]
+        expected = (v[..., :A] - u).pow(2).mean(dim=(1, 2))
+        torch.testing.assert_close(losses[:, j], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_compute_loss_trains_both_heads():
+    for head in ("flow", "regression"):
+        policy = make_policy(head=head)
+        loss, info = policy.compute_loss(make_batch())
+        assert loss.ndim == 0 and info["per_sample"].shape == (4,)
+        loss.backward()
+        assert all(p.grad is not None for p in policy.net.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("mode", ["mean_std", "min_max", "quantile", "identity"])
+def test_normalizer_round_trip_and_constant_dimensions(mode):
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(500, 3, generator=g) * torch.tensor([5.0, 0.1, 1.0]) + torch.tensor([10.0, -2.0, 0.0])
+    data[:, 2] = 0.7  # a dimension that never moves (a gripper that stayed open)
+    norm = Normalizer(3, mode).fit(data)
+    torch.testing.assert_close(norm.unnormalize(norm.normalize(data)), data, atol=1e-5, rtol=1e-5)
+    y = norm.normalize(data)
+    if mode == "mean_std":
+        torch.testing.assert_close(y[:, :2].mean(0), torch.zeros(2), atol=1e-4, rtol=0)
+        torch.testing.assert_close(y[:, :2].std(0), torch.ones(2), atol=1e-2, rtol=0)
+    if mode == "min_max":
+        assert y[:, :2].min() >= -1 - 1e-5 and y[:, :2].max() <= 1 + 1e-5
+    if mode == "quantile":
+        assert ((y[:, :2].abs() <= 1).float().mean() - 0.98).abs() < 0.02
+    # an unseen value of the constant dimension stays of its own size, never ~1e4 times larger
+    probe = data[:1].clone()
+    probe[0, 2] = 0.9
+    assert norm.normalize(probe)[0, 2].abs() < 1.0
+
+
+def test_bad_inputs_raise_clear_errors():
+    policy = make_policy()
+    batch = make_batch()
+    cases = [
+        ({**batch, "observation.state": torch.randn(4, S + 1)}, r"observation\.state.*width 4.*state_dim=3"),
+        ({**batch, "observation.state": torch.randn(4, 40)}, r"observation\.state.*40.*max_state_dim=32"),
+        ({**batch, "action": torch.randn(4, H, A + 1)}, r"'action'.*width 3.*action_dim=2"),
+        ({**batch, "action": torch.randn(4, H, 33)}, r"'action'.*33.*max_action_dim=32"),
+        ({**batch, "action": torch.randn(4, H + 1, A)}, r"'action' has shape \(4, 7, 2\): expected \(4, 6, 2\)"),
+        ({k: v for k, v in batch.items() if k != "action"}, r"missing the key 'action'"),
+        ({k: v for k, v in batch.items() if k != "observation.state"}, r"missing the key 'observation\.state'"),
+        ({**batch, "observation.prefix": torch.randn(4, 5, DP + 1)}, r"observation\.prefix.*expected \(4, p, 8\)"),
+    ]
+    nan_state = batch["observation.state"].clone()
+    nan_state[2, 1] = float("nan")
+    cases.append(({**batch, "observation.state": nan_state}, r"observation\.state.*NaN.*\(2, 1\)"))
+    nan_prefix = batch["observation.prefix"].clone()
+    nan_prefix[0, 0, 0] = float("nan")  # a valid token: an error
+    cases.append(({**batch, "observation.prefix": nan_prefix}, r"observation\.prefix.*NaN"))
+    for bad, pattern in cases:
+        with pytest.raises(InputError, match=pattern):
+            policy.compute_loss(bad)
+    with pytest.raises(InputError, match="state_dim"):
+        policy.predict_action_chunk({"observation.state": torch.randn(4, 7)})
+    with pytest.raises(InputError, match="noise has shape"):
+        policy.predict_action_chunk(make_obs(), noise=torch.randn(4, H, A))
+    # NaN in a *masked* prefix token is ignored, as the token is
+    masked = batch["observation.prefix"].clone()
+    masked[3, 4] = float("nan")
+    assert torch.isfinite(policy.compute_loss({**batch, "observation.prefix": masked})[0])
+
+
+def test_unfitted_normalization_is_an_error_not_silent():
+    cfg = PolicyConfig(state_dim=S, action_dim=A, chunk_size=H, n_action_steps=2, expert=make_expert_config("tiny"))
+    with pytest.raises(InputError, match="not fitted.*fit_normalization"):
+        FlowPolicy(cfg).predict_action_chunk({"observation.state": torch.zeros(1, S)})
+    ident = PolicyConfig(state_dim=S, action_dim=A, chunk_size=H, n_action_steps=2, expert=make_expert_config("tiny"),
+                         normalization=NormalizationConfig(state="identity", action="identity"))
+    assert FlowPolicy(ident).predict_action_chunk({"observation.state": torch.zeros(1, S)}).shape == (1, H, A)
+
+
+def test_bad_configs_and_checkpoints_raise_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="state_dim = 40.*max_state_dim=32"):
+        PolicyConfig(state_dim=40)
+    with pytest.raises(ConfigError, match="n_action_steps = 9.*chunk_size=8"):
+        PolicyConfig(chunk_size=8, n_action_steps=9)
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        FlowPolicy.from_pretrained(tmp_path / "nothing")
+    path = make_policy().save_pretrained(tmp_path / "p")
+    meta = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(CheckpointError, match="format_version 99"):
+        FlowPolicy.from_pretrained(path)
+    meta["config"]["expert"]["bogus"] = 1
+    (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['bogus'\].*expert"):
+        FlowPolicy.from_pretrained(path)
+    meta["config"]["expert"].pop("bogus")
+    meta["config"]["expert"]["width"] = 32  # weights no longer match the config
+    (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="does not match its config"):
+        FlowPolicy.from_pretrained(path)
