@@ -222,8 +222,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     elif tp in (str, bool) and isinstance(value, tp):
         return value
+    elif (tp is dict or origin is dict) and isinstance(value, dict):
+        return dict(value)
     elif origin in (tuple, list) and isinstance(value, (list, tuple)):
-        return tuple(value) if origin is tuple else list(value)
+        args = typing.get_args(tp)
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value)
+        if origin is tuple and args and len(args) != len(value):
+            raise ConfigError(f"{where} = {value!r} has {len(value)} items: expected {len(args)}")
+        items = [_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))] if args else list(value)
+        return tuple(items) if origin is tuple else items
     raise ConfigError(f"{where} = {value!r} has the wrong type: expected {getattr(tp, '__name__', tp)}")
 
 
@@ -235,3 +243,104 @@ def config_to_dict(config: Any) -> dict[str, Any]:
         out[f.name] = config_to_dict(value) if dataclasses.is_dataclass(value) else (
             list(value) if isinstance(value, tuple) else value)
     return out
+
+
+# ---- experiments: data + training, read from YAML --------------------------------------------------
+
+AMP_MODES = ("auto", "bf16", "none")
+LOGGERS = ("jsonl", "tensorboard")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which demonstrations to train on."""
+
+    root: str = ""  # dataset directory written by scripts/collect_demos.py
+    num_episodes: int = 0  # train on the first N episodes only (0 = all): "too few demonstrations" runs
+    image_keys: tuple[str, ...] = ()  # camera keys to load, e.g. ("observation.images.top",)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.num_episodes, int) and self.num_episodes >= 0, type(self).__name__,
+               "num_episodes", self.num_episodes, "an int >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The imitation training loop (CleanRL-style: every knob here, documented)."""
+
+    steps: int = 2000  # optimiser steps
+    batch_size: int = 128  # global batch (split across processes under torchrun)
+    lr: float = 1e-3  # peak AdamW learning rate
+    weight_decay: float = 1e-4  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    warmup_steps: int = 100  # linear warm-up, then cosine decay
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    ema_decay: float = 0.999  # EMA of the weights, used for evaluation and saving (0 = off)
+    amp: str = "auto"  # "auto" (bf16 autocast on CUDA only), "bf16" or "none"
+    seed: int = 0  # seeds data order, flow times/noise and initialisation
+    log_every: int = 50  # steps between log lines
+    save_every: int = 500  # steps between checkpoints (the last step is always saved)
+    keep_checkpoints: int = 2  # how many recent checkpoints to keep
+    logger: str = "jsonl"  # "jsonl" (out/log.jsonl) or "tensorboard" (also writes out/tb/ if installed)
+    out_dir: str = "runs/default"  # where checkpoints, logs and the final policy go
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self) -> None:
+        _positive_ints(self, "steps", "batch_size", "log_every", "save_every", "keep_checkpoints")
+        _choice(self, "amp", AMP_MODES)
+        _choice(self, "logger", LOGGERS)
+        name = type(self).__name__
+        _check(self.lr > 0, name, "lr", self.lr, "a positive number")
+        _check(0.0 <= self.ema_decay < 1.0, name, "ema_decay", self.ema_decay, "a number in [0, 1)")
+        _check(self.grad_clip >= 0, name, "grad_clip", self.grad_clip, "a number >= 0")
+        _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, name, "warmup_steps",
+               self.warmup_steps, "an int >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, name, "min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+
+
+@dataclass(frozen=True)
+class ImitationConfig:
+    """A whole imitation run: `configs/<name>.yaml` maps onto this one-to-one."""
+
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    env: dict = field(default_factory=dict)  # evaluation env: {"id": ..., "kwargs": {...}, "episodes": N}
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply dotted `key.sub=value` overrides (values parsed as YAML) to a nested dict, in a copy."""
+    import copy
+
+    import yaml
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def load_config(cls: type[C], path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> C:
+    """Read a YAML file (or nothing) into `cls`, with dotted overrides applied first."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    return config_from_dict(cls, apply_overrides(data, overrides), where=f"{path or cls.__name__}")

@@ -17,3 +17,7 @@ class InputError(FmPolicyError, ValueError):
 
 class CheckpointError(FmPolicyError, ValueError):
     """A saved policy cannot be read: missing file, unknown format version, mismatched weights."""
+
+
+class DatasetError(FmPolicyError, ValueError):
+    """A dataset directory is missing, empty, or holds a file that cannot be read."""

@@ -53,16 +53,17 @@ def sample_time(
       keeps t <= 1 - t_min.
     - `logit_normal`: t = sigmoid(n), n ~ N(mean, std) (SD3's schedule; mass in the middle).
     """
-    device = device if device is not None else (generator.device if generator is not None else "cpu")
+    # draw where the generator lives (a CPU generator can seed a CUDA run), then move
+    where = generator.device if generator is not None else device
     if mode == "uniform":
-        return torch.rand(batch_size, generator=generator, device=device)
-    if mode == "beta":
-        s = _sample_beta(batch_size, beta_alpha, beta_beta, generator, device)
-        return 1.0 - s * (1.0 - t_min)
-    if mode == "logit_normal":
-        n = torch.randn(batch_size, generator=generator, device=device)
-        return torch.sigmoid(logit_mean + logit_std * n)
-    raise ValueError(f"time sampling mode {mode!r} is unknown: expected 'uniform', 'beta' or 'logit_normal'")
+        t = torch.rand(batch_size, generator=generator, device=where)
+    elif mode == "beta":
+        t = 1.0 - _sample_beta(batch_size, beta_alpha, beta_beta, generator, where) * (1.0 - t_min)
+    elif mode == "logit_normal":
+        t = torch.sigmoid(logit_mean + logit_std * torch.randn(batch_size, generator=generator, device=where))
+    else:
+        raise ValueError(f"time sampling mode {mode!r} is unknown: expected 'uniform', 'beta' or 'logit_normal'")
+    return t if device is None else t.to(device)
 
 
 def _sample_beta(n: int, alpha: float, beta: float, generator, device) -> Tensor:

@@ -45,16 +45,29 @@ class Normalizer(nn.Module):
         x = data.reshape(-1, self.dim).to(torch.float64)
         if not torch.isfinite(x).all():
             raise ValueError("normalizer fit data contains NaN or inf")
+        q = torch.quantile(x, torch.tensor([0.01, 0.99], dtype=x.dtype), dim=0)
+        stats = {"mean": x.mean(0), "std": x.std(0, unbiased=False), "min": x.min(0).values,
+                 "max": x.max(0).values, "q01": q[0], "q99": q[1]}
+        return self.fit_stats(stats)
+
+    @torch.no_grad()
+    def fit_stats(self, stats: dict[str, Tensor]) -> "Normalizer":
+        """Set the map from precomputed statistics (a dataset's stats.json: mean/std/min/max/q01/q99)."""
+        needed = {"mean_std": ("mean", "std"), "min_max": ("min", "max"), "quantile": ("q01", "q99")}.get(self.mode, ())
+        for key in needed:
+            if key not in stats:
+                raise ValueError(f"normalization mode {self.mode!r} needs the statistic {key!r}: got {sorted(stats)}")
+            if torch.as_tensor(stats[key]).shape != (self.dim,):
+                raise ValueError(f"statistic {key!r} has shape {tuple(torch.as_tensor(stats[key]).shape)}: expected ({self.dim},)")
+        s = {k: torch.as_tensor(stats[k], dtype=torch.float64) for k in needed}
         if self.mode == "identity":
-            offset, scale = torch.zeros(self.dim), torch.ones(self.dim)
+            offset, scale = torch.zeros(self.dim, dtype=torch.float64), torch.ones(self.dim, dtype=torch.float64)
         elif self.mode == "mean_std":
-            offset, scale = x.mean(0), x.std(0, unbiased=False)
+            offset, scale = s["mean"], s["std"]
         elif self.mode == "min_max":
-            lo, hi = x.min(0).values, x.max(0).values
-            offset, scale = (lo + hi) / 2, (hi - lo) / 2
+            offset, scale = (s["min"] + s["max"]) / 2, (s["max"] - s["min"]) / 2
         else:  # quantile
-            q = torch.quantile(x, torch.tensor([0.01, 0.99], dtype=x.dtype), dim=0)
-            offset, scale = (q[0] + q[1]) / 2, (q[1] - q[0]) / 2
+            offset, scale = (s["q01"] + s["q99"]) / 2, (s["q99"] - s["q01"]) / 2
         scale = torch.where(scale < self.min_scale, torch.ones_like(scale), scale)
         self.offset.copy_(offset.to(self.offset))
         self.scale.copy_(scale.to(self.scale))

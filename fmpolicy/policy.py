@@ -63,6 +63,12 @@ class FlowPolicy(nn.Module):
         self.action_normalizer.fit(torch.as_tensor(actions).float().to(self.device))
         return self
 
+    def set_normalization_stats(self, state_stats: Mapping[str, Tensor], action_stats: Mapping[str, Tensor]) -> "FlowPolicy":
+        """Set the normalizers from precomputed statistics (e.g. a dataset's stats.json)."""
+        self.state_normalizer.fit_stats(dict(state_stats))
+        self.action_normalizer.fit_stats(dict(action_stats))
+        return self
+
     def _check_fitted(self) -> None:
         for name, normalizer in (("state", self.state_normalizer), ("action", self.action_normalizer)):
             if not bool(normalizer.fitted):
@@ -103,11 +109,13 @@ class FlowPolicy(nn.Module):
 
     # ---- training ----------------------------------------------------------------------------------
 
-    def compute_loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+    def compute_loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None,
+                     t: Tensor | None = None, noise: Tensor | None = None) -> tuple[Tensor, dict]:
         """Training loss on a batch with `observation.state`, `action` [, `action_is_pad`, prefix].
 
         Returns the mean loss and an info dict with the per-sample losses `per_sample` (b,).
-        Flow head: CFM loss at t ~ flow.time_sampling; regression head: MSE of a one-pass prediction.
+        Flow head: CFM loss at t ~ flow.time_sampling (or the given `t` (b,) and `noise` (b, h, A));
+        regression head: MSE of a one-pass prediction.
         """
         cache = self.encode(batch)
         b = cache.batch_size
@@ -118,13 +126,28 @@ class FlowPolicy(nn.Module):
         if self.config.head == "regression":
             per_sample = compute_masked_mse(self._regress(cache), target, valid)
         else:
-            f = self.config.flow
-            t = sample_time(b, f.time_sampling, generator=generator, device=self.device, beta_alpha=f.beta_alpha,
-                            beta_beta=f.beta_beta, t_min=f.t_min, logit_mean=f.logit_mean, logit_std=f.logit_std)
-            noise = sample_noise(target.shape, generator=generator, device=self.device)
+            if t is None:
+                t = self.sample_time(b, generator)
+            if noise is None:
+                noise = sample_noise(target.shape, generator=generator, device=self.device)
+            if t.shape != (b,) or noise.shape != target.shape:
+                raise InputError(f"t {tuple(t.shape)} / noise {tuple(noise.shape)}: expected ({b},) / {tuple(target.shape)}")
+            t, noise = t.to(self.device), noise.to(self.device)
             v = self.net.velocity(interpolate(target, noise, t), t, cache, self.action_valid)
             per_sample = compute_cfm_loss(v, target, noise, valid)
         return per_sample.mean(), {"per_sample": per_sample.detach()}
+
+    def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None,
+                t: Tensor | None = None, noise: Tensor | None = None) -> tuple[Tensor, dict]:
+        """Same as `compute_loss`, so that DistributedDataParallel can wrap the policy."""
+        return self.compute_loss(batch, generator, t, noise)
+
+    def sample_time(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+        """Training times (b,) drawn as `config.flow` says."""
+        f = self.config.flow
+        return sample_time(batch_size, f.time_sampling, generator=generator, device=self.device,
+                           beta_alpha=f.beta_alpha, beta_beta=f.beta_beta, t_min=f.t_min,
+                           logit_mean=f.logit_mean, logit_std=f.logit_std)
 
     def compute_cfm_losses(self, obs: Mapping[str, Any], action: Tensor, t: Tensor, noise: Tensor,
                            action_is_pad: Tensor | None = None) -> Tensor:

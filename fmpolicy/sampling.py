@@ -81,6 +81,6 @@ def sample_ode(
 def sample_noise(shape: tuple[int, ...], *, generator: torch.Generator | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """Standard normal initial noise x0 (the flow's t = 0 end), reproducible under `generator`."""
-    if device is None and generator is not None:
-        device = generator.device
-    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    where = generator.device if generator is not None else device
+    x0 = torch.randn(shape, generator=generator, device=where, dtype=dtype)
+    return x0 if device is None else x0.to(device)

@@ -1,0 +1,440 @@
+"""Speed benchmark of the flow-matching action expert: chunk latency, solver overhead, prefix cache, training.
+
+Usage:
+    python scripts/bench.py                      # full run, "cpu" preset, readable tables
+    python scripts/bench.py --json               # one JSON object per measured row instead
+    python scripts/bench.py --quick              # smoke run ("tiny" preset, tiny sizes, 2 repeats)
+    python scripts/bench.py --only chunk,cache --preset base --device cuda --threads 2
+
+Setting: a `FlowPolicy` with state_dim 8, action_dim 7, chunk_size h = 10, identity normalization,
+prefix tokens of the expert's width (16 tokens unless stated), Euler sampling. Every time is wall clock
+in milliseconds per call, after warm-up calls, under `torch.no_grad()` (except `train`); on CUDA the
+device is synchronised before and after each timed call. Rows give the median and the 90th
+percentile (p90) over the repeats. Where a section compares things (a chunk with its parts, cached
+with uncached, fp32 with bf16), the calls are interleaved round by round (the starting one rotates)
+so that a ratio is measured side by side, under the same load.
+
+Sections (`--only`):
+- `chunk`: one `policy.predict_action_chunk(obs)` at batch 1 and 64, with 1, 5 and 10 Euler steps:
+  the latency a controller sees, including input checks, the one prefix pass, the ODE solve
+  (torchdiffeq) and unnormalization.
+- `overhead`: the 10-step chunk against its parts timed in the same run: one prefix pass
+  (`policy.encode`) and one expert step (`policy.net.velocity` alone, on a fixed x_t; timed as 10
+  back-to-back calls and divided by 10, so that its timed call is as long as the chunk's and as
+  exposed to preemption on a shared machine). Figure: `overhead = chunk / (encode + 10 * step) - 1`,
+  the cost of everything outside the network (input checks, the solver loop, noise,
+  unnormalization). Target: <= 0.15.
+- `cache`: a 10-step solve with the prefix keys/values computed once (`policy.net.encode` +
+  `sample_ode(policy.velocity_fn(cache), x0)`; the one prefix pass is inside the timed call) against
+  one that recomputes them at every step (`policy.net(x_t, t, state, ..., prefix, prefix_mask, ...)`),
+  at p = 256 prefix tokens, some of them masked. Figures: `speedup = uncached / cached` (target >= 2;
+  it grows with the batch and with p, as the prefix pass becomes the larger cost), and
+  `max_abs_diff` between the two chunks from the same noise (they must agree to float rounding,
+  < 1e-4). `prefix_effect` is the max change of the chunk when the prefix is replaced: it shows that
+  the comparison is not vacuous. (At initialisation the adaLN-Zero gates are 0, every block is the
+  identity and the prefix cannot reach the output, so the bench first gives the modulation layers
+  small random weights; timings do not depend on the values.)
+- `train`: CFM training steps (`policy.compute_loss` forward, backward, AdamW step) at batch 64, in
+  fp32 and under `torch.autocast(device_type, dtype=torch.bfloat16)`, interleaved. Figures:
+  `steps_per_s` and, on the bf16 row, `ratio = bf16 steps/s / fp32 steps/s` (above 1: bf16 is faster).
+
+Each row also carries `machine` (CPU model or GPU name, torch version, CPU threads, the 1-minute load
+average at the start: other processes on the CPU inflate the times, multi-threaded ones most). A fixed seed
+(`--seed`) makes the inputs and weights the same from run to run; timings on a shared machine still
+vary: rerun, and compare figures only between runs on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fmpolicy import FlowPolicy, NormalizationConfig, PolicyConfig, SamplerConfig, make_expert_config
+from fmpolicy.config import EXPERT_PRESETS, resolve_device
+from fmpolicy.model.layers import AdaptiveModulation
+from fmpolicy.sampling import sample_ode
+
+SECTIONS = ("chunk", "overhead", "cache", "train")
+STATE_DIM, ACTION_DIM, CHUNK_SIZE = 8, 7, 10
+OVERHEAD_TARGET = 0.15  # chunk / (encode + k * step) - 1 at most this
+CACHE_TARGET = 2.0  # uncached / cached at least this
+DIFF_LIMIT = 1e-4  # cached and uncached chunks agree to this
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much a run measures."""
+
+    batches: tuple[int, ...]  # batch sizes of chunk, overhead and cache
+    steps: tuple[int, ...]  # Euler steps of the chunk section
+    overhead_steps: int  # k of the overhead and cache sections
+    prefix_tokens: int  # p of chunk, overhead and train
+    cache_prefix_tokens: int  # p of the cache section
+    train_batch: int  # batch of the train section
+    warmup: int  # untimed calls (per measured thing) before timing
+    repeats: int  # timed calls at batch 1 (per measured thing)
+    repeats_large: int  # timed calls at larger batches, where one call is much longer
+
+
+FULL = Sizes(batches=(1, 64), steps=(1, 5, 10), overhead_steps=10, prefix_tokens=16, cache_prefix_tokens=256,
+             train_batch=64, warmup=3, repeats=40, repeats_large=10)
+QUICK = Sizes(batches=(1, 4), steps=(1, 5, 10), overhead_steps=10, prefix_tokens=16, cache_prefix_tokens=32,
+              train_batch=8, warmup=1, repeats=2, repeats_large=2)
+
+
+# ---- timing ---------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
+                     device: torch.device) -> dict[str, list[float]]:
+    """Call every function once per round, rotating which goes first; -> milliseconds per call, by name."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            synchronize(device)
+            start = time.perf_counter()
+            fns[name]()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between order statistics."""
+    s = sorted(xs)
+    pos = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def median(xs: list[float]) -> float:
+    return percentile(xs, 50.0)
+
+
+# ---- setup ----------------------------------------------------------------------------------------
+
+
+def make_policy(preset: str, device: torch.device, seed: int) -> FlowPolicy:
+    """The benchmark policy: prefix tokens of the expert's width, identity normalization.
+
+    The zero-initialised modulation layers get small random weights, so that time, state and prefix
+    reach the output (see the module docstring); the cost of a call does not change.
+    """
+    torch.manual_seed(seed)
+    width = EXPERT_PRESETS[preset].width
+    config = PolicyConfig(
+        state_dim=STATE_DIM, action_dim=ACTION_DIM, chunk_size=CHUNK_SIZE, n_action_steps=CHUNK_SIZE // 2,
+        expert=make_expert_config(preset, prefix_dim=width),
+        sampler=SamplerConfig(method="euler", num_steps=10),
+        normalization=NormalizationConfig(state="identity", action="identity"),
+        device=str(device))
+    policy = FlowPolicy(config)
+    with torch.no_grad():
+        for module in policy.modules():
+            if isinstance(module, AdaptiveModulation):
+                module.proj.weight.normal_(0.0, 0.5 / math.sqrt(module.proj.in_features))
+                module.proj.bias.normal_(0.0, 0.1)
+    return policy.eval()
+
+
+def make_obs(policy: FlowPolicy, batch: int, p: int, generator: torch.Generator,
+             ragged: bool = False) -> dict[str, Tensor]:
+    """An observation with p prefix tokens; `ragged` masks out the tail of some samples' prefixes."""
+    d = policy.config.expert.prefix_dim
+    mask = torch.ones(batch, p, dtype=torch.bool)
+    if ragged:
+        lengths = torch.randint(p // 2, p + 1, (batch,), generator=generator)
+        mask = torch.arange(p)[None, :] < lengths[:, None]
+    obs = {
+        "observation.state": torch.randn(batch, STATE_DIM, generator=generator),
+        "observation.prefix": torch.randn(batch, p, d, generator=generator),
+        "observation.prefix_mask": mask,
+    }
+    return {k: v.to(policy.device) for k, v in obs.items()}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    # the 1-minute load average at the start: above ~the core count, other processes share the CPU and
+    # CPU timings (multi-threaded ones most) are inflated
+    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu_model(), "gpu": gpu, "torch": torch.__version__, "threads": threads, "load_at_start": load}
+
+
+# ---- rows -----------------------------------------------------------------------------------------
+
+
+class Bench:
+    """Shared state of one run: the policy, the sizes, the seeded generators, the machine description."""
+
+    def __init__(self, args: argparse.Namespace, sizes: Sizes, device: torch.device, threads: int):
+        self.args, self.sizes, self.device = args, sizes, device
+        self.preset = args.preset
+        self.machine = machine_info(device, threads)
+        self.policy = make_policy(args.preset, device, args.seed)
+        self.generator = torch.Generator().manual_seed(args.seed)
+        self.device_generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    def time(self, fns: dict[str, Callable[[], Any]], batch: int) -> dict[str, list[float]]:
+        """Time `fns` interleaved, with fewer warm-up and timed calls where the batch (one call) is large."""
+        s = self.sizes
+        warmup, repeats = (s.warmup, s.repeats) if batch == 1 else (max(1, s.warmup - 1), s.repeats_large)
+        return time_interleaved(fns, repeats=repeats, warmup=warmup, device=self.device)
+
+    def row(self, section: str, name: str, times: list[float], **fields: Any) -> dict[str, Any]:
+        r: dict[str, Any] = {"section": section, "name": name, "preset": self.preset, "device": str(self.device)}
+        r.update({k: v for k, v in fields.items() if k in ("batch", "steps", "p")})
+        r.update(median_ms=median(times), p90_ms=percentile(times, 90.0), repeats=len(times))
+        r.update({k: v for k, v in fields.items() if k not in r})
+        r["machine"] = self.machine
+        return r
+
+
+# ---- sections -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def bench_chunk(bench: Bench) -> list[dict]:
+    policy, s = bench.policy, bench.sizes
+    rows = []
+    for batch in s.batches:
+        obs = make_obs(policy, batch, s.prefix_tokens, bench.generator)
+        fns = {k: (lambda k=k: policy.predict_action_chunk(obs, generator=bench.device_generator,
+                                                          sampler=SamplerConfig(method="euler", num_steps=k)))
+               for k in s.steps}
+        times = bench.time(fns, batch)
+        for k in s.steps:
+            rows.append(bench.row("chunk", "predict_action_chunk", times[k], batch=batch, steps=k, p=s.prefix_tokens))
+    return rows
+
+
+@torch.no_grad()
+def bench_overhead(bench: Bench) -> list[dict]:
+    policy, s = bench.policy, bench.sizes
+    k = s.overhead_steps
+    sampler = SamplerConfig(method="euler", num_steps=k)
+    rows = []
+    for batch in s.batches:
+        obs = make_obs(policy, batch, s.prefix_tokens, bench.generator)
+        cache = policy.encode(obs)
+        x_t = policy.sample_noise(batch, bench.device_generator)
+        t = torch.full((batch,), 0.5, device=policy.device)
+        fns = {
+            "chunk": lambda: policy.predict_action_chunk(obs, generator=bench.device_generator, sampler=sampler),
+            "encode": lambda: policy.encode(obs),
+            # k back-to-back steps per timed call, so that the call is as long as a chunk and as exposed
+            # to preemption on a shared machine (a short call dodges it and would look cheaper)
+            "step": lambda: [policy.net.velocity(x_t, t, cache, policy.action_valid) for _ in range(k)],
+        }
+        times = bench.time(fns, batch)
+        times["step"] = [ms / k for ms in times["step"]]  # per step
+        parts = median(times["encode"]) + k * median(times["step"])
+        overhead = median(times["chunk"]) / parts - 1.0
+        common = dict(batch=batch, p=s.prefix_tokens)
+        rows.append(bench.row("overhead", "encode", times["encode"], steps=0, **common))
+        rows.append(bench.row("overhead", "step", times["step"], steps=1, **common))
+        rows.append(bench.row("overhead", "chunk", times["chunk"], steps=k, **common, parts_ms=parts,
+                              overhead=overhead, target=f"<= {OVERHEAD_TARGET}",
+                              meets_target=overhead <= OVERHEAD_TARGET))
+    return rows
+
+
+@torch.no_grad()
+def bench_cache(bench: Bench) -> list[dict]:
+    policy, s = bench.policy, bench.sizes
+    p, k = s.cache_prefix_tokens, s.overhead_steps
+    rows = []
+    for batch in s.batches:
+        obs = make_obs(policy, batch, p, bench.generator, ragged=True)
+        state = policy.pad_state(obs["observation.state"])
+        prefix, mask = obs["observation.prefix"], obs["observation.prefix_mask"]
+        x0 = policy.sample_noise(batch, bench.device_generator)
+
+        def cached(prefix: Tensor = prefix) -> Tensor:
+            cache = policy.net.encode(state, policy.state_valid, prefix, mask)
+            return sample_ode(policy.velocity_fn(cache), x0, method="euler", num_steps=k).x1
+
+        def uncached() -> Tensor:
+            def velocity(x_t: Tensor, t: Tensor) -> Tensor:
+                return policy.net(x_t, t, state, policy.state_valid, prefix, mask, policy.action_valid)
+            return sample_ode(velocity, x0, method="euler", num_steps=k).x1
+
+        times = bench.time({"cached": cached, "uncached": uncached}, batch)
+        diff = (cached() - uncached()).abs().max().item()
+        other = torch.randn(prefix.shape, generator=bench.generator).to(prefix.device)
+        effect = (cached(other) - cached()).abs().max().item()
+        speedup = median(times["uncached"]) / median(times["cached"])
+        common = dict(batch=batch, steps=k, p=p)
+        rows.append(bench.row("cache", "cached", times["cached"], **common))
+        rows.append(bench.row("cache", "uncached", times["uncached"], **common, speedup=speedup,
+                              max_abs_diff=diff, prefix_effect=effect, target=f">= {CACHE_TARGET}",
+                              meets_target=speedup >= CACHE_TARGET and diff < DIFF_LIMIT))
+    return rows
+
+
+def bench_train(bench: Bench) -> list[dict]:
+    policy, s, device = bench.policy, bench.sizes, bench.device
+    b, p = s.train_batch, s.prefix_tokens
+    batch = make_obs(policy, b, p, bench.generator)
+    batch["action"] = torch.randn(b, CHUNK_SIZE, ACTION_DIM, generator=bench.generator).to(device)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
+    losses: list[Tensor] = []
+
+    def step(autocast: bool) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss, _ = policy.compute_loss(batch, generator=bench.device_generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+
+    policy.train()
+    try:
+        times = bench.time({"fp32": lambda: step(False), "bf16": lambda: step(True)}, b)
+    finally:
+        policy.eval()
+    if not all(math.isfinite(x) for x in torch.stack(losses).float().tolist()):
+        raise RuntimeError("the training loss became non-finite during the train benchmark")
+    fp32, bf16 = (1e3 / median(times[n]) for n in ("fp32", "bf16"))
+    return [
+        bench.row("train", "fp32", times["fp32"], batch=b, p=p, steps_per_s=fp32),
+        bench.row("train", "bf16", times["bf16"], batch=b, p=p, steps_per_s=bf16, ratio=bf16 / fp32),
+    ]
+
+
+RUNNERS = {"chunk": bench_chunk, "overhead": bench_overhead, "cache": bench_cache, "train": bench_train}
+
+
+# ---- output ---------------------------------------------------------------------------------------
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        if value == 0.0:
+            return "0"
+        if abs(value) < 1e-3:
+            return f"{value:.1e}"
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def print_table(section: str, rows: list[dict]) -> None:
+    skip = {"section", "preset", "device", "machine"}
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in skip and k not in columns]
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print(f"\n[{section}]")
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+    sys.stdout.flush()
+
+
+def parse_sections(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {unknown or text!r}: expected some of {list(SECTIONS)}")
+    return names
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(EXPERT_PRESETS), default=None,
+                        help='expert preset (default "cpu"; "tiny" with --quick)')
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto = CUDA when present, else CPU")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: all cores available to this process)")
+    parser.add_argument("--only", type=parse_sections, default=list(SECTIONS),
+                        help=f"comma-separated sections to run, from {','.join(SECTIONS)}")
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run: tiny sizes, 2 repeats")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls at batch 1 (larger batches take a quarter of it, at least 3)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per row instead of tables")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
+    args = parser.parse_args(argv)
+    if args.preset is None:
+        args.preset = "tiny" if args.quick else "cpu"
+    if args.preset == "mlp":
+        parser.error('--preset mlp has no prefix input and no encode / step split: use a transformer preset')
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads = {args.threads} is invalid: expected a positive int")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats = {args.repeats} is invalid: expected a positive int")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    if args.repeats is not None:
+        sizes = dataclasses.replace(sizes, repeats=args.repeats, repeats_large=max(3, args.repeats // 4))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    device = resolve_device(args.device)
+    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    bench = Bench(args, sizes, device, threads)
+    if not args.json:
+        m = bench.machine
+        print(f"fmpolicy bench: preset {args.preset}, device {device}"
+              f"{' (' + m['gpu'] + ')' if m['gpu'] else ''}, cpu {m['cpu']}, torch {m['torch']}, "
+              f"threads {threads}, load average {m['load_at_start']}{', quick' if args.quick else ''}; "
+              f"times in ms per call")
+    for section in SECTIONS:
+        if section not in args.only:
+            continue
+        rows = RUNNERS[section](bench)
+        if args.json:
+            for r in rows:
+                print(json.dumps(r), flush=True)
+        else:
+            print_table(section, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        sys.exit(0)

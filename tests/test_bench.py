@@ -1,0 +1,50 @@
+"""The benchmark script runs end to end (`--quick`) and reports sane figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+SECTIONS = {"chunk", "overhead", "cache", "train"}
+
+
+def test_bench_quick_json():
+    # one thread: on a shared 2-core machine two threads can stall behind other processes, and a smoke
+    # run only needs to finish quickly, not to measure anything
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", "--threads", "1"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=SCRIPT.parents[1])
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    rows = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert rows and all(isinstance(r, dict) for r in rows)
+    assert {r["section"] for r in rows} == SECTIONS
+
+    for r in rows:
+        for key in ("preset", "device", "batch", "median_ms", "p90_ms", "machine"):
+            assert key in r, (key, r)
+        assert math.isfinite(r["median_ms"]) and r["median_ms"] > 0, r
+        assert math.isfinite(r["p90_ms"]) and r["p90_ms"] >= r["median_ms"], r
+        assert {"cpu", "torch", "threads"} <= set(r["machine"]), r["machine"]
+
+    chunk_steps = {r["steps"] for r in rows if r["section"] == "chunk"}
+    assert chunk_steps == {1, 5, 10}
+    overhead = [r for r in rows if r["section"] == "overhead" and r["name"] == "chunk"]
+    assert overhead and all(math.isfinite(r["overhead"]) and r["overhead"] > -1 for r in overhead)
+
+    uncached = [r for r in rows if r["section"] == "cache" and r["name"] == "uncached"]
+    assert uncached
+    for r in uncached:
+        assert r["max_abs_diff"] < 1e-4, r  # the prefix cache gives the same chunk as recomputing
+        assert r["prefix_effect"] > 1e-3, r  # ... and the prefix does reach the chunk
+        assert math.isfinite(r["speedup"]) and r["speedup"] > 0
+
+    train = {r["name"]: r for r in rows if r["section"] == "train"}
+    assert set(train) == {"fp32", "bf16"}
+    assert all(math.isfinite(r["steps_per_s"]) and r["steps_per_s"] > 0 for r in train.values())
+    assert math.isfinite(train["bf16"]["ratio"]) and train["bf16"]["ratio"] > 0
