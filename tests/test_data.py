@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -16,21 +15,14 @@ from torch.utils.data import DataLoader
 from fmpolicy import FlowPolicy, PolicyConfig, make_expert_config
 from fmpolicy.data import FORMAT, ChunkDataset, DatasetWriter
 from fmpolicy.errors import DatasetError
+from tests.helpers import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "collect_demos.py"
 ENV = "fmpolicy/PointObstacle-v0"
 COLUMNS = {"observation.state", "action", "timestamp", "frame_index", "episode_index", "index", "task_index",
            "next.reward", "next.done", "next.success"}
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("collect_demos", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-collect_demos = _load_script()
+collect_demos = load_script("collect_demos")
 
 
 def collect(out: Path, episodes: int, *extra: str) -> dict:

@@ -38,7 +38,6 @@ class ExpertBlock(nn.Module):
         self.qkv = nn.Linear(d, 3 * d)
         self.out = nn.Linear(d, d)
         self.ff = FeedForward(d, int(config.mlp_ratio * d), config.dropout)
-        self.modulation = AdaptiveModulation(d, n_triples=2)
         self.attn_dropout = config.dropout
         # the prefix has its own norm and key/value projection in every layer (pi0's VLM layers play
         # this part; here the prefix arrives as embeddings from an encoder)
@@ -51,9 +50,10 @@ class ExpertBlock(nn.Module):
         k, v = rearrange(kv, "b p (two n e) -> two b n p e", two=2, n=self.num_heads)
         return k, v
 
-    def forward(self, x: Tensor, temb: Tensor, prefix_kv: tuple[Tensor, Tensor] | None, mask: Tensor) -> Tensor:
-        """x (b, q, d), temb (b, d), mask (b|1, 1, q, p + q) -> (b, q, d)"""
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(temb)
+    def forward(self, x: Tensor, modulation: tuple[Tensor, ...], prefix_kv: tuple[Tensor, Tensor] | None,
+                mask: Tensor) -> Tensor:
+        """x (b, q, d), modulation: 6 x (b, 1, d), mask (b|1, 1, q, p + q) -> (b, q, d)"""
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation
         h = modulate(self.norm_attn(x), shift1, scale1)
         q, k, v = rearrange(self.qkv(h), "b q (three n e) -> three b n q e", three=3, n=self.num_heads)
         if prefix_kv is not None:
@@ -85,7 +85,9 @@ class ActionExpert(nn.Module):
         self.prefix_in = nn.Linear(config.prefix_dim, d) if config.prefix_dim else None
         self.blocks = nn.ModuleList(ExpertBlock(config) for _ in range(config.depth))
         self.final_norm = RMSNorm(d, affine=False)
-        self.final_modulation = AdaptiveModulation(d, n_triples=1)
+        # every block's (shift, scale, gate) pairs and the final norm's, from one projection of the
+        # time embedding per step: one matmul instead of depth + 1 small ones
+        self.modulation = AdaptiveModulation(d, n_triples=2 * config.depth + 1)
         self.action_out = nn.Linear(d, config.max_action_dim)
         # suffix block mask: the state token (row 0) sees only itself, action tokens see everything
         q = 1 + chunk_size
@@ -121,11 +123,11 @@ class ActionExpert(nn.Module):
         """v(x_t, t) for a cached observation. x_t (b, h, A), t (b,) -> (b, h, A); padded entries are 0."""
         tokens = self.action_in(zero_padded(x_t, action_valid)) + self.position
         x = torch.cat([cache.state_token.to(tokens.dtype), tokens], dim=1)  # (b, 1 + h, d)
-        temb = self.time_embed(t)
+        mods = self.modulation(self.time_embed(t))  # 3 * (2 * depth + 1) tensors (b, 1, d)
         prefix_kv = cache.prefix_kv or [None] * len(self.blocks)
-        for block, kv in zip(self.blocks, prefix_kv):
-            x = block(x, temb, kv, cache.attn_mask)
-        shift, scale, _ = self.final_modulation(temb)
+        for i, (block, kv) in enumerate(zip(self.blocks, prefix_kv)):
+            x = block(x, mods[6 * i: 6 * i + 6], kv, cache.attn_mask)
+        shift, scale, _ = mods[-3:]
         v = self.action_out(modulate(self.final_norm(x[:, 1:]), shift, scale))
         return zero_padded(v, action_valid)
 

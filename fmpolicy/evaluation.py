@@ -1,0 +1,131 @@
+"""Closed-loop evaluation of a chunk policy in a vectorized environment.
+
+Works with any `gymnasium.vector.VectorEnv` whose observations are dicts of batched arrays under the
+policy's keys and which resets in the same step (`AutoresetMode.SAME_STEP`, as our torch vector envs
+do): the outcome of an ending episode is read from `info["final_info"]`. Every environment's *first*
+episode counts; all environments re-plan together every `n_action_steps` steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% (z = 1.96) Wilson score interval of a binomial proportion: sound at 0% and 100% too."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class EvalResult:
+    """Outcome of `evaluate_policy`."""
+
+    episodes: int
+    successes: int
+    success_rate: float
+    ci95: tuple[float, float]
+    mean_return: float
+    mean_length: float
+    flags: dict[str, float] = field(default_factory=dict)  # fraction of episodes with a task flag (collision...)
+    states: list[np.ndarray] = field(default_factory=list)  # state trajectories (T, s) of the recorded episodes
+    frames: list[np.ndarray] = field(default_factory=list)  # (T, e_rec, 3, H, W) uint8 frames, when rendered
+
+    def summary(self) -> dict[str, Any]:
+        return {"episodes": self.episodes, "successes": self.successes, "success_rate": self.success_rate,
+                "ci95": list(self.ci95), "mean_return": self.mean_return, "mean_length": self.mean_length,
+                **{f"{k}_rate": v for k, v in self.flags.items()}}
+
+
+@torch.no_grad()
+def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
+                    render_size: int = 0, generator: torch.Generator | None = None,
+                    flag_keys: tuple[str, ...] = ("collision",)) -> EvalResult:
+    """Run `episodes` episodes (in rounds of `envs.num_envs`) and count successes.
+
+    `record` environments of the first round keep their state trajectories (and, with
+    `render_size`, frames from `envs.unwrapped.core.render`) for plots.
+    """
+    policy.eval()
+    e = envs.num_envs
+    horizon = int(getattr(envs, "max_episode_steps", 1000))
+    n_exec = policy.config.n_action_steps
+    succ, rets, lens, flag_counts = [], [], [], {k: 0 for k in flag_keys}
+    states: list[np.ndarray] = []
+    frames: list[np.ndarray] = []
+    rnd = 0
+    while len(succ) < episodes:
+        obs, _ = envs.reset(seed=seed + 1000 * rnd)
+        take = min(e, episodes - len(succ))
+        done = torch.zeros(e, dtype=torch.bool)
+        success = torch.zeros(e, dtype=torch.bool)
+        ret, length = torch.zeros(e), torch.zeros(e)
+        flagged = {k: torch.zeros(e, dtype=torch.bool) for k in flag_keys}
+        trace = [_state(obs)[:record]] if rnd == 0 and record else None
+        film = [_render(envs, render_size, record)] if trace is not None and render_size else None
+        chunk = None
+        for step in range(horizon):
+            if step % n_exec == 0:
+                chunk = policy.predict_action_chunk(obs, generator=generator)
+            action = chunk[:, step % n_exec]
+            obs, reward, terminated, truncated, info = envs.step(action.to(_device(obs)))
+            live = ~done
+            ret += torch.as_tensor(reward).float().cpu() * live
+            length += live.float()
+            for k in flag_keys:
+                if k in info:
+                    flagged[k] |= torch.as_tensor(info[k]).bool().cpu() & live
+            ended = torch.as_tensor(info["_final_info"]).bool().cpu() if "_final_info" in info else \
+                (torch.as_tensor(terminated) | torch.as_tensor(truncated)).bool().cpu()
+            new = ended & live
+            if new.any():
+                final = torch.as_tensor(info["final_info"]["is_success"]).bool().cpu()
+                success |= final & new
+            if trace is not None:
+                reached = info.get("final_obs", obs)
+                trace.append(np.where(done[:record, None].numpy(), np.nan, _state(reached)[:record]))
+                if film is not None:
+                    film.append(_render(envs, render_size, record))
+            done |= ended
+            if bool(done[:take].all()):
+                break
+        succ += success[:take].tolist()
+        rets += ret[:take].tolist()
+        lens += length[:take].tolist()
+        for k in flag_keys:
+            flag_counts[k] += int(flagged[k][:take].sum())
+        if trace is not None:
+            arr = np.stack(trace, axis=1)  # (record, T, s)
+            states = [a[~np.isnan(a).any(-1)] for a in arr]
+        if film is not None:
+            frames = np.stack(film)
+        rnd += 1
+    n, k = len(succ), int(sum(succ))
+    return EvalResult(episodes=n, successes=k, success_rate=k / n, ci95=wilson_interval(k, n),
+                      mean_return=float(np.mean(rets)), mean_length=float(np.mean(lens)),
+                      flags={key: c / n for key, c in flag_counts.items()}, states=states, frames=frames)
+
+
+def _state(obs) -> np.ndarray:
+    return torch.as_tensor(obs["observation.state"]).float().cpu().numpy()
+
+
+def _device(obs) -> torch.device:
+    s = obs["observation.state"]
+    return s.device if isinstance(s, Tensor) else torch.device("cpu")
+
+
+def _render(envs, size: int, record: int) -> np.ndarray:
+    img = envs.unwrapped.core.render(size)[:record]  # (record, 3, H, W) float in [0, 1]
+    return (img.clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()

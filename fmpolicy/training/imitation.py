@@ -1,0 +1,268 @@
+"""The imitation trainer: one readable function from a config and a dataset to a trained policy.
+
+AdamW with linear warm-up and cosine decay, gradient clipping, EMA of the weights, bf16 autocast on
+CUDA, JSON-lines logs (TensorBoard too when asked and installed), atomic checkpoints every
+`save_every` steps, and `resume=True` continuing from the last checkpoint with the same result as a
+run that was never interrupted (every random stream is seeded and checkpointed). Under torchrun the
+same function runs DistributedDataParallel; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from fmpolicy.config import ImitationConfig, config_to_dict
+from fmpolicy.errors import CheckpointError, ConfigError
+from fmpolicy.policy import FlowPolicy
+from fmpolicy.sampling import sample_noise
+from fmpolicy.training.checkpoint import (
+    diff_configs,
+    find_last_checkpoint,
+    load_training_state,
+    save_checkpoint,
+)
+from fmpolicy.training.distributed import DistInfo, all_reduce_mean, init_distributed, local_rows, shutdown
+from fmpolicy.training.ema import EMA
+from fmpolicy.training.loop import warmup_cosine
+
+
+class EpochSampler:
+    """Global batches of window indices: a fresh seeded permutation every epoch, resumable."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.perm = torch.randperm(n, generator=self.generator)
+        self.pos = 0
+
+    def next(self) -> torch.Tensor:
+        out = []
+        need = self.batch_size
+        while need:
+            if self.pos == self.n:
+                self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
+            take = min(need, self.n - self.pos)
+            out.append(self.perm[self.pos: self.pos + take])
+            self.pos += take
+            need -= take
+        return torch.cat(out)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "perm": self.perm, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.perm, self.pos = state["perm"], state["pos"]
+
+
+class RunLogger:
+    """JSON lines in `out/log.jsonl` (appended across resumes), optionally TensorBoard in `out/tb/`."""
+
+    def __init__(self, out_dir: Path, kind: str, enabled: bool):
+        self.enabled = enabled
+        self.path = out_dir / "log.jsonl"
+        self.tb = None
+        if enabled and kind == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tb"))
+            except ImportError:
+                print("tensorboard is not installed: logging to log.jsonl only")
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_policy(config: ImitationConfig, dataset, device: torch.device) -> FlowPolicy:
+    """A fresh policy whose widths match the dataset and whose normalizers use its statistics."""
+    pc = config.policy
+    for name, have in (("state_dim", dataset.state_dim), ("action_dim", dataset.action_dim)):
+        if getattr(pc, name) != have:
+            raise ConfigError(f"policy.{name} = {getattr(pc, name)} does not match the dataset {dataset.root} "
+                              f"({name} {have})")
+    policy = FlowPolicy(dataclasses.replace(pc, device=str(device)))
+    stats = dataset.stats
+    policy.set_normalization_stats(stats["observation.state"], stats["action"])
+    return policy
+
+
+def _slice_batch(batch: dict[str, Any], rows: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, list):
+            out[k] = [v[i] for i in rows.tolist()]
+        elif v.dtype == torch.uint8:  # images stay uint8 in memory; the policy sees floats in [0, 1]
+            out[k] = v[rows.to(v.device)].to(device).float() / 255.0
+        else:
+            out[k] = v[rows.to(v.device)].to(device)
+    return out
+
+
+def train_imitation(config: ImitationConfig, dataset, resume: bool = False) -> FlowPolicy:
+    """Train `config.policy` on `dataset` (a `ChunkDataset`) as `config.train` says; returns the
+    policy with its EMA weights (when enabled), also saved to `<out_dir>/policy`."""
+    tc = config.train
+    info: DistInfo = init_distributed(config.policy.device)
+    out = Path(tc.out_dir)
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+
+    # ---- model, optimiser, schedule, EMA ----
+    policy = make_policy(config, dataset, info.device)
+    model: nn.Module = policy
+    if info.enabled:
+        model = nn.parallel.DistributedDataParallel(
+            policy, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+            find_unused_parameters=True)  # prefix layers sit idle when a batch has no prefix
+    decay, no_decay = [], []
+    for name, p in policy.named_parameters():
+        (no_decay if p.ndim < 2 or name.endswith("position") else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=tc.betas)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, tc.steps, tc.warmup_steps, tc.min_lr_ratio))
+    ema = EMA(policy, tc.ema_decay) if tc.ema_decay > 0 else None
+    amp = tc.amp == "bf16" or (tc.amp == "auto" and info.device.type == "cuda")
+
+    # ---- data: every window in memory, global batches sliced per process ----
+    windows = dataset.all_windows(device=info.device)
+    sampler = EpochSampler(len(dataset), tc.batch_size, tc.seed)
+    rows = local_rows(tc.batch_size, info)
+    flow_gen = torch.Generator().manual_seed(tc.seed + 1)  # flow times and noise (CPU: same on every device)
+
+    # ---- run directory, resume ----
+    run_config = config_to_dict(config)
+    start = 0
+    if resume and (ckpt := find_last_checkpoint(out)) is not None:
+        saved_cfg = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else {}
+        changed = [d for d in diff_configs(saved_cfg.get("policy", {}), run_config["policy"]) if not d.startswith("device")]
+        if changed:
+            raise CheckpointError(f"{out / 'config.yaml'}: the checkpoint's policy config differs from this run's: "
+                                  + "; ".join(changed))
+        state = load_training_state(ckpt)
+        try:
+            policy.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{ckpt}: weights do not match the model: {e}") from e
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        sampler.load_state_dict(state["sampler"])
+        flow_gen.set_state(state["flow_generator"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        if info.is_main:
+            print(f"resumed from {ckpt} at step {start}")
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+    logger = RunLogger(out, tc.logger, info.is_main)
+
+    def checkpoint(step: int) -> None:
+        if not info.is_main:
+            return
+        state = {"step": step, "model": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                 "schedule": schedule.state_dict(), "sampler": sampler.state_dict(),
+                 "flow_generator": flow_gen.get_state(), "ema": ema.state_dict() if ema else None,
+                 "rng": rng_state()}
+        save_checkpoint(out, step, _eval_copy(policy, ema), state, tc.keep_checkpoints)
+
+    # ---- the loop ----
+    progress = _progress(range(start, tc.steps), tc.progress and info.is_main, start, tc.steps)
+    policy.train()
+    tick, loss_sum, loss_n = time.perf_counter(), 0.0, 0
+    for step in progress:
+        idx = sampler.next()  # (B,) the same global batch on every process
+        batch = _slice_batch(windows, idx[rows], info.device)
+        b = len(idx)
+        t = policy.sample_time(b, flow_gen)[rows]
+        noise = sample_noise((b, config.policy.chunk_size, config.policy.expert.max_action_dim), generator=flow_gen)[rows]
+        with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, _ = model(batch, None, t.to(info.device), noise.to(info.device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}: stopping before the weights are corrupted")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        schedule.step()
+        if ema is not None:
+            ema.update(policy)
+        loss_sum, loss_n = loss_sum + all_reduce_mean(loss, info).item(), loss_n + 1
+
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.steps:
+            now = time.perf_counter()
+            values = {"loss": loss_sum / loss_n, "lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      "steps_per_s": loss_n / (now - tick), "local_batch": len(t)}
+            logger.log(done, values)
+            if hasattr(progress, "set_postfix"):
+                progress.set_postfix(loss=f"{values['loss']:.4f}")
+            tick, loss_sum, loss_n = now, 0.0, 0
+        if done % tc.save_every == 0 or done == tc.steps:
+            checkpoint(done)
+
+    logger.close()
+    final = _eval_copy(policy, ema)
+    if info.is_main:
+        final.save_pretrained(out / "policy")
+    shutdown(info)
+    return final.eval()
+
+
+def _eval_copy(policy: FlowPolicy, ema: EMA | None) -> FlowPolicy:
+    """The policy to evaluate and save: the EMA weights when enabled (a copy), else the policy itself."""
+    if ema is None:
+        return policy
+    # deepcopy rather than a new FlowPolicy: building one would draw initial weights from the
+    # global RNG and shift the dropout stream of the run that continues after a checkpoint
+    averaged = copy.deepcopy(policy)
+    ema.copy_to(averaged)
+    return averaged
+
+
+def _progress(steps: range, enabled: bool, start: int, total: int):
+    if not enabled:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, initial=start, total=total, desc="train", dynamic_ncols=True)

@@ -1,0 +1,122 @@
+"""The real training and evaluation entry points: train, resume, torchrun, evaluate, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fmpolicy.evaluation import wilson_interval
+from tests.helpers import load_script
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "point_obstacle.yaml")
+train_script = load_script("train")
+evaluate_script = load_script("evaluate")
+collect_demos = load_script("collect_demos")
+
+TINY = ["policy.expert.width=32", "policy.expert.depth=1", "policy.expert.num_heads=2",
+        "policy.expert.time_embed_dim=32", "policy.device=cpu", "train.progress=false", "train.warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "point"
+    collect_demos.main(["--env", "fmpolicy/PointObstacle-v0", "--episodes", "8", "--num-envs", "8", "--out", str(out),
+                        "--seed", "0", "--no-progress"])
+    return out
+
+
+def run_train(dataset: Path, out: Path, *overrides: str, resume: bool = False):
+    argv = ["--config", CONFIG, f"data.root={dataset}", f"train.out_dir={out}", *TINY, *overrides]
+    return train_script.main(argv + (["--resume"] if resume else []))
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "policy" / "model.safetensors"))
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(dataset, tmp_path):
+    common = ("train.steps=6", "train.save_every=3", "train.batch_size=16", "train.log_every=1", "policy.expert.dropout=0.1")
+    run_train(dataset, tmp_path / "full", *common)
+    # the same run, "killed" after its step-3 checkpoint: drop everything written after it
+    cut = tmp_path / "cut"
+    run_train(dataset, cut, *common)
+    shutil.rmtree(cut / "checkpoints" / "step_00000006")
+    shutil.rmtree(cut / "policy")
+    (cut / "checkpoints" / "last.json").write_text(json.dumps({"step": 3, "path": "step_00000003"}))
+    run_train(dataset, cut, *common, resume=True)
+    full, resumed = weights(tmp_path / "full"), weights(cut)
+    assert full.keys() == resumed.keys()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    # and training did change the weights (so the equality is not vacuous)
+    first = load_file(str(cut / "checkpoints" / "step_00000003" / "policy" / "model.safetensors"))
+    assert any(not torch.equal(first[k], full[k]) for k in full)
+    log = [json.loads(line) for line in (cut / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6, 4, 5, 6]
+    assert all(r["loss"] > 0 and r["lr"] > 0 for r in log)
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(dataset, tmp_path):
+    run_train(dataset, tmp_path, "train.steps=2", "train.save_every=1")
+    with pytest.raises(SystemExit, match=r"policy config differs.*expert\.width: saved 32, now 48"):
+        run_train(dataset, tmp_path, "train.steps=2", "policy.expert.width=48", resume=True)
+    (tmp_path / "checkpoints" / "step_00000002" / "training_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match=r"training_state\.pt cannot be read"):
+        run_train(dataset, tmp_path, "train.steps=2", resume=True)
+
+
+def test_bad_training_input_is_reported(dataset, tmp_path):
+    with pytest.raises(SystemExit, match=r"unknown key\(s\) \['stepz'\] in .*train"):
+        run_train(dataset, tmp_path, "train.stepz=3")
+    with pytest.raises(SystemExit, match=r"does not exist"):
+        run_train(tmp_path / "nowhere", tmp_path / "run")
+    with pytest.raises(SystemExit, match=r"policy\.state_dim = 5 does not match the dataset"):
+        run_train(dataset, tmp_path / "run", "policy.state_dim=5")
+
+
+def test_torchrun_two_gloo_processes_equal_one_process_with_the_combined_batch(dataset, tmp_path):
+    common = ["--config", CONFIG, f"data.root={dataset}", *TINY, "train.steps=3", "train.batch_size=16",
+              "train.ema_decay=0", "train.save_every=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                    str(ROOT / "scripts" / "train.py"), *common, f"train.out_dir={tmp_path / 'ddp'}"],
+                   check=True, env=env, capture_output=True, timeout=300)
+    run_train(dataset, tmp_path / "single", *common[4:], "train.ema_decay=0")
+    ddp, single = weights(tmp_path / "ddp"), weights(tmp_path / "single")
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], atol=1e-5, rtol=1e-4, msg=k)
+    # only rank 0 wrote (one log line), and each process took its half of the global batch
+    log = (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 1 and json.loads(log[0])["local_batch"] == 8
+
+
+def test_evaluate_script_reports_success_with_an_interval(dataset, tmp_path):
+    run_train(dataset, tmp_path / "run", "train.steps=2")
+    summary = evaluate_script.main(["--policy", str(tmp_path / "run" / "policy"), "--env", "fmpolicy/PointObstacle-v0",
+                                    "--episodes", "6", "--num-envs", "3", "--device", "cpu", "--record", "2",
+                                    "--render-size", "16", "--out", str(tmp_path / "eval")])
+    assert summary["episodes"] == 6
+    lo, hi = summary["ci95"]
+    assert 0 <= lo <= summary["success_rate"] <= hi <= 1
+    assert summary["mean_length"] > 0
+    for name in ("eval.json", "trajectories.png", "frames.png"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["episodes"] == 6
+
+
+def test_wilson_interval_matches_known_values():
+    lo, hi = wilson_interval(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = wilson_interval(200, 200)
+    assert hi == 1 and lo == pytest.approx(0.9812, abs=1e-4)
