@@ -6,10 +6,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# the demo trains shorter than the full config so that all of it fits in about 10 minutes on 2 cores
+DEMO_ARGS ?= train.steps=1500
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo toy test bench clean
 
 setup: $(STAMP)
 
@@ -21,7 +23,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) scripts/demo.py
+	$(PY) scripts/pipeline.py --config configs/point_obstacle.yaml --out runs/demo $(DEMO_ARGS)
+
+toy: $(STAMP)
+	$(PY) scripts/demo_toy.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

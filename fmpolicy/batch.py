@@ -64,17 +64,22 @@ def check_shape(t: Tensor, key: str, expected: tuple[int | str | None, ...], nam
         raise InputError(f"{key!r} has shape {tuple(t.shape)}: expected ({want})")
 
 
-def read_state(batch: Mapping[str, Any], state_dim: int, max_state_dim: int, device: torch.device) -> Tensor:
-    """observation.state (b, s) with s == state_dim, finite. -> float32 (b, s)"""
+def read_state(batch: Mapping[str, Any], max_state_dim: int, device: torch.device) -> Tensor:
+    """observation.state (b, s), s <= max_state_dim, finite. -> float32 (b, s); the caller checks s."""
     state = as_tensor(require(batch, STATE), STATE, device)
     if state.dim() != 2:
-        raise InputError(f"{STATE!r} has shape {tuple(state.shape)}: expected (b, {state_dim}), a batch of states")
+        raise InputError(f"{STATE!r} has shape {tuple(state.shape)}: expected (b, s), a batch of states")
     if state.shape[1] > max_state_dim:
         raise InputError(f"{STATE!r} has width {state.shape[1]}, more than max_state_dim={max_state_dim}")
-    if state.shape[1] != state_dim:
-        raise InputError(f"{STATE!r} has width {state.shape[1]}: this policy expects state_dim={state_dim}")
     check_finite(state, STATE)
     return state
+
+
+def check_width(t: Tensor, key: str, allowed: tuple[int, ...], name: str) -> None:
+    """The last axis of `t` must be one of the `allowed` widths (the robot's own, or the policy's)."""
+    if t.shape[-1] not in allowed:
+        want = " or ".join(str(w) for w in sorted(set(allowed)))
+        raise InputError(f"{key!r} has width {t.shape[-1]}: this policy expects {name}={want}")
 
 
 def read_prefix(batch: Mapping[str, Any], batch_size: int, prefix_dim: int,
@@ -96,15 +101,14 @@ def read_prefix(batch: Mapping[str, Any], batch_size: int, prefix_dim: int,
     return prefix, mask
 
 
-def read_action(batch: Mapping[str, Any], batch_size: int, chunk_size: int, action_dim: int, max_action_dim: int,
-                device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """action (b, h, a) and optional action_is_pad (b, h) bool. Padded steps may hold anything."""
+def read_action(batch: Mapping[str, Any], batch_size: int, chunk_size: int, action_dims: tuple[int, ...],
+                max_action_dim: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """action (b, h, a) with a in `action_dims`, and optional action_is_pad (b, h) bool. Padded steps may hold anything."""
     action = as_tensor(require(batch, ACTION), ACTION, device)
     if action.dim() == 3 and action.shape[2] > max_action_dim:
         raise InputError(f"{ACTION!r} has width {action.shape[2]}, more than max_action_dim={max_action_dim}")
-    if action.dim() == 3 and action.shape[0] == batch_size and action.shape[1] == chunk_size and action.shape[2] != action_dim:
-        raise InputError(f"{ACTION!r} has width {action.shape[2]}: this policy expects action_dim={action_dim}")
-    check_shape(action, ACTION, (batch_size, chunk_size, action_dim), "b h a")
+    check_shape(action, ACTION, (batch_size, chunk_size, None), "b h a")
+    check_width(action, ACTION, action_dims, "action_dim")
     is_pad = None
     if ACTION_IS_PAD in batch:
         is_pad = as_tensor(batch[ACTION_IS_PAD], ACTION_IS_PAD, device, dtype=None).bool()

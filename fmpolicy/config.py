@@ -117,11 +117,24 @@ class NormalizationConfig:
 
 
 @dataclass(frozen=True)
+class EmbodimentConfig:
+    """One robot shape served by a policy: its name and its own state and action widths."""
+
+    name: str = "default"  # what batches put under the key "embodiment"
+    state_dim: int = 2  # width of this robot's observation.state
+    action_dim: int = 2  # width of this robot's action
+
+    def __post_init__(self) -> None:
+        _positive_ints(self, "state_dim", "action_dim")
+        _check(isinstance(self.name, str) and bool(self.name), type(self).__name__, "name", self.name, "a non-empty str")
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     """Everything needed to rebuild a `FlowPolicy`: robot widths, chunking, network, flow, sampler."""
 
-    state_dim: int = 2  # width of observation.state for this robot (<= expert.max_state_dim)
-    action_dim: int = 2  # width of one action for this robot (<= expert.max_action_dim)
+    state_dim: int = 2  # width of observation.state (the widest robot's when there are several embodiments)
+    action_dim: int = 2  # width of one action (the widest robot's when there are several embodiments)
     chunk_size: int = 10  # h: actions predicted per chunk
     n_action_steps: int = 5  # actions executed from each chunk before re-planning (<= chunk_size)
     head: str = "flow"  # "flow" (CFM, sampled by ODE) or "regression" (MSE baseline, same backbone)
@@ -130,9 +143,19 @@ class PolicyConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     normalization: NormalizationConfig = field(default_factory=NormalizationConfig)
     device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N"
+    # several robot shapes in one model, each normalized on its own and zero-padded to the expert's
+    # max widths; empty = one embodiment "default" of state_dim / action_dim
+    embodiments: tuple[EmbodimentConfig, ...] = ()
 
     def __post_init__(self) -> None:
         _positive_ints(self, "state_dim", "action_dim", "chunk_size", "n_action_steps")
+        if self.embodiments:
+            names = [e.name for e in self.embodiments]
+            _check(len(set(names)) == len(names), type(self).__name__, "embodiments", names, "distinct names")
+            for f in ("state_dim", "action_dim"):
+                widest = max(getattr(e, f) for e in self.embodiments)
+                _check(getattr(self, f) == widest, type(self).__name__, f, getattr(self, f),
+                       f"the widest embodiment's {f} = {widest}")
         _choice(self, "head", HEADS)
         name = type(self).__name__
         _check(self.state_dim <= self.expert.max_state_dim, name, "state_dim", self.state_dim,
@@ -143,6 +166,10 @@ class PolicyConfig:
                f"at most chunk_size={self.chunk_size}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), name,
                "device", self.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+    def embodiment_list(self) -> tuple[EmbodimentConfig, ...]:
+        """The embodiments this policy serves (one "default" when none are configured)."""
+        return self.embodiments or (EmbodimentConfig("default", self.state_dim, self.action_dim),)
 
 
 # Named presets for the expert. "cpu" answers a 10-step chunk at batch 1 in a few ms on 2 CPU cores;
@@ -213,6 +240,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where} = {value!r} has the wrong type: expected {tp}")
     if tp is Any:
         return value
+    if _is_config_type(tp):
+        return value if isinstance(value, tp) else config_from_dict(tp, value, where)
     if tp is type(None):
         if value is None:
             return None
@@ -237,12 +266,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A plain nested dict (JSON / YAML ready) that `config_from_dict` maps back to `config`."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        out[f.name] = config_to_dict(value) if dataclasses.is_dataclass(value) else (
-            list(value) if isinstance(value, tuple) else value)
-    return out
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return config_to_dict(value)
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        return value
+
+    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
 
 
 # ---- experiments: data + training, read from YAML --------------------------------------------------
@@ -256,6 +287,7 @@ class DataConfig:
     """Which demonstrations to train on."""
 
     root: str = ""  # dataset directory written by scripts/collect_demos.py
+    roots: dict = field(default_factory=dict)  # several robots: {embodiment name: dataset directory}
     num_episodes: int = 0  # train on the first N episodes only (0 = all): "too few demonstrations" runs
     image_keys: tuple[str, ...] = ()  # camera keys to load, e.g. ("observation.images.top",)
 

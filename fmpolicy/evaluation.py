@@ -51,19 +51,21 @@ class EvalResult:
 @torch.no_grad()
 def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
                     render_size: int = 0, generator: torch.Generator | None = None,
-                    flag_keys: tuple[str, ...] = ("collision",)) -> EvalResult:
+                    flag_keys: tuple[str, ...] = ("collision",), embodiment: str | None = None) -> EvalResult:
     """Run `episodes` episodes (in rounds of `envs.num_envs`) and count successes.
 
     `record` environments of the first round keep their state trajectories (and, with
-    `render_size`, frames from `envs.unwrapped.core.render`) for plots.
+    `render_size`, frames from `envs.unwrapped.core.render`) for plots. `embodiment` names the robot
+    for a policy that serves several.
     """
     policy.eval()
     e = envs.num_envs
     horizon = int(getattr(envs, "max_episode_steps", 1000))
     n_exec = policy.config.n_action_steps
-    succ, rets, lens, flag_counts = [], [], [], {k: 0 for k in flag_keys}
+    succ, rets, lens, flag_counts = [], [], [], {}
     states: list[np.ndarray] = []
     frames: list[np.ndarray] = []
+    seen_flags: dict[str, bool] = {}
     rnd = 0
     while len(succ) < episodes:
         obs, _ = envs.reset(seed=seed + 1000 * rnd)
@@ -77,7 +79,8 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
         chunk = None
         for step in range(horizon):
             if step % n_exec == 0:
-                chunk = policy.predict_action_chunk(obs, generator=generator)
+                query = obs if embodiment is None else {**obs, "embodiment": embodiment}
+                chunk = policy.predict_action_chunk(query, generator=generator)
             action = chunk[:, step % n_exec]
             obs, reward, terminated, truncated, info = envs.step(action.to(_device(obs)))
             live = ~done
@@ -85,6 +88,7 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
             length += live.float()
             for k in flag_keys:
                 if k in info:
+                    seen_flags[k] = True
                     flagged[k] |= torch.as_tensor(info[k]).bool().cpu() & live
             ended = torch.as_tensor(info["_final_info"]).bool().cpu() if "_final_info" in info else \
                 (torch.as_tensor(terminated) | torch.as_tensor(truncated)).bool().cpu()
@@ -104,7 +108,8 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
         rets += ret[:take].tolist()
         lens += length[:take].tolist()
         for k in flag_keys:
-            flag_counts[k] += int(flagged[k][:take].sum())
+            if seen_flags.get(k):
+                flag_counts[k] = flag_counts.get(k, 0) + int(flagged[k][:take].sum())
         if trace is not None:
             arr = np.stack(trace, axis=1)  # (record, T, s)
             states = [a[~np.isnan(a).any(-1)] for a in arr]

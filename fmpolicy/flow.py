@@ -96,16 +96,22 @@ def _sample_gamma(n: int, k: float, generator, device) -> Tensor:
     return out
 
 
-def make_valid_mask(action_is_pad: Tensor | None, batch_size: int, chunk_size: int, action_dim: int,
+def make_valid_mask(action_is_pad: Tensor | None, batch_size: int, chunk_size: int, action_dim: int | Tensor,
                     max_action_dim: int, device: torch.device | str | None = None) -> Tensor:
     """Which entries of a padded action chunk count in the loss. -> (b, h, A) bool
 
-    Entries beyond the robot's own `action_dim` and chunk steps flagged in `action_is_pad` (b, h) are
-    False.
+    Entries beyond the robot's own `action_dim` (an int, or (b,) per sample when robots of several
+    widths share a batch) and chunk steps flagged in `action_is_pad` (b, h) are False.
     """
     if action_is_pad is not None:
         device = action_is_pad.device
-    dims = torch.arange(max_action_dim, device=device) < action_dim  # (A,)
+    elif isinstance(action_dim, Tensor):
+        device = action_dim.device
+    dims = torch.arange(max_action_dim, device=device)
+    if isinstance(action_dim, Tensor):
+        dims = dims[None, None, :] < action_dim.reshape(-1, 1, 1)  # (b, 1, A)
+    else:
+        dims = dims < action_dim  # (A,)
     mask = dims.expand(batch_size, chunk_size, max_action_dim)
     if action_is_pad is not None:
         mask = mask & ~action_is_pad.bool()[..., None]

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from fmpolicy import batch as keys
 from fmpolicy.config import PolicyConfig, SamplerConfig, config_from_dict, config_to_dict, resolve_device
+from fmpolicy.embodiment import Embodiments
 from fmpolicy.errors import CheckpointError, InputError
 from fmpolicy.flow import compute_cfm_loss, compute_masked_mse, interpolate, make_valid_mask, sample_time
 from fmpolicy.model import ExpertCache, make_velocity_net
@@ -40,72 +41,93 @@ class FlowPolicy(nn.Module):
     def __init__(self, config: PolicyConfig):
         super().__init__()
         self.config = config
-        ex = config.expert
-        self.net = make_velocity_net(ex, config.chunk_size)
-        norm = config.normalization
-        self.state_normalizer = Normalizer(config.state_dim, norm.state, norm.min_scale)
-        self.action_normalizer = Normalizer(config.action_dim, norm.action, norm.min_scale)
-        # which padded entries are the robot's own (the rest are zero and masked)
-        self.register_buffer("state_valid", torch.arange(ex.max_state_dim) < config.state_dim, persistent=False)
-        self.register_buffer("action_valid", torch.arange(ex.max_action_dim) < config.action_dim, persistent=False)
+        self.net = make_velocity_net(config.expert, config.chunk_size)
+        # per-robot normalizers and padding masks (one "default" embodiment unless configured)
+        self.embodiments = Embodiments(config)
         self._queue: deque[Tensor] = deque()
         self.to(resolve_device(config.device))
 
     @property
     def device(self) -> torch.device:
-        return self.state_valid.device
+        return self.embodiments.state_dims.device
+
+    @property
+    def state_normalizer(self) -> Normalizer:
+        """The state normalizer of the first (with one robot: the only) embodiment."""
+        return self.embodiments.state[0]
+
+    @property
+    def action_normalizer(self) -> Normalizer:
+        """The action normalizer of the first (with one robot: the only) embodiment."""
+        return self.embodiments.action[0]
+
+    @property
+    def state_valid(self) -> Tensor:
+        """(S,) bool: the first embodiment's own state entries of a padded state."""
+        return self.embodiments.state_valid(torch.zeros(1, dtype=torch.long, device=self.device))[0]
+
+    @property
+    def action_valid(self) -> Tensor:
+        """(A,) bool: the first embodiment's own action entries of a padded action."""
+        return self.embodiments.action_valid(torch.zeros(1, dtype=torch.long, device=self.device))[0]
 
     # ---- normalization -----------------------------------------------------------------------------
 
-    def fit_normalization(self, states: Tensor, actions: Tensor) -> "FlowPolicy":
-        """Fit the state and action normalizers from data: states (n, s), actions (n, [h,] a)."""
-        self.state_normalizer.fit(torch.as_tensor(states).float().to(self.device))
-        self.action_normalizer.fit(torch.as_tensor(actions).float().to(self.device))
+    def fit_normalization(self, states: Tensor, actions: Tensor, embodiment: str | None = None) -> "FlowPolicy":
+        """Fit one embodiment's normalizers from data: states (n, s), actions (n, [h,] a)."""
+        i = self.embodiments.get(embodiment)
+        self.embodiments.state[i].fit(torch.as_tensor(states).float().to(self.device))
+        self.embodiments.action[i].fit(torch.as_tensor(actions).float().to(self.device))
         return self
 
-    def set_normalization_stats(self, state_stats: Mapping[str, Tensor], action_stats: Mapping[str, Tensor]) -> "FlowPolicy":
-        """Set the normalizers from precomputed statistics (e.g. a dataset's stats.json)."""
-        self.state_normalizer.fit_stats(dict(state_stats))
-        self.action_normalizer.fit_stats(dict(action_stats))
+    def set_normalization_stats(self, state_stats: Mapping[str, Tensor], action_stats: Mapping[str, Tensor],
+                                embodiment: str | None = None) -> "FlowPolicy":
+        """Set one embodiment's normalizers from precomputed statistics (e.g. a dataset's stats.json)."""
+        i = self.embodiments.get(embodiment)
+        self.embodiments.state[i].fit_stats(dict(state_stats))
+        self.embodiments.action[i].fit_stats(dict(action_stats))
         return self
-
-    def _check_fitted(self) -> None:
-        for name, normalizer in (("state", self.state_normalizer), ("action", self.action_normalizer)):
-            if not bool(normalizer.fitted):
-                raise InputError(
-                    f"the {name} normalizer (mode {normalizer.mode!r}) is not fitted: call "
-                    f"policy.fit_normalization(states, actions) first, or set normalization.{name}='identity'")
 
     # ---- inputs ------------------------------------------------------------------------------------
 
-    def pad_state(self, state: Tensor) -> Tensor:
-        """Normalize and zero-pad a state (b, s) to (b, S)."""
-        s = self.state_normalizer.normalize(state)
-        return nn.functional.pad(s, (0, self.config.expert.max_state_dim - s.shape[-1]))
+    def pad_state(self, state: Tensor, embodiment: Tensor | None = None) -> Tensor:
+        """Normalize and zero-pad states (b, s) to (b, S); `embodiment` (b,) indices, default the first."""
+        idx = embodiment if embodiment is not None else torch.zeros(state.shape[0], dtype=torch.long, device=self.device)
+        return self.embodiments.normalize_state(state, idx)
 
-    def pad_action(self, action: Tensor) -> Tensor:
-        """Normalize and zero-pad an action chunk (b, h, a) to (b, h, A)."""
-        a = self.action_normalizer.normalize(action)
-        return nn.functional.pad(a, (0, self.config.expert.max_action_dim - a.shape[-1]))
+    def pad_action(self, action: Tensor, embodiment: Tensor | None = None) -> Tensor:
+        """Normalize and zero-pad action chunks (b, h, a) to (b, h, A)."""
+        idx = embodiment if embodiment is not None else torch.zeros(action.shape[0], dtype=torch.long, device=self.device)
+        return self.embodiments.normalize_action(action, idx)
 
     def encode(self, obs: Mapping[str, Any]) -> ExpertCache:
         """Validate an observation and compute the per-chunk cache (state token, prefix keys/values)."""
-        self._check_fitted()
+        self.embodiments.check_fitted()
         cfg = self.config
-        state = keys.read_state(obs, cfg.state_dim, cfg.expert.max_state_dim, self.device)
+        state = keys.read_state(obs, cfg.expert.max_state_dim, self.device)
+        idx = self.embodiments.index(obs, state.shape[0])
+        keys.check_width(state, keys.STATE, (self.embodiments.width(idx, "state"), cfg.state_dim), "state_dim")
         prefix, prefix_mask = keys.read_prefix(obs, state.shape[0], cfg.expert.prefix_dim, self.device)
-        return self.net.encode(self.pad_state(state), self.state_valid, prefix, prefix_mask)
+        cache = self.net.encode(self.pad_state(state, idx), self.embodiments.state_valid(idx), prefix, prefix_mask)
+        cache.embodiment, cache.action_valid = idx, self.embodiments.action_valid(idx)
+        return cache
 
     def velocity_fn(self, cache: ExpertCache):
         """A callable `v(x_t, t)` over padded, normalized chunks for `sample_ode`, reusing `cache`."""
-        return lambda x_t, t: self.net.velocity(x_t, t, cache, self.action_valid)
+        valid = cache.action_valid if cache.action_valid is not None else self.action_valid
+        return lambda x_t, t: self.net.velocity(x_t, t, cache, valid)
 
     def _chunk_shape(self, batch_size: int) -> tuple[int, int, int]:
         return batch_size, self.config.chunk_size, self.config.expert.max_action_dim
 
-    def _valid_mask(self, action_is_pad: Tensor | None, batch_size: int) -> Tensor:
-        return make_valid_mask(action_is_pad, batch_size, self.config.chunk_size, self.config.action_dim,
-                               self.config.expert.max_action_dim, device=self.device)
+    def _valid_mask(self, action_is_pad: Tensor | None, cache: ExpertCache) -> Tensor:
+        return make_valid_mask(action_is_pad, cache.batch_size, self.config.chunk_size,
+                               self.embodiments.action_dims[cache.embodiment], self.config.expert.max_action_dim)
+
+    def _read_action(self, batch: Mapping[str, Any], cache: ExpertCache) -> tuple[Tensor, Tensor | None]:
+        widths = (self.embodiments.width(cache.embodiment, "action"), self.config.action_dim)
+        return keys.read_action(batch, cache.batch_size, self.config.chunk_size, widths,
+                                self.config.expert.max_action_dim, self.device)
 
     # ---- training ----------------------------------------------------------------------------------
 
@@ -119,10 +141,9 @@ class FlowPolicy(nn.Module):
         """
         cache = self.encode(batch)
         b = cache.batch_size
-        action, is_pad = keys.read_action(batch, b, self.config.chunk_size, self.config.action_dim,
-                                          self.config.expert.max_action_dim, self.device)
-        target = self.pad_action(action)
-        valid = self._valid_mask(is_pad, b)
+        action, is_pad = self._read_action(batch, cache)
+        target = self.pad_action(action, cache.embodiment)
+        valid = self._valid_mask(is_pad, cache)
         if self.config.head == "regression":
             per_sample = compute_masked_mse(self._regress(cache), target, valid)
         else:
@@ -133,7 +154,7 @@ class FlowPolicy(nn.Module):
             if t.shape != (b,) or noise.shape != target.shape:
                 raise InputError(f"t {tuple(t.shape)} / noise {tuple(noise.shape)}: expected ({b},) / {tuple(target.shape)}")
             t, noise = t.to(self.device), noise.to(self.device)
-            v = self.net.velocity(interpolate(target, noise, t), t, cache, self.action_valid)
+            v = self.net.velocity(interpolate(target, noise, t), t, cache, cache.action_valid)
             per_sample = compute_cfm_loss(v, target, noise, valid)
         return per_sample.mean(), {"per_sample": per_sample.detach()}
 
@@ -157,20 +178,21 @@ class FlowPolicy(nn.Module):
         The observation is encoded once and shared by the m pairs.
         """
         b, m = t.shape
-        cache = self.encode(obs).repeat_interleave(m)
-        target = self.pad_action(action.to(self.device)).repeat_interleave(m, 0)  # (b*m, h, A)
+        cache = self.encode(obs)
+        target = self.pad_action(action.to(self.device), cache.embodiment).repeat_interleave(m, 0)  # (b*m, h, A)
+        cache = cache.repeat_interleave(m)
         noise = noise.reshape(b * m, *noise.shape[2:]).to(self.device)
         t = t.reshape(b * m).to(self.device)
         is_pad = None if action_is_pad is None else action_is_pad.to(self.device).repeat_interleave(m, 0)
-        valid = self._valid_mask(is_pad, b * m)
-        v = self.net.velocity(interpolate(target, noise, t), t, cache, self.action_valid)
+        valid = self._valid_mask(is_pad, cache)
+        v = self.net.velocity(interpolate(target, noise, t), t, cache, cache.action_valid)
         return compute_cfm_loss(v, target, noise, valid).reshape(b, m)
 
     def _regress(self, cache: ExpertCache) -> Tensor:
         """Regression head: one pass at x = 0, t = 0 gives the normalized chunk directly."""
         b = cache.batch_size
         zeros = torch.zeros(self._chunk_shape(b), device=self.device)
-        return self.net.velocity(zeros, torch.zeros(b, device=self.device), cache, self.action_valid)
+        return self.net.velocity(zeros, torch.zeros(b, device=self.device), cache, cache.action_valid)
 
     # ---- sampling ----------------------------------------------------------------------------------
 
@@ -186,26 +208,30 @@ class FlowPolicy(nn.Module):
         cache = self.encode(obs)
         b = cache.batch_size
         if self.config.head == "regression":
-            return SampleResult(x1=self._regress(cache), nfe=1)
+            return SampleResult(x1=self._regress(cache), nfe=1, embodiment=cache.embodiment)
         if noise is None:
             noise = self.sample_noise(b, generator)
         elif tuple(noise.shape) != self._chunk_shape(b):
             raise InputError(f"noise has shape {tuple(noise.shape)}: expected {self._chunk_shape(b)} (b, h, max_action_dim)")
         s = sampler or self.config.sampler
-        return sample_ode(self.velocity_fn(cache), noise.to(self.device), method=s.method, num_steps=s.num_steps,
-                          atol=s.atol, rtol=s.rtol, return_trajectory=return_trajectory)
+        result = sample_ode(self.velocity_fn(cache), noise.to(self.device), method=s.method, num_steps=s.num_steps,
+                            atol=s.atol, rtol=s.rtol, return_trajectory=return_trajectory)
+        result.embodiment = cache.embodiment
+        return result
 
     @torch.no_grad()
     def predict_action_chunk(self, obs: Mapping[str, Any], noise: Tensor | None = None,
                              generator: torch.Generator | None = None,
                              sampler: SamplerConfig | None = None) -> Tensor:
-        """Sample an action chunk (b, h, action_dim) in environment units.
+        """Sample an action chunk (b, h, a) in environment units (a: the robot's action_dim; with a
+        batch that mixes robots, the widest one's, and entries past each robot's own width are 0).
 
         `noise` (b, h, max_action_dim) fixes the initial point (reproducible chunks; FPO; tests);
         otherwise it is drawn from `generator` (or torch's global generator).
         """
-        x1 = self.sample_chunk(obs, noise, generator, sampler).x1
-        return self.action_normalizer.unnormalize(x1[..., : self.config.action_dim])
+        result = self.sample_chunk(obs, noise, generator, sampler)
+        idx = result.embodiment
+        return self.embodiments.unnormalize_action(result.x1, idx, self.embodiments.width(idx, "action"))
 
     @torch.no_grad()
     def select_action(self, obs: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:

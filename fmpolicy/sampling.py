@@ -29,6 +29,7 @@ class SampleResult:
     nfe: int  # number of velocity evaluations
     trajectory: Tensor | None = None  # (k + 1, b, ...) states on the time grid, when asked for
     times: Tensor | None = None  # (k + 1,) the grid of `trajectory`
+    embodiment: Tensor | None = None  # (b,) set by a policy: which robot each sample is
 
 
 class CountingVelocity:

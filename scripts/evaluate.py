@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda: policy and environments")
     p.add_argument("--record", type=int, default=16, help="episodes kept for the plots")
     p.add_argument("--render-size", type=int, default=64, help="pixels of the image strip frames (0 = none)")
+    p.add_argument("--embodiment", help="robot name, for a policy trained on several (policy.embodiments)")
     p.add_argument("--out", help="output folder (default: <policy>/../eval)")
     args = p.parse_args(argv)
     try:
@@ -86,12 +87,13 @@ def main(argv: list[str] | None = None) -> dict:
         envs = make_envs(args.env, min(args.num_envs, args.episodes), device, args.seed, kwargs)
         gen = torch.Generator(device).manual_seed(args.seed)
         result = evaluate_policy(policy, envs, args.episodes, seed=args.seed, record=args.record,
-                                 render_size=args.render_size, generator=gen)
+                                 render_size=args.render_size, generator=gen, embodiment=args.embodiment)
     except (FmPolicyError, json.JSONDecodeError) as e:
         sys.exit(f"error: {e}")
     out = Path(args.out) if args.out else Path(args.policy).parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     summary = {"policy": str(args.policy), "env": args.env, "env_kwargs": kwargs, "seed": args.seed,
+               "embodiment": args.embodiment,
                "head": policy.config.head, **result.summary()}
     (out / "eval.json").write_text(json.dumps(summary, indent=2))
     lo, hi = result.ci95

@@ -3,6 +3,9 @@
 
     python scripts/train.py --config configs/point_obstacle.yaml [key.sub=value ...] [--resume]
 
+Several robots in one policy: list them under policy.embodiments and their datasets under
+data.roots ({embodiment name: directory}); every batch mixes their windows.
+
 Dotted overrides map onto the config dataclasses (`fmpolicy.config.ImitationConfig`), e.g.
 `train.steps=500 policy.head=regression train.out_dir=runs/mse`. An unknown key is an error.
 Under `torchrun --nproc_per_node=N scripts/train.py ...` it trains with DistributedDataParallel
@@ -28,12 +31,14 @@ def main(argv: list[str] | None = None):
     args = p.parse_args(argv)
     try:
         config = load_config(ImitationConfig, args.config, args.overrides)
-        if not config.data.root:
+        roots = dict(config.data.roots) or ({config.policy.embodiment_list()[0].name: config.data.root}
+                                             if config.data.root else {})
+        if not roots:
             raise FmPolicyError("data.root is empty: expected the dataset directory (scripts/collect_demos.py --out)")
         episodes = range(config.data.num_episodes) if config.data.num_episodes else None
-        dataset = ChunkDataset(config.data.root, config.policy.chunk_size, image_keys=list(config.data.image_keys),
-                               episodes=episodes)
-        return train_imitation(config, dataset, resume=args.resume)
+        datasets = {name: ChunkDataset(root, config.policy.chunk_size, image_keys=list(config.data.image_keys),
+                                       episodes=episodes) for name, root in roots.items()}
+        return train_imitation(config, datasets, resume=args.resume)
     except FmPolicyError as e:
         sys.exit(f"error: {e}")
 

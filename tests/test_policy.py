@@ -159,7 +159,7 @@ def test_bad_inputs_raise_clear_errors():
         ({**batch, "observation.state": torch.randn(4, 40)}, r"observation\.state.*40.*max_state_dim=32"),
         ({**batch, "action": torch.randn(4, H, A + 1)}, r"'action'.*width 3.*action_dim=2"),
         ({**batch, "action": torch.randn(4, H, 33)}, r"'action'.*33.*max_action_dim=32"),
-        ({**batch, "action": torch.randn(4, H + 1, A)}, r"'action' has shape \(4, 7, 2\): expected \(4, 6, 2\)"),
+        ({**batch, "action": torch.randn(4, H + 1, A)}, r"'action' has shape \(4, 7, 2\): expected \(4, 6, a\)"),
         ({k: v for k, v in batch.items() if k != "action"}, r"missing the key 'action'"),
         ({k: v for k, v in batch.items() if k != "observation.state"}, r"missing the key 'observation\.state'"),
         ({**batch, "observation.prefix": torch.randn(4, 5, DP + 1)}, r"observation\.prefix.*expected \(4, p, 8\)"),
@@ -213,3 +213,59 @@ def test_bad_configs_and_checkpoints_raise_clear_errors(tmp_path):
     (path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="does not match its config"):
         FlowPolicy.from_pretrained(path)
+
+
+def make_two_arm_policy() -> FlowPolicy:
+    from fmpolicy.config import EmbodimentConfig
+
+    cfg = PolicyConfig(state_dim=8, action_dim=4, chunk_size=H, n_action_steps=2, device="cpu",
+                       expert=make_expert_config("tiny"),
+                       embodiments=(EmbodimentConfig("arm2", 6, 2), EmbodimentConfig("arm4", 8, 4)))
+    policy = FlowPolicy(cfg)
+    randomized(policy.net, 3)
+    g = torch.Generator().manual_seed(0)
+    policy.fit_normalization(torch.randn(100, 6, generator=g) + 5, torch.randn(100, H, 2, generator=g) * 3, "arm2")
+    policy.fit_normalization(torch.randn(100, 8, generator=g) - 2, torch.randn(100, H, 4, generator=g) / 2, "arm4")
+    return policy
+
+
+def test_a_batch_can_mix_robots_of_several_widths(tmp_path):
+    policy = make_two_arm_policy()
+    g = torch.Generator().manual_seed(1)
+    s2, a2 = torch.randn(3, 6, generator=g) + 5, torch.randn(3, H, 2, generator=g) * 3
+    s4, a4 = torch.randn(2, 8, generator=g) - 2, torch.randn(2, H, 4, generator=g) / 2
+    t, noise = torch.rand(5, generator=g), torch.randn(5, H, 32, generator=g)
+    # a mixed batch is padded to the widest robot; the padding of the 2-link rows holds junk
+    mixed = {"observation.state": torch.cat([torch.nn.functional.pad(s2, (0, 2), value=99.0), s4]),
+             "action": torch.cat([torch.nn.functional.pad(a2, (0, 2), value=-99.0), a4]),
+             "embodiment": ["arm2"] * 3 + ["arm4"] * 2}
+    _, info = policy.compute_loss(mixed, t=t, noise=noise)
+    # each robot's rows give the same loss as a batch of that robot alone, at its own width
+    _, only2 = policy.compute_loss({"observation.state": s2, "action": a2, "embodiment": "arm2"}, t=t[:3], noise=noise[:3])
+    _, only4 = policy.compute_loss({"observation.state": s4, "action": a4, "embodiment": "arm4"}, t=t[3:], noise=noise[3:])
+    torch.testing.assert_close(info["per_sample"], torch.cat([only2["per_sample"], only4["per_sample"]]))
+    # each robot is normalized with its own statistics
+    assert not torch.equal(policy.embodiments.state[0].offset, policy.embodiments.state[1].offset[:6])
+    # sampling: (b, h, widest) with zeros past each robot's own action width
+    x0 = policy.sample_noise(5, torch.Generator().manual_seed(2))
+    chunk = policy.predict_action_chunk(mixed, noise=x0)
+    assert chunk.shape == (5, H, 4) and torch.all(chunk[:3, :, 2:] == 0) and torch.all(chunk[3:, :, 2:] != 0)
+    alone = policy.predict_action_chunk({"observation.state": s2, "embodiment": "arm2"}, noise=x0[:3])
+    assert alone.shape == (3, H, 2)
+    torch.testing.assert_close(alone, chunk[:3, :, :2])
+    # the embodiments travel with save/load
+    loaded = FlowPolicy.from_pretrained(policy.save_pretrained(tmp_path / "p"))
+    assert torch.equal(loaded.predict_action_chunk(mixed, noise=x0), chunk)
+
+
+def test_embodiment_errors_are_clear():
+    policy = make_two_arm_policy()
+    state = torch.zeros(2, 8)
+    with pytest.raises(InputError, match=r"no 'embodiment' key.*\['arm2', 'arm4'\]"):
+        policy.predict_action_chunk({"observation.state": state})
+    with pytest.raises(InputError, match=r"names \['arm3'\]"):
+        policy.predict_action_chunk({"observation.state": state, "embodiment": "arm3"})
+    with pytest.raises(InputError, match=r"width 7: this policy expects state_dim=6 or 8"):
+        policy.predict_action_chunk({"observation.state": torch.zeros(2, 7), "embodiment": "arm2"})
+    with pytest.raises(ConfigError, match=r"state_dim = 6.*widest embodiment's state_dim = 8"):
+        PolicyConfig(state_dim=6, action_dim=4, embodiments=policy.config.embodiments)

@@ -120,3 +120,31 @@ def test_wilson_interval_matches_known_values():
     assert lo == 0 and hi == pytest.approx(0.2775, abs=1e-4)
     lo, hi = wilson_interval(200, 200)
     assert hi == 1 and lo == pytest.approx(0.9812, abs=1e-4)
+
+
+def test_one_policy_trains_on_a_mix_of_arm_sizes(tmp_path):
+    roots = {}
+    for n in (2, 3):
+        roots[f"arm{n}"] = str(tmp_path / f"arm{n}")
+        collect_demos.main(["--env", "fmpolicy/ArmReach-v0", "--episodes", "4", "--num-envs", "4", "--out",
+                            roots[f"arm{n}"], "--env-kwargs", json.dumps({"n_links": n}), "--no-progress"])
+    embodiments = "[{name: arm2, state_dim: 6, action_dim: 2}, {name: arm3, state_dim: 7, action_dim: 3}]"
+    argv = ["--config", str(ROOT / "configs" / "arm_mix.yaml"), *TINY, "train.steps=3", "train.batch_size=8",
+            f"train.out_dir={tmp_path / 'run'}", f"data.roots={json.dumps(roots)}", f"policy.embodiments={embodiments}",
+            "policy.state_dim=7", "policy.action_dim=3"]
+    policy = train_script.main(argv)
+    assert policy.embodiments.names == ["arm2", "arm3"]
+    # each robot's normalizer holds its own dataset's statistics
+    for name in ("arm2", "arm3"):
+        stats = json.loads((Path(roots[name]) / "meta" / "stats.json").read_text())["observation.state"]
+        i = policy.embodiments.get(name)
+        torch.testing.assert_close(policy.embodiments.state[i].offset, torch.tensor(stats["mean"]), atol=1e-5, rtol=0)
+    for n in (2, 3):
+        summary = evaluate_script.main(["--policy", str(tmp_path / "run" / "policy"), "--env", "fmpolicy/ArmReach-v0",
+                                        "--env-kwargs", json.dumps({"n_links": n}), "--embodiment", f"arm{n}",
+                                        "--episodes", "4", "--device", "cpu", "--render-size", "0",
+                                        "--out", str(tmp_path / f"eval{n}")])
+        assert summary["episodes"] == 4 and summary["embodiment"] == f"arm{n}"
+    with pytest.raises(SystemExit, match=r"policy\.embodiments\[arm3\]\.state_dim = 8 does not match the dataset"):
+        train_script.main(argv + ["policy.embodiments=[{name: arm2, state_dim: 6, action_dim: 2}, "
+                                  "{name: arm3, state_dim: 8, action_dim: 3}]", "policy.state_dim=8"])

@@ -9,13 +9,13 @@ from torch import Tensor, nn
 from fmpolicy.config import ExpertConfig
 from fmpolicy.model.cache import ExpertCache
 from fmpolicy.model.layers import sinusoidal_time_features
-from fmpolicy.model.transformer import zero_padded
+from fmpolicy.model.transformer import state_features, zero_padded
 
 
 class MLPVelocityNet(nn.Module):
     """v(x_t, t | state, pooled prefix) from one MLP over the flattened chunk.
 
-    Input: [flattened zero-padded x_t (h*A), zero-padded state (S), masked mean of the prefix
+    Input: [flattened zero-padded x_t (h*A), zero-padded state and its mask (2S), masked mean of the prefix
     (d_prefix, when configured), time features]; output: the flattened velocity (h*A).
     Same interface as `ActionExpert`: `encode` once per chunk, `velocity` per step.
     """
@@ -24,7 +24,7 @@ class MLPVelocityNet(nn.Module):
         super().__init__()
         self.config = config
         self.chunk_size = chunk_size
-        in_dim = chunk_size * config.max_action_dim + config.max_state_dim + config.prefix_dim + config.time_embed_dim
+        in_dim = chunk_size * config.max_action_dim + 2 * config.max_state_dim + config.prefix_dim + config.time_embed_dim
         layers: list[nn.Module] = []
         for i in range(config.depth):
             layers += [nn.Linear(in_dim if i == 0 else config.width, config.width), nn.SiLU()]
@@ -35,8 +35,8 @@ class MLPVelocityNet(nn.Module):
 
     def encode(self, state: Tensor, state_valid: Tensor | None = None, prefix: Tensor | None = None,
                prefix_mask: Tensor | None = None) -> ExpertCache:
-        """Conditioning vector (b, S [+ d_prefix]) from the state and the masked mean of the prefix."""
-        cond = [zero_padded(state, state_valid)]
+        """Conditioning vector (b, 2S [+ d_prefix]): state, its validity mask, the masked mean of the prefix."""
+        cond = [state_features(state, state_valid)]
         if self.config.prefix_dim:
             if prefix is None:
                 cond.append(state.new_zeros(state.shape[0], self.config.prefix_dim))

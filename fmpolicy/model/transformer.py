@@ -22,8 +22,23 @@ from fmpolicy.model.layers import AdaptiveModulation, FeedForward, RMSNorm, Time
 
 
 def zero_padded(x: Tensor, valid: Tensor | None) -> Tensor:
-    """Zero the entries where `valid` is False, so that padded values cannot reach the network."""
-    return x if valid is None else torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    """Zero the entries where `valid` is False, so that padded values cannot reach the network.
+
+    `valid` broadcasts against `x` from the right, except that a per-sample mask (b, A) of a chunk
+    (b, h, A) applies to every step.
+    """
+    if valid is None:
+        return x
+    if valid.dim() == 2 and x.dim() == 3:
+        valid = valid[:, None, :]
+    return torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def state_features(state: Tensor, valid: Tensor | None) -> Tensor:
+    """[zero-padded state, validity mask]: (b, S) -> (b, 2S). The mask tells the network which
+    entries are the robot's own, so a real 0 and a padded slot differ (robots of several widths)."""
+    mask = torch.ones_like(state, dtype=torch.bool) if valid is None else valid.expand_as(state)
+    return torch.cat([zero_padded(state, mask), mask.to(state.dtype)], dim=-1)
 
 
 class ExpertBlock(nn.Module):
@@ -78,7 +93,7 @@ class ActionExpert(nn.Module):
         d = config.width
         self.config = config
         self.chunk_size = chunk_size
-        self.state_in = nn.Linear(config.max_state_dim, d)
+        self.state_in = nn.Linear(2 * config.max_state_dim, d)
         self.action_in = nn.Linear(config.max_action_dim, d)
         self.position = nn.Parameter(torch.randn(chunk_size, d) * 0.02)
         self.time_embed = TimeEmbedding(config.time_embed_dim, d)
@@ -104,10 +119,11 @@ class ActionExpert(nn.Module):
     ) -> ExpertCache:
         """Everything that does not depend on (x_t, t), computed once per chunk.
 
-        state (b, S) zero-padded to max_state_dim; state_valid (b, S) or (S,) bool;
+        state (b, S) zero-padded to max_state_dim; state_valid (b, S) or (S,) bool (per-sample masks
+        for batches that mix robots of several widths);
         prefix (b, p, d_prefix) and prefix_mask (b, p) bool (True = a real token), both optional.
         """
-        state_token = self.state_in(zero_padded(state, state_valid))[:, None, :]  # (b, 1, d)
+        state_token = self.state_in(state_features(state, state_valid))[:, None, :]  # (b, 1, d)
         b, q = state.shape[0], 1 + self.chunk_size
         if prefix is None or self.prefix_in is None:
             return ExpertCache(state_token=state_token, attn_mask=self.suffix_mask[None, None])
@@ -120,7 +136,8 @@ class ActionExpert(nn.Module):
         return ExpertCache(state_token=state_token, prefix_kv=prefix_kv, attn_mask=mask[:, None])
 
     def velocity(self, x_t: Tensor, t: Tensor, cache: ExpertCache, action_valid: Tensor | None = None) -> Tensor:
-        """v(x_t, t) for a cached observation. x_t (b, h, A), t (b,) -> (b, h, A); padded entries are 0."""
+        """v(x_t, t) for a cached observation. x_t (b, h, A), t (b,), action_valid (A,) or (b, A)
+        -> (b, h, A); padded entries are 0."""
         tokens = self.action_in(zero_padded(x_t, action_valid)) + self.position
         x = torch.cat([cache.state_token.to(tokens.dtype), tokens], dim=1)  # (b, 1 + h, d)
         mods = self.modulation(self.time_embed(t))  # 3 * (2 * depth + 1) tensors (b, 1, d)

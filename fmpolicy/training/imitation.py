@@ -110,17 +110,37 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def make_policy(config: ImitationConfig, dataset, device: torch.device) -> FlowPolicy:
-    """A fresh policy whose widths match the dataset and whose normalizers use its statistics."""
-    pc = config.policy
-    for name, have in (("state_dim", dataset.state_dim), ("action_dim", dataset.action_dim)):
-        if getattr(pc, name) != have:
-            raise ConfigError(f"policy.{name} = {getattr(pc, name)} does not match the dataset {dataset.root} "
-                              f"({name} {have})")
-    policy = FlowPolicy(dataclasses.replace(pc, device=str(device)))
-    stats = dataset.stats
-    policy.set_normalization_stats(stats["observation.state"], stats["action"])
+def make_policy(config: ImitationConfig, datasets: dict[str, Any], device: torch.device) -> FlowPolicy:
+    """A fresh policy whose widths match the datasets (one per embodiment) and whose normalizers
+    use their stored statistics."""
+    policy = FlowPolicy(dataclasses.replace(config.policy, device=str(device)))
+    for name, dataset in datasets.items():
+        spec = policy.embodiments.specs[policy.embodiments.get(name)]
+        for field_name, have in (("state_dim", dataset.state_dim), ("action_dim", dataset.action_dim)):
+            if getattr(spec, field_name) != have:
+                where = "policy" if len(datasets) == 1 else f"policy.embodiments[{name}]"
+                raise ConfigError(f"{where}.{field_name} = {getattr(spec, field_name)} does not match the dataset "
+                                  f"{dataset.root} ({field_name} {have})")
+        stats = dataset.stats
+        policy.set_normalization_stats(stats["observation.state"], stats["action"], name)
     return policy
+
+
+def combine_windows(datasets: dict[str, Any], policy: FlowPolicy, device: torch.device) -> dict[str, Any]:
+    """Every window of every dataset in one batch-like dict: states and actions zero-padded to the
+    policy's widths, and `embodiment` (N,) naming each window's robot."""
+    parts = []
+    for name, dataset in datasets.items():
+        w = dataset.all_windows(device=device)
+        w["observation.state"] = nn.functional.pad(w["observation.state"], (0, policy.config.state_dim - dataset.state_dim))
+        w["action"] = nn.functional.pad(w["action"], (0, policy.config.action_dim - dataset.action_dim))
+        w["embodiment"] = torch.full((len(dataset),), policy.embodiments.get(name), dtype=torch.long, device=device)
+        parts.append(w)
+    if len(parts) == 1:
+        return parts[0]
+    common = set.intersection(*(set(p) for p in parts))
+    return {k: sum((p[k] for p in parts), []) if isinstance(parts[0][k], list) else torch.cat([p[k] for p in parts])
+            for k in common}
 
 
 def _slice_batch(batch: dict[str, Any], rows: torch.Tensor, device: torch.device) -> dict[str, Any]:
@@ -135,9 +155,15 @@ def _slice_batch(batch: dict[str, Any], rows: torch.Tensor, device: torch.device
     return out
 
 
-def train_imitation(config: ImitationConfig, dataset, resume: bool = False) -> FlowPolicy:
-    """Train `config.policy` on `dataset` (a `ChunkDataset`) as `config.train` says; returns the
-    policy with its EMA weights (when enabled), also saved to `<out_dir>/policy`."""
+def train_imitation(config: ImitationConfig, datasets, resume: bool = False) -> FlowPolicy:
+    """Train `config.policy` on `datasets` as `config.train` says; returns the policy with its EMA
+    weights (when enabled), also saved to `<out_dir>/policy`.
+
+    `datasets` is a `ChunkDataset`, or {embodiment name: ChunkDataset} for a policy that serves
+    several robots (their windows are mixed in every batch).
+    """
+    if not isinstance(datasets, dict):
+        datasets = {config.policy.embodiment_list()[0].name: datasets}
     tc = config.train
     info: DistInfo = init_distributed(config.policy.device)
     out = Path(tc.out_dir)
@@ -146,7 +172,7 @@ def train_imitation(config: ImitationConfig, dataset, resume: bool = False) -> F
     np.random.seed(tc.seed)
 
     # ---- model, optimiser, schedule, EMA ----
-    policy = make_policy(config, dataset, info.device)
+    policy = make_policy(config, datasets, info.device)
     model: nn.Module = policy
     if info.enabled:
         model = nn.parallel.DistributedDataParallel(
@@ -163,8 +189,8 @@ def train_imitation(config: ImitationConfig, dataset, resume: bool = False) -> F
     amp = tc.amp == "bf16" or (tc.amp == "auto" and info.device.type == "cuda")
 
     # ---- data: every window in memory, global batches sliced per process ----
-    windows = dataset.all_windows(device=info.device)
-    sampler = EpochSampler(len(dataset), tc.batch_size, tc.seed)
+    windows = combine_windows(datasets, policy, info.device)
+    sampler = EpochSampler(len(windows["action"]), tc.batch_size, tc.seed)
     rows = local_rows(tc.batch_size, info)
     flow_gen = torch.Generator().manual_seed(tc.seed + 1)  # flow times and noise (CPU: same on every device)
 

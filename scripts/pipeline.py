@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""The imitation pipeline end to end: collect demonstrations, train the flow policy and the MSE
+baseline with the same backbone, evaluate both, print the table.
+
+    python scripts/pipeline.py --config configs/point_obstacle.yaml [--demos 200] [--eval-episodes 200] \
+        [--out runs/point_obstacle] [key.sub=value ...]
+
+Steps (each is also a script of its own):
+1. `collect_demos.py`: the task's scripted expert (multimodal) in the batched env -> `<out>/data`
+   (skipped when the dataset already holds enough episodes). With several embodiments
+   (`data.roots` in the config), one dataset per robot.
+2. `train.py` twice: `policy.head=flow` and `policy.head=regression` -> `<out>/flow`, `<out>/regression`
+   (`--resume` continues killed runs).
+3. `evaluate.py`: success rate with a 95% interval over `--eval-episodes` episodes per robot, plots in
+   `<out>/<head>/eval*`.
+The table goes to stdout and `<out>/results.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import collect_demos  # noqa: E402
+import evaluate  # noqa: E402
+import train  # noqa: E402
+
+from fmpolicy.config import ImitationConfig, load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--demos", type=int, default=200, help="expert episodes to collect (per robot)")
+    p.add_argument("--eval-episodes", type=int, default=200, help="evaluation episodes (per robot)")
+    p.add_argument("--heads", default="flow,regression", help="which policies to train, comma separated")
+    p.add_argument("--out", help="run folder (default runs/<config name>)")
+    p.add_argument("--seed", type=int, default=0, help="data collection seed (evaluation uses 10000+)")
+    p.add_argument("--resume", action="store_true", help="resume killed training runs")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for training, e.g. train.steps=500")
+    args = p.parse_args(argv)
+
+    config = load_config(ImitationConfig, args.config, args.overrides)
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    env = config.env
+    if not env.get("id"):
+        sys.exit(f"error: {args.config} has no env.id: the pipeline needs the task to collect and evaluate")
+    # one (embodiment, env kwargs) per robot: several when the config lists embodiments
+    robots = env.get("robots") or {config.policy.embodiment_list()[0].name: env.get("kwargs", {})}
+
+    # ---- 1. demonstrations ----
+    roots = {}
+    for i, (name, kwargs) in enumerate(robots.items()):
+        root = out / "data" / name
+        collect_demos.main(["--env", env["id"], "--episodes", str(args.demos), "--num-envs", str(min(64, args.demos)),
+                            "--out", str(root), "--seed", str(args.seed + 100 * i), "--env-kwargs", json.dumps(kwargs),
+                            "--no-progress"])
+        roots[name] = str(root)
+    data_override = ([f"data.roots={json.dumps(roots)}"] if len(roots) > 1 else [f"data.root={next(iter(roots.values()))}"])
+
+    # ---- 2. training, 3. evaluation ----
+    results = []
+    for head in args.heads.split(","):
+        run = out / head
+        start = time.perf_counter()
+        train.main(["--config", args.config, *args.overrides, *data_override, f"policy.head={head}",
+                    f"train.out_dir={run}", *(["--resume"] if args.resume else [])])
+        minutes = (time.perf_counter() - start) / 60
+        for name, kwargs in robots.items():
+            summary = evaluate.main(["--policy", str(run / "policy"), "--env", env["id"], "--env-kwargs", json.dumps(kwargs),
+                                     "--episodes", str(args.eval_episodes), "--out", str(run / f"eval_{name}"),
+                                     *(["--embodiment", name] if len(robots) > 1 else [])])
+            results.append({"head": head, "robot": name, "train_minutes": minutes, **summary})
+
+    # ---- table ----
+    print(f"\n{env['id']}: {args.demos} demonstrations per robot, {args.eval_episodes} evaluation episodes per robot")
+    print(f"{'policy':<11} {'robot':<10} {'train min':>9} {'success':>8} {'95% interval':>15} {'collisions':>10}")
+    for r in results:
+        lo, hi = r["ci95"]
+        coll = f"{100 * r['collision_rate']:.1f}%" if "collision_rate" in r else "-"
+        print(f"{r['head']:<11} {r['robot']:<10} {r['train_minutes']:>9.1f} {100 * r['success_rate']:>7.1f}% "
+              f"{f'[{100 * lo:.1f}, {100 * hi:.1f}]':>15} {coll:>10}")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\nresults: {out / 'results.json'}; plots: {out}/<policy>/eval_<robot>/")
+    return {"results": results}
+
+
+if __name__ == "__main__":
+    main()
