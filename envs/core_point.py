@@ -23,6 +23,8 @@ class PointObstacleCore(TorchCore):
     Action (e, 2): velocity in [-1, 1]^2, scaled by max_speed * dt (0.04 per step by default).
     Reward: progress towards the goal in units of one full step, + success_bonus on success.
     Success (terminates): within success_radius of the goal.
+    Crash: touching the obstacle ends the episode as a failure (`collision_terminates`, default), so
+    a policy that averages the two ways round fails instead of sliding along the obstacle.
 
     Args:
         num_envs: number of environments stepped together.
@@ -35,6 +37,8 @@ class PointObstacleCore(TorchCore):
         max_speed: speed for an action of 1 (world units per second).
         dt: control period in seconds.
         start_noise: half-width of the uniform noise on the start and goal positions.
+        collision_terminates: end the episode (without success) when the robot hits the obstacle;
+            False keeps the robot on the obstacle's boundary and lets it slide on.
     """
 
     max_episode_steps = 100
@@ -52,6 +56,7 @@ class PointObstacleCore(TorchCore):
         max_speed: float = 0.4,
         dt: float = 0.1,
         start_noise: float = 0.05,
+        collision_terminates: bool = True,
     ):
         if n_goals not in (1, 2):
             raise ValueError(f"n_goals must be 1 or 2, got {n_goals}")
@@ -65,6 +70,7 @@ class PointObstacleCore(TorchCore):
         self.obstacle_radius = float(obstacle_radius)
         self.step_size = float(max_speed * dt)
         self.start_noise = float(start_noise)
+        self.collision_terminates = bool(collision_terminates)
         centres = [[0.7, 0.0]] if n_goals == 1 else [[0.7, 0.45], [0.7, -0.45]]
         self.goal_centres = torch.tensor(centres, device=self.device)  # (g, 2)
         self.start_centre = torch.tensor([-0.7, 0.0], device=self.device)
@@ -105,7 +111,8 @@ class PointObstacleCore(TorchCore):
         after = (self.goal - self.pos).norm(dim=-1)
         success = after < self.success_radius
         reward = (before - after) / self.step_size + self.success_bonus * success.float()
-        return reward, success, {"is_success": success, "collision": collision}
+        terminated = success | (collision & self.collision_terminates)
+        return reward, terminated, {"is_success": success, "collision": collision}
 
     def observation_state(self) -> Tensor:
         """(e, 4) [pos, goal], or (e, 2) [pos] when the goal is not in the state."""

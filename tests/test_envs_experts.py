@@ -125,9 +125,18 @@ def test_mean_of_point_modes_hits_the_obstacle():
         action = 0.5 * (expert.act(core, up) + expert.act(core, down))
         _, terminated, info = core.step(action)
         hit |= info["collision"]
-        success |= terminated
+        success |= info["is_success"]
     assert hit.float().mean().item() >= 0.95
     assert success.float().mean().item() <= 0.05  # stuck sliding on the obstacle
+
+
+def test_a_crash_ends_the_episode_as_a_failure_unless_disabled():
+    for terminates in (True, False):
+        core = fe.PointObstacleCore(N, seed=0, collision_terminates=terminates)
+        core.pos = torch.tensor([[-0.27, 0.0]]).expand(N, 2).clone()
+        _, terminated, info = core.step(torch.tensor([[1.0, 0.0]]).expand(N, 2))  # straight into the disk
+        assert info["collision"].all() and not info["is_success"].any()
+        assert bool(terminated.all()) == terminates
 
 
 def test_mean_of_up_and_down_trajectories_hits_the_obstacle():
