@@ -358,8 +358,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = _parse_value(raw)
     return out
+
+
+def _parse_value(raw: str) -> Any:
+    """A YAML scalar, except that `1e-3` (which YAML 1.1 reads as a string) is the float it looks like."""
+    import re
+
+    import yaml
+
+    value = yaml.safe_load(raw)
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+", value.strip()):
+        return float(value)
+    return value
 
 
 def load_config(cls: type[C], path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> C:

@@ -55,3 +55,12 @@ def test_ints_are_accepted_for_floats_and_presets_are_valid():
         make_expert_config("huge")
     with pytest.raises(dataclasses.FrozenInstanceError):
         PolicyConfig().chunk_size = 3  # type: ignore[misc]
+
+
+def test_dotted_overrides_parse_yaml_values_and_exponent_floats():
+    from fmpolicy.config import apply_overrides
+
+    out = apply_overrides({"train": {"lr": 0.1}}, ["train.lr=1e-3", "train.steps=5", "data.image_keys=[a, b]", "x=abc"])
+    assert out == {"train": {"lr": 0.001, "steps": 5}, "data": {"image_keys": ["a", "b"]}, "x": "abc"}
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides({}, ["train.lr"])

@@ -1,0 +1,175 @@
+"""The two actors of the RL loop, behind one interface.
+
+    chunk, store = actor.act(obs, generator)        # rollout: a chunk (b, h, a) in [-1, 1] units
+    log_ratio, stats = actor.log_ratio(obs, chunk, store)   # update: log(pi_new / pi_old), (b,) or (b, m)
+    chunk = actor.eval_act(obs, zero_noise=True)     # evaluation
+    actor.parameters(); actor.save_pretrained(directory)
+
+`store` is a dict of tensors with the batch on the first axis, kept by the rollout buffer and sliced
+into minibatches: whatever the actor needs to recompute its ratio exactly.
+
+- `FlowActor` (FPO): exploration comes from the flow's initial noise (plus an optional Gaussian
+  perturbation of the chunk). At rollout time it draws m pairs (t_i, noise_i) per chunk and stores
+  them with the old per-pair CFM losses; the update recomputes the losses at the *same* pairs, so an
+  unmoved policy has a ratio of exactly 1.
+- `GaussianActor` (PPO baseline): a state-independent log-std and an MLP mean of the executed part
+  of the chunk (n_action_steps steps: entries never executed would only add noise to the ratio),
+  squashed by tanh (the pre-squash sample is stored, so the log-prob, log-det included, is
+  recomputed exactly) or clipped to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from fmpolicy.batch import STATE
+from fmpolicy.policy import FlowPolicy
+from fmpolicy.config import config_to_dict
+from fmpolicy.rl.config import FPOConfig, GaussianConfig
+from fmpolicy.rl.objectives import compute_fpo_log_ratio
+from fmpolicy.sampling import sample_noise
+
+
+class FlowActor(nn.Module):
+    """FPO's actor around a `FlowPolicy` (shapes: b batch, h chunk, a action, A padded action, m pairs)."""
+
+    def __init__(self, policy: FlowPolicy, fpo: FPOConfig):
+        super().__init__()
+        self.policy, self.fpo = policy, fpo
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.device
+
+    def sample_pairs(self, b: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """m Monte Carlo pairs per chunk: t (b, m) and noise (b, m, h, A)."""
+        m, cfg = self.fpo.num_pairs, self.policy.config
+        if self.fpo.time_sampling == "uniform":
+            where = generator.device if generator is not None else self.device
+            t = torch.rand(b, m, generator=generator, device=where).to(self.device)
+        else:
+            t = self.policy.sample_time(b * m, generator).reshape(b, m)
+        noise = sample_noise((b, m, cfg.chunk_size, cfg.expert.max_action_dim), generator=generator, device=self.device)
+        return t, noise
+
+    @torch.no_grad()
+    def act(self, obs: Mapping[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Sample chunks (b, h, a) and the store {"t" (b, m), "noise" (b, m, h, A), "loss_old" (b, m)}."""
+        b = obs[STATE].shape[0]
+        chunk = self.policy.predict_action_chunk(obs, noise=self.policy.sample_noise(b, generator))
+        if self.fpo.action_noise_std > 0:
+            chunk = chunk + self.fpo.action_noise_std * sample_noise(chunk.shape, generator=generator, device=self.device)
+        t, noise = self.sample_pairs(b, generator)
+        loss_old = self.policy.compute_cfm_losses(obs, chunk, t, noise)
+        return chunk, {"t": t, "noise": noise, "loss_old": loss_old}
+
+    def log_ratio(self, obs: Mapping[str, Any], chunk: Tensor, store: Mapping[str, Tensor]) -> tuple[Tensor, dict]:
+        """log ratio (b,) (mode "mean") or (b, m) ("per_pair") from the new losses at the stored pairs."""
+        loss_new = self.policy.compute_cfm_losses(obs, chunk, store["t"], store["noise"])
+        log_ratio = compute_fpo_log_ratio(store["loss_old"], loss_new, self.fpo.ratio_mode,
+                                          self.fpo.clamp_old, self.fpo.clamp_log_ratio)
+        return log_ratio, {"cfm_loss_old": store["loss_old"].mean().detach(), "cfm_loss_new": loss_new.mean().detach()}
+
+    @torch.no_grad()
+    def eval_act(self, obs: Mapping[str, Any], zero_noise: bool = True,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Chunks (b, h, a) from zero initial noise (the flow's 'mode'), or from random noise."""
+        b = obs[STATE].shape[0]
+        noise = self.policy.sample_noise(b, generator)
+        return self.policy.predict_action_chunk(obs, noise=torch.zeros_like(noise) if zero_noise else noise)
+
+    def save_pretrained(self, directory) -> Path:
+        return self.policy.save_pretrained(directory)
+
+
+LOG_2 = math.log(2.0)
+
+
+def tanh_log_det(u: Tensor) -> Tensor:
+    """log |d tanh(u) / du| = log(1 - tanh(u)^2), computed stably: 2 (log 2 - u - softplus(-2u))."""
+    return 2.0 * (LOG_2 - u - nn.functional.softplus(-2.0 * u))
+
+
+class GaussianActor(nn.Module):
+    """PPO's Gaussian actor over the executed chunk: u ~ N(mu(state), diag(exp(log_std))^2), a = squash(u)."""
+
+    def __init__(self, state_dim: int, action_dim: int, n_action_steps: int, config: GaussianConfig,
+                 device: torch.device | str = "cpu"):
+        super().__init__()
+        self.state_dim, self.action_dim, self.n_action_steps, self.config = state_dim, action_dim, n_action_steps, config
+        out = n_action_steps * action_dim
+        layers: list[nn.Module] = []
+        width_in = state_dim
+        for _ in range(config.depth):
+            layers += [nn.Linear(width_in, config.width), nn.Tanh()]
+            width_in = config.width
+        last = nn.Linear(width_in, out)
+        nn.init.normal_(last.weight, std=0.01)  # start near a zero mean (CleanRL: orthogonal, gain 0.01)
+        nn.init.zeros_(last.bias)
+        self.mean_net = nn.Sequential(*layers, last)
+        self.log_std = nn.Parameter(torch.full((out,), float(config.init_log_std)))
+        self.to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.log_std.device
+
+    def mean(self, obs: Mapping[str, Any]) -> Tensor:
+        """Pre-squash means (b, k*a) of the executed chunk."""
+        return self.mean_net(obs[STATE].to(self.device, torch.float32))
+
+    def log_prob(self, obs: Mapping[str, Any], u: Tensor) -> Tensor:
+        """log density (b,) of the squashed action a = squash(u) given the pre-squash sample u (b, k*a).
+
+        tanh: log N(u) - sum log(1 - tanh(u)^2) (change of variables). clip: log N(u) (the density of
+        the stored pre-clip sample; the clip is part of the environment).
+        """
+        dist = torch.distributions.Normal(self.mean(obs), self.log_std.exp())
+        logp = dist.log_prob(u).sum(-1)
+        if self.config.squash == "tanh":
+            logp = logp - tanh_log_det(u).sum(-1)
+        return logp
+
+    def squash(self, u: Tensor) -> Tensor:
+        return torch.tanh(u) if self.config.squash == "tanh" else u.clamp(-1.0, 1.0)
+
+    def _chunk(self, a: Tensor) -> Tensor:
+        return a.reshape(a.shape[0], self.n_action_steps, self.action_dim)  # (b, k*a) -> (b, k, a)
+
+    @torch.no_grad()
+    def act(self, obs: Mapping[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Chunks (b, k, a) and the store {"pre_squash" (b, k*a), "logp_old" (b,)}."""
+        mean = self.mean(obs)
+        u = mean + self.log_std.exp() * sample_noise(mean.shape, generator=generator, device=self.device)
+        return self._chunk(self.squash(u)), {"pre_squash": u, "logp_old": self.log_prob(obs, u)}
+
+    def log_ratio(self, obs: Mapping[str, Any], chunk: Tensor, store: Mapping[str, Tensor]) -> tuple[Tensor, dict]:
+        logp = self.log_prob(obs, store["pre_squash"])
+        return logp - store["logp_old"], {"log_std": self.log_std.mean().detach()}
+
+    @torch.no_grad()
+    def eval_act(self, obs: Mapping[str, Any], zero_noise: bool = True,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """The squashed mean (zero_noise) or a random sample, (b, k, a)."""
+        if zero_noise:
+            return self._chunk(self.squash(self.mean(obs)))
+        return self.act(obs, generator)[0]
+
+    def save_pretrained(self, directory) -> Path:
+        """`config.json` (widths + GaussianConfig) and `model.safetensors` in `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"type": "GaussianActor", "state_dim": self.state_dim, "action_dim": self.action_dim,
+                "n_action_steps": self.n_action_steps, "config": config_to_dict(self.config)}
+        (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  str(directory / "model.safetensors"))
+        return directory

@@ -1,0 +1,168 @@
+"""RL fine-tuning configs: FPO (flow policy) and Gaussian PPO (the baseline) in one loop.
+
+One dataclass per concern, every field documented next to its default, validated on construction
+(a bad value raises `ConfigError` naming the field and the value); `configs/fpo_*.yaml` map onto
+`RLRunConfig` one-to-one, and an unknown key is an error. Defaults follow the FPO paper's MuJoCo
+Playground settings: m = 8 pairs, clip 0.05, lr 3e-4, GAE lambda 0.95 (10 Euler steps: the policy's
+sampler default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fmpolicy.config import PolicyConfig, _check, _choice, _positive_ints, config_from_dict, load_config  # noqa: F401
+
+POLICY_TYPES = ("flow", "gaussian")
+RATIO_MODES = ("mean", "per_pair")
+FPO_TIME_SAMPLINGS = ("uniform", "policy")
+SQUASHES = ("tanh", "clip")
+VALUE_INPUTS = ("state", "prefix_pooled")
+
+
+def _positive_or_none(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(value is None or value > 0, type(obj).__name__, name, value, "a positive number or null (off)")
+
+
+@dataclass(frozen=True)
+class FPOConfig:
+    """What FPO adds to PPO: the CFM-difference ratio and its Monte Carlo pairs."""
+
+    num_pairs: int = 8  # m: (t, noise) pairs drawn per action at rollout time, reused by every update
+    ratio_mode: str = "mean"  # "mean": one ratio exp(mean_i(l_old_i - l_new_i)) per action; "per_pair"
+    clamp_old: float | None = None  # cap on the per-pair CFM losses (old and new), null = off
+    clamp_log_ratio: float | None = None  # bound on |log_ratio| before exp (straight-through), null = off
+    action_noise_std: float = 0.0  # std of a Gaussian added to sampled chunks (extra exploration), 0 = off
+    time_sampling: str = "uniform"  # t_i of the pairs: "uniform" U(0, 1), or "policy" (policy.flow's schedule)
+
+    def __post_init__(self) -> None:
+        _positive_ints(self, "num_pairs")
+        _choice(self, "ratio_mode", RATIO_MODES)
+        _choice(self, "time_sampling", FPO_TIME_SAMPLINGS)
+        _positive_or_none(self, "clamp_old", "clamp_log_ratio")
+        _check(self.action_noise_std >= 0, type(self).__name__, "action_noise_std", self.action_noise_std, "a number >= 0")
+
+
+@dataclass(frozen=True)
+class GaussianConfig:
+    """The Gaussian PPO baseline: an MLP mean of the executed chunk, a state-independent log-std."""
+
+    squash: str = "tanh"  # "tanh" (exact log-prob with the log-det correction) or "clip" (to [-1, 1])
+    init_log_std: float = -0.5  # initial log standard deviation of every action entry
+    width: int = 256  # hidden width of the mean MLP
+    depth: int = 2  # hidden layers of the mean MLP
+
+    def __post_init__(self) -> None:
+        _choice(self, "squash", SQUASHES)
+        _positive_ints(self, "width", "depth")
+        _check(-10.0 <= self.init_log_std <= 2.0, type(self).__name__, "init_log_std", self.init_log_std,
+               "a number in [-10, 2]")
+
+
+@dataclass(frozen=True)
+class ValueConfig:
+    """The critic V(obs), a separate MLP (no weights shared with the actor)."""
+
+    width: int = 256  # hidden width
+    depth: int = 2  # hidden layers
+    input: str = "state"  # "state", or "prefix_pooled" (state + masked mean of observation.prefix)
+
+    def __post_init__(self) -> None:
+        _positive_ints(self, "width", "depth")
+        _choice(self, "input", VALUE_INPUTS)
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """The PPO-style loop shared by FPO and Gaussian PPO (CleanRL's knobs, documented)."""
+
+    policy_type: str = "flow"  # "flow" (FPO on a FlowPolicy) or "gaussian" (PPO baseline)
+    num_envs: int = 64  # e: environments stepped together
+    num_macro_steps: int = 16  # n: chunks executed per environment per rollout
+    n_action_steps: int = 0  # env steps per chunk (one macro-step); 0 = the policy config's n_action_steps
+    gamma: float = 0.99  # per env step discount (a macro-step of k steps is discounted by gamma ** k)
+    gae_lambda: float = 0.95  # GAE lambda (per macro-step)
+    update_epochs: int = 4  # passes over the rollout per iteration
+    num_minibatches: int = 4  # minibatches per pass (the rollout of n * e chunks is split evenly)
+    lr: float = 3e-4  # Adam learning rate (actor and critic)
+    clip: float = 0.05  # PPO clip range c: ratios outside [1 - c, 1 + c] get no further push
+    normalize_advantages: bool = True  # standardise advantages per minibatch
+    vf_coef: float = 0.5  # weight of the value loss
+    value_clip: float | None = None  # clip the value update around the old values (CleanRL), null = off
+    max_grad_norm: float = 0.5  # gradient-norm clip, applied to the actor and the critic separately (0 = off)
+    reward_scale: float = 1.0  # rewards are multiplied by this for learning (logged returns stay raw)
+    critic_warmup_iterations: int = 0  # first iterations train only the critic (for a BC-initialised actor)
+    total_env_steps: int = 100_000  # stop after this many env steps (iterations = steps / (e * n * k))
+    seed: int = 0  # seeds weights, env resets, flow noise/pairs, minibatch order
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N": envs, nets and buffers
+    out_dir: str = "runs/fpo"  # checkpoints, log.jsonl, learning_curve.png, final policy
+    save_every: int = 10  # iterations between checkpoints (the last is always saved)
+    keep_checkpoints: int = 2  # recent checkpoints kept
+    log_every: int = 1  # iterations between log lines (every update is logged with 1)
+    progress: bool = True  # show a progress bar
+    fpo: FPOConfig = field(default_factory=FPOConfig)
+    gaussian: GaussianConfig = field(default_factory=GaussianConfig)
+    value: ValueConfig = field(default_factory=ValueConfig)
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        _choice(self, "policy_type", POLICY_TYPES)
+        _positive_ints(self, "num_envs", "num_macro_steps", "update_epochs", "num_minibatches", "total_env_steps",
+                       "save_every", "keep_checkpoints", "log_every")
+        for f in ("n_action_steps", "critic_warmup_iterations", "seed"):
+            v = getattr(self, f)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, name, f, v, "an int >= 0")
+        _check(0.0 < self.gamma <= 1.0, name, "gamma", self.gamma, "a number in (0, 1]")
+        _check(0.0 <= self.gae_lambda <= 1.0, name, "gae_lambda", self.gae_lambda, "a number in [0, 1]")
+        _check(self.lr > 0, name, "lr", self.lr, "a positive number")
+        _check(0.0 < self.clip < 1.0, name, "clip", self.clip, "a number in (0, 1)")
+        _check(self.vf_coef >= 0, name, "vf_coef", self.vf_coef, "a number >= 0")
+        _check(self.max_grad_norm >= 0, name, "max_grad_norm", self.max_grad_norm, "a number >= 0")
+        _check(self.reward_scale > 0, name, "reward_scale", self.reward_scale, "a positive number")
+        _positive_or_none(self, "value_clip")
+        _check(self.num_macro_steps * self.num_envs >= self.num_minibatches, name, "num_minibatches",
+               self.num_minibatches, f"at most num_envs * num_macro_steps = {self.num_envs * self.num_macro_steps}")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), name,
+               "device", self.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Which vectorised environment to train in (the number of copies is rl.num_envs)."""
+
+    id: str = "fmpolicy/TwoOptimaBandit-v0"  # a gymnasium id, ours (fmpolicy/...) or external (Pendulum-v1)
+    kwargs: dict = field(default_factory=dict)  # passed to the env constructor (e.g. {"n_links": 3})
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.id, str) and bool(self.id), type(self).__name__, "id", self.id, "a non-empty str")
+
+
+@dataclass(frozen=True)
+class RLRunConfig:
+    """A whole RL run: `configs/fpo_<name>.yaml` maps onto this one-to-one.
+
+    `policy` gives the shapes for both policy types (state_dim, action_dim, chunk_size, n_action_steps)
+    and the flow network for FPO; with `init_from` the saved policy's own config replaces it.
+    """
+
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    init_from: str = ""  # imitation checkpoint dir (written by save_pretrained) to fine-tune, "" = from scratch
+
+    def __post_init__(self) -> None:
+        _check(self.rl.n_action_steps <= self.policy.chunk_size, "RLConfig", "n_action_steps", self.rl.n_action_steps,
+               f"at most policy.chunk_size = {self.policy.chunk_size}")
+        _check(not (self.init_from and self.rl.policy_type == "gaussian"), type(self).__name__, "init_from",
+               self.init_from, "'' with rl.policy_type='gaussian' (only a flow policy can be initialised from imitation)")
+
+    def n_action_steps(self) -> int:
+        """Env steps per macro-step: rl.n_action_steps, or the policy's when that is 0."""
+        return self.rl.n_action_steps or self.policy.n_action_steps
+
+
+def load_rl_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> RLRunConfig:
+    """Read `configs/fpo_<name>.yaml` (or nothing) with dotted overrides into an `RLRunConfig`."""
+    return load_config(RLRunConfig, path, overrides)

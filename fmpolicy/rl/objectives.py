@@ -1,0 +1,80 @@
+"""PPO-style objectives: the clipped surrogate, FPO's CFM-difference ratio, the Gaussian log-ratio.
+
+FPO (McAllister et al., "Flow Matching Policy Gradients", 2025) replaces the likelihood ratio by
+
+    ratio = exp(L_old - L_new),   L = CFM loss of the sampled chunk at m Monte Carlo pairs (t_i, noise_i)
+
+drawn at rollout time and reused, unchanged, for the old and the new policy. Lower CFM loss of the
+new policy on an action means higher likelihood of it, so the ratio rises above 1 where the policy
+moved towards the action.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def straight_through_clamp(x: Tensor, lo: float | None, hi: float | None) -> Tensor:
+    """Clamp the value but pass the gradient straight through (identity gradient)."""
+    return x + (x.clamp(lo, hi) - x).detach()
+
+
+def compute_fpo_log_ratio(
+    loss_old: Tensor,
+    loss_new: Tensor,
+    mode: str = "mean",
+    clamp_old: float | None = None,
+    clamp_log_ratio: float | None = None,
+) -> Tensor:
+    """log ratio from per-pair CFM losses (b, m) -> (b,) (mode "mean") or (b, m) (mode "per_pair").
+
+    mode "mean": log_ratio = mean_i(l_old_i - l_new_i), one ratio per action (the default);
+    "per_pair": one ratio per (t, noise) pair. `clamp_old` caps the per-pair losses (a rare huge old
+    loss would otherwise make one ratio explode); the same cap applies to the new losses, so that an
+    unchanged policy still has a ratio of exactly 1. `clamp_log_ratio` bounds |log_ratio| before exp.
+    Both clamps are straight-through: they bound values and keep the gradient.
+    """
+    if clamp_old is not None:
+        loss_old = loss_old.clamp(max=clamp_old)
+        loss_new = straight_through_clamp(loss_new, None, clamp_old)
+    diff = loss_old.detach() - loss_new
+    if mode == "mean":
+        log_ratio = diff.mean(dim=-1)
+    elif mode == "per_pair":
+        log_ratio = diff
+    else:
+        raise ValueError(f"FPO ratio mode {mode!r} is unknown: expected 'mean' or 'per_pair'")
+    if clamp_log_ratio is not None:
+        log_ratio = straight_through_clamp(log_ratio, -clamp_log_ratio, clamp_log_ratio)
+    return log_ratio
+
+
+def compute_clipped_surrogate(ratio: Tensor, advantages: Tensor, clip: float) -> Tensor:
+    """PPO's clipped policy loss per sample (to minimise): -min(r A, clip(r, 1 - c, 1 + c) A).
+
+    ratio: (b,) or (b, m) (per-pair ratios share their action's advantage); advantages: (b,).
+    Outside the clip range on the side the advantage favours, the gradient is exactly zero.
+    """
+    if ratio.dim() == advantages.dim() + 1:
+        advantages = advantages[..., None]
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - clip, 1.0 + clip) * advantages
+    loss = -torch.minimum(unclipped, clipped)
+    return loss.mean(dim=-1) if loss.dim() > 1 else loss
+
+
+def compute_value_loss(values: Tensor, returns: Tensor, old_values: Tensor | None = None,
+                       clip: float | None = None) -> Tensor:
+    """Per-sample squared value error, optionally clipped around the old values (as CleanRL). (b,)"""
+    err = (values - returns).pow(2)
+    if clip is None or old_values is None:
+        return 0.5 * err
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * torch.maximum(err, (clipped - returns).pow(2))
+
+
+def explained_variance(predicted: Tensor, target: Tensor) -> float:
+    """1 - Var(target - predicted) / Var(target): 1 is perfect, 0 no better than a constant."""
+    var = target.var()
+    return float("nan") if var == 0 else float(1.0 - (target - predicted).var() / var)

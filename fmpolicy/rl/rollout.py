@@ -1,0 +1,255 @@
+"""The one rollout collector shared by FPO and Gaussian PPO, and the vector envs it drives.
+
+A chunk is executed as one **macro-step** of k = n_action_steps env steps. Its reward is the
+discounted in-chunk sum sum_j gamma^j r_j; GAE then runs over macro-steps with gamma^k. An env whose
+episode ends inside the macro-step stops accumulating (same-step autoreset has already started its
+next episode, which plays the rest of the old chunk; those rewards count towards the new episode's
+logged return but belong to no macro-step). If it was *truncated* after j <= k steps, the value of
+the observation it reached is bootstrapped with the exact discount gamma^j: the collector stores
+`final_values = gamma^(j - k) V(final_obs)`, which `compute_gae` multiplies by gamma^k.
+k = 1 is the plain per-step setting.
+
+Environments: ours (`TorchVectorEnv`, `TwoOptimaBandit`: torch tensors on the device, dict obs,
+same-step autoreset) are used as they are; any other gymnasium `VectorEnv` (numpy) is wrapped in
+`GymVectorAdapter`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+from torch import Tensor
+
+from fmpolicy.batch import STATE
+from fmpolicy.errors import ConfigError
+from fmpolicy.rl.bandit import TwoOptimaBandit
+
+# vector envs that live inside fmpolicy (fmpolicy never imports fmpolicy_envs: scripts register those)
+LOCAL_ENVS = {"fmpolicy/TwoOptimaBandit-v0": TwoOptimaBandit}
+
+
+def _obs_to_torch(obs: Any, device: torch.device) -> dict[str, Tensor]:
+    if isinstance(obs, dict):
+        return {k: torch.as_tensor(np.asarray(v), dtype=torch.float32, device=device) for k, v in obs.items()}
+    return {STATE: torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=device)}
+
+
+class GymVectorAdapter:
+    """A gymnasium `VectorEnv` (numpy) seen through our torch contract (docs/envs.md).
+
+    Observations become {"observation.state": (e, s) float32 on `device`} (dict observations keep
+    their keys); actions (e, a) in [-1, 1] are clipped and rescaled to the Box bounds; rewards and
+    flags become tensors; info carries "final_obs" (a full obs dict: the reached observation where an
+    episode ended, the returned one elsewhere), "_final_obs", and "final_info" {"is_success"} when the
+    env reports it. The env must use same-step autoreset (`gym.make_vec(...,
+    vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP})`).
+    """
+
+    def __init__(self, env: gym.vector.VectorEnv, device: torch.device | str = "cpu"):
+        mode = env.metadata.get("autoreset_mode")
+        if mode != AutoresetMode.SAME_STEP:
+            raise ConfigError(f"the vector env uses autoreset_mode {mode!r}: expected AutoresetMode.SAME_STEP "
+                              "(gym.make_vec(..., vector_kwargs={'autoreset_mode': AutoresetMode.SAME_STEP}))")
+        space = env.single_action_space
+        if not isinstance(space, gym.spaces.Box) or not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
+            raise ConfigError(f"the env's action space {space} is not a bounded Box: expected finite bounds to rescale to")
+        self.env, self.device, self.num_envs = env, torch.device(device), env.num_envs
+        self.single_action_space, self.single_observation_space = space, env.single_observation_space
+        self.metadata = env.metadata
+        self.low = torch.as_tensor(space.low, dtype=torch.float32, device=self.device)
+        self.high = torch.as_tensor(space.high, dtype=torch.float32, device=self.device)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        return _obs_to_torch(obs, self.device), info
+
+    def step(self, actions: Tensor):
+        a = self.low + (actions.to(self.device).clamp(-1.0, 1.0) + 1.0) * 0.5 * (self.high - self.low)
+        obs, reward, terminated, truncated, info = self.env.step(a.cpu().numpy())
+        done = np.asarray(info.get("_final_obs", np.zeros(self.num_envs, bool)), dtype=bool)
+        final_obs = obs if not isinstance(obs, dict) else {k: v.copy() for k, v in obs.items()}
+        if done.any():
+            final_obs = np.array(final_obs, copy=True) if not isinstance(obs, dict) else final_obs
+            for i in np.flatnonzero(done):
+                reached = info["final_obs"][i]
+                if isinstance(final_obs, dict):
+                    for k in final_obs:
+                        final_obs[k][i] = reached[k]
+                else:
+                    final_obs[i] = reached
+        out: dict[str, Any] = {"final_obs": _obs_to_torch(final_obs, self.device),
+                               "_final_obs": torch.as_tensor(done, device=self.device),
+                               "_final_info": torch.as_tensor(done, device=self.device)}
+        final_info = info.get("final_info", {})
+        if "is_success" in final_info:
+            ok = np.asarray(final_info["is_success"], dtype=bool) & np.asarray(final_info.get("_is_success", True))
+            out["final_info"] = {"is_success": torch.as_tensor(ok, device=self.device)}
+        t = lambda x, dt: torch.as_tensor(np.asarray(x), dtype=dt, device=self.device)  # noqa: E731
+        return (_obs_to_torch(obs, self.device), t(reward, torch.float32), t(terminated, torch.bool),
+                t(truncated, torch.bool), out)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def make_vector_env(env_id: str, num_envs: int, device: torch.device, seed: int, kwargs: dict | None = None):
+    """`num_envs` copies of `env_id` with same-step autoreset, speaking torch on `device`.
+
+    Our bandit is built directly; an id with a `vector_entry_point` (our fmpolicy/... tasks, once
+    `fmpolicy_envs` is imported) is built by it on `device`; any other id is a gymnasium sync vector
+    env wrapped in `GymVectorAdapter`.
+    """
+    kwargs = dict(kwargs or {})
+    if env_id in LOCAL_ENVS:
+        return LOCAL_ENVS[env_id](num_envs=num_envs, device=device, seed=seed, **kwargs)
+    try:
+        spec = gym.spec(env_id)
+    except gym.error.Error as e:
+        hint = " (import fmpolicy_envs first to register the fmpolicy/ tasks)" if env_id.startswith("fmpolicy/") else ""
+        raise ConfigError(f"env.id = {env_id!r} is not a registered gymnasium id{hint}: {e}") from None
+    if spec.vector_entry_point is not None:
+        env = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point", device=device,
+                           seed=seed, **kwargs)
+        if env.metadata.get("autoreset_mode") != AutoresetMode.SAME_STEP:
+            raise ConfigError(f"{env_id}: its vector env does not use same-step autoreset")
+        return env
+    env = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync",
+                       vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP}, **kwargs)
+    return GymVectorAdapter(env, device)
+
+
+def env_state_dict(env) -> dict | None:
+    """What an exact resume needs from an env, or None when it cannot be captured.
+
+    An env with `state_dict()` provides it; our torch envs (an `unwrapped.core` with a torch
+    generator) are captured generically: every tensor attribute of the env and of its core, and the
+    core generator's state. gymnasium's numpy envs are not captured (resume re-seeds them).
+    """
+    if hasattr(env, "state_dict"):
+        return {"kind": "own", "state": env.state_dict()}
+    u = getattr(env, "unwrapped", env)
+    core = getattr(u, "core", None)
+    if core is None or not isinstance(getattr(core, "generator", None), torch.Generator):
+        return None
+    tensors = lambda obj: {k: v.clone() for k, v in vars(obj).items() if isinstance(v, Tensor)}  # noqa: E731
+    return {"kind": "torch_core", "env": tensors(u), "core": tensors(core), "generator": core.generator.get_state()}
+
+
+def load_env_state_dict(env, state: dict) -> None:
+    if state["kind"] == "own":
+        env.load_state_dict(state["state"])
+        return
+    u = env.unwrapped
+    for k, v in state["env"].items():
+        setattr(u, k, v.to(u.core.device))
+    for k, v in state["core"].items():
+        setattr(u.core, k, v.to(u.core.device))
+    u.core.generator.set_state(state["generator"])
+
+
+@dataclass
+class Rollout:
+    """n macro-steps of e environments (all tensors on the device; obs and store: dicts of (n, e, ...))."""
+
+    obs: dict[str, Tensor]
+    chunks: Tensor  # (n, e, h, a) as the actor returned them (the first k steps were executed)
+    store: dict[str, Tensor]  # the actor's per-chunk data (pairs + old losses, or pre-squash + old log-prob)
+    values: Tensor  # (n, e) V(obs) at rollout time
+    rewards: Tensor  # (n, e) discounted in-chunk reward sums
+    terminated: Tensor  # (n, e) bool: the episode ended inside the macro-step without a future
+    truncated: Tensor  # (n, e) bool: cut by a time limit inside the macro-step (bootstrapped)
+    final_values: Tensor  # (n, e) gamma^(j - k) V(reached obs) where truncated after j steps, else 0
+    next_value: Tensor  # (e,) V of the observation after the last macro-step
+    episode_returns: list[float] = field(default_factory=list)  # undiscounted returns of episodes that ended
+    episode_successes: list[float] = field(default_factory=list)  # their successes (when the env reports them)
+
+
+class RolloutCollector:
+    """Steps `envs` with `actor` chunks for n macro-steps; keeps the current observation between calls."""
+
+    def __init__(self, envs, actor, critic, n_action_steps: int, gamma: float, device: torch.device):
+        self.envs, self.actor, self.critic = envs, actor, critic
+        self.k, self.gamma, self.device = n_action_steps, gamma, torch.device(device)
+        self.num_envs = envs.num_envs
+        self.obs: dict[str, Tensor] | None = None
+        self.running_return = torch.zeros(self.num_envs, device=self.device)
+
+    def reset(self, seed: int | None) -> None:
+        obs, _ = self.envs.reset(seed=seed)
+        self.obs = {k: v.to(self.device) for k, v in obs.items()}
+        self.running_return.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"obs": self.obs, "running_return": self.running_return, "env": env_state_dict(self.envs)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Restore the collector (and the env when it was captured). Returns False when the env could
+        not be restored, so that the caller re-seeds and resets it."""
+        if state.get("env") is None:
+            return False
+        load_env_state_dict(self.envs, state["env"])
+        self.obs = {k: v.to(self.device) for k, v in state["obs"].items()}
+        self.running_return = state["running_return"].to(self.device)
+        return True
+
+    @torch.no_grad()
+    def collect(self, num_macro_steps: int, generator: torch.Generator | None) -> Rollout:
+        """Run n = `num_macro_steps` macro-steps in every env; returns the stacked `Rollout`."""
+        if self.obs is None:
+            raise RuntimeError("RolloutCollector.collect before reset(seed)")
+        e, k, gamma = self.num_envs, self.k, self.gamma
+        names = ("obs", "chunks", "store", "values", "rewards", "terminated", "truncated", "final_values")
+        buf: dict[str, list] = {name: [] for name in names}
+        ep_returns: list[float] = []
+        ep_successes: list[float] = []
+        for _ in range(num_macro_steps):
+            obs = self.obs
+            chunk, store = self.actor.act(obs, generator)  # (e, h, a)
+            value = self.critic(obs)  # (e,)
+            if chunk.shape[0] != e or chunk.shape[1] < k:
+                raise RuntimeError(f"the actor returned chunks of shape {tuple(chunk.shape)}: expected ({e}, >= {k}, a)")
+            reward = torch.zeros(e, device=self.device)
+            active = torch.ones(e, dtype=torch.bool, device=self.device)  # still in the episode the chunk began in
+            terminated, truncated = torch.zeros_like(active), torch.zeros_like(active)
+            steps_done = torch.full((e,), float(k), device=self.device)  # j: steps until the episode ended
+            final_obs = {key: v.clone() for key, v in obs.items()}
+            next_obs = obs
+            for j in range(k):
+                next_obs, r, term, trunc, info = self.envs.step(chunk[:, j])
+                next_obs = {key: v.to(self.device) for key, v in next_obs.items()}
+                r, term, trunc = r.to(self.device).float(), term.to(self.device), trunc.to(self.device)
+                reward += active * (gamma**j) * r
+                done = term | trunc
+                ended = done & active
+                terminated |= term & active
+                truncated |= trunc & ~term & active
+                steps_done = torch.where(ended, j + 1, steps_done)
+                for key in final_obs:
+                    reached = info["final_obs"][key].to(self.device)
+                    final_obs[key] = torch.where(ended.view(-1, *[1] * (reached.dim() - 1)), reached, final_obs[key])
+                # episode statistics: every env (one may finish a second, short episode inside the chunk)
+                self.running_return += r
+                if bool(done.any()):
+                    ep_returns += self.running_return[done].tolist()
+                    success = info.get("final_info", {}).get("is_success")
+                    if success is not None:
+                        ep_successes += torch.as_tensor(success, device=self.device)[done].float().tolist()
+                self.running_return = torch.where(done, 0.0, self.running_return)
+                active &= ~done
+            self.obs = next_obs
+            # V(reached obs) with the exact discount of a truncation after j steps (see the module doc)
+            final_value = torch.where(truncated, self.critic(final_obs) * gamma ** (steps_done - k), 0.0)
+            for name, v in zip(names, (obs, chunk, store, value, reward, terminated, truncated, final_value)):
+                buf[name].append(v)
+
+        stack = lambda items: {key: torch.stack([d[key] for d in items]) for key in items[0]}  # noqa: E731
+        return Rollout(obs=stack(buf["obs"]), chunks=torch.stack(buf["chunks"]), store=stack(buf["store"]),
+                       values=torch.stack(buf["values"]), rewards=torch.stack(buf["rewards"]),
+                       terminated=torch.stack(buf["terminated"]), truncated=torch.stack(buf["truncated"]),
+                       final_values=torch.stack(buf["final_values"]), next_value=self.critic(self.obs),
+                       episode_returns=ep_returns, episode_successes=ep_successes)

@@ -1,0 +1,295 @@
+"""The RL trainer: FPO on a flow policy and Gaussian PPO (the baseline) in one readable loop.
+
+Each iteration: collect n macro-steps in e envs (`RolloutCollector`) -> GAE over macro-steps ->
+`update_epochs` passes over shuffled minibatches of the PPO clipped surrogate + value loss (no
+entropy term), with gradient clipping; the first `critic_warmup_iterations` train only the critic.
+The only difference between the two methods is the actor's `log_ratio` (actors.py).
+
+Built-in checks: at the first minibatch of every update the ratio must be 1 to 1e-6 (the policy has
+not moved since the rollout: anything else means the stored pairs / log-probs do not reproduce the
+rollout policy); a non-finite loss or gradient stops the run before the weights change.
+
+Checkpoints (atomic, every `save_every` iterations and at the end) hold the actor, critic,
+optimiser, every random stream (global, rollout, minibatch order) and the collector (current
+observations, running returns, and the env's state when it can be captured: our torch envs and the
+bandit). **Resume guarantee**: with such an env, on the same device, a resumed run reproduces the
+uninterrupted run exactly (same weights; tested). With an env whose state cannot be captured
+(gymnasium numpy envs such as Pendulum-v1) it resumes at the last checkpointed iteration boundary
+with the same weights, optimiser and random streams, but the envs are re-seeded
+(seed + 7919 * iteration) and reset, so the trajectories after the resume differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from fmpolicy.batch import STATE
+from fmpolicy.config import config_to_dict, resolve_device
+from fmpolicy.errors import CheckpointError, ConfigError
+from fmpolicy.policy import FlowPolicy
+from fmpolicy.rl.actors import FlowActor, GaussianActor
+from fmpolicy.rl.config import RLRunConfig
+from fmpolicy.rl.gae import compute_gae
+from fmpolicy.rl.objectives import compute_clipped_surrogate, compute_value_loss, explained_variance
+from fmpolicy.rl.rollout import RolloutCollector, make_vector_env
+from fmpolicy.rl.value import ValueNet
+from fmpolicy.training.checkpoint import diff_configs, find_last_checkpoint, load_training_state, save_checkpoint
+from fmpolicy.training.imitation import RunLogger, rng_state, set_rng_state
+
+RATIO_CHECK_TOL = 1e-6
+# config fields a resumed run may change (everything else must match the checkpoint's config)
+RESUMABLE_CHANGES = ("rl.total_env_steps", "rl.progress", "rl.save_every", "rl.log_every", "rl.keep_checkpoints",
+                     "rl.device", "policy.device")
+
+
+class RatioCheckError(RuntimeError):
+    """The ratio was not 1 before the first update step: the rollout policy cannot be reproduced."""
+
+
+@dataclass
+class RLResult:
+    actor: nn.Module
+    critic: nn.Module
+    history: list[dict[str, Any]] = field(default_factory=list)  # one log record per iteration
+
+
+def make_actor(config: RLRunConfig, device: torch.device):
+    """The actor the config asks for, and the PolicyConfig that gives its shapes."""
+    rc = config.rl
+    if rc.policy_type == "gaussian":
+        pc = config.policy
+        return GaussianActor(pc.state_dim, pc.action_dim, config.n_action_steps(), rc.gaussian, device), pc
+    if config.init_from:
+        policy = FlowPolicy.from_pretrained(config.init_from, device=str(device))
+    else:
+        norm = config.policy.normalization
+        if norm.state != "identity" or norm.action != "identity":
+            raise ConfigError(f"policy.normalization = {norm} cannot be fitted without data: use 'identity' for "
+                              "state and action when training from scratch, or init_from an imitation checkpoint")
+        policy = FlowPolicy(dataclasses.replace(config.policy, device=str(device)))
+    if policy.config.head != "flow":
+        raise ConfigError(f"policy.head = {policy.config.head!r}: FPO needs a 'flow' policy")
+    return FlowActor(policy, rc.fpo), policy.config
+
+
+def _slice(tree: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v[idx] for k, v in tree.items()}
+
+
+def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
+    """Run RL fine-tuning as `config` says; returns the trained actor, critic and the per-iteration log."""
+    rc = config.rl
+    device = resolve_device(rc.device)
+    out = Path(rc.out_dir)
+
+    # ---- seeding ----
+    torch.manual_seed(rc.seed)
+    np.random.seed(rc.seed)
+    random.seed(rc.seed)
+
+    # ---- actor, critic, optimiser ----
+    actor, policy_config = make_actor(config, device)
+    k = rc.n_action_steps or policy_config.n_action_steps  # env steps per chunk (macro-step)
+    if k > policy_config.chunk_size:
+        raise ConfigError(f"rl.n_action_steps = {k} is invalid: expected at most the policy's chunk_size "
+                          f"= {policy_config.chunk_size}")
+    critic = ValueNet(policy_config.state_dim, rc.value, policy_config.expert.prefix_dim, device)
+    actor_params, critic_params = list(actor.parameters()), list(critic.parameters())
+    optimizer = torch.optim.Adam(actor_params + critic_params, lr=rc.lr, eps=1e-5)
+    max_norm = rc.max_grad_norm if rc.max_grad_norm > 0 else math.inf
+
+    # ---- environments and the rollout collector ----
+    envs = make_vector_env(config.env.id, rc.num_envs, device, rc.seed, config.env.kwargs)
+    env_action_dim = int(np.prod(envs.single_action_space.shape))
+    if env_action_dim != policy_config.action_dim:
+        raise ConfigError(f"policy.action_dim = {policy_config.action_dim} does not match {config.env.id}'s "
+                          f"action space {envs.single_action_space.shape}")
+    collector = RolloutCollector(envs, actor, critic, k, rc.gamma, device)
+    rollout_gen = torch.Generator(device=device).manual_seed(rc.seed + 1)  # flow noise, pairs, Gaussian samples
+    minibatch_gen = torch.Generator().manual_seed(rc.seed + 2)  # minibatch order
+    batch_size = rc.num_envs * rc.num_macro_steps  # chunks per rollout
+    steps_per_iteration = batch_size * k
+    num_iterations = rc.total_env_steps // steps_per_iteration
+    if num_iterations < 1:
+        raise ConfigError(f"rl.total_env_steps = {rc.total_env_steps} is less than one rollout "
+                          f"(num_envs * num_macro_steps * n_action_steps = {steps_per_iteration} env steps)")
+
+    # ---- run directory, resume ----
+    run_config = config_to_dict(config)
+    start, history = 0, []
+    ckpt = find_last_checkpoint(out) if resume else None
+    if ckpt is not None:
+        saved = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else {}
+        changed = [d for d in diff_configs(saved, run_config) if not d.startswith(RESUMABLE_CHANGES)]
+        if changed:
+            raise CheckpointError(f"{out / 'config.yaml'}: this run's config differs from the checkpoint's: "
+                                  + "; ".join(changed))
+        state = load_training_state(ckpt)
+        actor.load_state_dict(state["actor"])
+        critic.load_state_dict(state["critic"])
+        optimizer.load_state_dict(state["optimizer"])
+        rollout_gen.set_state(state["rollout_generator"])
+        minibatch_gen.set_state(state["minibatch_generator"])
+        set_rng_state(state["rng"])
+        start, history = state["iteration"], state["history"]
+        if not collector.load_state_dict(state["collector"]):
+            collector.reset(seed=rc.seed + 7919 * start)  # the env state was not captured: re-seed
+        print(f"resumed from {ckpt} at iteration {start}")
+    else:
+        collector.reset(seed=rc.seed)
+    state_dim = collector.obs[STATE].shape[-1]
+    if state_dim != policy_config.state_dim:
+        raise ConfigError(f"policy.state_dim = {policy_config.state_dim} does not match {config.env.id}'s "
+                          f"observation.state width {state_dim}")
+    out.mkdir(parents=True, exist_ok=True)
+    if ckpt is None and (out / "log.jsonl").exists():
+        (out / "log.jsonl").unlink()  # a fresh run starts a fresh log (a resumed one appends)
+    (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+    logger = RunLogger(out, "jsonl", True)
+
+    def checkpoint(iteration: int) -> None:
+        state = {"iteration": iteration, "actor": actor.state_dict(), "critic": critic.state_dict(),
+                 "optimizer": optimizer.state_dict(), "rollout_generator": rollout_gen.get_state(),
+                 "minibatch_generator": minibatch_gen.get_state(), "rng": rng_state(),
+                 "collector": collector.state_dict(), "history": history}
+        save_checkpoint(out, iteration, actor, state, rc.keep_checkpoints)
+
+    # ---- the loop ----
+    progress = _progress(range(start, num_iterations), rc.progress, start, num_iterations)
+    for iteration in progress:
+        tick = time.perf_counter()
+
+        # -- rollout: n macro-steps in e envs with the current policy --
+        rollout = collector.collect(rc.num_macro_steps, rollout_gen)
+
+        # -- advantages: GAE over macro-steps, discount gamma^k per macro-step --
+        advantages, returns = compute_gae(rollout.rewards * rc.reward_scale, rollout.values, rollout.terminated,
+                                          rollout.truncated, rollout.next_value, rollout.final_values,
+                                          gamma=rc.gamma**k, lam=rc.gae_lambda)
+
+        # -- flatten (n, e, ...) -> (n*e, ...) --
+        flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+        b_obs = {key: flat(v) for key, v in rollout.obs.items()}
+        b_store = {key: flat(v) for key, v in rollout.store.items()}
+        b_chunks, b_adv, b_ret, b_values = flat(rollout.chunks), flat(advantages), flat(returns), flat(rollout.values)
+
+        # -- update: epochs over shuffled minibatches; critic only during the warm-up --
+        warmup = iteration < rc.critic_warmup_iterations
+        sums: dict[str, torch.Tensor] = {}  # per-minibatch diagnostics, summed on the device (one sync at the end)
+        first_dev = math.nan
+        for epoch in range(rc.update_epochs):
+            perm = torch.randperm(batch_size, generator=minibatch_gen).to(device)
+            for mb_index, mb in enumerate(perm.chunk(rc.num_minibatches)):
+                obs_mb = _slice(b_obs, mb)
+                log_ratio, actor_stats = actor.log_ratio(obs_mb, b_chunks[mb], _slice(b_store, mb))
+                ratio = log_ratio.exp()
+                if epoch == 0 and mb_index == 0:  # nothing has moved yet: the ratio must be exactly 1
+                    first_dev = float((ratio.detach() - 1.0).abs().max())
+                    if not first_dev <= RATIO_CHECK_TOL:
+                        raise RatioCheckError(
+                            f"iteration {iteration}: the ratio before the first update step deviates from 1 by "
+                            f"{first_dev:.3g} (> {RATIO_CHECK_TOL}): the stored rollout data do not reproduce the "
+                            "rollout policy (dropout or another random layer in train mode, weights changed "
+                            "between rollout and update, or pairs / log-probs not stored with their samples)")
+                adv = b_adv[mb]
+                if rc.normalize_advantages and len(mb) > 1:
+                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                pg_loss = compute_clipped_surrogate(ratio, adv, rc.clip).mean()
+                v_loss = compute_value_loss(critic(obs_mb), b_ret[mb], b_values[mb], rc.value_clip).mean()
+                loss = rc.vf_coef * v_loss + (0.0 if warmup else pg_loss)
+                if not bool(torch.isfinite(loss)):
+                    raise FloatingPointError(
+                        f"iteration {iteration}, epoch {epoch}, minibatch {mb_index}: non-finite loss "
+                        f"(policy {pg_loss.item()}, value {v_loss.item()}): stopping before the weights change")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                # clipped separately: a large value gradient (early, or unscaled rewards) must not
+                # shrink the policy's step to nothing
+                grad_norm = nn.utils.clip_grad_norm_(actor_params, max_norm)
+                value_grad_norm = nn.utils.clip_grad_norm_(critic_params, max_norm)
+                if not bool(torch.isfinite(grad_norm) & torch.isfinite(value_grad_norm)):
+                    raise FloatingPointError(f"iteration {iteration}, epoch {epoch}, minibatch {mb_index}: "
+                                             "non-finite gradient: stopping before the weights change")
+                optimizer.step()
+
+                r = ratio.detach()
+                mb_stats = {"policy_loss": pg_loss, "value_loss": v_loss, "grad_norm": grad_norm,
+                            "value_grad_norm": value_grad_norm,
+                            "clip_fraction": ((r - 1.0).abs() > rc.clip).float().mean(),
+                            "approx_kl": ((r - 1.0) - r.log()).mean(), **actor_stats}
+                for key, v in mb_stats.items():
+                    sums[key] = sums.get(key, 0.0) + v.detach()
+                sums["ratio_min"] = torch.minimum(sums.get("ratio_min", r.min()), r.min())
+                sums["ratio_max"] = torch.maximum(sums.get("ratio_max", r.max()), r.max())
+
+        # -- diagnostics --
+        n_updates = rc.update_epochs * rc.num_minibatches
+        done = iteration + 1
+        record: dict[str, Any] = {
+            "iteration": done, "env_steps": done * steps_per_iteration, "critic_warmup": warmup,
+            **{key: float(v) / (1 if key.startswith("ratio_m") else n_updates) for key, v in sums.items()},
+            "ratio_first_max_dev": first_dev,
+            "explained_variance": explained_variance(b_values, b_ret),
+            "macro_reward_mean": float(rollout.rewards.mean()),
+            "episode_return": float(np.mean(rollout.episode_returns)) if rollout.episode_returns else None,
+            "episodes": len(rollout.episode_returns),
+            "success_rate": float(np.mean(rollout.episode_successes)) if rollout.episode_successes else None,
+            "seconds": time.perf_counter() - tick,
+        }
+        if hasattr(envs, "action_stats"):  # env-specific diagnostics of the executed actions (the bandit's modes)
+            record.update(envs.action_stats(b_chunks[:, 0]))
+        history.append(record)
+        if done % rc.log_every == 0 or done == num_iterations:
+            logger.log(done, record)
+        if hasattr(progress, "set_postfix"):
+            progress.set_postfix(ret=record["episode_return"], clip=f"{record['clip_fraction']:.2f}")
+        if done % rc.save_every == 0 or done == num_iterations:
+            checkpoint(done)
+
+    logger.close()
+    actor.save_pretrained(out / "policy")
+    plot_learning_curve(history, out / "learning_curve.png", title=f"{rc.policy_type} on {config.env.id}")
+    return RLResult(actor=actor, critic=critic, history=history)
+
+
+def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Mean episode return (and success rate when reported) against env steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(h["env_steps"], h["episode_return"]) for h in history if h.get("episode_return") is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if points:
+        ax.plot(*zip(*points), label="episode return")
+    succ = [(h["env_steps"], h["success_rate"]) for h in history if h.get("success_rate") is not None]
+    if succ:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*succ), color="tab:green", alpha=0.6, label="success rate")
+        ax2.set_ylabel("success rate")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("mean episode return")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _progress(iterations: range, enabled: bool, start: int, total: int):
+    if not enabled:
+        return iterations
+    from tqdm.auto import tqdm
+
+    return tqdm(iterations, initial=start, total=total, desc="rl", dynamic_ncols=True)

@@ -1,0 +1,332 @@
+"""RL fine-tuning (FPO + Gaussian PPO): the ratio check, truncation bootstrapping through the real
+collector, learning on the two-optima bandit, resume, the tanh log-prob, config errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fmpolicy.config import config_from_dict
+from fmpolicy.errors import CheckpointError, ConfigError
+from fmpolicy.rl.actors import FlowActor, GaussianActor
+from fmpolicy.rl.bandit import TwoOptimaBandit
+from fmpolicy.rl.config import GaussianConfig, RLConfig, RLRunConfig, load_rl_config
+from fmpolicy.rl.gae import compute_gae
+from fmpolicy.rl.rollout import GymVectorAdapter, RolloutCollector
+from fmpolicy.rl.trainer import RatioCheckError, make_actor, train_rl
+from fmpolicy.rl.value import ValueNet
+from tests.helpers import load_script
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # these tiny networks run ~40x faster on one thread when other jobs share the 2 cores
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def bandit_config(tmp_path, **rl) -> RLRunConfig:
+    data = {
+        "policy": {"state_dim": 1, "action_dim": 2, "chunk_size": 1, "n_action_steps": 1,
+                   "expert": {"kind": "mlp", "width": 64, "depth": 2, "time_embed_dim": 32,
+                              "max_state_dim": 1, "max_action_dim": 2},
+                   "normalization": {"state": "identity", "action": "identity"}},
+        "rl": {"num_envs": 128, "num_macro_steps": 1, "update_epochs": 4, "num_minibatches": 4,
+               "total_env_steps": 128 * 4, "device": "cpu", "out_dir": str(tmp_path / "run"), "progress": False,
+               "save_every": 100, "value": {"width": 32, "depth": 1}, **rl},
+        "env": {"id": "fmpolicy/TwoOptimaBandit-v0"},
+    }
+    return config_from_dict(RLRunConfig, data)
+
+
+def collect_batch(config: RLRunConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    actor, pc = make_actor(config, torch.device("cpu"))
+    critic = ValueNet(pc.state_dim, config.rl.value)
+    envs = TwoOptimaBandit(config.rl.num_envs)
+    collector = RolloutCollector(envs, actor, critic, 1, 0.99, torch.device("cpu"))
+    collector.reset(seed)
+    rollout = collector.collect(2, torch.Generator().manual_seed(seed))
+    flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+    return actor, {k: flat(v) for k, v in rollout.obs.items()}, flat(rollout.chunks), \
+        {k: flat(v) for k, v in rollout.store.items()}
+
+
+# ---- the ratio before any update ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy_type,ratio_mode", [("flow", "mean"), ("flow", "per_pair"), ("gaussian", "mean")])
+def test_ratio_is_exactly_one_before_any_update_and_moves_after_one(tmp_path, policy_type, ratio_mode):
+    config = bandit_config(tmp_path, policy_type=policy_type, fpo={"ratio_mode": ratio_mode, "clamp_old": 5.0})
+    actor, obs, chunks, store = collect_batch(config)
+    idx = torch.randperm(chunks.shape[0], generator=torch.Generator().manual_seed(1))[:37]  # another batch shape
+    sl = lambda d: {k: v[idx] for k, v in d.items()}  # noqa: E731
+    log_ratio, _ = actor.log_ratio(sl(obs), chunks[idx], sl(store))
+    assert log_ratio.shape == ((37, 8) if ratio_mode == "per_pair" else (37,))
+    assert (log_ratio.exp() - 1).abs().max() <= 1e-6
+    # one optimiser step on the ratio moves it: the check above is not vacuous
+    opt = torch.optim.SGD(actor.parameters(), lr=0.1)
+    (-log_ratio.sum()).backward()
+    opt.step()
+    moved, _ = actor.log_ratio(sl(obs), chunks[idx], sl(store))
+    assert (moved.exp() - 1).abs().max() > 1e-4
+
+
+def test_the_trainer_stops_when_the_stored_losses_do_not_reproduce_the_rollout_policy(tmp_path, monkeypatch):
+    act = FlowActor.act
+
+    def corrupted(self, obs, generator=None):
+        chunk, store = act(self, obs, generator)
+        return chunk, {**store, "loss_old": store["loss_old"] + 1e-3}
+
+    monkeypatch.setattr(FlowActor, "act", corrupted)
+    with pytest.raises(RatioCheckError, match="deviates from 1"):
+        train_rl(bandit_config(tmp_path))
+
+
+def test_a_non_finite_loss_stops_the_update_before_the_weights_change(tmp_path, monkeypatch):
+    class NaNValue(ValueNet):
+        def forward(self, obs):
+            return super().forward(obs) * float("nan")
+
+    monkeypatch.setattr("fmpolicy.rl.trainer.ValueNet", NaNValue)
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        train_rl(bandit_config(tmp_path))
+
+
+# ---- truncation: GAE bootstraps from the final observation, through the real collector -------------
+
+
+class CounterEnv:
+    """State = steps taken in the episode; reward 1 per step; truncated after `horizon` steps (never
+    terminated); same-step autoreset with the reached observation in info["final_obs"]."""
+
+    def __init__(self, num_envs: int = 1, horizon: int = 3):
+        self.num_envs, self.horizon = num_envs, horizon
+        self.single_action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+        self.count = torch.zeros(num_envs)
+
+    def _obs(self):
+        return {"observation.state": self.count[:, None].clone()}
+
+    def reset(self, *, seed=None, options=None):
+        self.count.zero_()
+        return self._obs(), {}
+
+    def step(self, actions):
+        self.count += 1
+        truncated = self.count >= self.horizon
+        final = self._obs()
+        self.count = torch.where(truncated, 0.0, self.count)
+        info = {"final_obs": final, "_final_obs": truncated, "final_info": {}, "_final_info": truncated}
+        return self._obs(), torch.ones(self.num_envs), torch.zeros_like(truncated), truncated, info
+
+
+class KnownValue(nn.Module):
+    def forward(self, obs):
+        return 10.0 * obs["observation.state"][:, 0] + 1.0  # V(s) = 10 s + 1
+
+
+class ZeroActor:
+    def act(self, obs, generator=None):
+        b = obs["observation.state"].shape[0]
+        return torch.zeros(b, 2, 1), {"x": torch.zeros(b)}
+
+
+def test_gae_on_a_truncated_rollout_bootstraps_from_the_final_observation():
+    g, lam, k = 0.9, 0.8, 2
+    collector = RolloutCollector(CounterEnv(horizon=3), ZeroActor(), KnownValue(), k, g, torch.device("cpu"))
+    collector.reset(0)
+    r = collector.collect(2, None)
+    # macro-step 0: steps 1, 2 from s = 0; macro-step 1: from s = 2, truncated after its first step
+    # (reached s = 3), then the new episode plays the chunk's second step (not accumulated)
+    torch.testing.assert_close(r.obs["observation.state"][:, 0, 0], torch.tensor([0.0, 2.0]))
+    torch.testing.assert_close(r.rewards[:, 0], torch.tensor([1.0 + g, 1.0]))
+    assert r.truncated[:, 0].tolist() == [False, True] and not r.terminated.any()
+    torch.testing.assert_close(r.final_values[1, 0], torch.tensor(31.0 / g))  # gamma^(1 - k) V(3)
+    torch.testing.assert_close(r.next_value, torch.tensor([11.0]))  # V(s = 1) in the new episode
+    assert r.episode_returns == [3.0]
+    adv, _ = compute_gae(r.rewards, r.values, r.terminated, r.truncated, r.next_value, r.final_values,
+                         gamma=g**k, lam=lam)
+    d1 = 1.0 + g * 31.0 - 21.0  # bootstrap V(final obs) discounted by gamma^1 (one step), not V(next obs)
+    d0 = (1.0 + g) + g**2 * 21.0 - 1.0
+    torch.testing.assert_close(adv[:, 0], torch.tensor([d0 + g**2 * lam * d1, d1]))
+
+
+# ---- learning on the bandit --------------------------------------------------------------------------
+
+
+def _mean_return(history, iterations):
+    return float(np.mean([h["episode_return"] for h in iterations(history)]))
+
+
+@pytest.mark.parametrize("policy_type,iterations", [("flow", 30), ("gaussian", 40)])
+def test_a_short_run_on_the_bandit_improves_the_mean_return(tmp_path, policy_type, iterations):
+    config = bandit_config(tmp_path, policy_type=policy_type, lr=1e-3, num_envs=256,
+                           total_env_steps=256 * iterations, seed=4)
+    history = train_rl(config).history
+    start = _mean_return(history, lambda h: h[:3])
+    end = _mean_return(history, lambda h: h[-3:])
+    assert end > start + 0.1, (start, end)
+    assert all(h["ratio_first_max_dev"] <= 1e-6 for h in history)
+    assert (tmp_path / "run" / "learning_curve.png").is_file() and (tmp_path / "run" / "policy").is_dir()
+    # at this stage FPO still samples near both optima, while the Gaussian has chosen one
+    # (seeds 3-7 measured: FPO >= 0.08 near each; Gaussian <= 0.005 near one)
+    near = sorted(np.mean([h[k] for h in history[-3:]]) for k in ("near_optimum_pos", "near_optimum_neg"))
+    if policy_type == "flow":
+        assert near[0] > 0.05, near
+    else:
+        assert near[0] < 0.02 and near[1] > 0.2, near
+
+
+# ---- resume ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy_type", ["flow", "gaussian"])
+def test_resume_equals_an_uninterrupted_run(tmp_path, policy_type):
+    script = load_script("train_fpo")
+    args = ["rl.policy_type=" + policy_type, "rl.num_envs=32", "rl.num_macro_steps=2", "rl.progress=false",
+            "rl.device=cpu", "rl.save_every=1", "policy.expert.width=32", "rl.value.width=16"]
+    full = script.main(["--config", "configs/fpo_bandit.yaml", f"rl.out_dir={tmp_path / 'a'}",
+                        "rl.total_env_steps=256", *args])
+    script.main(["--config", "configs/fpo_bandit.yaml", f"rl.out_dir={tmp_path / 'b'}", "rl.total_env_steps=128", *args])
+    resumed = script.main(["--config", "configs/fpo_bandit.yaml", f"rl.out_dir={tmp_path / 'b'}",
+                           "rl.total_env_steps=256", "--resume", *args])
+    assert len(resumed.history) == len(full.history) == 4
+    for (name, a), (_, b) in zip(full.actor.state_dict().items(), resumed.actor.state_dict().items()):
+        assert torch.equal(a, b), name
+    for a, b in zip(full.critic.parameters(), resumed.critic.parameters()):
+        assert torch.equal(a, b)
+    # the log of the resumed run continues the interrupted one
+    lines = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    # a changed config is refused
+    with pytest.raises(CheckpointError, match="rl.lr"):
+        train_rl(load_rl_config("configs/fpo_bandit.yaml", [f"rl.out_dir={tmp_path / 'b'}", "rl.lr=0.1", *args]),
+                 resume=True)
+
+
+# ---- the Gaussian's tanh log-prob ---------------------------------------------------------------------
+
+
+def test_gaussian_tanh_log_prob_matches_a_numerical_change_of_variables():
+    torch.manual_seed(0)
+    actor = GaussianActor(1, 1, 1, GaussianConfig(squash="tanh", init_log_std=-0.3, width=8, depth=1))
+    with torch.no_grad():
+        actor.mean_net[-1].bias.fill_(0.7)
+    obs = {"observation.state": torch.zeros(1, 1)}
+    # 1. against log N(u) - log |d tanh / du| with a finite-difference derivative
+    u = torch.linspace(-3, 3, 13, dtype=torch.float64)[:, None]
+    mean, std = float(actor.mean(obs).detach()), float(actor.log_std.exp().detach())
+    eps = 1e-5
+    fd = (torch.tanh(u + eps) - torch.tanh(u - eps)) / (2 * eps)
+    expected = torch.distributions.Normal(mean, std).log_prob(u)[:, 0] - fd.log()[:, 0]
+    got = actor.log_prob({"observation.state": torch.zeros(13, 1)}, u.float())
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
+    # 2. the density of a = tanh(u) integrates to 1 over (-1, 1)
+    a = torch.linspace(-1 + 1e-6, 1 - 1e-6, 200001, dtype=torch.float64)
+    logp = actor.log_prob({"observation.state": torch.zeros(len(a), 1)}, torch.atanh(a).float()[:, None]).double()
+    assert torch.trapezoid(logp.exp(), a).item() == pytest.approx(1.0, abs=2e-3)
+    # 3. samples from act() are in (-1, 1) and their stored pre-squash values reproduce them
+    chunk, store = actor.act({"observation.state": torch.zeros(64, 1)}, torch.Generator().manual_seed(0))
+    assert chunk.shape == (64, 1, 1) and chunk.abs().max() < 1
+    torch.testing.assert_close(torch.tanh(store["pre_squash"]), chunk.reshape(64, 1))
+
+
+# ---- gymnasium adapter ----------------------------------------------------------------------------------
+
+
+def test_gym_vector_adapter_rescales_actions_and_returns_the_final_observation():
+    env = gym.make_vec("Pendulum-v1", num_envs=2, vectorization_mode="sync",
+                       vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP})
+    adapter = GymVectorAdapter(env)
+    torch.testing.assert_close(adapter.low, torch.tensor([-2.0]))
+    obs, _ = adapter.reset(seed=0)
+    assert obs["observation.state"].shape == (2, 3) and obs["observation.state"].dtype == torch.float32
+    for step in range(200):
+        obs, reward, term, trunc, info = adapter.step(torch.ones(2, 1))
+        if step < 199:
+            assert not trunc.any()
+            assert torch.equal(info["final_obs"]["observation.state"], obs["observation.state"])
+    assert trunc.all() and not term.any()
+    assert not torch.equal(info["final_obs"]["observation.state"], obs["observation.state"])
+    bad = gym.make_vec("Pendulum-v1", num_envs=2, vectorization_mode="sync")  # next-step autoreset
+    with pytest.raises(ConfigError, match="SAME_STEP"):
+        GymVectorAdapter(bad)
+
+
+# ---- config errors ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("clip", 0.0, "RLConfig.clip"), ("policy_type", "sac", "policy_type"), ("gamma", 1.5, "gamma"),
+    ("num_envs", 0, "num_envs"), ("critic_warmup_iterations", -1, "critic_warmup_iterations"),
+])
+def test_bad_rl_config_values_raise_clear_errors(field, value, match):
+    with pytest.raises(ConfigError, match=match):
+        RLConfig(**{field: value})
+
+
+def test_bad_nested_and_yaml_values_raise_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="ratio_mode"):
+        load_rl_config("configs/fpo_bandit.yaml", ["rl.fpo.ratio_mode=geometric"])
+    with pytest.raises(ConfigError, match="squash"):
+        load_rl_config("configs/fpo_bandit.yaml", ["rl.gaussian.squash=softsign"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_rl_config("configs/fpo_bandit.yaml", ["rl.entropy_coef=0.01"])
+    with pytest.raises(ConfigError, match="n_action_steps"):
+        load_rl_config("configs/fpo_bandit.yaml", ["rl.n_action_steps=2"])  # chunk_size is 1
+    with pytest.raises(ConfigError, match="init_from"):
+        load_rl_config("configs/fpo_bandit.yaml", ["rl.policy_type=gaussian", "init_from=runs/x/policy"])
+    with pytest.raises(ConfigError, match="clamp_old"):
+        load_rl_config("configs/fpo_bandit.yaml", ["rl.fpo.clamp_old=-1"])
+    with pytest.raises(ConfigError, match="less than one rollout"):
+        train_rl(bandit_config(tmp_path, total_env_steps=10))
+    with pytest.raises(ConfigError, match="normalization"):
+        train_rl(config_from_dict(RLRunConfig, {"rl": {"device": "cpu", "out_dir": str(tmp_path)}}))
+    for cfg in ("configs/fpo_bandit.yaml", "configs/fpo_pendulum.yaml", "configs/fpo_point.yaml"):
+        assert math.isfinite(load_rl_config(cfg).rl.lr)  # the shipped configs load
+
+
+def test_resume_on_our_torch_env_restores_the_env_exactly(tmp_path):
+    fmpolicy_envs = pytest.importorskip("fmpolicy_envs")  # registers fmpolicy/PointObstacle-v0
+    assert fmpolicy_envs is not None
+    script = load_script("train_fpo")
+    args = ["init_from=''", "rl.critic_warmup_iterations=0", "rl.lr=0.001", "rl.num_envs=8", "rl.num_macro_steps=3", "rl.update_epochs=2", "rl.num_minibatches=2",
+            "rl.progress=false", "rl.device=cpu", "rl.save_every=1", "policy.expert.width=32", "rl.value.width=16"]
+    steps = lambda iterations: f"rl.total_env_steps={8 * 3 * 5 * iterations}"  # noqa: E731
+    full = script.main(["--config", "configs/fpo_point.yaml", f"rl.out_dir={tmp_path / 'a'}", steps(3), *args])
+    script.main(["--config", "configs/fpo_point.yaml", f"rl.out_dir={tmp_path / 'b'}", steps(1), *args])
+    resumed = script.main(["--config", "configs/fpo_point.yaml", f"rl.out_dir={tmp_path / 'b'}", steps(3),
+                           "--resume", *args])
+    assert [h["macro_reward_mean"] for h in resumed.history] == [h["macro_reward_mean"] for h in full.history]
+    for a, b in zip(full.actor.parameters(), resumed.actor.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_init_from_an_imitation_checkpoint_with_a_critic_only_warmup(tmp_path):
+    config = bandit_config(tmp_path, critic_warmup_iterations=2, total_env_steps=128 * 3)
+    torch.manual_seed(7)
+    saved, _ = make_actor(config, torch.device("cpu"))  # stands in for a policy trained by imitation
+    saved.policy.save_pretrained(tmp_path / "bc")
+    config = RLRunConfig(policy=config.policy, rl=config.rl, env=config.env, init_from=str(tmp_path / "bc"))
+    result = train_rl(config)
+    before = [p.detach().clone() for p in saved.parameters()]
+    # the history says which iterations were warm-up; the actor moved only in the last one
+    assert [h["critic_warmup"] for h in result.history] == [True, True, False]
+    assert result.history[0]["grad_norm"] == 0.0 and result.history[2]["grad_norm"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, result.actor.parameters()))
+    config2 = RLRunConfig(policy=config.policy, rl=dataclasses.replace(config.rl, total_env_steps=128 * 2,
+                                                                         out_dir=str(tmp_path / "w")),
+                          env=config.env, init_from=config.init_from)
+    warm = train_rl(config2)  # warm-up only: the actor is exactly the imitation policy
+    for a, b in zip(before, warm.actor.parameters()):
+        assert torch.equal(a, b)
