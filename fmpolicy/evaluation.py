@@ -94,8 +94,12 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
                 (torch.as_tensor(terminated) | torch.as_tensor(truncated)).bool().cpu()
             new = ended & live
             if new.any():
-                final = torch.as_tensor(info["final_info"]["is_success"]).bool().cpu()
-                success |= final & new
+                final_info = info["final_info"]
+                success |= torch.as_tensor(final_info["is_success"]).bool().cpu() & new
+                for k in flag_keys:  # a flag raised on the step that ended the episode (a crash)
+                    if k in final_info:
+                        seen_flags[k] = True
+                        flagged[k] |= torch.as_tensor(final_info[k]).bool().cpu() & new
             if trace is not None:
                 reached = info.get("final_obs", obs)
                 trace.append(np.where(done[:record, None].numpy(), np.nan, _state(reached)[:record]))

@@ -148,3 +148,32 @@ def test_one_policy_trains_on_a_mix_of_arm_sizes(tmp_path):
     with pytest.raises(SystemExit, match=r"policy\.embodiments\[arm3\]\.state_dim = 8 does not match the dataset"):
         train_script.main(argv + ["policy.embodiments=[{name: arm2, state_dim: 6, action_dim: 2}, "
                                   "{name: arm3, state_dim: 8, action_dim: 3}]", "policy.state_dim=8"])
+
+
+class _ConstantPolicy:
+    """Drives every robot with one fixed action: enough to check the evaluation's bookkeeping."""
+
+    def __init__(self, action):
+        self.action = torch.tensor(action)
+        self.config = type("C", (), {"n_action_steps": 4})()
+
+    def eval(self):
+        return self
+
+    def predict_action_chunk(self, obs, generator=None):
+        b = obs["observation.state"].shape[0]
+        return self.action.expand(b, 4, 2)
+
+
+def test_evaluation_counts_crashes_and_successes_on_the_ending_step():
+    import fmpolicy_envs
+    from fmpolicy.evaluation import evaluate_policy
+
+    envs = fmpolicy_envs.PointObstacleVectorEnv(num_envs=8, seed=0)
+    straight = evaluate_policy(_ConstantPolicy([1.0, 0.0]), envs, episodes=12, seed=0)
+    # straight right from (-0.7, 0): every episode ends on the obstacle, none at the goal
+    assert straight.successes == 0 and straight.flags["collision"] == 1.0
+    assert straight.mean_length == pytest.approx(12.0, abs=1.5)  # 0.45 / 0.04 steps to the disk
+    envs = fmpolicy_envs.PointObstacleVectorEnv(num_envs=8, seed=0, collision_terminates=False)
+    stuck = evaluate_policy(_ConstantPolicy([1.0, 0.0]), envs, episodes=8, seed=0)
+    assert stuck.successes == 0 and stuck.mean_length == envs.max_episode_steps  # pinned until the time limit
