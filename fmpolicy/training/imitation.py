@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -287,7 +288,7 @@ def _eval_copy(policy: FlowPolicy, ema: EMA | None) -> FlowPolicy:
 
 
 def _progress(steps: range, enabled: bool, start: int, total: int):
-    if not enabled:
+    if not enabled or not sys.stderr.isatty():  # a bar redrawn into a log file is noise: log.jsonl has it all
         return steps
     from tqdm.auto import tqdm
 
