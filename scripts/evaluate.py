@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
     lo, hi = result.ci95
     line = (f"{args.env} {kwargs or ''} {policy.config.head}: success {100 * result.success_rate:.1f}% "
             f"[{100 * lo:.1f}, {100 * hi:.1f}] over {result.episodes} episodes")
-    plot_trajectories(result, out / "trajectories.png", line, args.env)
+    title = f"{args.env} {json.dumps(kwargs) if kwargs else ''}\n{policy.config.head}: success {100 * result.success_rate:.1f}% " \
+            f"[{100 * lo:.1f}, {100 * hi:.1f}], {result.episodes} episodes"
+    plot_trajectories(result, out / "trajectories.png", title, args.env)
     if len(result.frames):
         save_strip(result.frames[:, :4], out / "frames.png")
     print(line)
