@@ -42,6 +42,12 @@ class FlowPolicy(nn.Module):
         super().__init__()
         self.config = config
         self.net = make_velocity_net(config.expert, config.chunk_size)
+        # images + instruction -> prefix tokens, run once per chunk (None: prefix from the batch, if any)
+        self.encoder = None
+        if config.encoder.kind != "none":
+            from fmpolicy.encoders import make_encoder  # transformers is imported only when needed
+
+            self.encoder = make_encoder(config.encoder)
         # per-robot normalizers and padding masks (one "default" embodiment unless configured)
         self.embodiments = Embodiments(config)
         self._queue: deque[Tensor] = deque()
@@ -105,12 +111,17 @@ class FlowPolicy(nn.Module):
         self.embodiments.check_fitted()
         cfg = self.config
         state = keys.read_state(obs, cfg.expert.max_state_dim, self.device)
+        if self.encoder is not None and keys.PREFIX not in obs:
+            obs = self.encoder.encode_batch(self._to_device(obs))  # adds observation.prefix / prefix_mask
         idx = self.embodiments.index(obs, state.shape[0])
         keys.check_width(state, keys.STATE, (self.embodiments.width(idx, "state"), cfg.state_dim), "state_dim")
         prefix, prefix_mask = keys.read_prefix(obs, state.shape[0], cfg.expert.prefix_dim, self.device)
         cache = self.net.encode(self.pad_state(state, idx), self.embodiments.state_valid(idx), prefix, prefix_mask)
         cache.embodiment, cache.action_valid = idx, self.embodiments.action_valid(idx)
         return cache
+
+    def _to_device(self, obs: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in obs.items()}
 
     def velocity_fn(self, cache: ExpertCache):
         """A callable `v(x_t, t)` over padded, normalized chunks for `sample_ode`, reusing `cache`."""
@@ -254,6 +265,8 @@ class FlowPolicy(nn.Module):
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
             meta = {"format_version": FORMAT_VERSION, "type": "FlowPolicy", "config": config_to_dict(self.config)}
+            if self.encoder is not None:  # image size, normalization, tokenizer: checked again on load
+                meta["encoder_preprocessing"] = self.encoder.preprocessing_config()
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
@@ -289,6 +302,12 @@ class FlowPolicy(nn.Module):
             raise CheckpointError(f"{weights_path} does not match its config: missing {missing}, "
                                   f"unexpected {unexpected}, wrong shape {shapes}")
         policy.load_state_dict(state)
+        if policy.encoder is not None:
+            saved = meta.get("encoder_preprocessing")
+            now = json.loads(json.dumps(policy.encoder.preprocessing_config()))
+            if saved != now:
+                raise CheckpointError(f"{config_path}: the encoder's preprocessing settings {saved} differ from the "
+                                      f"rebuilt encoder's {now} (a tokenizer or model folder changed?)")
         return policy
 
 
