@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -41,6 +41,8 @@ class EvalResult:
     flags: dict[str, float] = field(default_factory=dict)  # fraction of episodes with a task flag (collision...)
     states: list[np.ndarray] = field(default_factory=list)  # state trajectories (T, s) of the recorded episodes
     frames: list[np.ndarray] = field(default_factory=list)  # (T, e_rec, 3, H, W) uint8 frames, when rendered
+    final_states: np.ndarray | None = None  # (episodes, s) the state each episode ended in
+    tasks: list[str] = field(default_factory=list)  # the instruction the policy was given, per episode
 
     def summary(self) -> dict[str, Any]:
         return {"episodes": self.episodes, "successes": self.successes, "success_rate": self.success_rate,
@@ -51,12 +53,14 @@ class EvalResult:
 @torch.no_grad()
 def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
                     render_size: int = 0, generator: torch.Generator | None = None,
-                    flag_keys: tuple[str, ...] = ("collision",), embodiment: str | None = None) -> EvalResult:
+                    flag_keys: tuple[str, ...] = ("collision",), embodiment: str | None = None,
+                    task_map: Callable[[list[str]], list[str]] | None = None) -> EvalResult:
     """Run `episodes` episodes (in rounds of `envs.num_envs`) and count successes.
 
     `record` environments of the first round keep their state trajectories (and, with
     `render_size`, frames from `envs.unwrapped.core.render`) for plots. `embodiment` names the robot
-    for a policy that serves several.
+    for a policy that serves several. `task_map` rewrites the instructions before the policy reads
+    them (e.g. swap "red" and "blue" to test that the policy follows the words).
     """
     policy.eval()
     e = envs.num_envs
@@ -66,9 +70,14 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
     states: list[np.ndarray] = []
     frames: list[np.ndarray] = []
     seen_flags: dict[str, bool] = {}
+    finals: list[Tensor] = []
+    tasks: list[str] = []
     rnd = 0
     while len(succ) < episodes:
-        obs, _ = envs.reset(seed=seed + 1000 * rnd)
+        obs, info = envs.reset(seed=seed + 1000 * rnd)
+        obs = _with_task(obs, info, task_map)
+        given = list(obs.get("task", []))
+        final_state = torch.as_tensor(_state(obs))
         take = min(e, episodes - len(succ))
         done = torch.zeros(e, dtype=torch.bool)
         success = torch.zeros(e, dtype=torch.bool)
@@ -83,6 +92,8 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
                 chunk = policy.predict_action_chunk(query, generator=generator)
             action = chunk[:, step % n_exec]
             obs, reward, terminated, truncated, info = envs.step(action.to(_device(obs)))
+            reached = info.get("final_obs", obs)  # the state this step reached (obs is already reset where it ended)
+            obs = _with_task(obs, info, task_map)
             live = ~done
             ret += torch.as_tensor(reward).float().cpu() * live
             length += live.float()
@@ -90,9 +101,9 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
                 if k in info:
                     seen_flags[k] = True
                     flagged[k] |= torch.as_tensor(info[k]).bool().cpu() & live
-            ended = torch.as_tensor(info["_final_info"]).bool().cpu() if "_final_info" in info else \
-                (torch.as_tensor(terminated) | torch.as_tensor(truncated)).bool().cpu()
+            ended = ended_now(info, terminated, truncated)
             new = ended & live
+            final_state = torch.where(new[:, None], torch.as_tensor(_state(reached)), final_state)
             if new.any():
                 final_info = info["final_info"]
                 success |= torch.as_tensor(final_info["is_success"]).bool().cpu() & new
@@ -101,7 +112,6 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
                         seen_flags[k] = True
                         flagged[k] |= torch.as_tensor(final_info[k]).bool().cpu() & new
             if trace is not None:
-                reached = info.get("final_obs", obs)
                 trace.append(np.where(done[:record, None].numpy(), np.nan, _state(reached)[:record]))
                 if film is not None:
                     film.append(_render(envs, render_size, record))
@@ -109,6 +119,8 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
             if bool(done[:take].all()):
                 break
         succ += success[:take].tolist()
+        finals.append(final_state[:take])
+        tasks += given[:take]
         rets += ret[:take].tolist()
         lens += length[:take].tolist()
         for k in flag_keys:
@@ -123,7 +135,23 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
     n, k = len(succ), int(sum(succ))
     return EvalResult(episodes=n, successes=k, success_rate=k / n, ci95=wilson_interval(k, n),
                       mean_return=float(np.mean(rets)), mean_length=float(np.mean(lens)),
-                      flags={key: c / n for key, c in flag_counts.items()}, states=states, frames=frames)
+                      flags={key: c / n for key, c in flag_counts.items()}, states=states, frames=frames,
+                      final_states=torch.cat(finals).numpy(), tasks=tasks)
+
+
+def _with_task(obs, info, task_map=None) -> dict:
+    """Environments that name their goal in words put the instruction in info["task"]; the policy reads obs["task"]."""
+    if not (isinstance(info, dict) and "task" in info):
+        return obs
+    tasks = list(info["task"])
+    return {**obs, "task": task_map(tasks) if task_map else tasks}
+
+
+def ended_now(info, terminated, truncated) -> Tensor:
+    """(e,) bool: the environments whose episode ended in this step."""
+    if isinstance(info, dict) and "_final_info" in info:
+        return torch.as_tensor(info["_final_info"]).bool().cpu()
+    return (torch.as_tensor(terminated) | torch.as_tensor(truncated)).bool().cpu()
 
 
 def _state(obs) -> np.ndarray:

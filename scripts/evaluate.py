@@ -33,6 +33,29 @@ def make_envs(env_id: str, num_envs: int, device: str, seed: int, kwargs: dict):
                         seed=seed, **kwargs)
 
 
+def swap_words(a: str, b: str):
+    """A task_map that exchanges two words in each instruction ("go to the red goal" <-> "... blue ...")."""
+    def swap(tasks: list[str]) -> list[str]:
+        return [" ".join(b if w == a else a if w == b else w for w in t.split(" ")) for t in tasks]
+    return swap
+
+
+def instruction_followed(result: EvalResult, envs) -> float | None:
+    """Fraction of episodes that ended within 2 success radii of the goal their instruction names
+    (two-goal PointObstacle: goals named in fmpolicy_envs.core_point.GOAL_NAMES, drawn near
+    core.goal_centres); None for tasks without named goals."""
+    from fmpolicy_envs import core_point
+
+    core = envs.unwrapped.core
+    if not result.tasks or not hasattr(core, "goal_centres") or len(core.goal_centres) < 2:
+        return None
+    centres = core.goal_centres.cpu().numpy()
+    named = [next((i for i, n in enumerate(core_point.GOAL_NAMES) if f" {n} " in f" {t} "), None) for t in result.tasks]
+    hits = [i is not None and np.linalg.norm(s[:2] - centres[i]) < 2 * core.success_radius + core.start_noise
+            for s, i in zip(result.final_states, named)]
+    return float(np.mean(hits))
+
+
 def plot_trajectories(result: EvalResult, path: Path, title: str, env_id: str) -> None:
     import matplotlib
 
@@ -78,6 +101,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--record", type=int, default=16, help="episodes kept for the plots")
     p.add_argument("--render-size", type=int, default=64, help="pixels of the image strip frames (0 = none)")
     p.add_argument("--embodiment", help="robot name, for a policy trained on several (policy.embodiments)")
+    p.add_argument("--swap-instruction", metavar="A,B",
+                   help="swap two words in every instruction (e.g. red,blue) and report how often the robot "
+                        "ends at the goal the *given* instruction names (two-goal PointObstacle)")
     p.add_argument("--out", help="output folder (default: <policy>/../eval)")
     args = p.parse_args(argv)
     try:
@@ -86,8 +112,10 @@ def main(argv: list[str] | None = None) -> dict:
         policy = FlowPolicy.from_pretrained(args.policy, device=device)
         envs = make_envs(args.env, min(args.num_envs, args.episodes), device, args.seed, kwargs)
         gen = torch.Generator(device).manual_seed(args.seed)
+        task_map = swap_words(*args.swap_instruction.split(",")) if args.swap_instruction else None
         result = evaluate_policy(policy, envs, args.episodes, seed=args.seed, record=args.record,
-                                 render_size=args.render_size, generator=gen, embodiment=args.embodiment)
+                                 render_size=args.render_size, generator=gen, embodiment=args.embodiment,
+                                 task_map=task_map)
     except (FmPolicyError, json.JSONDecodeError) as e:
         sys.exit(f"error: {e}")
     out = Path(args.out) if args.out else Path(args.policy).parent / "eval"
@@ -95,6 +123,10 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"policy": str(args.policy), "env": args.env, "env_kwargs": kwargs, "seed": args.seed,
                "embodiment": args.embodiment,
                "head": policy.config.head, **result.summary()}
+    followed = instruction_followed(result, envs)
+    if followed is not None:
+        summary["swap_instruction"] = args.swap_instruction
+        summary["ended_at_instructed_goal"] = followed
     (out / "eval.json").write_text(json.dumps(summary, indent=2))
     lo, hi = result.ci95
     line = (f"{args.env} {kwargs or ''} {policy.config.head}: success {100 * result.success_rate:.1f}% "
@@ -104,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
     plot_trajectories(result, out / "trajectories.png", title, args.env)
     if len(result.frames):
         save_strip(result.frames[:, :4], out / "frames.png")
+    if followed is not None:
+        line += f"; ended at the goal the given instruction names: {100 * followed:.1f}%"
     print(line)
     return summary
 

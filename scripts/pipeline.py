@@ -57,9 +57,11 @@ def main(argv: list[str] | None = None) -> dict:
     roots = {}
     for i, (name, kwargs) in enumerate(robots.items()):
         root = out / "data" / name
+        task_kwargs = {k: v for k, v in kwargs.items() if k != "image_size"}  # the camera is collect's own flag
+        camera = ["--image-size", str(kwargs["image_size"])] if kwargs.get("image_size") else []
         collect_demos.main(["--env", env["id"], "--episodes", str(args.demos), "--num-envs", str(min(64, args.demos)),
-                            "--out", str(root), "--seed", str(args.seed + 100 * i), "--env-kwargs", json.dumps(kwargs),
-                            "--no-progress"])
+                            "--out", str(root), "--seed", str(args.seed + 100 * i), "--env-kwargs",
+                            json.dumps(task_kwargs), *camera, "--no-progress"])
         roots[name] = str(root)
     data_override = ([f"data.roots={json.dumps(roots)}"] if len(roots) > 1 else [f"data.root={next(iter(roots.values()))}"])
 

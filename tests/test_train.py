@@ -177,3 +177,36 @@ def test_evaluation_counts_crashes_and_successes_on_the_ending_step():
     envs = fmpolicy_envs.PointObstacleVectorEnv(num_envs=8, seed=0, collision_terminates=False)
     stuck = evaluate_policy(_ConstantPolicy([1.0, 0.0]), envs, episodes=8, seed=0)
     assert stuck.successes == 0 and stuck.mean_length == envs.max_episode_steps  # pinned until the time limit
+
+
+class _InstructedPolicy:
+    """Goes round the obstacle to the goal its *instruction* names: a stand-in that reads obs["task"]."""
+
+    config = type("C", (), {"n_action_steps": 1})()
+
+    def eval(self):
+        return self
+
+    def predict_action_chunk(self, obs, generator=None):
+        pos = obs["observation.state"][:, :2]
+        sign = torch.tensor([1.0 if "red" in t else -1.0 for t in obs["task"]])
+        goal = torch.stack([torch.full_like(sign, 0.7), 0.45 * sign], dim=-1)
+        waypoint = torch.stack([torch.zeros_like(sign), 0.5 * sign], dim=-1)
+        target = torch.where((pos[:, :1] < -0.05), waypoint, goal)
+        step = (target - pos) / 0.04
+        return (step / step.norm(dim=-1, keepdim=True).clamp_min(1.0))[:, None, :]
+
+
+def test_swapped_instructions_are_followed_and_measured(tmp_path):
+    import fmpolicy_envs
+
+    evaluate = evaluate_script
+    envs = fmpolicy_envs.PointObstacleVectorEnv(num_envs=10, seed=0, n_goals=2)
+    from fmpolicy.evaluation import evaluate_policy
+
+    plain = evaluate_policy(_InstructedPolicy(), envs, episodes=10, seed=0)
+    assert plain.success_rate >= 0.9 and evaluate.instruction_followed(plain, envs) >= 0.9
+    swapped = evaluate_policy(_InstructedPolicy(), envs, episodes=10, seed=0, task_map=evaluate.swap_words("red", "blue"))
+    assert swapped.success_rate == 0.0  # it went to the other goal, as told
+    assert evaluate.instruction_followed(swapped, envs) >= 0.9
+    assert all(("red" in a) != ("red" in b) for a, b in zip(plain.tasks, swapped.tasks))
