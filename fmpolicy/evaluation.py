@@ -42,6 +42,7 @@ class EvalResult:
     states: list[np.ndarray] = field(default_factory=list)  # state trajectories (T, s) of the recorded episodes
     frames: list[np.ndarray] = field(default_factory=list)  # (T, e_rec, 3, H, W) uint8 frames, when rendered
     final_states: np.ndarray | None = None  # (episodes, s) the state each episode ended in
+    paths: np.ndarray | None = None  # (episodes, T, s) every state of each episode, NaN after its end
     tasks: list[str] = field(default_factory=list)  # the instruction the policy was given, per episode
 
     def summary(self) -> dict[str, Any]:
@@ -71,6 +72,7 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
     frames: list[np.ndarray] = []
     seen_flags: dict[str, bool] = {}
     finals: list[Tensor] = []
+    paths: list[np.ndarray] = []
     tasks: list[str] = []
     rnd = 0
     while len(succ) < episodes:
@@ -78,6 +80,7 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
         obs = _with_task(obs, info, task_map)
         given = list(obs.get("task", []))
         final_state = torch.as_tensor(_state(obs))
+        path = [_state(obs)]
         take = min(e, episodes - len(succ))
         done = torch.zeros(e, dtype=torch.bool)
         success = torch.zeros(e, dtype=torch.bool)
@@ -104,6 +107,7 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
             ended = ended_now(info, terminated, truncated)
             new = ended & live
             final_state = torch.where(new[:, None], torch.as_tensor(_state(reached)), final_state)
+            path.append(np.where(live[:, None].numpy(), _state(reached), np.nan))
             if new.any():
                 final_info = info["final_info"]
                 success |= torch.as_tensor(final_info["is_success"]).bool().cpu() & new
@@ -120,6 +124,7 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
                 break
         succ += success[:take].tolist()
         finals.append(final_state[:take])
+        paths.append(np.stack(path, axis=1)[:take])
         tasks += given[:take]
         rets += ret[:take].tolist()
         lens += length[:take].tolist()
@@ -136,7 +141,7 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
     return EvalResult(episodes=n, successes=k, success_rate=k / n, ci95=wilson_interval(k, n),
                       mean_return=float(np.mean(rets)), mean_length=float(np.mean(lens)),
                       flags={key: c / n for key, c in flag_counts.items()}, states=states, frames=frames,
-                      final_states=torch.cat(finals).numpy(), tasks=tasks)
+                      final_states=torch.cat(finals).numpy(), paths=_concat_paths(paths), tasks=tasks)
 
 
 def _with_task(obs, info, task_map=None) -> dict:
@@ -145,6 +150,13 @@ def _with_task(obs, info, task_map=None) -> dict:
         return obs
     tasks = list(info["task"])
     return {**obs, "task": task_map(tasks) if task_map else tasks}
+
+
+def _concat_paths(paths: list[np.ndarray]) -> np.ndarray:
+    """Rounds may differ in length: pad each (e, T, s) with NaN to the longest T, then stack."""
+    longest = max(p.shape[1] for p in paths)
+    return np.concatenate([np.pad(p, ((0, 0), (0, longest - p.shape[1]), (0, 0)), constant_values=np.nan)
+                           for p in paths])
 
 
 def ended_now(info, terminated, truncated) -> Tensor:
