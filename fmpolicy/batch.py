@@ -22,6 +22,7 @@ ACTION = "action"
 ACTION_IS_PAD = "action_is_pad"
 IMAGES_PREFIX = "observation.images."
 TASK = "task"
+ENCODER_FEATURES = "encoder_features"  # a frozen encoder backbone's cached outputs (dict of tensors)
 
 
 def as_tensor(value: Any, key: str, device: torch.device, dtype: torch.dtype | None = torch.float32) -> Tensor:

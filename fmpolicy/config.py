@@ -376,6 +376,7 @@ class DataConfig:
     roots: dict = field(default_factory=dict)  # several robots: {embodiment name: dataset directory}
     num_episodes: int = 0  # train on the first N episodes only (0 = all): "too few demonstrations" runs
     image_keys: tuple[str, ...] = ()  # camera keys to load, e.g. ("observation.images.top",)
+    cache_encoder: bool = True  # with a frozen encoder backbone: compute its outputs once per frame, not every step
 
     def __post_init__(self) -> None:
         _check(isinstance(self.num_episodes, int) and self.num_episodes >= 0, type(self).__name__,

@@ -112,7 +112,11 @@ class FlowPolicy(nn.Module):
         cfg = self.config
         state = keys.read_state(obs, cfg.expert.max_state_dim, self.device)
         if self.encoder is not None and keys.PREFIX not in obs:
-            obs = self.encoder.encode_batch(self._to_device(obs))  # adds observation.prefix / prefix_mask
+            if keys.ENCODER_FEATURES in obs:  # cached backbone outputs: only the trainable head runs
+                prefix, mask = self.encoder.head(obs[keys.ENCODER_FEATURES])
+                obs = {**obs, keys.PREFIX: prefix, keys.PREFIX_MASK: mask}
+            else:
+                obs = self.encoder.encode_batch(self._to_device(obs))  # adds observation.prefix / prefix_mask
         idx = self.embodiments.index(obs, state.shape[0])
         keys.check_width(state, keys.STATE, (self.embodiments.width(idx, "state"), cfg.state_dim), "state_dim")
         prefix, prefix_mask = keys.read_prefix(obs, state.shape[0], cfg.expert.prefix_dim, self.device)

@@ -210,3 +210,27 @@ def test_swapped_instructions_are_followed_and_measured(tmp_path):
     assert swapped.success_rate == 0.0  # it went to the other goal, as told
     assert evaluate.instruction_followed(swapped, envs) >= 0.9
     assert all(("red" in a) != ("red" in b) for a, b in zip(plain.tasks, swapped.tasks))
+
+
+def test_a_frozen_encoder_is_cached_once_per_frame_with_the_same_result(tmp_path, capsys):
+    data = tmp_path / "goals"
+    collect_demos.main(["--env", "fmpolicy/PointObstacle-v0", "--episodes", "4", "--num-envs", "4", "--out", str(data),
+                        "--env-kwargs", json.dumps({"n_goals": 2}), "--image-size", "16", "--no-progress"])
+    common = ["--config", str(ROOT / "configs" / "point_goals_vl.yaml"), *TINY, f"data.root={data}",
+              "policy.expert.prefix_dim=16", "policy.encoder.out_dim=16", "policy.encoder.image_size=16",
+              "policy.encoder.freeze_vision=true", "policy.encoder.freeze_text=true", "train.steps=3",
+              "train.batch_size=8", "train.ema_decay=0"]
+    before = train_script.main(common + [f"train.out_dir={tmp_path / 'zero'}", "train.steps=1", "train.lr=1e-30"])
+    capsys.readouterr()
+    cached = train_script.main(common + [f"train.out_dir={tmp_path / 'cached'}"])
+    assert "cached the frozen encoder's outputs" in capsys.readouterr().out
+    fresh = train_script.main(common + [f"train.out_dir={tmp_path / 'fresh'}", "data.cache_encoder=false"])
+    assert "cached the frozen encoder's outputs" not in capsys.readouterr().out
+    a, b, init = cached.state_dict(), fresh.state_dict(), before.state_dict()
+    for k in a:  # the cache changes where the backbone runs, not what training computes
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+    head = {n for n, p in cached.encoder.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in cached.encoder.named_parameters() if not p.requires_grad}
+    assert head and frozen
+    assert any(not torch.allclose(a[f"encoder.{n}"], init[f"encoder.{n}"]) for n in head)  # the projections learn
+    assert all(torch.equal(a[f"encoder.{n}"], init[f"encoder.{n}"]) for n in frozen)  # the towers do not

@@ -23,6 +23,7 @@ import torch
 import yaml
 from torch import nn
 
+from fmpolicy.batch import ENCODER_FEATURES
 from fmpolicy.config import ImitationConfig, config_to_dict
 from fmpolicy.errors import CheckpointError, ConfigError
 from fmpolicy.policy import FlowPolicy
@@ -144,10 +145,31 @@ def combine_windows(datasets: dict[str, Any], policy: FlowPolicy, device: torch.
             for k in common}
 
 
+@torch.no_grad()
+def cache_encoder_features(policy: FlowPolicy, windows: dict[str, Any], chunk: int = 256) -> dict[str, Any]:
+    """Run the frozen encoder backbone once over every window and keep its outputs in place of the
+    images: each training step then runs only the encoder's trainable head (the projections)."""
+    encoder = policy.encoder
+    cameras = list(encoder.config.cameras)
+    n = len(windows["action"])
+    parts = []
+    for i in range(0, n, chunk):
+        sub = {k: windows[k][i: i + chunk] for k in cameras if k in windows}
+        if "task" in windows:
+            sub["task"] = windows["task"][i: i + chunk]
+        parts.append(encoder.backbone(sub))
+    features = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    out = {k: v for k, v in windows.items() if k not in cameras}
+    out[ENCODER_FEATURES] = features
+    return out
+
+
 def _slice_batch(batch: dict[str, Any], rows: torch.Tensor, device: torch.device) -> dict[str, Any]:
     out = {}
     for k, v in batch.items():
-        if isinstance(v, list):
+        if isinstance(v, dict):
+            out[k] = _slice_batch(v, rows, device)
+        elif isinstance(v, list):
             out[k] = [v[i] for i in rows.tolist()]
         elif v.dtype == torch.uint8:  # images stay uint8 in memory; the policy sees floats in [0, 1]
             out[k] = v[rows.to(v.device)].to(device).float() / 255.0
@@ -191,6 +213,12 @@ def train_imitation(config: ImitationConfig, datasets, resume: bool = False) -> 
 
     # ---- data: every window in memory, global batches sliced per process ----
     windows = combine_windows(datasets, policy, info.device)
+    if policy.encoder is not None and policy.encoder.backbone_frozen and config.data.cache_encoder:
+        start_cache = time.perf_counter()
+        windows = cache_encoder_features(policy, windows)
+        if info.is_main:
+            print(f"cached the frozen encoder's outputs for {len(windows['action'])} windows "
+                  f"in {time.perf_counter() - start_cache:.1f} s")
     sampler = EpochSampler(len(windows["action"]), tc.batch_size, tc.seed)
     rows = local_rows(tc.batch_size, info)
     flow_gen = torch.Generator().manual_seed(tc.seed + 1)  # flow times and noise (CPU: same on every device)
