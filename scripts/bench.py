@@ -34,6 +34,10 @@ Sections (`--only`):
   the comparison is not vacuous. (At initialisation the adaLN-Zero gates are 0, every block is the
   identity and the prefix cannot reach the output, so the bench first gives the modulation layers
   small random weights; timings do not depend on the values.)
+- `encoder`: `predict_action_chunk` with the encoder in the loop (a 64-pixel camera through a
+  SigLIP-style tower of width 128 and 4 layers, and a 32-token instruction through a tiny BERT: 96
+  prefix tokens), the encoder alone, and a solve that re-runs the encoder at every step. Figure:
+  `speedup = encoder_every_step / chunk`, what running the encoder once per chunk saves.
 - `train`: CFM training steps (`policy.compute_loss` forward, backward, AdamW step) at batch 64, in
   fp32 and under `torch.autocast(device_type, dtype=torch.bfloat16)`, interleaved. Figures:
   `steps_per_s` and, on the bf16 row, `ratio = bf16 steps/s / fp32 steps/s` (above 1: bf16 is faster).
@@ -66,7 +70,7 @@ from fmpolicy.config import EXPERT_PRESETS, resolve_device
 from fmpolicy.model.layers import AdaptiveModulation
 from fmpolicy.sampling import sample_ode
 
-SECTIONS = ("chunk", "overhead", "cache", "train")
+SECTIONS = ("chunk", "overhead", "cache", "train", "encoder")
 STATE_DIM, ACTION_DIM, CHUNK_SIZE = 8, 7, 10
 OVERHEAD_TARGET = 0.15  # chunk / (encode + k * step) - 1 at most this
 CACHE_TARGET = 2.0  # uncached / cached at least this
@@ -304,6 +308,52 @@ def bench_cache(bench: Bench) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def bench_encoder(bench: Bench) -> list[dict]:
+    """`predict_action_chunk` with the encoder in the loop (image + instruction -> chunk): the encoder
+    runs once per chunk, its tokens reach every step through the expert's prefix cache. Compared, in
+    the same run, with a solve that re-runs the encoder at every step."""
+    from fmpolicy.config import EncoderConfig
+
+    s, device = bench.sizes, bench.device
+    image = 16 if bench.args.quick else 64
+    width = EXPERT_PRESETS[bench.preset].width
+    enc = EncoderConfig(kind="vision_text", image_size=image, vision_patch_size=8, vision_hidden_size=128,
+                        vision_num_hidden_layers=4, vision_num_attention_heads=4, vision_intermediate_size=512,
+                        text_model="tiny", max_text_tokens=32, out_dim=width)
+    cfg = PolicyConfig(state_dim=STATE_DIM, action_dim=ACTION_DIM, chunk_size=CHUNK_SIZE,
+                       n_action_steps=CHUNK_SIZE // 2, expert=make_expert_config(bench.preset, prefix_dim=width),
+                       encoder=enc, normalization=NormalizationConfig(state="identity", action="identity"),
+                       device=str(device))
+    torch.manual_seed(bench.args.seed)
+    policy = FlowPolicy(cfg).eval()
+    k = s.overhead_steps
+    sampler = SamplerConfig(method="euler", num_steps=k)
+    rows = []
+    for batch in s.batches:
+        cam = torch.rand(batch, 3, image, image, generator=bench.generator).to(device)
+        obs = {"observation.state": torch.randn(batch, STATE_DIM, generator=bench.generator).to(device),
+               "observation.images.top": cam, "task": ["go to the red goal"] * batch}
+        state = policy.pad_state(obs["observation.state"])
+        x0 = policy.sample_noise(batch, bench.device_generator)
+
+        def every_step() -> Tensor:
+            def velocity(x_t: Tensor, t: Tensor) -> Tensor:
+                prefix, mask = policy.encoder(obs)
+                return policy.net(x_t, t, state, policy.state_valid, prefix, mask, policy.action_valid)
+            return sample_ode(velocity, x0, method="euler", num_steps=k).x1
+
+        times = bench.time({"chunk": lambda: policy.predict_action_chunk(obs, noise=x0, sampler=sampler),
+                            "encoder": lambda: policy.encoder(obs), "encoder_every_step": every_step}, batch)
+        tokens = policy.encoder.num_tokens
+        common = dict(batch=batch, steps=k, p=tokens)
+        rows.append(bench.row("encoder", "encoder", times["encoder"], **common, image=image))
+        rows.append(bench.row("encoder", "chunk", times["chunk"], **common, image=image))
+        rows.append(bench.row("encoder", "encoder_every_step", times["encoder_every_step"], **common, image=image,
+                              speedup=median(times["encoder_every_step"]) / median(times["chunk"])))
+    return rows
+
+
 def bench_train(bench: Bench) -> list[dict]:
     policy, s, device = bench.policy, bench.sizes, bench.device
     b, p = s.train_batch, s.prefix_tokens
@@ -334,7 +384,8 @@ def bench_train(bench: Bench) -> list[dict]:
     ]
 
 
-RUNNERS = {"chunk": bench_chunk, "overhead": bench_overhead, "cache": bench_cache, "train": bench_train}
+RUNNERS = {"chunk": bench_chunk, "overhead": bench_overhead, "cache": bench_cache, "train": bench_train,
+           "encoder": bench_encoder}
 
 
 # ---- output ---------------------------------------------------------------------------------------

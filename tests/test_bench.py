@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
-SECTIONS = {"chunk", "overhead", "cache", "train"}
+SECTIONS = {"chunk", "overhead", "cache", "train", "encoder"}
 
 
 def test_bench_quick_json():
