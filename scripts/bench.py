@@ -38,6 +38,11 @@ Sections (`--only`):
   SigLIP-style tower of width 128 and 4 layers, and a 32-token instruction through a tiny BERT: 96
   prefix tokens), the encoder alone, and a solve that re-runs the encoder at every step. Figure:
   `speedup = encoder_every_step / chunk`, what running the encoder once per chunk saves.
+- `envs`: environment steps per second of the batched torch PointObstacle at 1, 64, 1024 and 4096
+  environments (random actions, `--device` decides CPU or CUDA).
+- `rl_update`: one FPO update step (m = 8 stored (t, noise) pairs, CFM losses, ratio, clipped
+  surrogate, backward, Adam) against one Gaussian PPO update step on the same minibatch of 1024,
+  per-step control at HalfCheetah's widths. Figure: `ratio = fpo / gaussian_ppo` (target <= 2.5).
 - `train`: CFM training steps (`policy.compute_loss` forward, backward, AdamW step) at batch 64, in
   fp32 and under `torch.autocast(device_type, dtype=torch.bfloat16)`, interleaved. Figures:
   `steps_per_s` and, on the bf16 row, `ratio = bf16 steps/s / fp32 steps/s` (above 1: bf16 is faster).
@@ -70,7 +75,9 @@ from fmpolicy.config import EXPERT_PRESETS, resolve_device
 from fmpolicy.model.layers import AdaptiveModulation
 from fmpolicy.sampling import sample_ode
 
-SECTIONS = ("chunk", "overhead", "cache", "train", "encoder")
+SECTIONS = ("chunk", "overhead", "cache", "train", "encoder", "envs", "rl_update")
+ENV_COUNTS = (1, 64, 1024, 4096)  # environments stepped together in the envs section
+FPO_TARGET = 2.5  # an FPO update (m = 8) costs at most this many Gaussian PPO updates
 STATE_DIM, ACTION_DIM, CHUNK_SIZE = 8, 7, 10
 OVERHEAD_TARGET = 0.15  # chunk / (encode + k * step) - 1 at most this
 CACHE_TARGET = 2.0  # uncached / cached at least this
@@ -354,6 +361,66 @@ def bench_encoder(bench: Bench) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def bench_envs(bench: Bench) -> list[dict]:
+    """Environment steps per second of the batched torch PointObstacle at 1 ... 4096 environments."""
+    import fmpolicy_envs
+
+    counts = (1, 64) if bench.args.quick else ENV_COUNTS
+    steps = 5 if bench.args.quick else 50
+    rows = []
+    for n in counts:
+        envs = fmpolicy_envs.PointObstacleVectorEnv(num_envs=n, device=bench.device, seed=bench.args.seed)
+        envs.reset(seed=bench.args.seed)
+        action = torch.rand(n, 2, generator=bench.generator).to(bench.device) * 2 - 1
+
+        def run() -> None:
+            for _ in range(steps):
+                envs.step(action)
+
+        times = bench.time({"step": run}, 1 if n == 1 else 2)
+        per_step = [ms / steps for ms in times["step"]]
+        rows.append(bench.row("envs", "PointObstacle", per_step, batch=n, env_steps_per_s=n * 1e3 / median(per_step)))
+    return rows
+
+
+def bench_rl_update(bench: Bench) -> list[dict]:
+    """One FPO update step (m = 8 pairs) against one Gaussian PPO update step on the same minibatch:
+    ratio, clipped surrogate, backward, Adam step. Per-step control, HalfCheetah-sized (s = 17, a = 6)."""
+    from fmpolicy.rl.actors import FlowActor, GaussianActor
+    from fmpolicy.rl.config import FPOConfig, GaussianConfig
+    from fmpolicy.rl.objectives import compute_clipped_surrogate
+
+    device, s_dim, a_dim = bench.device, 17, 6
+    b = 64 if bench.args.quick else 1024
+    cfg = PolicyConfig(state_dim=s_dim, action_dim=a_dim, chunk_size=1, n_action_steps=1,
+                       expert=make_expert_config("mlp", max_state_dim=s_dim, max_action_dim=a_dim),
+                       normalization=NormalizationConfig(state="identity", action="identity"), device=str(device))
+    torch.manual_seed(bench.args.seed)
+    actors = {"fpo": FlowActor(FlowPolicy(cfg), FPOConfig(num_pairs=8)),
+              "gaussian_ppo": GaussianActor(s_dim, a_dim, 1, GaussianConfig(), device=device)}
+    obs = {"observation.state": torch.randn(b, s_dim, generator=bench.generator).to(device)}
+    adv = torch.randn(b, generator=bench.generator).to(device)
+    fns = {}
+    for name, actor in actors.items():
+        chunk, store = actor.act(obs, bench.device_generator)
+        optimizer = torch.optim.Adam(actor.parameters(), lr=1e-5)
+
+        def update(actor=actor, chunk=chunk, store=store, optimizer=optimizer) -> None:
+            log_ratio, _ = actor.log_ratio(obs, chunk, store)
+            loss = compute_clipped_surrogate(log_ratio.exp(), adv, 0.05).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        fns[name] = update
+    times = bench.time(fns, b)
+    ratio = median(times["fpo"]) / median(times["gaussian_ppo"])
+    return [bench.row("rl_update", "gaussian_ppo", times["gaussian_ppo"], batch=b),
+            bench.row("rl_update", "fpo", times["fpo"], batch=b, pairs=8, ratio=ratio, target=f"<= {FPO_TARGET}",
+                      meets_target=ratio <= FPO_TARGET)]
+
+
 def bench_train(bench: Bench) -> list[dict]:
     policy, s, device = bench.policy, bench.sizes, bench.device
     b, p = s.train_batch, s.prefix_tokens
@@ -385,7 +452,7 @@ def bench_train(bench: Bench) -> list[dict]:
 
 
 RUNNERS = {"chunk": bench_chunk, "overhead": bench_overhead, "cache": bench_cache, "train": bench_train,
-           "encoder": bench_encoder}
+           "encoder": bench_encoder, "envs": bench_envs, "rl_update": bench_rl_update}
 
 
 # ---- output ---------------------------------------------------------------------------------------

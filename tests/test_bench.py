@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
-SECTIONS = {"chunk", "overhead", "cache", "train", "encoder"}
+SECTIONS = {"chunk", "overhead", "cache", "train", "encoder", "envs", "rl_update"}
 
 
 def test_bench_quick_json():
