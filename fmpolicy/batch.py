@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fmpolicy.config import IMAGES_PREFIX  # noqa: F401  (a data key, defined once with the configs)
 from fmpolicy.errors import InputError
 
 STATE = "observation.state"
@@ -20,7 +21,6 @@ PREFIX = "observation.prefix"
 PREFIX_MASK = "observation.prefix_mask"
 ACTION = "action"
 ACTION_IS_PAD = "action_is_pad"
-IMAGES_PREFIX = "observation.images."
 TASK = "task"
 ENCODER_FEATURES = "encoder_features"  # a frozen encoder backbone's cached outputs (dict of tensors)
 

@@ -41,12 +41,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fmpolicy.batch import IMAGES_PREFIX
 from fmpolicy.errors import DatasetError
 
 FORMAT = "fmpolicy-lerobot-v1"
 DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
 INFO, EPISODES, TASKS, STATS = "meta/info.json", "meta/episodes.jsonl", "meta/tasks.jsonl", "meta/stats.json"
-IMAGES_PREFIX = "observation.images."
 STATS_QUANTILES = (0.01, 0.99)
 
 # Per-frame columns every episode file has, besides the features given to the writer.
