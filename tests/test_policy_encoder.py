@@ -75,3 +75,21 @@ def test_save_load_round_trip_includes_the_encoder(tmp_path):
 def test_encoder_width_must_match_the_expert_prefix():
     with pytest.raises(ConfigError, match=r"expert\.prefix_dim = 16.*encoder\.out_dim = 32"):
         PolicyConfig(expert=make_expert_config("tiny", prefix_dim=16), encoder=EncoderConfig(kind="vision_text", out_dim=32))
+
+
+def test_lora_adapters_train_and_travel_with_the_policy(tmp_path):
+    pytest.importorskip("peft")
+    policy = make_policy(lora_rank=4)  # text model frozen, LoRA adapters on it train
+    lora = [n for n, p in policy.encoder.named_parameters() if "lora" in n.lower()]
+    assert lora and all(dict(policy.encoder.named_parameters())[n].requires_grad for n in lora)
+    loss, _ = policy.compute_loss({**make_obs(), "action": torch.randn(3, 4, 2)})
+    loss.backward()
+    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.5)
+    opt.step()
+    state = policy.state_dict()
+    assert all(f"encoder.{n}" in state for n in lora)
+    loaded = FlowPolicy.from_pretrained(policy.save_pretrained(tmp_path / "p"))
+    for n in lora:
+        assert torch.equal(loaded.state_dict()[f"encoder.{n}"], state[f"encoder.{n}"]), n
+    obs, noise = make_obs(), policy.sample_noise(3, torch.Generator().manual_seed(3))
+    assert torch.equal(loaded.predict_action_chunk(obs, noise=noise), policy.predict_action_chunk(obs, noise=noise))
