@@ -127,7 +127,8 @@ class EncoderConfig:
 
     kind: str = "none"  # "none" (no encoder), "vision_text" (vision tower + text model) or "vlm" (PaliGemma)
     cameras: tuple[str, ...] = ("observation.images.top",)  # batch keys of the cameras, in token order
-    image_size: int = 64  # images are resized (bilinear, antialiased) to image_size x image_size
+    image_size: int = 64  # the encoder's input size: images must be image_size x image_size (see resize_images)
+    resize_images: bool = False  # True: images of another size are resized (bilinear, antialiased); False: an error
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalization (SigLIP: 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)  # pixel = (x - mean) / std, x in [0, 1]
     vision_path: str = ""  # local folder of a pretrained SiglipVisionModel; "" = build from the fields below
@@ -167,6 +168,7 @@ class EncoderConfig:
                "camera keys not ending in '_is_pad' (that suffix marks per-sample padding flags)")
         if self.kind != "none":
             _check(len(cams) > 0, name, "cameras", cams, f"at least one camera for kind={self.kind!r}")
+        _check(isinstance(self.resize_images, bool), name, "resize_images", self.resize_images, "true or false")
         _check(self.image_size % self.vision_patch_size == 0, name, "image_size", self.image_size,
                f"a multiple of vision_patch_size={self.vision_patch_size}")
         _check(self.vision_hidden_size % self.vision_num_attention_heads == 0, name, "vision_num_attention_heads",

@@ -33,7 +33,7 @@ def build(kind: str = "vision_text", seed: int = 0, **overrides):
     return make_encoder(tiny_config(kind, **overrides))
 
 
-def make_batch(b: int = 3, seed: int = 0, size: int = 40, cams=(TOP, WRIST), tasks=None) -> dict:
+def make_batch(b: int = 3, seed: int = 0, size: int = 32, cams=(TOP, WRIST), tasks=None) -> dict:
     g = torch.Generator().manual_seed(seed)
     batch = {cam: torch.rand(b, 3, size, size, generator=g) for cam in cams}
     batch["task"] = tasks or ["pick up the red block", "push", "open the drawer please now"][:b]
@@ -339,6 +339,8 @@ def test_bad_inputs_raise_input_error(kind, vt, vlm):
         ({**ok, TOP: torch.rand(2, 3, 32, 32) - 0.5}, r"observation\.images\.top.*values in"),
         ({**ok, TOP: torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.int32)}, r"observation\.images\.top.*dtype torch\.int32"),
         ({**ok, TOP: nan}, r"observation\.images\.top.*NaN"),
+        ({**ok, TOP: torch.rand(2, 3, 40, 48)}, r"'observation\.images\.top' has images of 40 x 48 pixels: "
+                                                r"expected 32 x 32.*resize_images=True"),
         ({**ok, TOP: [[0.5]]}, r"observation\.images\.top.*type list"),
         ({**ok, "observation.images.side": torch.rand(2, 3, 32, 32)}, r"observation\.images\.side.*cameras are"),
         ({**ok, WRIST + "_is_pad": torch.tensor([True])}, r"wrist_is_pad.*expected \(2,\)"),
@@ -352,6 +354,23 @@ def test_bad_inputs_raise_input_error(kind, vt, vlm):
     for batch, pattern in cases:
         with pytest.raises(InputError, match=pattern):
             enc(batch)
+
+
+@pytest.mark.parametrize("kind", ["vision_text", "vlm"])
+def test_resize_images_resizes_other_sizes(kind):
+    """With resize_images, a 40 x 48 image gives exactly the tokens of its bilinear 32 x 32 resize."""
+    enc = build(kind, resize_images=True).eval()
+    big = make_batch(b=2, size=40, tasks=["a", "b"])
+    big[TOP] = torch.rand(2, 3, 40, 48, generator=torch.Generator().manual_seed(1))
+    small = {**big, **{cam: torch.nn.functional.interpolate(big[cam], size=(32, 32), mode="bilinear",
+                                                             align_corners=False, antialias=True)
+                       for cam in (TOP, WRIST)}}
+    with torch.no_grad():
+        got, want = enc(big)[0], enc(small)[0]
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, enc(make_batch(b=2, size=32, tasks=["a", "b"]))[0], atol=1e-3)
+    assert "bilinear" in enc.preprocessing_config()["resize"]
+    assert "error" in build(kind).preprocessing_config()["resize"]
 
 
 def test_task_optional_when_not_required():

@@ -27,7 +27,7 @@ def make_policy(**encoder_overrides) -> FlowPolicy:
 
 def make_obs(b: int = 3, tasks=None) -> dict:
     g = torch.Generator().manual_seed(0)
-    return {"observation.state": torch.randn(b, 2, generator=g), CAM: torch.rand(b, 3, 24, 24, generator=g),
+    return {"observation.state": torch.randn(b, 2, generator=g), CAM: torch.rand(b, 3, 32, 32, generator=g),
             "task": tasks or ["go to the red goal"] * b}
 
 

@@ -101,7 +101,8 @@ class PrefixEncoder(nn.Module):
             "image_size": c.image_size,
             "image_mean": list(c.image_mean),
             "image_std": list(c.image_std),
-            "resize": "bilinear, antialias=True, align_corners=False (torch.nn.functional.interpolate)",
+            "resize": ("bilinear, antialias=True, align_corners=False (torch.nn.functional.interpolate)"
+                       if c.resize_images else "none: other sizes are an error"),
             "image_input": "float in [0, 1] (uint8 is divided by 255)",
             "max_text_tokens": c.max_text_tokens,
             "tokenizer": self.tokenizer.identity(),

@@ -1,7 +1,8 @@
 """Checks that turn a batch's camera images and instructions into model inputs, with clear errors.
 
 Rules (documented in docs/encoders.md):
-- `observation.images.<cam>`: (b, 3, H, W), any H and W (resized to `image_size`). float images must
+- `observation.images.<cam>`: (b, 3, H, W) with H = W = `image_size`; other sizes are an error unless
+  `resize_images` (then they are resized, bilinear and antialiased). float images must
   lie in [0, 1]; uint8 images are taken as [0, 255] and divided by 255; other dtypes are an error.
 - A configured camera missing from the batch, or flagged by `observation.images.<cam>_is_pad` (b,)
   bool, is masked out: its tokens get mask False. An image key in the batch that the config does not
@@ -91,7 +92,7 @@ def read_pad_flag(batch: Mapping[str, Any], key: str, batch_size: int, device: t
 
 def preprocess_images(batch: Mapping[str, Any], cameras: tuple[str, ...], image_size: int,
                       mean: tuple[float, ...], std: tuple[float, ...],
-                      device: torch.device) -> tuple[Tensor, Tensor, int]:
+                      device: torch.device, resize: bool = False) -> tuple[Tensor, Tensor, int]:
     """-> pixels (b, k, 3, S, S) normalized (zeros for absent cameras), present (b, k) bool, b."""
     b = batch_size_of(batch, cameras)
     check_camera_keys(batch, cameras)
@@ -105,6 +106,10 @@ def preprocess_images(batch: Mapping[str, Any], cameras: tuple[str, ...], image_
             continue
         x = read_image(batch[cam], cam, b, device)
         if x.shape[-2:] != (s, s):
+            if not resize:
+                raise InputError(f"{cam!r} has images of {x.shape[-2]} x {x.shape[-1]} pixels: expected {s} x {s} "
+                                 "(EncoderConfig.image_size); render at that size, or set "
+                                 "EncoderConfig.resize_images=True to resize them")
             x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
         pixels[:, i] = (x - m) / sd
         flag = read_pad_flag(batch, cam, b, device)

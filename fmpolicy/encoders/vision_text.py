@@ -111,7 +111,8 @@ class VisionTextEncoder(PrefixEncoder):
     def backbone(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """-> images (b, k, n_patches, d_vision), image_mask (b, k), text (b, n, d_text), text_mask (b, n)."""
         c = self.config
-        pixels, present, b = preprocess_images(batch, c.cameras, c.image_size, c.image_mean, c.image_std, self.device)
+        pixels, present, b = preprocess_images(batch, c.cameras, c.image_size, c.image_mean, c.image_std, self.device,
+                                               c.resize_images)
         tasks = read_tasks(batch, b, c.require_task)
         k = len(c.cameras)
         feats = torch.zeros(b, k, self.num_patches, self.vision.config.hidden_size, device=self.device)

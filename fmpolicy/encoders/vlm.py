@@ -93,7 +93,8 @@ class VLMEncoder(PrefixEncoder):
     def backbone(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """-> hidden (b, p, d_vlm) last hidden states, mask (b, p) bool."""
         c = self.config
-        pixels, present, b = preprocess_images(batch, c.cameras, c.image_size, c.image_mean, c.image_std, self.device)
+        pixels, present, b = preprocess_images(batch, c.cameras, c.image_size, c.image_mean, c.image_std, self.device,
+                                               c.resize_images)
         tasks = read_tasks(batch, b, c.require_task)
         ids, text_mask = self.tokenizer.tokenize(tasks, c.max_text_tokens)
         k, n = len(c.cameras), self.num_patches
