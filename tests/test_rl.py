@@ -330,3 +330,60 @@ def test_init_from_an_imitation_checkpoint_with_a_critic_only_warmup(tmp_path):
     warm = train_rl(config2)  # warm-up only: the actor is exactly the imitation policy
     for a, b in zip(before, warm.actor.parameters()):
         assert torch.equal(a, b)
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------
+
+
+class StaggeredEnv:
+    """Env i ends its first episode after i + 1 steps (reward 1 a step, success when i is even), then
+    keeps paying 100 a step: an evaluator that counted past the first episode would show it."""
+
+    def __init__(self, num_envs: int):
+        self.num_envs, self.t = num_envs, torch.zeros(num_envs)
+
+    def reset(self, *, seed=None, options=None):
+        self.t = torch.zeros(self.num_envs)
+        return {"observation.state": torch.zeros(self.num_envs, 1)}, {}
+
+    def step(self, actions):
+        self.t += 1
+        first = self.t <= torch.arange(1, self.num_envs + 1)
+        done = self.t == torch.arange(1, self.num_envs + 1)
+        reward = torch.where(first, 1.0, 100.0)
+        info = {"final_info": {"is_success": torch.arange(self.num_envs) % 2 == 0}}
+        return {"observation.state": self.t[:, None].clone()}, reward, done, torch.zeros_like(done), info
+
+
+def test_evaluation_plays_exactly_one_episode_per_env_and_is_deterministic_without_noise():
+    from fmpolicy.rl.evaluate import evaluate_actor
+
+    actor = GaussianActor(1, 2, 3, GaussianConfig(width=8, depth=1))
+    stats = evaluate_actor(actor, StaggeredEnv(5), n_action_steps=3, zero_noise=True, seed=0)
+    assert stats["return"] == pytest.approx((1 + 2 + 3 + 4 + 5) / 5)
+    assert stats["length"] == pytest.approx(3.0) and stats["episodes"] == 5
+    assert stats["success"] == pytest.approx(3 / 5)
+    # on the bandit: the zero-noise return is the reward of the squashed mean; sampling differs
+    bandit = TwoOptimaBandit(64)
+    g = GaussianActor(1, 2, 1, GaussianConfig(init_log_std=0.0))
+    mean_reward = float(bandit.reward(torch.tanh(g.mean({"observation.state": torch.zeros(1, 1)}))).item())
+    assert evaluate_actor(g, bandit, 1, True, seed=0)["return"] == pytest.approx(mean_reward, abs=1e-6)
+    assert evaluate_actor(g, bandit, 1, False, seed=0, generator=torch.Generator().manual_seed(0))["return_std"] > 0
+    assert evaluate_actor(g, bandit, 1, True, seed=0)["return_std"] < 1e-6  # every env plays the mean
+
+
+def test_periodic_evaluation_is_logged_and_leaves_training_unchanged(tmp_path):
+    base = dict(num_envs=64, total_env_steps=64 * 4, seed=1)
+    plain = train_rl(bandit_config(tmp_path / "a", **base))
+    evaluated = train_rl(bandit_config(tmp_path / "b", eval_every=2, eval_episodes=16, **base))
+    for a, b in zip(plain.actor.parameters(), evaluated.actor.parameters()):
+        assert torch.equal(a, b)  # evaluation draws from its own random stream
+    h = evaluated.history
+    assert [r["iteration"] for r in h] == [0, 1, 2, 3, 4]
+    assert [("eval_return" in r) for r in h] == [True, False, True, False, True]
+    assert all(0.0 <= r["eval_success"] <= 1.0 and "eval_return_sampled" in r for r in h if "eval_return" in r)
+    # the iteration-0 evaluation is the untrained policy's, on the same start states every time
+    first = h[0]["eval_return"]
+    assert first != h[-1]["eval_return"]
+    log = (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 5 and '"eval_return"' in log[0]

@@ -102,6 +102,8 @@ class RLConfig:
     keep_checkpoints: int = 2  # recent checkpoints kept
     log_every: int = 1  # iterations between log lines (every update is logged with 1)
     progress: bool = True  # show a progress bar
+    eval_every: int = 0  # iterations between evaluations (and one before the first update); 0 = off
+    eval_episodes: int = 64  # one episode in each of this many fresh envs, same start states every time
     fpo: FPOConfig = field(default_factory=FPOConfig)
     gaussian: GaussianConfig = field(default_factory=GaussianConfig)
     value: ValueConfig = field(default_factory=ValueConfig)
@@ -110,8 +112,8 @@ class RLConfig:
         name = type(self).__name__
         _choice(self, "policy_type", POLICY_TYPES)
         _positive_ints(self, "num_envs", "num_macro_steps", "update_epochs", "num_minibatches", "total_env_steps",
-                       "save_every", "keep_checkpoints", "log_every")
-        for f in ("n_action_steps", "critic_warmup_iterations", "seed"):
+                       "save_every", "keep_checkpoints", "log_every", "eval_episodes")
+        for f in ("n_action_steps", "critic_warmup_iterations", "seed", "eval_every"):
             v = getattr(self, f)
             _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, name, f, v, "an int >= 0")
         _check(0.0 < self.gamma <= 1.0, name, "gamma", self.gamma, "a number in (0, 1]")

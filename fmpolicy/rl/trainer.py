@@ -40,6 +40,7 @@ from fmpolicy.errors import CheckpointError, ConfigError
 from fmpolicy.policy import FlowPolicy
 from fmpolicy.rl.actors import FlowActor, GaussianActor
 from fmpolicy.rl.config import RLRunConfig
+from fmpolicy.rl.evaluate import evaluate_actor
 from fmpolicy.rl.gae import compute_gae
 from fmpolicy.rl.objectives import compute_clipped_surrogate, compute_value_loss, explained_variance
 from fmpolicy.rl.rollout import RolloutCollector, make_vector_env
@@ -50,7 +51,8 @@ from fmpolicy.training.imitation import RunLogger, rng_state, set_rng_state
 RATIO_CHECK_TOL = 1e-6
 # config fields a resumed run may change (everything else must match the checkpoint's config)
 RESUMABLE_CHANGES = ("rl.total_env_steps", "rl.progress", "rl.save_every", "rl.log_every", "rl.keep_checkpoints",
-                     "rl.device", "policy.device")
+                     "rl.device", "policy.device", "rl.eval_every", "rl.eval_episodes")
+EVAL_SEED_OFFSET = 10_000  # evaluation envs start from seed + this: states the rollouts' seeds do not give
 
 
 class RatioCheckError(RuntimeError):
@@ -158,6 +160,21 @@ def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
     (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
     logger = RunLogger(out, "jsonl", True)
 
+    eval_envs = (make_vector_env(config.env.id, rc.eval_episodes, device, rc.seed + EVAL_SEED_OFFSET,
+                                 config.env.kwargs) if rc.eval_every else None)
+
+    def evaluate() -> dict[str, Any]:
+        """Deterministic (zero initial noise / Gaussian mean) and sampled returns on fixed start states."""
+        out: dict[str, Any] = {}
+        was_training = actor.training
+        actor.eval()
+        for zero, suffix in ((True, ""), (False, "_sampled")):
+            gen = torch.Generator(device=device).manual_seed(rc.seed + 3)  # own stream: rollouts are unaffected
+            r = evaluate_actor(actor, eval_envs, k, zero, rc.seed + EVAL_SEED_OFFSET, gen)
+            out[f"eval_return{suffix}"], out[f"eval_success{suffix}"] = r["return"], r["success"]
+        actor.train(was_training)
+        return out
+
     def checkpoint(iteration: int) -> None:
         state = {"iteration": iteration, "actor": actor.state_dict(), "critic": critic.state_dict(),
                  "optimizer": optimizer.state_dict(), "rollout_generator": rollout_gen.get_state(),
@@ -166,6 +183,9 @@ def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
         save_checkpoint(out, iteration, actor, state, rc.keep_checkpoints)
 
     # ---- the loop ----
+    if eval_envs is not None and start == 0:
+        history.append({"iteration": 0, "env_steps": 0, **evaluate()})
+        logger.log(0, history[-1])
     progress = _progress(range(start, num_iterations), rc.progress, start, num_iterations)
     for iteration in progress:
         tick = time.perf_counter()
@@ -247,6 +267,8 @@ def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
             "success_rate": float(np.mean(rollout.episode_successes)) if rollout.episode_successes else None,
             "seconds": time.perf_counter() - tick,
         }
+        if eval_envs is not None and (done % rc.eval_every == 0 or done == num_iterations):
+            record.update(evaluate())
         if hasattr(envs, "action_stats"):  # env-specific diagnostics of the executed actions (the bandit's modes)
             record.update(envs.action_stats(b_chunks[:, 0]))
         history.append(record)
@@ -273,11 +295,20 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str = 
     points = [(h["env_steps"], h["episode_return"]) for h in history if h.get("episode_return") is not None]
     fig, ax = plt.subplots(figsize=(6, 4))
     if points:
-        ax.plot(*zip(*points), label="episode return")
+        ax.plot(*zip(*points), label="rollout episode return")
+    for key, style in (("eval_return", "o-"), ("eval_return_sampled", "x--")):
+        ev = [(h["env_steps"], h[key]) for h in history if h.get(key) is not None]
+        if ev:
+            ax.plot(*zip(*ev), style, markersize=3, label=key.replace("_", " ") + (" (zero noise)" if key == "eval_return" else ""))
+    if len(ax.get_lines()) > 1:
+        ax.legend(loc="lower right", fontsize=8)
     succ = [(h["env_steps"], h["success_rate"]) for h in history if h.get("success_rate") is not None]
     if succ:
         ax2 = ax.twinx()
         ax2.plot(*zip(*succ), color="tab:green", alpha=0.6, label="success rate")
+        ev = [(h["env_steps"], h["eval_success"]) for h in history if h.get("eval_success") is not None]
+        if ev:
+            ax2.plot(*zip(*ev), "o-", color="tab:olive", markersize=3, label="eval success (zero noise)")
         ax2.set_ylabel("success rate")
     ax.set_xlabel("env steps")
     ax.set_ylabel("mean episode return")
