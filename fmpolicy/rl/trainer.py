@@ -183,8 +183,11 @@ def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
         save_checkpoint(out, iteration, actor, state, rc.keep_checkpoints)
 
     # ---- the loop ----
+    run_start = time.perf_counter()
+    elapsed_before = history[-1].get("elapsed_s", 0.0) if history else 0.0  # a resumed run counts on
+    elapsed = lambda: elapsed_before + time.perf_counter() - run_start  # noqa: E731
     if eval_envs is not None and start == 0:
-        history.append({"iteration": 0, "env_steps": 0, **evaluate()})
+        history.append({"iteration": 0, "env_steps": 0, **evaluate(), "elapsed_s": elapsed()})
         logger.log(0, history[-1])
     progress = _progress(range(start, num_iterations), rc.progress, start, num_iterations)
     for iteration in progress:
@@ -269,6 +272,7 @@ def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
         }
         if eval_envs is not None and (done % rc.eval_every == 0 or done == num_iterations):
             record.update(evaluate())
+        record["elapsed_s"] = elapsed()  # wall time since the run began, evaluations included
         if hasattr(envs, "action_stats"):  # env-specific diagnostics of the executed actions (the bandit's modes)
             record.update(envs.action_stats(b_chunks[:, 0]))
         history.append(record)
