@@ -263,6 +263,31 @@ def test_gym_vector_adapter_rescales_actions_and_returns_the_final_observation()
         GymVectorAdapter(bad)
 
 
+def test_mujoco_inverted_pendulum_terminates_through_the_adapter_and_trains_with_both_methods(tmp_path):
+    pytest.importorskip("mujoco")
+    env = gym.make_vec("InvertedPendulum-v5", num_envs=2, vectorization_mode="sync",
+                       vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP})
+    adapter = GymVectorAdapter(env)
+    torch.testing.assert_close(adapter.high, torch.tensor([3.0]))
+    adapter.reset(seed=0)
+    for _ in range(100):  # full push one way: the pole falls, the episode terminates (not truncates)
+        obs, reward, term, trunc, info = adapter.step(torch.ones(2, 1))
+        if term.any():
+            break
+    assert term.all() and not trunc.any()
+    reached = info["final_obs"]["observation.state"]
+    assert reached[:, 1].abs().min() > 0.2  # the pole angle that ended the episode...
+    assert obs["observation.state"][:, 1].abs().max() < 0.05  # ...and the fresh reset after it
+    for method in ("flow", "gaussian"):
+        config = load_rl_config("configs/fpo_inverted_pendulum.yaml", [
+            f"rl.policy_type={method}", "rl.num_envs=4", "rl.num_macro_steps=16", "rl.total_env_steps=128",
+            "rl.eval_every=1", "rl.eval_episodes=2", "rl.progress=false", "rl.device=cpu",
+            f"rl.out_dir={tmp_path / method}"])
+        history = train_rl(config).history
+        assert len(history) == 3 and history[1]["ratio_first_max_dev"] <= 1e-6
+        assert history[0]["eval_return"] >= 1.0  # every episode lasts at least a step, reward 1 a step
+
+
 # ---- config errors ------------------------------------------------------------------------------------
 
 
@@ -292,7 +317,8 @@ def test_bad_nested_and_yaml_values_raise_clear_errors(tmp_path):
         train_rl(bandit_config(tmp_path, total_env_steps=10))
     with pytest.raises(ConfigError, match="normalization"):
         train_rl(config_from_dict(RLRunConfig, {"rl": {"device": "cpu", "out_dir": str(tmp_path)}}))
-    for cfg in ("configs/fpo_bandit.yaml", "configs/fpo_pendulum.yaml", "configs/fpo_point.yaml"):
+    for cfg in ("configs/fpo_bandit.yaml", "configs/fpo_pendulum.yaml", "configs/fpo_point.yaml",
+                "configs/fpo_point_finetune.yaml", "configs/fpo_inverted_pendulum.yaml", "configs/fpo_halfcheetah.yaml"):
         assert math.isfinite(load_rl_config(cfg).rl.lr)  # the shipped configs load
 
 
