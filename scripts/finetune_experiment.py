@@ -122,8 +122,9 @@ def plot(results: dict, path: Path) -> None:
     ax.plot([c["elapsed_s"] / 60 for c in curve], [c["eval_success_sampled"] for c in curve], "x--",
             label="FPO, random initial noise")
     ax.plot([0], [results["bc"]["success_rate"]], "ks", label="imitation (start)")
+    more = results["bc_continued"]["steps"] - results["bc"]["steps"]
     ax.plot([results["bc_continued"]["train_seconds"] / 60], [results["bc_continued"]["success_rate"]], "rs",
-            label="imitation continued, same time")
+            label=f"imitation continued ({more} more steps)")
     ax.set_xlabel("minutes after imitation (2-core CPU)")
     ax.set_ylabel("success rate")
     ax.set_ylim(0, 1.02)
