@@ -18,7 +18,7 @@ def test_bench_quick_json():
     # run only needs to finish quickly, not to measure anything
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", "--threads", "1"],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=SCRIPT.parents[1])
+                          capture_output=True, text=True, timeout=600, env=env, cwd=SCRIPT.parents[1])
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     rows = [json.loads(line) for line in lines]  # every line is one JSON object
