@@ -358,6 +358,24 @@ def test_init_from_an_imitation_checkpoint_with_a_critic_only_warmup(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_flow_actor_stores_the_executed_clipped_chunk_so_cfm_losses_stay_bounded(tmp_path):
+    from fmpolicy.rl.config import FPOConfig
+
+    config = bandit_config(tmp_path)
+    obs = {"observation.state": torch.zeros(256, 1)}
+    for clip in (True, False):
+        torch.manual_seed(0)
+        actor, _ = make_actor(config, torch.device("cpu"))
+        actor.fpo = FPOConfig(action_noise_std=5.0, clip_actions=clip)  # samples far outside [-1, 1]
+        chunk, store = actor.act(obs, torch.Generator().manual_seed(0))
+        if clip:
+            assert chunk.abs().max() <= 1.0 and store["loss_old"].max() < 20.0
+            log_ratio, _ = actor.log_ratio(obs, chunk, store)
+            assert log_ratio.abs().max() == 0.0  # unmoved policy: still exactly 1 on the clipped chunk
+        else:
+            assert chunk.abs().max() > 5.0 and store["loss_old"].max() > 50.0
+
+
 # ---- evaluation ---------------------------------------------------------------------------------------
 
 

@@ -67,6 +67,12 @@ class FlowActor(nn.Module):
         chunk = self.policy.predict_action_chunk(obs, noise=self.policy.sample_noise(b, generator))
         if self.fpo.action_noise_std > 0:
             chunk = chunk + self.fpo.action_noise_std * sample_noise(chunk.shape, generator=generator, device=self.device)
+        if self.fpo.clip_actions:
+            # the envs clip actions to [-1, 1] anyway; storing the executed (clipped) chunk keeps the CFM
+            # losses bounded. Unclipped, nothing stops the flow's samples from growing: on HalfCheetah the
+            # stored actions and their losses grew to ~1e8 and the run ended on a non-finite gradient.
+            # Off by default: on the bandit the point masses it puts on the box's faces slow learning.
+            chunk = chunk.clamp(-1.0, 1.0)
         t, noise = self.sample_pairs(b, generator)
         loss_old = self.policy.compute_cfm_losses(obs, chunk, t, noise)
         return chunk, {"t": t, "noise": noise, "loss_old": loss_old}

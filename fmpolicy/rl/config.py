@@ -36,9 +36,11 @@ class FPOConfig:
     clamp_log_ratio: float | None = None  # bound on |log_ratio| before exp (straight-through), null = off
     action_noise_std: float = 0.0  # std of a Gaussian added to sampled chunks (extra exploration), 0 = off
     time_sampling: str = "uniform"  # t_i of the pairs: "uniform" U(0, 1), or "policy" (policy.flow's schedule)
+    clip_actions: bool = False  # store (and execute) sampled chunks clipped to [-1, 1]: see FlowActor.act
 
     def __post_init__(self) -> None:
         _positive_ints(self, "num_pairs")
+        _check(isinstance(self.clip_actions, bool), type(self).__name__, "clip_actions", self.clip_actions, "true or false")
         _choice(self, "ratio_mode", RATIO_MODES)
         _choice(self, "time_sampling", FPO_TIME_SAMPLINGS)
         _positive_or_none(self, "clamp_old", "clamp_log_ratio")
