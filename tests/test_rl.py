@@ -376,6 +376,13 @@ def test_flow_actor_stores_the_executed_clipped_chunk_so_cfm_losses_stay_bounded
             assert chunk.abs().max() > 5.0 and store["loss_old"].max() > 50.0
 
 
+def test_annealed_learning_rate_falls_linearly_to_zero_and_is_logged(tmp_path):
+    history = train_rl(bandit_config(tmp_path, num_envs=32, total_env_steps=32 * 4, anneal_lr=True, lr=1e-3)).history
+    assert [h["lr"] for h in history] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    flat = train_rl(bandit_config(tmp_path / "b", num_envs=32, total_env_steps=32 * 2, lr=1e-3)).history
+    assert [h["lr"] for h in flat] == [1e-3, 1e-3]
+
+
 # ---- evaluation ---------------------------------------------------------------------------------------
 
 

@@ -89,6 +89,7 @@ class RLConfig:
     update_epochs: int = 4  # passes over the rollout per iteration
     num_minibatches: int = 4  # minibatches per pass (the rollout of n * e chunks is split evenly)
     lr: float = 3e-4  # Adam learning rate (actor and critic)
+    anneal_lr: bool = False  # decay the learning rate linearly from lr to 0 over the run (CleanRL's default)
     clip: float = 0.05  # PPO clip range c: ratios outside [1 - c, 1 + c] get no further push
     normalize_advantages: bool = True  # standardise advantages per minibatch
     vf_coef: float = 0.5  # weight of the value loss
@@ -121,6 +122,7 @@ class RLConfig:
         _check(0.0 < self.gamma <= 1.0, name, "gamma", self.gamma, "a number in (0, 1]")
         _check(0.0 <= self.gae_lambda <= 1.0, name, "gae_lambda", self.gae_lambda, "a number in [0, 1]")
         _check(self.lr > 0, name, "lr", self.lr, "a positive number")
+        _check(isinstance(self.anneal_lr, bool), name, "anneal_lr", self.anneal_lr, "true or false")
         _check(0.0 < self.clip < 1.0, name, "clip", self.clip, "a number in (0, 1)")
         _check(self.vf_coef >= 0, name, "vf_coef", self.vf_coef, "a number >= 0")
         _check(self.max_grad_norm >= 0, name, "max_grad_norm", self.max_grad_norm, "a number >= 0")

@@ -192,6 +192,9 @@ def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
     progress = _progress(range(start, num_iterations), rc.progress, start, num_iterations)
     for iteration in progress:
         tick = time.perf_counter()
+        if rc.anneal_lr:  # linear decay to 0 over the run (CleanRL's anneal_lr); a function of the iteration
+            for group in optimizer.param_groups:
+                group["lr"] = rc.lr * (1.0 - iteration / num_iterations)
 
         # -- rollout: n macro-steps in e envs with the current policy --
         rollout = collector.collect(rc.num_macro_steps, rollout_gen)
@@ -268,7 +271,7 @@ def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
             "episode_return": float(np.mean(rollout.episode_returns)) if rollout.episode_returns else None,
             "episodes": len(rollout.episode_returns),
             "success_rate": float(np.mean(rollout.episode_successes)) if rollout.episode_successes else None,
-            "seconds": time.perf_counter() - tick,
+            "seconds": time.perf_counter() - tick, "lr": optimizer.param_groups[0]["lr"],
         }
         if eval_envs is not None and (done % rc.eval_every == 0 or done == num_iterations):
             record.update(evaluate())
