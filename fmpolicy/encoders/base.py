@@ -112,4 +112,5 @@ class PrefixEncoder(nn.Module):
 
     @property
     def num_tokens(self) -> int:
-        raise NotImplementedError
+        """Prefix length p: `num_patches` image tokens per camera (set by the subclass), then the text."""
+        return len(self.config.cameras) * self.num_patches + self.config.max_text_tokens

@@ -101,10 +101,6 @@ class VisionTextEncoder(PrefixEncoder):
         elif config.freeze_text:
             self._freeze(self.text)
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.config.cameras) * self.num_patches + self.config.max_text_tokens
-
     def head_parameters(self) -> list[nn.Parameter]:
         return [*self.vision_proj.parameters(), *self.text_proj.parameters(), self.camera_embed]
 

@@ -83,10 +83,6 @@ class VLMEncoder(PrefixEncoder):
         elif config.freeze_vlm:
             self._freeze(self.vlm)
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.config.cameras) * self.num_patches + self.config.max_text_tokens
-
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.proj.parameters())
 
