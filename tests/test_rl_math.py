@@ -8,6 +8,7 @@ import torch
 from fmpolicy.rl.gae import compute_gae
 from fmpolicy.rl.objectives import (
     compute_clipped_surrogate,
+    compute_policy_surrogate,
     compute_fpo_log_ratio,
     explained_variance,
     straight_through_clamp,
@@ -80,6 +81,36 @@ def test_clipped_surrogate_gradient_vanishes_outside_the_clip_range_as_ppo():
     expected = torch.tensor([-1.0, -1.0, -1.0, 0.0, 0.0, 1.0])
     torch.testing.assert_close(ratio.grad, expected)
     torch.testing.assert_close(loss.detach(), torch.tensor([-0.7, -0.95, -1.1, -1.2, 0.8, 1.5]))
+
+
+def test_aspo_is_ppo_for_good_actions_and_pulls_bad_ones_back_into_the_trust_region():
+    clip = 0.2
+    ratio = torch.tensor([0.7, 1.5, 0.5, 0.9, 1.1], requires_grad=True)
+    adv = torch.tensor([1.0, 1.0, -2.0, -2.0, -2.0])
+    loss = compute_policy_surrogate(ratio, adv, clip, "aspo")
+    loss.sum().backward()
+    # A >= 0: PPO's clipped gradient (-A inside, 0 above 1 + c). A < 0: d/dr [-(r A - |A|/(2c)(r-1)^2)]
+    # = -A + |A| (r - 1) / c: zero at r = 1 - c, negative below it (descent raises r back), so a bad
+    # action's likelihood is not pushed down without bound as it can be under clipping's zero gradient
+    expected = torch.tensor([-1.0, 0.0, 2.0 + 2.0 * (0.5 - 1.0) / clip, 2.0 + 2.0 * (0.9 - 1.0) / clip,
+                             2.0 + 2.0 * (1.1 - 1.0) / clip])
+    torch.testing.assert_close(ratio.grad, expected)
+    assert ratio.grad[2] < 0 and ratio.grad[3] > 0  # below 1 - c: pulled up; inside: pushed down
+
+
+def test_every_surrogate_starts_as_the_policy_gradient_at_ratio_one():
+    adv = torch.tensor([1.5, -0.5, -2.0, 0.0])
+    grads = []
+    for kind in ("clip", "aspo"):
+        ratio = torch.ones(4, requires_grad=True)
+        loss = compute_policy_surrogate(ratio, adv, 0.05, kind)
+        torch.testing.assert_close(loss.detach(), -adv)
+        loss.sum().backward()
+        grads.append(ratio.grad)
+    torch.testing.assert_close(grads[0], -adv)
+    torch.testing.assert_close(grads[1], -adv)
+    with pytest.raises(ValueError, match="aspo"):
+        compute_policy_surrogate(torch.ones(2), torch.ones(2), 0.1, "spo")
 
 
 def test_per_pair_ratios_share_their_actions_advantage():

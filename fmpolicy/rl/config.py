@@ -17,6 +17,7 @@ POLICY_TYPES = ("flow", "gaussian")
 RATIO_MODES = ("mean", "per_pair")
 FPO_TIME_SAMPLINGS = ("uniform", "policy")
 SQUASHES = ("tanh", "clip")
+SURROGATES = ("clip", "aspo")
 VALUE_INPUTS = ("state", "prefix_pooled")
 
 
@@ -91,6 +92,7 @@ class RLConfig:
     lr: float = 3e-4  # Adam learning rate (actor and critic)
     anneal_lr: bool = False  # decay the learning rate linearly from lr to 0 over the run (CleanRL's default)
     clip: float = 0.05  # PPO clip range c: ratios outside [1 - c, 1 + c] get no further push
+    surrogate: str = "clip"  # policy loss: "clip" (PPO) or "aspo" (PPO clip for A >= 0, SPO penalty for A < 0)
     normalize_advantages: bool = True  # standardise advantages per minibatch
     vf_coef: float = 0.5  # weight of the value loss
     value_clip: float | None = None  # clip the value update around the old values (CleanRL), null = off
@@ -114,6 +116,7 @@ class RLConfig:
     def __post_init__(self) -> None:
         name = type(self).__name__
         _choice(self, "policy_type", POLICY_TYPES)
+        _choice(self, "surrogate", SURROGATES)
         _positive_ints(self, "num_envs", "num_macro_steps", "update_epochs", "num_minibatches", "total_env_steps",
                        "save_every", "keep_checkpoints", "log_every", "eval_episodes")
         for f in ("n_action_steps", "critic_warmup_iterations", "seed", "eval_every"):

@@ -64,6 +64,38 @@ def compute_clipped_surrogate(ratio: Tensor, advantages: Tensor, clip: float) ->
     return loss.mean(dim=-1) if loss.dim() > 1 else loss
 
 
+def compute_spo_surrogate(ratio: Tensor, advantages: Tensor, clip: float) -> Tensor:
+    """SPO's penalised policy loss per sample (to minimise): -(r A - |A| / (2c) (r - 1)^2).
+
+    (Xie et al., "Simple Policy Optimization", 2025.) Unlike the clipped surrogate, its gradient does not
+    vanish outside the trust region: it pulls r back towards 1 -/+ c, the surrogate's maximum for A < 0 /
+    A > 0. Shapes as `compute_clipped_surrogate`.
+    """
+    if ratio.dim() == advantages.dim() + 1:
+        advantages = advantages[..., None]
+    loss = -(ratio * advantages - advantages.abs() / (2.0 * clip) * (ratio - 1.0).pow(2))
+    return loss.mean(dim=-1) if loss.dim() > 1 else loss
+
+
+def compute_policy_surrogate(ratio: Tensor, advantages: Tensor, clip: float, kind: str = "clip") -> Tensor:
+    """The policy loss per sample (to minimise) that `rl.surrogate` names. (b,)
+
+    "clip": PPO's clipped surrogate for every sample. "aspo": the asymmetric trust region of FPO++
+    (Yi et al., "Flow Policy Gradients for Robot Control", 2026): PPO clipping where A >= 0, SPO's
+    quadratic penalty where A < 0. With a flow policy nothing in the clipped surrogate stops the update
+    from raising the CFM loss of a bad action further once its ratio left the clip range (other samples'
+    gradients move it on through the shared weights); SPO's restoring gradient does. At r = 1 both give
+    the same loss and gradient.
+    """
+    if kind == "clip":
+        return compute_clipped_surrogate(ratio, advantages, clip)
+    if kind != "aspo":
+        raise ValueError(f"policy surrogate {kind!r} is unknown: expected 'clip' or 'aspo'")
+    clipped = compute_clipped_surrogate(ratio, advantages, clip)
+    penalised = compute_spo_surrogate(ratio, advantages, clip)
+    return torch.where(advantages >= 0, clipped, penalised)
+
+
 def compute_value_loss(values: Tensor, returns: Tensor, old_values: Tensor | None = None,
                        clip: float | None = None) -> Tensor:
     """Per-sample squared value error, optionally clipped around the old values (as CleanRL). (b,)"""

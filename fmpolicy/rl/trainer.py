@@ -1,8 +1,8 @@
 """The RL trainer: FPO on a flow policy and Gaussian PPO (the baseline) in one readable loop.
 
 Each iteration: collect n macro-steps in e envs (`RolloutCollector`) -> GAE over macro-steps ->
-`update_epochs` passes over shuffled minibatches of the PPO clipped surrogate + value loss (no
-entropy term), with gradient clipping; the first `critic_warmup_iterations` train only the critic.
+`update_epochs` passes over shuffled minibatches of the policy surrogate (`rl.surrogate`: PPO's clip,
+or FPO++'s asymmetric "aspo") + value loss (no entropy term), with gradient clipping; the first `critic_warmup_iterations` train only the critic.
 The only difference between the two methods is the actor's `log_ratio` (actors.py).
 
 Built-in checks: at the first minibatch of every update the ratio must be 1 to 1e-6 (the policy has
@@ -42,7 +42,7 @@ from fmpolicy.rl.actors import FlowActor, GaussianActor
 from fmpolicy.rl.config import RLRunConfig
 from fmpolicy.rl.evaluate import evaluate_actor
 from fmpolicy.rl.gae import compute_gae
-from fmpolicy.rl.objectives import compute_clipped_surrogate, compute_value_loss, explained_variance
+from fmpolicy.rl.objectives import compute_policy_surrogate, compute_value_loss, explained_variance
 from fmpolicy.rl.rollout import RolloutCollector, make_vector_env
 from fmpolicy.rl.value import ValueNet
 from fmpolicy.training.checkpoint import diff_configs, find_last_checkpoint, load_training_state, save_checkpoint
@@ -231,7 +231,7 @@ def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
                 adv = b_adv[mb]
                 if rc.normalize_advantages and len(mb) > 1:
                     adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-                pg_loss = compute_clipped_surrogate(ratio, adv, rc.clip).mean()
+                pg_loss = compute_policy_surrogate(ratio, adv, rc.clip, rc.surrogate).mean()
                 v_loss = compute_value_loss(critic(obs_mb), b_ret[mb], b_values[mb], rc.value_clip).mean()
                 loss = rc.vf_coef * v_loss + (0.0 if warmup else pg_loss)
                 if not bool(torch.isfinite(loss)):
