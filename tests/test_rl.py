@@ -313,6 +313,10 @@ def test_bad_nested_and_yaml_values_raise_clear_errors(tmp_path):
         load_rl_config("configs/fpo_bandit.yaml", ["rl.policy_type=gaussian", "init_from=runs/x/policy"])
     with pytest.raises(ConfigError, match="clamp_old"):
         load_rl_config("configs/fpo_bandit.yaml", ["rl.fpo.clamp_old=-1"])
+    with pytest.raises(ConfigError, match="ref_coef.*-0.5"):
+        load_rl_config("configs/fpo_bandit.yaml", ["rl.fpo.ref_coef=-0.5"])
+    with pytest.raises(ConfigError, match="surrogate.*spo"):
+        load_rl_config("configs/fpo_bandit.yaml", ["rl.surrogate=spo"])
     with pytest.raises(ConfigError, match="less than one rollout"):
         train_rl(bandit_config(tmp_path, total_env_steps=10))
     with pytest.raises(ConfigError, match="normalization"):
@@ -374,6 +378,32 @@ def test_flow_actor_stores_the_executed_clipped_chunk_so_cfm_losses_stay_bounded
             assert log_ratio.abs().max() == 0.0  # unmoved policy: still exactly 1 on the clipped chunk
         else:
             assert chunk.abs().max() > 5.0 and store["loss_old"].max() > 50.0
+
+
+def test_reference_regulariser_keeps_the_policy_near_its_frozen_start(tmp_path):
+    def run(ref_coef):
+        config = bandit_config(tmp_path / str(ref_coef), lr=1e-3, num_envs=256, total_env_steps=256 * 30, seed=4,
+                               fpo={"ref_coef": ref_coef})
+        torch.manual_seed(4)  # as train_rl seeds before it builds the actor: the starting weights
+        start, _ = make_actor(config, torch.device("cpu"))
+        result = train_rl(config)
+        obs = {"observation.state": torch.zeros(4096, 1)}
+        spread = float(result.actor.act(obs, torch.Generator().manual_seed(0))[0].std(dim=0).mean())
+        return start, result, spread
+
+    _, plain, spread_plain = run(0.0)
+    start, regularised, spread_reg = run(2.0)
+    actor = regularised.actor
+    # the reference is the frozen starting policy, outside the optimiser, saved with the actor
+    for (name, a), b in zip(start.policy.state_dict().items(), actor.reference.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not any(p.requires_grad for p in actor.reference.parameters()) and not actor.reference.training
+    assert any(k.startswith("reference.") for k in actor.state_dict())
+    assert plain.actor.reference is None and "ref_cfm_loss" not in plain.history[-1]
+    assert all(math.isfinite(h["ref_cfm_loss"]) for h in regularised.history)
+    # the plain run sharpens towards the optima; the pull to the broad initial flow keeps it wider
+    assert spread_reg > spread_plain + 0.1, (spread_reg, spread_plain)  # measured 0.84 vs 0.62
+    assert max(h["episode_return"] for h in regularised.history) > regularised.history[0]["episode_return"]
 
 
 def test_annealed_learning_rate_falls_linearly_to_zero_and_is_logged(tmp_path):

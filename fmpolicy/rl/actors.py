@@ -2,6 +2,7 @@
 
     chunk, store = actor.act(obs, generator)        # rollout: a chunk (b, h, a) in [-1, 1] units
     log_ratio, stats = actor.log_ratio(obs, chunk, store)   # update: log(pi_new / pi_old), (b,) or (b, m)
+    reg = actor.regularizer(obs, store)              # update: a scalar added to the loss, or None
     chunk = actor.eval_act(obs, zero_noise=True)     # evaluation
     actor.parameters(); actor.save_pretrained(directory)
 
@@ -11,7 +12,8 @@ into minibatches: whatever the actor needs to recompute its ratio exactly.
 - `FlowActor` (FPO): exploration comes from the flow's initial noise (plus an optional Gaussian
   perturbation of the chunk). At rollout time it draws m pairs (t_i, noise_i) per chunk and stores
   them with the old per-pair CFM losses; the update recomputes the losses at the *same* pairs, so an
-  unmoved policy has a ratio of exactly 1.
+  unmoved policy has a ratio of exactly 1. With `fpo.ref_coef > 0` it keeps a frozen copy of the
+  starting policy and regularises towards it (`regularizer`).
 - `GaussianActor` (PPO baseline): a state-independent log-std and an MLP mean of the executed part
   of the chunk (n_action_steps steps: entries never executed would only add noise to the ratio),
   squashed by tanh (the pre-squash sample is stored, so the log-prob, log-det included, is
@@ -20,6 +22,7 @@ into minibatches: whatever the actor needs to recompute its ratio exactly.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Mapping
@@ -44,6 +47,14 @@ class FlowActor(nn.Module):
     def __init__(self, policy: FlowPolicy, fpo: FPOConfig):
         super().__init__()
         self.policy, self.fpo = policy, fpo
+        # the starting policy, frozen (its weights are in the actor's state dict, so a resumed run keeps it)
+        self.reference = copy.deepcopy(policy).requires_grad_(False).eval() if fpo.ref_coef > 0 else None
+
+    def train(self, mode: bool = True) -> "FlowActor":
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()  # always sampled as it was
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -75,7 +86,12 @@ class FlowActor(nn.Module):
             chunk = chunk.clamp(-1.0, 1.0)
         t, noise = self.sample_pairs(b, generator)
         loss_old = self.policy.compute_cfm_losses(obs, chunk, t, noise)
-        return chunk, {"t": t, "noise": noise, "loss_old": loss_old}
+        store = {"t": t, "noise": noise, "loss_old": loss_old}
+        if self.reference is not None:  # a chunk of the starting policy and one (t, noise) pair for it
+            ref = self.reference.predict_action_chunk(obs, noise=self.policy.sample_noise(b, generator))
+            store["ref_chunk"] = ref.clamp(-1.0, 1.0) if self.fpo.clip_actions else ref
+            store["ref_t"], store["ref_noise"] = (x[:, :1] for x in self.sample_pairs(b, generator))
+        return chunk, store
 
     def log_ratio(self, obs: Mapping[str, Any], chunk: Tensor, store: Mapping[str, Tensor]) -> tuple[Tensor, dict]:
         """log ratio (b,) (mode "mean") or (b, m) ("per_pair") from the new losses at the stored pairs."""
@@ -83,6 +99,20 @@ class FlowActor(nn.Module):
         log_ratio = compute_fpo_log_ratio(store["loss_old"], loss_new, self.fpo.ratio_mode,
                                           self.fpo.clamp_old, self.fpo.clamp_log_ratio)
         return log_ratio, {"cfm_loss_old": store["loss_old"].mean().detach(), "cfm_loss_new": loss_new.mean().detach()}
+
+    def regularizer(self, obs: Mapping[str, Any], store: Mapping[str, Tensor]) -> tuple[Tensor, dict] | None:
+        """`ref_coef` x the policy's CFM loss on the starting policy's chunks (None when ref_coef is 0).
+
+        Minimising the CFM loss of samples from the reference fits the policy to them (imitation of
+        the starting policy, a mass-covering pull): where the reference puts mass, the policy must keep
+        some. From scratch the reference is the broad initial flow, so this acts like an entropy bonus
+        (the bandit keeps both optima with it); from an imitation checkpoint it is a pull towards the
+        demonstrated behaviour.
+        """
+        if self.reference is None:
+            return None
+        loss = self.policy.compute_cfm_losses(obs, store["ref_chunk"], store["ref_t"], store["ref_noise"]).mean()
+        return self.fpo.ref_coef * loss, {"ref_cfm_loss": loss.detach()}
 
     @torch.no_grad()
     def eval_act(self, obs: Mapping[str, Any], zero_noise: bool = True,
@@ -160,6 +190,9 @@ class GaussianActor(nn.Module):
     def log_ratio(self, obs: Mapping[str, Any], chunk: Tensor, store: Mapping[str, Tensor]) -> tuple[Tensor, dict]:
         logp = self.log_prob(obs, store["pre_squash"])
         return logp - store["logp_old"], {"log_std": self.log_std.mean().detach()}
+
+    def regularizer(self, obs: Mapping[str, Any], store: Mapping[str, Tensor]) -> None:
+        return None  # no entropy term: the baseline is CleanRL's PPO without one, like FPO's default
 
     @torch.no_grad()
     def eval_act(self, obs: Mapping[str, Any], zero_noise: bool = True,

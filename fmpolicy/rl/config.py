@@ -38,6 +38,9 @@ class FPOConfig:
     action_noise_std: float = 0.0  # std of a Gaussian added to sampled chunks (extra exploration), 0 = off
     time_sampling: str = "uniform"  # t_i of the pairs: "uniform" U(0, 1), or "policy" (policy.flow's schedule)
     clip_actions: bool = False  # store (and execute) sampled chunks clipped to [-1, 1]: see FlowActor.act
+    ref_coef: float = 0.0  # weight of the reference regulariser (FlowActor.regularizer): the CFM loss of
+    #   chunks sampled from a frozen copy of the starting policy (random init or the imitation
+    #   checkpoint) at the rollout's observations; keeps mass wherever the start had it. 0 = off
 
     def __post_init__(self) -> None:
         _positive_ints(self, "num_pairs")
@@ -45,6 +48,7 @@ class FPOConfig:
         _choice(self, "ratio_mode", RATIO_MODES)
         _choice(self, "time_sampling", FPO_TIME_SAMPLINGS)
         _positive_or_none(self, "clamp_old", "clamp_log_ratio")
+        _check(self.ref_coef >= 0, type(self).__name__, "ref_coef", self.ref_coef, "a number >= 0")
         _check(self.action_noise_std >= 0, type(self).__name__, "action_noise_std", self.action_noise_std, "a number >= 0")
 
 

@@ -107,7 +107,8 @@ def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
         raise ConfigError(f"rl.n_action_steps = {k} is invalid: expected at most the policy's chunk_size "
                           f"= {policy_config.chunk_size}")
     critic = ValueNet(policy_config.state_dim, rc.value, policy_config.expert.prefix_dim, device)
-    actor_params, critic_params = list(actor.parameters()), list(critic.parameters())
+    actor_params = [p for p in actor.parameters() if p.requires_grad]  # not FPO's frozen reference policy
+    critic_params = list(critic.parameters())
     optimizer = torch.optim.Adam(actor_params + critic_params, lr=rc.lr, eps=1e-5)
     max_norm = rc.max_grad_norm if rc.max_grad_norm > 0 else math.inf
 
@@ -217,8 +218,8 @@ def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
         for epoch in range(rc.update_epochs):
             perm = torch.randperm(batch_size, generator=minibatch_gen).to(device)
             for mb_index, mb in enumerate(perm.chunk(rc.num_minibatches)):
-                obs_mb = _slice(b_obs, mb)
-                log_ratio, actor_stats = actor.log_ratio(obs_mb, b_chunks[mb], _slice(b_store, mb))
+                obs_mb, store_mb = _slice(b_obs, mb), _slice(b_store, mb)
+                log_ratio, actor_stats = actor.log_ratio(obs_mb, b_chunks[mb], store_mb)
                 ratio = log_ratio.exp()
                 if epoch == 0 and mb_index == 0:  # nothing has moved yet: the ratio must be exactly 1
                     first_dev = float((ratio.detach() - 1.0).abs().max())
@@ -234,6 +235,10 @@ def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
                 pg_loss = compute_policy_surrogate(ratio, adv, rc.clip, rc.surrogate).mean()
                 v_loss = compute_value_loss(critic(obs_mb), b_ret[mb], b_values[mb], rc.value_clip).mean()
                 loss = rc.vf_coef * v_loss + (0.0 if warmup else pg_loss)
+                reg = actor.regularizer(obs_mb, store_mb)
+                if reg is not None:
+                    loss = loss + (0.0 if warmup else reg[0])
+                    actor_stats = {**actor_stats, **reg[1]}
                 if not bool(torch.isfinite(loss)):
                     raise FloatingPointError(
                         f"iteration {iteration}, epoch {epoch}, minibatch {mb_index}: non-finite loss "
