@@ -168,10 +168,11 @@ def _mean_return(history, iterations):
     return float(np.mean([h["episode_return"] for h in iterations(history)]))
 
 
-@pytest.mark.parametrize("policy_type,iterations", [("flow", 30), ("gaussian", 40)])
-def test_a_short_run_on_the_bandit_improves_the_mean_return(tmp_path, policy_type, iterations):
+@pytest.mark.parametrize("policy_type,iterations,surrogate", [("flow", 30, "clip"), ("gaussian", 40, "clip"),
+                                                              ("flow", 30, "aspo")])
+def test_a_short_run_on_the_bandit_improves_the_mean_return(tmp_path, policy_type, iterations, surrogate):
     config = bandit_config(tmp_path, policy_type=policy_type, lr=1e-3, num_envs=256,
-                           total_env_steps=256 * iterations, seed=4)
+                           total_env_steps=256 * iterations, seed=4, surrogate=surrogate)
     history = train_rl(config).history
     start = _mean_return(history, lambda h: h[:3])
     end = _mean_return(history, lambda h: h[-3:])
