@@ -21,6 +21,8 @@ def test_compare_runs_both_methods_over_seeds_and_reuses_finished_runs(tmp_path)
         evals = first["summary"][method]["final_eval_return"]
         assert evals["mean"] == np.mean([r["final_eval_return"] for r in rs])
         assert all(r["env_steps"] == 256 for r in rs)
+        assert all(r["best_eval_return"] == max(v for _, v in r["eval_curve"]) >= r["final_eval_return"] for r in rs)
+        assert all(len(r["eval_curve"]) == 3 for r in rs)  # before the first update, at 2 and at 4 iterations
     # per-method overrides reached their runs: the Gaussian runs use clip 0.2, FPO keeps 0.05
     cfg = (tmp_path / "gaussian_s1" / "config.yaml").read_text()
     assert "clip: 0.2" in cfg and "clip: 0.05" in (tmp_path / "flow_s0" / "config.yaml").read_text()
