@@ -106,8 +106,8 @@ class FlowActor(nn.Module):
         Minimising the CFM loss of samples from the reference fits the policy to them (imitation of
         the starting policy, a mass-covering pull): where the reference puts mass, the policy must keep
         some. From scratch the reference is the broad initial flow, so this acts like an entropy bonus
-        (the bandit keeps both optima with it); from an imitation checkpoint it is a pull towards the
-        demonstrated behaviour.
+        (on the bandit it delays the collapse into one optimum but does not stop it: docs/rl.md); from
+        an imitation checkpoint it is a pull towards the demonstrated behaviour.
         """
         if self.reference is None:
             return None

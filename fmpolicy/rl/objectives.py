@@ -50,18 +50,24 @@ def compute_fpo_log_ratio(
     return log_ratio
 
 
+def _per_pair(ratio: Tensor, advantages: Tensor) -> Tensor:
+    """Advantages (b,) shaped to broadcast against per-pair ratios (b, m), which share their action's."""
+    return advantages[..., None] if ratio.dim() == advantages.dim() + 1 else advantages
+
+
+def _mean_over_pairs(loss: Tensor) -> Tensor:
+    return loss.mean(dim=-1) if loss.dim() > 1 else loss
+
+
 def compute_clipped_surrogate(ratio: Tensor, advantages: Tensor, clip: float) -> Tensor:
     """PPO's clipped policy loss per sample (to minimise): -min(r A, clip(r, 1 - c, 1 + c) A).
 
     ratio: (b,) or (b, m) (per-pair ratios share their action's advantage); advantages: (b,).
     Outside the clip range on the side the advantage favours, the gradient is exactly zero.
     """
-    if ratio.dim() == advantages.dim() + 1:
-        advantages = advantages[..., None]
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 - clip, 1.0 + clip) * advantages
-    loss = -torch.minimum(unclipped, clipped)
-    return loss.mean(dim=-1) if loss.dim() > 1 else loss
+    advantages = _per_pair(ratio, advantages)
+    loss = -torch.minimum(ratio * advantages, ratio.clamp(1.0 - clip, 1.0 + clip) * advantages)
+    return _mean_over_pairs(loss)
 
 
 def compute_spo_surrogate(ratio: Tensor, advantages: Tensor, clip: float) -> Tensor:
@@ -71,10 +77,8 @@ def compute_spo_surrogate(ratio: Tensor, advantages: Tensor, clip: float) -> Ten
     vanish outside the trust region: it pulls r back towards 1 -/+ c, the surrogate's maximum for A < 0 /
     A > 0. Shapes as `compute_clipped_surrogate`.
     """
-    if ratio.dim() == advantages.dim() + 1:
-        advantages = advantages[..., None]
-    loss = -(ratio * advantages - advantages.abs() / (2.0 * clip) * (ratio - 1.0).pow(2))
-    return loss.mean(dim=-1) if loss.dim() > 1 else loss
+    advantages = _per_pair(ratio, advantages)
+    return _mean_over_pairs(-(ratio * advantages - advantages.abs() / (2.0 * clip) * (ratio - 1.0).pow(2)))
 
 
 def compute_policy_surrogate(ratio: Tensor, advantages: Tensor, clip: float, kind: str = "clip") -> Tensor:
