@@ -282,7 +282,7 @@ def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
             record.update(evaluate())
         record["elapsed_s"] = elapsed()  # wall time since the run began, evaluations included
         if hasattr(envs, "action_stats"):  # env-specific diagnostics of the executed actions (the bandit's modes)
-            record.update(envs.action_stats(b_chunks[:, 0]))
+            record.update(envs.action_stats(b_chunks[:, 0], b_obs[STATE]))
         history.append(record)
         if done % rc.log_every == 0 or done == num_iterations:
             logger.log(done, record)
