@@ -27,14 +27,15 @@ def test_goal_reward_is_flat_inside_either_disk_and_zero_outside():
 
 
 def test_context_tilts_the_optima_and_the_probes_sit_at_the_saddle():
-    env = TwoOptimaBandit(64, seed=3, context=True, tilt=0.5)
+    env = TwoOptimaBandit(64, seed=3, context=True, tilt=5.0)
     obs, _ = env.reset()
     s = obs["observation.state"][:, 0]
     assert (s[:16] == 0).all() and (s[16:] != 0).all() and s.abs().max() <= 1  # 64 // 4 probes
-    # at s = 0 both optima earn 1; at s = 0.5 the positive one earns 1.25, the negative 0.75
-    states = torch.tensor([0.0, 0.0, 0.5, 0.5, -1.0])
-    r = env.reward(torch.stack([POS, NEG, POS, NEG, NEG]), states)
-    assert torch.allclose(r, torch.tensor([1.0, 1.0, 1.25, 0.75, 1.5]))
+    # at s = 0 both optima earn 1; at s = 0.1 the positive one still 1, the negative 1 - 5 * 0.1;
+    # past s = 0.2 the negative one earns nothing, and the mirror image for s < 0
+    states = torch.tensor([0.0, 0.0, 0.1, 0.1, 0.5, -0.5, -0.1])
+    r = env.reward(torch.stack([POS, NEG, POS, NEG, NEG, NEG, POS]), states)
+    assert torch.allclose(r, torch.tensor([1.0, 1.0, 1.0, 0.5, 0.0, 1.0, 0.5]), atol=1e-6)  # + the far bump's tail
     with pytest.raises(ValueError, match="5 actions and no states"):
         env.reward(torch.zeros(5, 2))  # states it cannot guess
     # every step draws fresh states for the non-probe envs and reports the old ones as final_obs
@@ -64,7 +65,7 @@ def test_action_stats_count_the_saddle_actions_only_when_states_are_given():
 
 
 @pytest.mark.parametrize("kwargs,match", [({"reward_shape": "ring"}, "reward_shape = 'ring'"),
-                                          ({"width": 0.0}, "width = 0.0"), ({"tilt": 2.0}, "tilt = 2.0")])
+                                          ({"width": 0.0}, "width = 0.0"), ({"tilt": -1.0}, "tilt = -1.0")])
 def test_bad_bandit_arguments_name_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TwoOptimaBandit(4, **kwargs)

@@ -15,9 +15,11 @@ Two state settings:
 
 - `context=False` (default): a constant zero state, one bandit.
 - `context=True`: a contextual bandit, the FPO paper's GridWorld point in one dimension. Each episode
-  draws a state s ~ U(-1, 1) and the reward of each optimum is scaled by 1 + tilt * s (the positive
-  one) or 1 - tilt * s (the negative one): for s > 0 the positive optimum is better, for s < 0 the
-  negative one, at s = 0 they are equally good (the saddle). The first `num_envs // 4` environments
+  draws a state s ~ U(-1, 1) and the reward of each optimum is scaled by min(1, 1 + tilt * s) (the
+  positive one) or min(1, 1 - tilt * s) (the negative one), floored at 0: for s > 0 the positive
+  optimum keeps its full reward and the negative one loses tilt * s of it (none is left past
+  s = 1 / tilt), the mirror image for s < 0, and at s = 0 they are equally good (the saddle). Each
+  optimum is the only good one on its own side, as each goal is in the GridWorld. The first `num_envs // 4` environments
   always sit at s = 0 (the probes): `action_stats` reports how the executed actions at s = 0 split
   between the optima. A policy smooth in s must, at the saddle, either be bimodal or sit between.
 
@@ -52,13 +54,13 @@ class TwoOptimaBandit:
 
     def __init__(self, num_envs: int = 64, device: torch.device | str = "cpu", seed: int | None = None,
                  width: float = 0.3, success_reward: float = 0.5, reward_shape: str = "bump",
-                 context: bool = False, tilt: float = 0.5):
+                 context: bool = False, tilt: float = 5.0):
         if reward_shape not in ("bump", "goal"):
             raise ValueError(f"TwoOptimaBandit: reward_shape = {reward_shape!r}: expected 'bump' or 'goal'")
         if not width > 0:
             raise ValueError(f"TwoOptimaBandit: width = {width!r}: expected a positive float")
-        if not 0 <= tilt <= 1:
-            raise ValueError(f"TwoOptimaBandit: tilt = {tilt!r}: expected a float in [0, 1]")
+        if not tilt >= 0:
+            raise ValueError(f"TwoOptimaBandit: tilt = {tilt!r}: expected a float >= 0")
         self.num_envs, self.device, self.reward_shape = int(num_envs), torch.device(device), reward_shape
         self.width, self.success_reward = float(width), float(success_reward)
         self.optima = torch.tensor(OPTIMA, device=self.device)  # (2, 2)
@@ -100,7 +102,8 @@ class TwoOptimaBandit:
             hit = (d2 < self.width**2).float()
         else:
             hit = torch.exp(-d2 / (2 * self.width**2))
-        scale = 1 + self.tilt * s[:, None] * torch.tensor([1.0, -1.0], device=self.device)  # (e, 2)
+        sign = torch.tensor([1.0, -1.0], device=self.device)
+        scale = (1 + self.tilt * s[:, None] * sign).clamp(0.0, 1.0)  # (e, 2)
         return (hit * scale).amax(-1)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
