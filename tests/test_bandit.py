@@ -43,6 +43,10 @@ def test_context_tilts_the_optima_and_the_probes_sit_at_the_saddle():
     assert done.all() and torch.equal(info["final_obs"]["observation.state"][:, 0], s)
     s2 = env._obs()["observation.state"][:, 0]
     assert (s2[:16] == 0).all() and not torch.equal(s2[16:], s[16:])
+    # reset with a seed draws the same states every time
+    first = env.reset(seed=5)[0]["observation.state"]
+    env.step(torch.zeros(64, 2))
+    assert torch.equal(env.reset(seed=5)[0]["observation.state"], first)
 
 
 def test_context_state_dict_restores_the_next_states_exactly():

@@ -107,6 +107,10 @@ class TwoOptimaBandit:
         return (hit * scale).amax(-1)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        """The current observation; with `seed`, the states' generator is re-seeded and fresh states drawn."""
+        if seed is not None:
+            self.generator.manual_seed(int(seed))
+            self.states = self._draw_states()
         return self._obs(), {"is_success": torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)}
 
     def step(self, actions):
