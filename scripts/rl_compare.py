@@ -12,9 +12,9 @@ per-method ones (space separated).
 
 Per run it reads `log.jsonl`: the last evaluation (`eval_return`, zero initial noise / the Gaussian's
 mean; `eval_return_sampled`) and the mean rollout episode return over the last 10% of iterations.
-Prints a table (mean and standard deviation over seeds, per-seed values) and writes
-`<out>/results.json` and `<out>/curves.png` (rollout return and evaluation return against env steps,
-mean +- std over seeds). "best eval" is the maximum over a run's evaluations: a picked maximum, biased
+Prints a table (mean and standard deviation over seeds, the median of the final evaluations: seeds
+can split between outcomes, per-seed values) and writes `<out>/results.json` and `<out>/curves.png`
+(rollout return and evaluation return against env steps, mean +- std over seeds). "best eval" is the maximum over a run's evaluations: a picked maximum, biased
 upwards, shown to tell a late decline from a policy that never got there; the final one is the result.
 """
 
@@ -74,7 +74,9 @@ def summarize(run: Path) -> dict:
 
 def _stats(values: list) -> dict:
     v = [x for x in values if x is not None]
-    return {"mean": float(np.mean(v)), "std": float(np.std(v)), "values": v} if v else {"mean": None, "std": None, "values": []}
+    if not v:
+        return {"mean": None, "std": None, "median": None, "values": []}
+    return {"mean": float(np.mean(v)), "std": float(np.std(v)), "median": float(np.median(v)), "values": v}
 
 
 def plot(results: dict, path: Path, title: str) -> None:
@@ -132,12 +134,13 @@ def main(argv: list[str] | None = None) -> dict:
                                "final_rollout_return", "minutes")}
                for m, runs in results.items()}
     print(f"\n{args.config}: seeds {seeds}, {done[0]['env_steps']} env steps per run")
-    print(f"{'method':<10} {'eval return (zero noise)':>26} {'rollout return (last 10%)':>27} "
+    print(f"{'method':<10} {'eval return (zero noise)':>26} {'median':>8} {'rollout return (last 10%)':>27} "
           f"{'best eval':>18} {'minutes':>8}  per seed (eval)")
     for m, s in summary.items():
         e, r, b = s["final_eval_return"], s["final_rollout_return"], s["best_eval_return"]
         fmt = lambda d: f"{d['mean']:.1f} +- {d['std']:.1f}" if d["mean"] is not None else "-"  # noqa: E731
-        print(f"{m:<10} {fmt(e):>26} {fmt(r):>27} {fmt(b):>18} {s['minutes']['mean']:>8.1f}  "
+        median = f"{e['median']:.1f}" if e["median"] is not None else "-"
+        print(f"{m:<10} {fmt(e):>26} {median:>8} {fmt(r):>27} {fmt(b):>18} {s['minutes']['mean']:>8.1f}  "
               f"{', '.join(f'{v:.1f}' for v in e['values'])}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"config": args.config, "seeds": seeds, "overrides": args.overrides,

@@ -20,6 +20,7 @@ def test_compare_runs_both_methods_over_seeds_and_reuses_finished_runs(tmp_path)
     for method, rs in runs.items():
         evals = first["summary"][method]["final_eval_return"]
         assert evals["mean"] == np.mean([r["final_eval_return"] for r in rs])
+        assert evals["median"] == np.median([r["final_eval_return"] for r in rs])
         assert all(r["env_steps"] == 256 for r in rs)
         assert all(r["best_eval_return"] == max(v for _, v in r["eval_curve"]) >= r["final_eval_return"] for r in rs)
         assert all(len(r["eval_curve"]) == 3 for r in rs)  # before the first update, at 2 and at 4 iterations
