@@ -14,8 +14,9 @@ Per run it reads `log.jsonl`: the last evaluation (`eval_return`, zero initial n
 mean; `eval_return_sampled`) and the mean rollout episode return over the last 10% of iterations.
 Prints a table (mean and standard deviation over seeds, the median of the final evaluations: seeds
 can split between outcomes, per-seed values) and writes `<out>/results.json` and `<out>/curves.png`
-(rollout return and evaluation return against env steps, mean +- std over seeds). "best eval" is the maximum over a run's evaluations: a picked maximum, biased
-upwards, shown to tell a late decline from a policy that never got there; the final one is the result.
+(rollout return and evaluation return against env steps, mean +- std over seeds). "best eval" is the
+maximum over a run's evaluations: a picked maximum, biased upwards, shown to tell a late decline from
+a policy that never got there; the final one is the result.
 """
 
 from __future__ import annotations
