@@ -188,6 +188,30 @@ def test_a_short_run_on_the_bandit_improves_the_mean_return(tmp_path, policy_typ
         assert near[0] < 0.02 and near[1] > 0.2, near
 
 
+# ---- CUDA (runs where a GPU is present; skipped on the CPU machines) --------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy_type", ["flow", "gaussian"])
+def test_rollouts_and_updates_run_end_to_end_on_cuda(tmp_path, policy_type):
+    cuda = torch.device("cuda")
+    config = bandit_config(tmp_path, policy_type=policy_type, device="cuda", total_env_steps=128 * 3)
+    torch.manual_seed(0)
+    actor, pc = make_actor(config, cuda)
+    critic = ValueNet(pc.state_dim, config.rl.value, device=cuda)
+    envs = TwoOptimaBandit(config.rl.num_envs, device=cuda, seed=0, context=True)
+    collector = RolloutCollector(envs, actor, critic, 1, 0.99, cuda)
+    collector.reset(0)
+    rollout = collector.collect(2, torch.Generator(device=cuda).manual_seed(0))
+    buffers = {"chunks": rollout.chunks, "values": rollout.values, "rewards": rollout.rewards,
+               "next_value": rollout.next_value, **rollout.store, **rollout.obs}
+    assert {name: t.device.type for name, t in buffers.items()} == {name: "cuda" for name in buffers}
+    result = train_rl(config)  # env, nets, buffers and update on the device
+    assert {p.device.type for p in result.actor.parameters()} == {"cuda"}
+    assert len(result.history) == 3 and all(h["ratio_first_max_dev"] <= 1e-6 for h in result.history)
+    assert all(math.isfinite(h["policy_loss"]) for h in result.history)
+
+
 # ---- resume ------------------------------------------------------------------------------------------
 
 
