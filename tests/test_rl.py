@@ -346,8 +346,9 @@ def test_bad_nested_and_yaml_values_raise_clear_errors(tmp_path):
         train_rl(bandit_config(tmp_path, total_env_steps=10))
     with pytest.raises(ConfigError, match="normalization"):
         train_rl(config_from_dict(RLRunConfig, {"rl": {"device": "cpu", "out_dir": str(tmp_path)}}))
-    for cfg in ("configs/fpo_bandit.yaml", "configs/fpo_bandit_context.yaml", "configs/fpo_pendulum.yaml", "configs/fpo_point.yaml",
-                "configs/fpo_point_finetune.yaml", "configs/fpo_inverted_pendulum.yaml", "configs/fpo_halfcheetah.yaml"):
+    for cfg in ("configs/fpo_bandit.yaml", "configs/fpo_bandit_context.yaml", "configs/fpo_pendulum.yaml",
+                "configs/fpo_point.yaml", "configs/fpo_point_finetune.yaml", "configs/fpo_inverted_pendulum.yaml",
+                "configs/fpo_halfcheetah.yaml"):
         assert math.isfinite(load_rl_config(cfg).rl.lr)  # the shipped configs load
 
 

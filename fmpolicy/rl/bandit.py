@@ -19,9 +19,9 @@ Two state settings:
   positive one) or min(1, 1 - tilt * s) (the negative one), floored at 0: for s > 0 the positive
   optimum keeps its full reward and the negative one loses tilt * s of it (none is left past
   s = 1 / tilt), the mirror image for s < 0, and at s = 0 they are equally good (the saddle). Each
-  optimum is the only good one on its own side, as each goal is in the GridWorld. The first `num_envs // 4` environments
-  always sit at s = 0 (the probes): `action_stats` reports how the executed actions at s = 0 split
-  between the optima. A policy smooth in s must, at the saddle, either be bimodal or sit between.
+  optimum is the only good one on its own side, as each goal is in the GridWorld. The first
+  `num_envs // 4` environments always sit at s = 0 (the probes): `action_stats` reports how the
+  executed actions at s = 0 split between the optima. A policy smooth in s must, at the saddle, either be bimodal or sit between.
 
 Same contract as our `TorchVectorEnv` (docs/envs.md): torch tensors on `device`, dict observations
 {"observation.state": (e, 1)}, same-step autoreset (every step ends the episode, so `final_obs` and
@@ -68,6 +68,7 @@ class TwoOptimaBandit:
         self.single_observation_space = spaces.Dict(
             {STATE_KEY: spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)})
         self.context, self.tilt = bool(context), float(tilt)
+        self.tilt_sign = torch.tensor([1.0, -1.0], device=self.device)  # s favours the first optimum
         self.num_probes = max(1, self.num_envs // 4) if self.context else self.num_envs
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(0 if seed is None else int(seed))
@@ -84,26 +85,19 @@ class TwoOptimaBandit:
         return {STATE_KEY: self.states[:, None].clone()}
 
     def reward(self, action: Tensor, states: Tensor | None = None) -> Tensor:
-        """(b, 2) actions (clipped to [-1, 1]) and (b,) states -> (b,) rewards: the better of the two
-        optima, each scaled by its tilt. `states` defaults to the current ones (b = num_envs), or to 0
-        for any b without context."""
+        """(b, 2) actions (clipped to [-1, 1]) -> (b,) rewards: the better of the two optima. With
+        context each is scaled by its tilt at `states` (b,), by default the current ones (b = num_envs)."""
         a = action.clamp(-1.0, 1.0)
-        s = states
-        if s is None:
-            if a.shape[0] == self.num_envs:
-                s = self.states
-            elif not self.context:
-                s = torch.zeros(a.shape[0], device=a.device)
-            else:
-                raise ValueError(f"TwoOptimaBandit.reward: {a.shape[0]} actions and no states: expected "
-                                 f"{self.num_envs} actions (the current states) or states of the same length")
-        d2 = (a[:, None, :] - self.optima[None]).pow(2).sum(-1)  # (e, 2)
-        if self.reward_shape == "goal":
-            hit = (d2 < self.width**2).float()
-        else:
-            hit = torch.exp(-d2 / (2 * self.width**2))
-        sign = torch.tensor([1.0, -1.0], device=self.device)
-        scale = (1 + self.tilt * s[:, None] * sign).clamp(0.0, 1.0)  # (e, 2)
+        d2 = (a[:, None, :] - self.optima[None]).pow(2).sum(-1)  # (b, 2)
+        hit = (d2 < self.width**2).float() if self.reward_shape == "goal" else torch.exp(-d2 / (2 * self.width**2))
+        if not self.context:
+            return hit.amax(-1)
+        s = self.states if states is None else states
+        if s.shape[0] != a.shape[0]:
+            given = "no states" if states is None else f"{s.shape[0]} states"
+            raise ValueError(f"TwoOptimaBandit.reward: {a.shape[0]} actions and {given}: expected one state "
+                             f"per action (without states, one action per env: {self.num_envs})")
+        scale = (1 + self.tilt * s[:, None] * self.tilt_sign).clamp(0.0, 1.0)  # (b, 2)
         return (hit * scale).amax(-1)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
