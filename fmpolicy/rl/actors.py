@@ -3,6 +3,7 @@
     chunk, store = actor.act(obs, generator)        # rollout: a chunk (b, h, a) in [-1, 1] units
     log_ratio, stats = actor.log_ratio(obs, chunk, store)   # update: log(pi_new / pi_old), (b,) or (b, m)
     reg = actor.regularizer(obs, store)              # update: a scalar added to the loss, or None
+    ent = actor.entropy(obs, store)                  # update: (b,) entropy (estimate), for rl.ent_coef
     chunk = actor.eval_act(obs, zero_noise=True)     # evaluation
     actor.parameters(); actor.save_pretrained(directory)
 
@@ -13,7 +14,9 @@ into minibatches: whatever the actor needs to recompute its ratio exactly.
   perturbation of the chunk). At rollout time it draws m pairs (t_i, noise_i) per chunk and stores
   them with the old per-pair CFM losses; the update recomputes the losses at the *same* pairs, so an
   unmoved policy has a ratio of exactly 1. With `fpo.ref_coef > 0` it keeps a frozen copy of the
-  starting policy and regularises towards it (`regularizer`).
+  starting policy and regularises towards it (`regularizer`). With `keep_noise` (set when
+  `rl.ent_coef > 0`) it also stores each chunk's initial noise, and `entropy` re-integrates the flow
+  from it, differentiably, with the divergence along the path (`integrate_divergence`).
 - `GaussianActor` (PPO baseline): a state-independent log-std and an MLP mean of the executed part
   of the chunk (n_action_steps steps: entries never executed would only add noise to the ratio),
   squashed by tanh (the pre-squash sample is stored, so the log-prob, log-det included, is
@@ -38,15 +41,19 @@ from fmpolicy.policy import FlowPolicy
 from fmpolicy.config import config_to_dict
 from fmpolicy.rl.config import FPOConfig, GaussianConfig
 from fmpolicy.rl.objectives import compute_fpo_log_ratio
-from fmpolicy.sampling import sample_noise
+from fmpolicy.sampling import integrate_divergence, sample_noise
+
+
+ENTROPY_EXACT_MAX_DIM = 16  # chunks with more counted entries get Hutchinson's divergence estimate
+LOG_2PI_E = math.log(2 * math.pi * math.e)  # the entropy of N(0, 1) is 0.5 * LOG_2PI_E
 
 
 class FlowActor(nn.Module):
     """FPO's actor around a `FlowPolicy` (shapes: b batch, h chunk, a action, A padded action, m pairs)."""
 
-    def __init__(self, policy: FlowPolicy, fpo: FPOConfig):
+    def __init__(self, policy: FlowPolicy, fpo: FPOConfig, keep_noise: bool = False):
         super().__init__()
-        self.policy, self.fpo = policy, fpo
+        self.policy, self.fpo, self.keep_noise = policy, fpo, keep_noise
         # the starting policy, frozen (its weights are in the actor's state dict, so a resumed run keeps it)
         self.reference = copy.deepcopy(policy).requires_grad_(False).eval() if fpo.ref_coef > 0 else None
 
@@ -75,7 +82,8 @@ class FlowActor(nn.Module):
     def act(self, obs: Mapping[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Sample chunks (b, h, a) and the store {"t" (b, m), "noise" (b, m, h, A), "loss_old" (b, m)}."""
         b = obs[STATE].shape[0]
-        chunk = self.policy.predict_action_chunk(obs, noise=self.policy.sample_noise(b, generator))
+        x0 = self.policy.sample_noise(b, generator)
+        chunk = self.policy.predict_action_chunk(obs, noise=x0)
         if self.fpo.action_noise_std > 0:
             chunk = chunk + self.fpo.action_noise_std * sample_noise(chunk.shape, generator=generator, device=self.device)
         if self.fpo.clip_actions:
@@ -87,6 +95,10 @@ class FlowActor(nn.Module):
         t, noise = self.sample_pairs(b, generator)
         loss_old = self.policy.compute_cfm_losses(obs, chunk, t, noise)
         store = {"t": t, "noise": noise, "loss_old": loss_old}
+        if self.keep_noise:  # for `entropy`: the initial noise, and a Hutchinson probe where the chunk is large
+            store["x0"] = x0
+            if self._counted_entries() > ENTROPY_EXACT_MAX_DIM:
+                store["probe"] = sample_noise(x0.shape, generator=generator, device=self.device).sign()
         if self.reference is not None:  # a chunk of the starting policy and one (t, noise) pair for it
             ref = self.reference.predict_action_chunk(obs, noise=self.policy.sample_noise(b, generator))
             store["ref_chunk"] = ref.clamp(-1.0, 1.0) if self.fpo.clip_actions else ref
@@ -113,6 +125,36 @@ class FlowActor(nn.Module):
             return None
         loss = self.policy.compute_cfm_losses(obs, store["ref_chunk"], store["ref_t"], store["ref_noise"]).mean()
         return self.fpo.ref_coef * loss, {"ref_cfm_loss": loss.detach()}
+
+    def _counted_entries(self) -> int:
+        return self.policy.config.chunk_size * int(self.policy.action_valid.sum())
+
+    def entropy(self, obs: Mapping[str, Any], store: Mapping[str, Tensor]) -> Tensor:
+        """Entropy estimate (b,) of tanh(a), a the policy's chunk at `obs` in environment units, from the
+        stored initial noise: H(N(0, I)) + the divergence integral along the (Euler) sampling path +
+        sum log(1 - tanh(a)^2), up to the constant log-scale of the action normalizer.
+
+        Why tanh: the envs clip actions to [-1, 1], so the flow's own entropy can grow without bound by
+        moving mass outside the box at no cost in reward (measured on the bandit: the samples and their
+        CFM losses grew to ~1e30). Squashed, the entropy is largest for samples that fill the box and
+        falls for samples outside it. One sample per observation: the single-sample estimate of the
+        conditional entropy; differentiable in the weights (the path is re-integrated with them).
+        Exact divergence for chunks of at most ENTROPY_EXACT_MAX_DIM entries (the bandit, the GridWorld,
+        MuJoCo), Hutchinson's estimate with the stored probe above that. Needs `keep_noise`.
+        """
+        if "x0" not in store:
+            raise RuntimeError("FlowActor.entropy needs the chunks' initial noise: build the actor with keep_noise=True "
+                               "(the trainer does when rl.ent_coef > 0)")
+        cache = self.policy.encode(obs)
+        valid = cache.action_valid if cache.action_valid is not None else self.policy.action_valid[None]
+        x0 = store["x0"].to(self.device)
+        valid = valid[:, None, :].expand_as(x0)
+        x1, div = integrate_divergence(self.policy.velocity_fn(cache), x0, self.policy.config.sampler.num_steps,
+                                       valid=valid, probe=store.get("probe"), exact_max_dim=ENTROPY_EXACT_MAX_DIM)
+        embodiments, idx = self.policy.embodiments, cache.embodiment
+        a = embodiments.unnormalize_action(x1, idx, embodiments.width(idx, "action"))  # padding -> 0: no term
+        squash = tanh_log_det(a).reshape(a.shape[0], -1).sum(-1)
+        return 0.5 * LOG_2PI_E * valid.reshape(valid.shape[0], -1).sum(-1) + div + squash
 
     @torch.no_grad()
     def eval_act(self, obs: Mapping[str, Any], zero_noise: bool = True,
@@ -192,7 +234,13 @@ class GaussianActor(nn.Module):
         return logp - store["logp_old"], {"log_std": self.log_std.mean().detach()}
 
     def regularizer(self, obs: Mapping[str, Any], store: Mapping[str, Tensor]) -> None:
-        return None  # no entropy term: the baseline is CleanRL's PPO without one, like FPO's default
+        return None
+
+    def entropy(self, obs: Mapping[str, Any], store: Mapping[str, Tensor]) -> Tensor:
+        """(b,) entropy of the pre-squash Gaussian (CleanRL's choice: the tanh's correction left out);
+        it depends on the log-std only."""
+        per_entry = 0.5 * LOG_2PI_E + self.log_std
+        return per_entry.sum().expand(store["logp_old"].shape[0])
 
     @torch.no_grad()
     def eval_act(self, obs: Mapping[str, Any], zero_noise: bool = True,

@@ -99,6 +99,9 @@ class RLConfig:
     surrogate: str = "clip"  # policy loss: "clip" (PPO) or "aspo" (PPO clip for A >= 0, SPO penalty for A < 0)
     normalize_advantages: bool = True  # standardise advantages per minibatch
     vf_coef: float = 0.5  # weight of the value loss
+    ent_coef: float = 0.0  # weight of an entropy bonus (CleanRL's ent_coef), 0 = off: the Gaussian's exact
+    #   entropy, or the flow's estimated along its sampling path (FlowActor.entropy: costs a
+    #   re-integration with divergences per minibatch)
     value_clip: float | None = None  # clip the value update around the old values (CleanRL), null = off
     max_grad_norm: float = 0.5  # gradient-norm clip, applied to the actor and the critic separately (0 = off)
     reward_scale: float = 1.0  # rewards are multiplied by this for learning (logged returns stay raw)
@@ -132,6 +135,7 @@ class RLConfig:
         _check(isinstance(self.anneal_lr, bool), name, "anneal_lr", self.anneal_lr, "true or false")
         _check(0.0 < self.clip < 1.0, name, "clip", self.clip, "a number in (0, 1)")
         _check(self.vf_coef >= 0, name, "vf_coef", self.vf_coef, "a number >= 0")
+        _check(self.ent_coef >= 0, name, "ent_coef", self.ent_coef, "a number >= 0")
         _check(self.max_grad_norm >= 0, name, "max_grad_norm", self.max_grad_norm, "a number >= 0")
         _check(self.reward_scale > 0, name, "reward_scale", self.reward_scale, "a positive number")
         _positive_or_none(self, "value_clip")

@@ -9,7 +9,7 @@ the observation it reached is bootstrapped with the exact discount gamma^j: the 
 `final_values = gamma^(j - k) V(final_obs)`, which `compute_gae` multiplies by gamma^k.
 k = 1 is the plain per-step setting.
 
-Environments: ours (`TorchVectorEnv`, `TwoOptimaBandit`: torch tensors on the device, dict obs,
+Environments: ours (`TorchVectorEnv`, `TwoOptimaBandit`, `TwoGoalGridWorld`: torch tensors on the device, dict obs,
 same-step autoreset) are used as they are; any other gymnasium `VectorEnv` (numpy) is wrapped in
 `GymVectorAdapter`.
 """
@@ -28,9 +28,10 @@ from torch import Tensor
 from fmpolicy.batch import STATE
 from fmpolicy.errors import ConfigError
 from fmpolicy.rl.bandit import TwoOptimaBandit
+from fmpolicy.rl.gridworld import TwoGoalGridWorld
 
 # vector envs that live inside fmpolicy (fmpolicy never imports fmpolicy_envs: scripts register those)
-LOCAL_ENVS = {"fmpolicy/TwoOptimaBandit-v0": TwoOptimaBandit}
+LOCAL_ENVS = {"fmpolicy/TwoOptimaBandit-v0": TwoOptimaBandit, "fmpolicy/TwoGoalGridWorld-v0": TwoGoalGridWorld}
 
 
 def _obs_to_torch(obs: Any, device: torch.device) -> dict[str, Tensor]:

@@ -82,7 +82,7 @@ def make_actor(config: RLRunConfig, device: torch.device):
         policy = FlowPolicy(dataclasses.replace(config.policy, device=str(device)))
     if policy.config.head != "flow":
         raise ConfigError(f"policy.head = {policy.config.head!r}: FPO needs a 'flow' policy")
-    return FlowActor(policy, rc.fpo), policy.config
+    return FlowActor(policy, rc.fpo, keep_noise=rc.ent_coef > 0), policy.config
 
 
 def _slice(tree: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -165,7 +165,8 @@ def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
                                  config.env.kwargs) if rc.eval_every else None)
 
     def evaluate() -> dict[str, Any]:
-        """Deterministic (zero initial noise / Gaussian mean) and sampled returns on fixed start states."""
+        """Deterministic (zero initial noise / Gaussian mean) and sampled returns, successes and episode
+        lengths on fixed start states."""
         out: dict[str, Any] = {}
         was_training = actor.training
         actor.eval()
@@ -173,6 +174,7 @@ def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
             gen = torch.Generator(device=device).manual_seed(rc.seed + 3)  # own stream: rollouts are unaffected
             r = evaluate_actor(actor, eval_envs, k, zero, rc.seed + EVAL_SEED_OFFSET, gen)
             out[f"eval_return{suffix}"], out[f"eval_success{suffix}"] = r["return"], r["success"]
+            out[f"eval_length{suffix}"] = r["length"]
         actor.train(was_training)
         return out
 
@@ -239,6 +241,10 @@ def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
                 if reg is not None:
                     loss = loss + (0.0 if warmup else reg[0])
                     actor_stats = {**actor_stats, **reg[1]}
+                if rc.ent_coef > 0 and not warmup:
+                    entropy = actor.entropy(obs_mb, store_mb).mean()
+                    loss = loss - rc.ent_coef * entropy
+                    actor_stats = {**actor_stats, "entropy": entropy.detach()}
                 if not bool(torch.isfinite(loss)):
                     raise FloatingPointError(
                         f"iteration {iteration}, epoch {epoch}, minibatch {mb_index}: non-finite loss "
