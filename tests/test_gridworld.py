@@ -88,3 +88,23 @@ def test_the_gridworld_config_trains_and_logs_the_middle_row_split(tmp_path):
         if "center_up" in h:
             assert 0 <= h["center_up"] + h["center_down"] <= 1
         assert h["episodes"] > 0 and h["ratio_first_max_dev"] < 1e-6
+
+
+def test_a_resumed_gridworld_run_with_the_entropy_bonus_equals_an_uninterrupted_one(tmp_path):
+    from fmpolicy.rl.config import load_rl_config
+    from fmpolicy.rl.trainer import train_rl
+
+    def run(out, iterations, resume=False):
+        config = load_rl_config("configs/fpo_gridworld.yaml", [
+            "rl.num_envs=16", "rl.num_macro_steps=8", f"rl.total_env_steps={16 * 8 * iterations}",
+            "rl.progress=false", "rl.device=cpu", "rl.eval_every=0", "rl.save_every=1", "rl.ent_coef=0.01",
+            f"rl.out_dir={out}", "policy.expert.width=32", "rl.value.width=16"])
+        return train_rl(config, resume=resume)
+
+    full = run(tmp_path / "a", 3)
+    run(tmp_path / "b", 1)
+    resumed = run(tmp_path / "b", 3, resume=True)
+    assert [h["entropy"] for h in resumed.history] == [h["entropy"] for h in full.history]
+    assert [h["macro_reward_mean"] for h in resumed.history] == [h["macro_reward_mean"] for h in full.history]
+    for a, b in zip(full.actor.parameters(), resumed.actor.parameters()):
+        assert torch.equal(a, b)
