@@ -150,7 +150,8 @@ class FlowActor(nn.Module):
         x0 = store["x0"].to(self.device)
         valid = valid[:, None, :].expand_as(x0)
         x1, div = integrate_divergence(self.policy.velocity_fn(cache), x0, self.policy.config.sampler.num_steps,
-                                       valid=valid, probe=store.get("probe"), exact_max_dim=ENTROPY_EXACT_MAX_DIM)
+                                       valid=valid, probe=store.get("probe"), exact_max_dim=ENTROPY_EXACT_MAX_DIM,
+                                       euler_log_det=True)
         embodiments, idx = self.policy.embodiments, cache.embodiment
         a = embodiments.unnormalize_action(x1, idx, embodiments.width(idx, "action"))  # padding -> 0: no term
         squash = tanh_log_det(a).reshape(a.shape[0], -1).sum(-1)
