@@ -558,6 +558,23 @@ def test_flow_entropy_estimate_matches_a_nearest_neighbour_estimate_of_its_sampl
         assert got == pytest.approx(exact, abs=0.03), (got, exact)  # 3000 samples: measured 0.011 apart
 
 
+def test_long_chunks_get_hutchinson_estimates_that_agree_with_the_exact_entropy(tmp_path, monkeypatch):
+    import fmpolicy.rl.actors as actors
+
+    config = bandit_config(tmp_path, ent_coef=0.01)
+    config = dataclasses.replace(config, policy=dataclasses.replace(config.policy, chunk_size=10))
+    torch.manual_seed(0)
+    actor, _ = make_actor(config, torch.device("cpu"))
+    obs = {"observation.state": torch.zeros(1000, 1)}
+    _, store = actor.act(obs, torch.Generator().manual_seed(1))
+    assert set(store["probe"].unique().tolist()) == {-1.0, 1.0}  # 10 x 2 = 20 entries > 16: a probe is stored
+    estimate = actor.entropy(obs, store).detach()
+    monkeypatch.setattr(actors, "ENTROPY_EXACT_MAX_DIM", 100)
+    exact = actor.entropy(obs, store).detach()
+    assert not torch.equal(estimate, exact)
+    assert float(estimate.mean()) == pytest.approx(float(exact.mean()), abs=0.1)  # measured 0.001 apart
+
+
 def test_entropy_bonus_keeps_the_flow_broader_and_is_logged(tmp_path):
     def spread(ent_coef):
         config = bandit_config(tmp_path / str(ent_coef), lr=1e-3, num_envs=128, total_env_steps=128 * 20, seed=4,

@@ -16,7 +16,7 @@ into minibatches: whatever the actor needs to recompute its ratio exactly.
   unmoved policy has a ratio of exactly 1. With `fpo.ref_coef > 0` it keeps a frozen copy of the
   starting policy and regularises towards it (`regularizer`). With `keep_noise` (set when
   `rl.ent_coef > 0`) it also stores each chunk's initial noise, and `entropy` re-integrates the flow
-  from it, differentiably, with the divergence along the path (`integrate_divergence`).
+  from it, differentiably, with the log-volume change along the path (`integrate_divergence`).
 - `GaussianActor` (PPO baseline): a state-independent log-std and an MLP mean of the executed part
   of the chunk (n_action_steps steps: entries never executed would only add noise to the ratio),
   squashed by tanh (the pre-squash sample is stored, so the log-prob, log-det included, is
@@ -131,7 +131,7 @@ class FlowActor(nn.Module):
 
     def entropy(self, obs: Mapping[str, Any], store: Mapping[str, Tensor]) -> Tensor:
         """Entropy estimate (b,) of tanh(a), a the policy's chunk at `obs` in environment units, from the
-        stored initial noise: H(N(0, I)) + the divergence integral along the (Euler) sampling path +
+        stored initial noise: H(N(0, I)) + the log-volume change along the Euler sampling path +
         sum log(1 - tanh(a)^2), up to the constant log-scale of the action normalizer.
 
         Why tanh: the envs clip actions to [-1, 1], so the flow's own entropy can grow without bound by
@@ -139,8 +139,10 @@ class FlowActor(nn.Module):
         CFM losses grew to ~1e30). Squashed, the entropy is largest for samples that fill the box and
         falls for samples outside it. One sample per observation: the single-sample estimate of the
         conditional entropy; differentiable in the weights (the path is re-integrated with them).
-        Exact divergence for chunks of at most ENTROPY_EXACT_MAX_DIM entries (the bandit, the GridWorld,
-        MuJoCo), Hutchinson's estimate with the stored probe above that. Needs `keep_noise`.
+        Chunks of at most ENTROPY_EXACT_MAX_DIM entries (the bandit, the GridWorld, MuJoCo): the exact
+        log|det(I + dt J)| of every Euler step, so the density of the samples the sampler draws; above
+        that, the first-order dt tr(J) with Hutchinson's trace estimate (the stored probe). Needs
+        `keep_noise`.
         """
         if "x0" not in store:
             raise RuntimeError("FlowActor.entropy needs the chunks' initial noise: build the actor with keep_noise=True "
