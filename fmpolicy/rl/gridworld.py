@@ -12,8 +12,8 @@ are equally good, so a policy that is smooth in the state must, there, either be
 sit between (and stay on the row). `action_stats` logs how the executed moves at that row split:
 `center_up`, `center_down` (fractions of moves with a_y rounding to +1 and to -1).
 
-This is the "two walls" layout of the FPO paper's GridWorld (McAllister et al. 2025, their Fig. 3);
-the layout and the rounding follow its description, the code is ours. Same contract as our
+This is the "two walls" layout of the FPO paper's GridWorld (McAllister et al. 2025): the layout,
+the rounding and the 100-step limit follow the paper's public GridWorld code; the code is ours. Same contract as our
 `TorchVectorEnv` (docs/envs.md): torch tensors on `device`, dict observations {"observation.state":
 (e, 2)}, same-step autoreset with `final_obs` / `final_info`.
 """
