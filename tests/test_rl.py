@@ -567,12 +567,32 @@ def test_long_chunks_get_hutchinson_estimates_that_agree_with_the_exact_entropy(
     actor, _ = make_actor(config, torch.device("cpu"))
     obs = {"observation.state": torch.zeros(1000, 1)}
     _, store = actor.act(obs, torch.Generator().manual_seed(1))
-    assert set(store["probe"].unique().tolist()) == {-1.0, 1.0}  # 10 x 2 = 20 entries > 16: a probe is stored
+    assert set(store["probe"].unique().tolist()) == {-1.0, 1.0}  # 10 x 2 = 20 entries > 8: a probe is stored
     estimate = actor.entropy(obs, store).detach()
     monkeypatch.setattr(actors, "ENTROPY_EXACT_MAX_DIM", 100)
     exact = actor.entropy(obs, store).detach()
     assert not torch.equal(estimate, exact)
     assert float(estimate.mean()) == pytest.approx(float(exact.mean()), abs=0.1)  # measured 0.001 apart
+
+
+def test_entropy_of_a_transformer_expert_backpropagates_through_attention(tmp_path):
+    # the bonus needs second-order gradients through the velocity net; the fused attention kernels
+    # have none (measured: "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward
+    # is not implemented"), so FlowActor.entropy runs attention on the math kernel
+    config = bandit_config(tmp_path, ent_coef=0.01)
+    expert = dataclasses.replace(config.policy.expert, kind="transformer", width=32, depth=1, num_heads=2,
+                                 time_embed_dim=16)
+    config = dataclasses.replace(config, policy=dataclasses.replace(config.policy, expert=expert, chunk_size=4))
+    torch.manual_seed(0)
+    actor, _ = make_actor(config, torch.device("cpu"))
+    obs = {"observation.state": torch.randn(16, 1)}
+    _, store = actor.act(obs, torch.Generator().manual_seed(1))
+    assert "probe" not in store  # 4 x 2 = 8 entries: exact
+    h = actor.entropy(obs, store)
+    h.mean().backward()
+    grads = [p.grad for p in actor.policy.net.parameters() if p.requires_grad]
+    assert h.shape == (16,) and bool(torch.isfinite(h).all())
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
 def test_entropy_bonus_keeps_the_flow_broader_and_is_logged(tmp_path):
