@@ -146,8 +146,8 @@ class FlowActor(nn.Module):
         `keep_noise`.
         """
         if "x0" not in store:
-            raise RuntimeError("FlowActor.entropy needs the chunks' initial noise: build the actor with keep_noise=True "
-                               "(the trainer does when rl.ent_coef > 0)")
+            raise RuntimeError("FlowActor.entropy needs the chunks' initial noise: build the actor with "
+                               "keep_noise=True (the trainer does when rl.ent_coef > 0)")
         cache = self.policy.encode(obs)
         valid = cache.action_valid if cache.action_valid is not None else self.policy.action_valid[None]
         x0 = store["x0"].to(self.device)

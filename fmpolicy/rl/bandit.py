@@ -21,7 +21,8 @@ Two state settings:
   s = 1 / tilt), the mirror image for s < 0, and at s = 0 they are equally good (the saddle). Each
   optimum is the only good one on its own side, as each goal is in the GridWorld. The first
   `num_envs // 4` environments always sit at s = 0 (the probes): `action_stats` reports how the
-  executed actions at s = 0 split between the optima. A policy smooth in s must, at the saddle, either be bimodal or sit between.
+  executed actions at s = 0 split between the optima. A policy smooth in s must, at the saddle,
+  either be bimodal or sit between.
 
 Same contract as our `TorchVectorEnv` (docs/envs.md): torch tensors on `device`, dict observations
 {"observation.state": (e, 1)}, same-step autoreset (every step ends the episode, so `final_obs` and
@@ -39,7 +40,8 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode
 from torch import Tensor
 
-STATE_KEY = "observation.state"
+from fmpolicy.batch import STATE
+
 OPTIMA = ((0.6, 0.6), (-0.6, -0.6))
 
 
@@ -66,7 +68,7 @@ class TwoOptimaBandit:
         self.optima = torch.tensor(OPTIMA, device=self.device)  # (2, 2)
         self.single_action_space = spaces.Box(-1.0, 1.0, (2,), dtype=np.float32)
         self.single_observation_space = spaces.Dict(
-            {STATE_KEY: spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)})
+            {STATE: spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)})
         self.context, self.tilt = bool(context), float(tilt)
         self.tilt_sign = torch.tensor([1.0, -1.0], device=self.device)  # s favours the first optimum
         self.num_probes = max(1, self.num_envs // 4) if self.context else self.num_envs
@@ -82,7 +84,7 @@ class TwoOptimaBandit:
         return s
 
     def _obs(self) -> dict[str, Tensor]:
-        return {STATE_KEY: self.states[:, None].clone()}
+        return {STATE: self.states[:, None].clone()}
 
     def reward(self, action: Tensor, states: Tensor | None = None) -> Tensor:
         """(b, 2) actions (clipped to [-1, 1]) -> (b,) rewards: the better of the two optima. With

@@ -13,9 +13,9 @@ sit between (and stay on the row). `action_stats` logs how the executed moves at
 `center_up`, `center_down` (fractions of moves with a_y rounding to +1 and to -1).
 
 This is the "two walls" layout of the FPO paper's GridWorld (McAllister et al. 2025): the layout,
-the rounding and the 100-step limit follow the paper's public GridWorld code; the code is ours. Same contract as our
-`TorchVectorEnv` (docs/envs.md): torch tensors on `device`, dict observations {"observation.state":
-(e, 2)}, same-step autoreset with `final_obs` / `final_info`.
+the rounding and the 100-step limit follow the paper's public GridWorld code; the code is ours.
+Same contract as our `TorchVectorEnv` (docs/envs.md): torch tensors on `device`, dict observations
+{"observation.state": (e, 2)}, same-step autoreset with `final_obs` / `final_info`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode
 from torch import Tensor
 
-STATE_KEY = "observation.state"
+from fmpolicy.batch import STATE
 
 
 class TwoGoalGridWorld:
@@ -49,7 +49,7 @@ class TwoGoalGridWorld:
         self.size, self.max_steps, self.goal_reward = size, max_steps, float(goal_reward)
         self.center = size // 2
         self.single_action_space = spaces.Box(-1.0, 1.0, (2,), dtype=np.float32)
-        self.single_observation_space = spaces.Dict({STATE_KEY: spaces.Box(-1.0, 1.0, (2,), dtype=np.float32)})
+        self.single_observation_space = spaces.Dict({STATE: spaces.Box(-1.0, 1.0, (2,), dtype=np.float32)})
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(0 if seed is None else int(seed))
         self.pos = torch.zeros(self.num_envs, 2, dtype=torch.long, device=self.device)  # (x, y)
@@ -76,7 +76,7 @@ class TwoGoalGridWorld:
         return (pos - self.center).float() / self.center
 
     def _obs(self) -> dict[str, Tensor]:
-        return {STATE_KEY: self.observe(self.pos)}
+        return {STATE: self.observe(self.pos)}
 
     @staticmethod
     def moves(actions: Tensor) -> Tensor:
