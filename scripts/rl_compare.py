@@ -35,8 +35,10 @@ import numpy as np
 SCRIPT = Path(__file__).resolve().parent / "train_fpo.py"
 
 
-def run_one(config: str, out: Path, method: str, seed: int, overrides: list[str]) -> dict:
-    run = out / f"{method}_s{seed}"
+def run_one(config: str, out: Path, method: str, seed: int, overrides: list[str], name: str = "") -> dict:
+    """One `train_fpo.py` run of `method` ("flow" or "gaussian") in `<out>/<name or method>_s<seed>`: started,
+    resumed or only read (see the module docstring)."""
+    run = out / f"{name or method}_s{seed}"
     if not (run / "policy").is_dir():
         args = [sys.executable, str(SCRIPT), "--config", config, f"rl.policy_type={method}", f"rl.seed={seed}",
                 f"rl.out_dir={run}", "rl.progress=false", *overrides]
@@ -49,7 +51,7 @@ def run_one(config: str, out: Path, method: str, seed: int, overrides: list[str]
             code = subprocess.call(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         if code != 0:
             raise RuntimeError(f"{' '.join(args)} failed with exit code {code}: see {run / 'stdout.txt'}")
-        print(f"{method} seed {seed}: {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+        print(f"{name or method} seed {seed}: {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     return summarize(run)
 
 

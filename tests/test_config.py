@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,16 @@ def test_dotted_overrides_parse_yaml_values_and_exponent_floats():
     assert out == {"train": {"lr": 0.001, "steps": 5}, "data": {"image_keys": ["a", "b"]}, "x": "abc"}
     with pytest.raises(ConfigError, match="key.sub=value"):
         apply_overrides({}, ["train.lr"])
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    """The configs in configs/ stay true to the dataclasses: an unknown or mistyped key is an error."""
+    from fmpolicy.config import ImitationConfig, load_config
+    from fmpolicy.rl.config import load_rl_config
+
+    if path.name.startswith("fpo_"):
+        assert load_rl_config(str(path)).rl.total_env_steps > 0
+    else:
+        assert load_config(ImitationConfig, str(path)).policy.action_dim > 0
