@@ -5,7 +5,7 @@
         --episodes 200 [--env-kwargs '{"n_links": 3}'] [--out runs/point_obstacle_flow/eval]
 
 Writes `<out>/eval.json` (success rate, Wilson 95% interval, mean return and length, collision
-rate), `<out>/trajectories.png` (the first episodes' xy paths: state dims 0 and 1) and
+rate; on PointObstacle the fractions of episodes that went round the obstacle above and below), `<out>/trajectories.png` (the first episodes' xy paths: state dims 0 and 1) and
 `<out>/frames.png` (an image strip of a few episodes), and prints a one-line summary.
 """
 
@@ -57,6 +57,23 @@ def instruction_followed(result: EvalResult, envs) -> float | None:
     hits = [i is not None and bool(np.nanmin(np.linalg.norm(path[:, :2] - centres[i], axis=-1)) < reach)
             for path, i in zip(result.paths, named)]
     return float(np.mean(hits))
+
+
+def obstacle_sides(result: EvalResult, env_id: str) -> dict[str, float] | None:
+    """PointObstacle: the fractions of episodes that went round the obstacle (at the origin) above and
+    below it, by the sign of y where the path first reaches x >= 0 (the expert's two modes). Episodes
+    that never got that far count in neither. None for other tasks."""
+    if "PointObstacle" not in env_id or result.paths is None or not len(result.paths):
+        return None
+    above = below = 0
+    for path in result.paths:
+        xy = path[~np.isnan(path[:, 0]), :2]
+        crossed = np.flatnonzero(xy[:, 0] >= 0)
+        if len(crossed):
+            y = xy[crossed[0], 1]
+            above, below = above + int(y > 0), below + int(y < 0)
+    n = len(result.paths)
+    return {"passed_above": above / n, "passed_below": below / n}
 
 
 def plot_trajectories(result: EvalResult, path: Path, title: str, env_id: str) -> None:
@@ -126,6 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"policy": str(args.policy), "env": args.env, "env_kwargs": kwargs, "seed": args.seed,
                "embodiment": args.embodiment,
                "head": policy.config.head, **result.summary()}
+    sides = obstacle_sides(result, args.env)
+    if sides is not None:
+        summary.update(sides)
     followed = instruction_followed(result, envs)
     if followed is not None:
         summary["swap_instruction"] = args.swap_instruction
@@ -139,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
     plot_trajectories(result, out / "trajectories.png", title, args.env)
     if len(result.frames):
         save_strip(result.frames[:, :4], out / "frames.png")
+    if sides is not None:
+        line += f"; round the obstacle above {100 * sides['passed_above']:.1f}%, below {100 * sides['passed_below']:.1f}%"
     if followed is not None:
         line += f"; reached the goal the given instruction names: {100 * followed:.1f}%"
     print(line)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -110,7 +111,26 @@ def test_evaluate_script_reports_success_with_an_interval(dataset, tmp_path):
     assert summary["mean_length"] > 0
     for name in ("eval.json", "trajectories.png", "frames.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
-    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["episodes"] == 6
+    saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert saved["episodes"] == 6
+    assert 0 <= saved["passed_above"] + saved["passed_below"] <= 1  # PointObstacle: which way round
+
+
+def test_obstacle_sides_take_the_sign_of_y_where_the_path_first_reaches_the_obstacle():
+    from fmpolicy.evaluation import EvalResult
+
+    nan = float("nan")
+    paths = np.array([
+        [[-0.7, 0.0], [-0.2, 0.3], [0.1, 0.4], [0.4, -0.2]],  # above at x >= 0 (later below: not counted)
+        [[-0.7, 0.0], [0.05, -0.3], [0.3, 0.1], [nan, nan]],  # below, then ended
+        [[-0.7, 0.0], [-0.3, 0.1], [nan, nan], [nan, nan]],  # crashed before the obstacle: neither
+        [[-0.7, 0.0], [-0.2, -0.4], [0.0, -0.35], [0.5, 0.0]],  # reaches x = 0 exactly: below
+    ])
+    result = EvalResult(episodes=4, successes=0, success_rate=0.0, ci95=(0.0, 0.0), mean_return=0.0,
+                        mean_length=0.0, paths=paths)
+    assert evaluate_script.obstacle_sides(result, "fmpolicy/PointObstacle-v0") == {"passed_above": 0.25,
+                                                                                 "passed_below": 0.5}
+    assert evaluate_script.obstacle_sides(result, "fmpolicy/Push-v0") is None
 
 
 def test_wilson_interval_matches_known_values():
