@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from fmpolicy.rl.bandit import TwoOptimaBandit
 from tests.helpers import load_script
 
@@ -24,6 +26,7 @@ def test_demonstrations_split_between_the_optima_and_a_gaussian_fit_sits_between
 def test_fpo_with_the_pull_keeps_both_modes_while_it_raises_the_return(tmp_path):
     """The fine-tuning config from a two-mode imitation policy: both optima still hold a quarter of the
     actions after 40 iterations, and the goal return rose well above the imitation policy's."""
+    torch.set_num_threads(1)  # the small MLP fits many times faster on one thread than on two contended ones
     script = load_script("bandit_modes")
     results = script.main(["--out", str(tmp_path), "--seeds", "0", "--methods", "fpo_ref", "--bc-steps", "1000",
                            "--probe-iterations", "2", "--probe-seeds", "0", "rl.num_envs=128", "rl.total_env_steps=5120",
