@@ -5,8 +5,9 @@
         --episodes 200 [--env-kwargs '{"n_links": 3}'] [--out runs/point_obstacle_flow/eval]
 
 Writes `<out>/eval.json` (success rate, Wilson 95% interval, mean return and length, collision
-rate; on PointObstacle the fractions of episodes that went round the obstacle above and below), `<out>/trajectories.png` (the first episodes' xy paths: state dims 0 and 1) and
-`<out>/frames.png` (an image strip of a few episodes), and prints a one-line summary.
+rate; on PointObstacle the fractions of episodes that went round the obstacle above and below),
+`<out>/trajectories.png` (the first episodes' xy paths: state dims 0 and 1) and `<out>/frames.png`
+(an image strip of a few episodes), and prints a one-line summary.
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     if len(result.frames):
         save_strip(result.frames[:, :4], out / "frames.png")
     if sides is not None:
-        line += f"; round the obstacle above {100 * sides['passed_above']:.1f}%, below {100 * sides['passed_below']:.1f}%"
+        line += (f"; round the obstacle above {100 * sides['passed_above']:.1f}%, "
+                 f"below {100 * sides['passed_below']:.1f}%")
     if followed is not None:
         line += f"; reached the goal the given instruction names: {100 * followed:.1f}%"
     print(line)
