@@ -29,7 +29,8 @@ def test_fpo_with_the_pull_keeps_both_modes_while_it_raises_the_return(tmp_path)
     torch.set_num_threads(1)  # the small MLP fits many times faster on one thread than on two contended ones
     script = load_script("bandit_modes")
     results = script.main(["--out", str(tmp_path), "--seeds", "0", "--methods", "fpo_ref", "--bc-steps", "1000",
-                           "--probe-iterations", "2", "--probe-seeds", "0", "rl.num_envs=128", "rl.total_env_steps=5120",
+                           "--probe-iterations", "2", "--probe-seeds", "0", "rl.num_envs=128",
+                           "rl.total_env_steps=5120",
                            "rl.device=cpu"])
     start = results["start"]["flow imitation"]
     assert min(start["near_pos"], start["near_neg"]) > 0.2  # the imitation policy has both modes

@@ -35,4 +35,5 @@ def test_finetune_experiment_runs_all_four_arms_on_the_same_evaluation(tmp_path)
     assert results["bc_continued"]["steps"] > results["bc"]["steps"] == 30
     log = [json.loads(line) for line in (out / "bc" / "flow" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == results["bc_continued"]["steps"]
-    assert (out / "finetune.png").is_file() and (out / "paths.png").is_file() and json.loads((out / "results.json").read_text())["fpo"]["iterations"] == 2
+    assert (out / "finetune.png").is_file() and (out / "paths.png").is_file()
+    assert json.loads((out / "results.json").read_text())["fpo"]["iterations"] == 2
