@@ -47,7 +47,7 @@ from fmpolicy.config import PolicyConfig  # noqa: E402
 from fmpolicy.rl.actors import FlowActor  # noqa: E402
 from fmpolicy.rl.bandit import OPTIMA, TwoOptimaBandit, mode_fractions  # noqa: E402
 from fmpolicy.rl.config import RLRunConfig, load_rl_config  # noqa: E402
-from fmpolicy.rl.objectives import compute_policy_surrogate  # noqa: E402
+from fmpolicy.rl.objectives import compute_policy_surrogate, normalize_advantages  # noqa: E402
 
 CONFIG = "configs/fpo_bandit_finetune.yaml"
 METHODS = {  # name -> (policy type, overrides on top of the config)
@@ -123,8 +123,7 @@ def noise_probe(policy_dir: Path, config: RLRunConfig, iterations: int, ref_coef
             for idx in torch.randperm(b, generator=g).chunk(rc.num_minibatches):
                 o, s = {STATE: obs[STATE][idx]}, {k: v[idx] for k, v in store.items()}
                 log_ratio, _ = actor.log_ratio(o, chunk[idx], s)
-                a_mb = adv[idx]
-                a_mb = (a_mb - a_mb.mean()) / (a_mb.std() + 1e-8) if rc.normalize_advantages else a_mb
+                a_mb = normalize_advantages(adv[idx]) if rc.normalize_advantages else adv[idx]
                 loss = compute_policy_surrogate(log_ratio.exp(), a_mb, rc.clip, rc.surrogate).mean()
                 reg = actor.regularizer(o, s)
                 if reg is not None:

@@ -50,6 +50,13 @@ def compute_fpo_log_ratio(
     return log_ratio
 
 
+def normalize_advantages(advantages: Tensor) -> Tensor:
+    """Standardise a minibatch's advantages (`rl.normalize_advantages`); one sample is left as it is."""
+    if advantages.numel() < 2:
+        return advantages
+    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+
 def _per_pair(ratio: Tensor, advantages: Tensor) -> Tensor:
     """Advantages (b,) shaped to broadcast against per-pair ratios (b, m), which share their action's."""
     return advantages[..., None] if ratio.dim() == advantages.dim() + 1 else advantages

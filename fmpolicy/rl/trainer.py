@@ -42,7 +42,8 @@ from fmpolicy.rl.actors import FlowActor, GaussianActor
 from fmpolicy.rl.config import RLRunConfig
 from fmpolicy.rl.evaluate import evaluate_actor
 from fmpolicy.rl.gae import compute_gae
-from fmpolicy.rl.objectives import compute_policy_surrogate, compute_value_loss, explained_variance
+from fmpolicy.rl.objectives import (compute_policy_surrogate, compute_value_loss, explained_variance,
+                                     normalize_advantages)
 from fmpolicy.rl.rollout import RolloutCollector, make_vector_env
 from fmpolicy.rl.value import ValueNet
 from fmpolicy.training.checkpoint import diff_configs, find_last_checkpoint, load_training_state, save_checkpoint
@@ -232,8 +233,8 @@ def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
                             "rollout policy (dropout or another random layer in train mode, weights changed "
                             "between rollout and update, or pairs / log-probs not stored with their samples)")
                 adv = b_adv[mb]
-                if rc.normalize_advantages and len(mb) > 1:
-                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                if rc.normalize_advantages:
+                    adv = normalize_advantages(adv)
                 pg_loss = compute_policy_surrogate(ratio, adv, rc.clip, rc.surrogate).mean()
                 v_loss = compute_value_loss(critic(obs_mb), b_ret[mb], b_values[mb], rc.value_clip).mean()
                 loss = rc.vf_coef * v_loss + (0.0 if warmup else pg_loss)
