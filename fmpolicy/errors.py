@@ -21,3 +21,7 @@ class CheckpointError(FmPolicyError, ValueError):
 
 class DatasetError(FmPolicyError, ValueError):
     """A dataset directory is missing, empty, or holds a file that cannot be read."""
+
+
+class LockError(FmPolicyError, RuntimeError):
+    """Another process holds the writer lock of a run folder or dataset root."""
