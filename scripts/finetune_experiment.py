@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--fpo-iterations", type=int, default=100, help="FPO iterations (rollout + update)")
     p.add_argument("--eval-episodes", type=int, default=200)
     p.add_argument("--pull", type=float, default=0.1, help="fpo.ref_coef of the FPO arm with the pull (0: no such arm)")
+    p.add_argument("--overwrite", action="store_true", help="move the runs of an earlier experiment in --out aside")
     p.add_argument("overrides", nargs="*", help="overrides for the FPO config, e.g. rl.lr=3.0e-4")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     bc_steps = args.bc_steps or bc_config.train.steps
     start = time.perf_counter()
     pipeline.main(["--config", BC_CONFIG, "--heads", "flow", "--demos", str(args.demos), "--eval-episodes",
-                   str(args.eval_episodes), "--out", str(out / "bc"), f"train.steps={bc_steps}"])
+                   str(args.eval_episodes), "--out", str(out / "bc"), f"train.steps={bc_steps}",
+                   *(["--overwrite"] if args.overwrite else [])])
     bc_seconds = time.perf_counter() - start
     bc_log = [json.loads(line) for line in (bc_run / "log.jsonl").read_text().splitlines()]
     steps_per_s = sum(r["steps_per_s"] for r in bc_log) / len(bc_log)
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         fpo = train_fpo.main(["--config", FPO_CONFIG, f"init_from={bc_run / 'policy'}", f"rl.out_dir={out / name}",
                               f"rl.total_env_steps={steps_per_iteration * args.fpo_iterations}", "rl.progress=false",
-                              *args.overrides, *extra])
+                              *(["--overwrite"] if args.overwrite else []), *args.overrides, *extra])
         seconds = time.perf_counter() - start
         results[name] = {**_evaluate(out / name / "policy", args.eval_episodes, out / f"eval_{name}"),
                          "train_seconds": seconds, "iterations": args.fpo_iterations,
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     extra = max(1, round(fpo_seconds * steps_per_s))
     start = time.perf_counter()
     train.main(["--config", BC_CONFIG, f"data.root={out / 'bc' / 'data' / 'default'}", f"train.out_dir={bc_run}",
-                f"train.steps={bc_steps + extra}", f"train.save_every={bc_steps + extra}", "--resume"])
+                f"train.steps={bc_steps + extra}", f"train.save_every={bc_steps + extra}", "--resume",
+                "--allow-change", "train.steps"])  # continued on purpose: a longer cosine than the first run's
     results["bc_continued"] = {**_evaluate(bc_run / "policy", args.eval_episodes, out / "eval_bc_continued"),
                                "steps": bc_steps + extra, "train_seconds": time.perf_counter() - start}
 

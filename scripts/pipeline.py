@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", help="run folder (default runs/<config name>)")
     p.add_argument("--seed", type=int, default=0, help="data collection seed (evaluation uses 10000+)")
     p.add_argument("--resume", action="store_true", help="resume killed training runs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="move earlier training runs in the folder aside (<run>.old-<time>) and train again")
     p.add_argument("overrides", nargs="*", help="dotted overrides for training, e.g. train.steps=500")
     args = p.parse_args(argv)
 
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
         run = out / head
         start = time.perf_counter()
         train.main(["--config", args.config, *args.overrides, *data_override, f"policy.head={head}",
-                    f"train.out_dir={run}", *(["--resume"] if args.resume else [])])
+                    f"train.out_dir={run}", *(["--resume"] if args.resume else []),
+                    *(["--overwrite"] if args.overwrite else [])])
         minutes = (time.perf_counter() - start) / 60
         for name, kwargs in robots.items():
             summary = evaluate.main(["--policy", str(run / "policy"), "--env", env["id"], "--env-kwargs", json.dumps(kwargs),

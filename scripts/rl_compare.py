@@ -41,9 +41,7 @@ def run_one(config: str, out: Path, method: str, seed: int, overrides: list[str]
     run = out / f"{name or method}_s{seed}"
     if not (run / "policy").is_dir():
         args = [sys.executable, str(SCRIPT), "--config", config, f"rl.policy_type={method}", f"rl.seed={seed}",
-                f"rl.out_dir={run}", "rl.progress=false", *overrides]
-        if (run / "checkpoints").is_dir():
-            args.append("--resume")
+                f"rl.out_dir={run}", "rl.progress=false", "--resume", *overrides]  # a fresh start when nothing to resume
         run.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         start = time.perf_counter()

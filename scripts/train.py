@@ -1,7 +1,11 @@
 #!/usr/bin/env python
 """Train a flow policy (or the MSE baseline) on demonstrations.
 
-    python scripts/train.py --config configs/point_obstacle.yaml [key.sub=value ...] [--resume]
+    python scripts/train.py --config configs/point_obstacle.yaml [key.sub=value ...] [--resume | --overwrite]
+
+The run folder (train.out_dir) belongs to one process at a time; a folder that already holds a run is
+refused unless --resume continues it (any setting that would change the result must stay the same;
+--allow-change names the ones you change knowingly) or --overwrite moves it aside (never deleted).
 
 Several robots in one policy: list them under policy.embodiments and their datasets under
 data.roots ({embodiment name: directory}); every batch mixes their windows.
@@ -27,6 +31,11 @@ def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file mapping onto ImitationConfig")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.out_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train.out_dir holds a run: move it aside to <out_dir>.old-<time> and start again")
+    p.add_argument("--allow-change", default="", metavar="FIELDS",
+                   help="with --resume: comma-separated config fields whose change you accept although the "
+                        "result will differ from an uninterrupted run, e.g. train.steps")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
     args = p.parse_args(argv)
     try:
@@ -38,7 +47,8 @@ def main(argv: list[str] | None = None):
         episodes = range(config.data.num_episodes) if config.data.num_episodes else None
         datasets = {name: ChunkDataset(root, config.policy.chunk_size, image_keys=list(config.data.image_keys),
                                        episodes=episodes) for name, root in roots.items()}
-        return train_imitation(config, datasets, resume=args.resume)
+        return train_imitation(config, datasets, resume=args.resume, overwrite=args.overwrite,
+                               allow_changes=[f for f in args.allow_change.split(",") if f])
     except FmPolicyError as e:
         sys.exit(f"error: {e}")
 

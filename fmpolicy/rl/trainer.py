@@ -23,20 +23,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from fmpolicy.batch import STATE
 from fmpolicy.config import config_to_dict, resolve_device
-from fmpolicy.errors import CheckpointError, ConfigError
+from fmpolicy.errors import ConfigError
+from fmpolicy.io import atomic_write
 from fmpolicy.policy import FlowPolicy
 from fmpolicy.rl.actors import FlowActor, GaussianActor
 from fmpolicy.rl.config import RLRunConfig
@@ -46,12 +46,13 @@ from fmpolicy.rl.objectives import (compute_policy_surrogate, compute_value_loss
                                      normalize_advantages)
 from fmpolicy.rl.rollout import RolloutCollector, make_vector_env
 from fmpolicy.rl.value import ValueNet
-from fmpolicy.training.checkpoint import diff_configs, find_last_checkpoint, load_training_state, save_checkpoint
-from fmpolicy.training.imitation import RunLogger, rng_state, set_rng_state
+from fmpolicy.run import RunFolder, open_run, progress, rng_state, seed_everything, set_rng_state
 
 RATIO_CHECK_TOL = 1e-6
-# config fields a resumed run may change (everything else must match the checkpoint's config)
-RESUMABLE_CHANGES = ("rl.total_env_steps", "rl.progress", "rl.save_every", "rl.log_every", "rl.keep_checkpoints",
+# config fields a resumed run may change: none of them changes the trained weights (everything else
+# must match the checkpoint's config). The run's length may change too when the lr is not annealed
+# over it (then the first iterations are the same whatever the length).
+RESUMABLE_CHANGES = ("rl.progress", "rl.save_every", "rl.log_every", "rl.keep_checkpoints", "rl.out_dir",
                      "rl.device", "policy.device", "rl.eval_every", "rl.eval_episodes")
 EVAL_SEED_OFFSET = 10_000  # evaluation envs start from seed + this: states the rollouts' seeds do not give
 
@@ -90,16 +91,27 @@ def _slice(tree: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.
     return {k: v[idx] for k, v in tree.items()}
 
 
-def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
-    """Run RL fine-tuning as `config` says; returns the trained actor, critic and the per-iteration log."""
+def train_rl(config: RLRunConfig, resume: bool = False, overwrite: bool = False,
+             allow_changes: Iterable[str] = ()) -> RLResult:
+    """Run RL fine-tuning as `config` says; returns the trained actor, critic and the per-iteration log.
+
+    The run folder `rl.out_dir` is held by this process alone (see `fmpolicy.run.folder`): a folder that
+    holds a run is refused unless `resume` (continue from the last checkpoint; a change of a setting
+    that alters the result is refused unless named in `allow_changes`) or `overwrite` (move it aside).
+    """
+    with open_run(config.rl.out_dir, resume=resume, overwrite=overwrite,
+                  keep_checkpoints=config.rl.keep_checkpoints) as run:
+        if run.last_checkpoint is not None:
+            may_change = RESUMABLE_CHANGES + (() if config.rl.anneal_lr else ("rl.total_env_steps",))
+            run.check_resume(config_to_dict(config), may_change, allow_changes)
+        return _train_rl(config, run)
+
+
+def _train_rl(config: RLRunConfig, run: RunFolder) -> RLResult:
     rc = config.rl
     device = resolve_device(rc.device)
-    out = Path(rc.out_dir)
-
-    # ---- seeding ----
-    torch.manual_seed(rc.seed)
-    np.random.seed(rc.seed)
-    random.seed(rc.seed)
+    out = run.path
+    seed_everything(rc.seed)
 
     # ---- actor, critic, optimiser ----
     actor, policy_config = make_actor(config, device)
@@ -129,17 +141,10 @@ def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
         raise ConfigError(f"rl.total_env_steps = {rc.total_env_steps} is less than one rollout "
                           f"(num_envs * num_macro_steps * n_action_steps = {steps_per_iteration} env steps)")
 
-    # ---- run directory, resume ----
-    run_config = config_to_dict(config)
+    # ---- resume ----
     start, history = 0, []
-    ckpt = find_last_checkpoint(out) if resume else None
-    if ckpt is not None:
-        saved = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else {}
-        changed = [d for d in diff_configs(saved, run_config) if not d.startswith(RESUMABLE_CHANGES)]
-        if changed:
-            raise CheckpointError(f"{out / 'config.yaml'}: this run's config differs from the checkpoint's: "
-                                  + "; ".join(changed))
-        state = load_training_state(ckpt)
+    if run.last_checkpoint is not None:
+        state = run.load_state()
         actor.load_state_dict(state["actor"])
         critic.load_state_dict(state["critic"])
         optimizer.load_state_dict(state["optimizer"])
@@ -149,18 +154,15 @@ def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
         start, history = state["iteration"], state["history"]
         if not collector.load_state_dict(state["collector"]):
             collector.reset(seed=rc.seed + 7919 * start)  # the env state was not captured: re-seed
-        print(f"resumed from {ckpt} at iteration {start}")
+        print(f"resumed from {run.last_checkpoint} at iteration {start}")
     else:
         collector.reset(seed=rc.seed)
     state_dim = collector.obs[STATE].shape[-1]
     if state_dim != policy_config.state_dim:
         raise ConfigError(f"policy.state_dim = {policy_config.state_dim} does not match {config.env.id}'s "
                           f"observation.state width {state_dim}")
-    out.mkdir(parents=True, exist_ok=True)
-    if ckpt is None and (out / "log.jsonl").exists():
-        (out / "log.jsonl").unlink()  # a fresh run starts a fresh log (a resumed one appends)
-    (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
-    logger = RunLogger(out, "jsonl", True)
+    run.write_config(config_to_dict(config))
+    logger = run.logger()
 
     eval_envs = (make_vector_env(config.env.id, rc.eval_episodes, device, rc.seed + EVAL_SEED_OFFSET,
                                  config.env.kwargs) if rc.eval_every else None)
@@ -184,7 +186,7 @@ def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
                  "optimizer": optimizer.state_dict(), "rollout_generator": rollout_gen.get_state(),
                  "minibatch_generator": minibatch_gen.get_state(), "rng": rng_state(),
                  "collector": collector.state_dict(), "history": history}
-        save_checkpoint(out, iteration, actor, state, rc.keep_checkpoints)
+        run.save_checkpoint(iteration, actor, state)
 
     # ---- the loop ----
     run_start = time.perf_counter()
@@ -193,8 +195,8 @@ def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
     if eval_envs is not None and start == 0:
         history.append({"iteration": 0, "env_steps": 0, **evaluate(), "elapsed_s": elapsed()})
         logger.log(0, history[-1])
-    progress = _progress(range(start, num_iterations), rc.progress, start, num_iterations)
-    for iteration in progress:
+    iterations = progress(range(start, num_iterations), rc.progress, "rl")
+    for iteration in iterations:
         tick = time.perf_counter()
         if rc.anneal_lr:  # linear decay to 0 over the run (CleanRL's anneal_lr); a function of the iteration
             for group in optimizer.param_groups:
@@ -293,8 +295,8 @@ def train_rl(config: RLRunConfig, resume: bool = False) -> RLResult:
         history.append(record)
         if done % rc.log_every == 0 or done == num_iterations:
             logger.log(done, record)
-        if hasattr(progress, "set_postfix"):
-            progress.set_postfix(ret=record["episode_return"], clip=f"{record['clip_fraction']:.2f}")
+        if hasattr(iterations, "set_postfix"):
+            iterations.set_postfix(ret=record["episode_return"], clip=f"{record['clip_fraction']:.2f}")
         if done % rc.save_every == 0 or done == num_iterations:
             checkpoint(done)
 
@@ -333,13 +335,5 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str = 
     ax.set_ylabel("mean episode return")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-
-
-def _progress(iterations: range, enabled: bool, start: int, total: int):
-    if not enabled:
-        return iterations
-    from tqdm.auto import tqdm
-
-    return tqdm(iterations, initial=start, total=total, desc="rl", dynamic_ncols=True)

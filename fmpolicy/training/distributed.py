@@ -69,3 +69,9 @@ def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait until every process reaches this point (a no-op in a single process)."""
+    if info.enabled and dist.is_initialized():
+        dist.barrier()

@@ -11,30 +11,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import random
-import sys
 import time
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from fmpolicy.batch import ENCODER_FEATURES
 from fmpolicy.config import ImitationConfig, config_to_dict
 from fmpolicy.errors import CheckpointError, ConfigError
 from fmpolicy.policy import FlowPolicy
+from fmpolicy.run import RunFolder, open_run, progress, rng_state, seed_everything, set_rng_state
 from fmpolicy.sampling import sample_noise
-from fmpolicy.training.checkpoint import (
-    diff_configs,
-    find_last_checkpoint,
-    load_training_state,
-    save_checkpoint,
-)
-from fmpolicy.training.distributed import DistInfo, all_reduce_mean, init_distributed, local_rows, shutdown
+from fmpolicy.training.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, local_rows, shutdown
 from fmpolicy.training.ema import EMA
 from fmpolicy.training.loop import warmup_cosine
 
@@ -66,50 +56,6 @@ class EpochSampler:
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self.perm, self.pos = state["perm"], state["pos"]
-
-
-class RunLogger:
-    """JSON lines in `out/log.jsonl` (appended across resumes), optionally TensorBoard in `out/tb/`."""
-
-    def __init__(self, out_dir: Path, kind: str, enabled: bool):
-        self.enabled = enabled
-        self.path = out_dir / "log.jsonl"
-        self.tb = None
-        if enabled and kind == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out_dir / "tb"))
-            except ImportError:
-                print("tensorboard is not installed: logging to log.jsonl only")
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def make_policy(config: ImitationConfig, datasets: dict[str, Any], device: torch.device) -> FlowPolicy:
@@ -178,24 +124,48 @@ def _slice_batch(batch: dict[str, Any], rows: torch.Tensor, device: torch.device
     return out
 
 
-def train_imitation(config: ImitationConfig, datasets, resume: bool = False) -> FlowPolicy:
+# settings a resumed run may change: none of them changes the result (everything else must match)
+RESUMABLE_CHANGES = ("policy.device", "train.out_dir", "train.progress", "train.log_every", "train.save_every",
+                     "train.keep_checkpoints", "train.logger")
+
+
+def train_imitation(config: ImitationConfig, datasets, resume: bool = False, overwrite: bool = False,
+                    allow_changes: Iterable[str] = ()) -> FlowPolicy:
     """Train `config.policy` on `datasets` as `config.train` says; returns the policy with its EMA
     weights (when enabled), also saved to `<out_dir>/policy`.
 
     `datasets` is a `ChunkDataset`, or {embodiment name: ChunkDataset} for a policy that serves
     several robots (their windows are mixed in every batch).
+
+    The run folder `train.out_dir` is held by this process alone for the run's life (see
+    `fmpolicy.run.folder`). A folder that already holds a run is refused unless `resume` (continue from
+    its last checkpoint, bit for bit as if never interrupted; any change of a setting that would alter
+    the result is refused, except the fields named in `allow_changes`) or `overwrite` (move the old run
+    aside to `<out_dir>.old-<time>`).
     """
     if not isinstance(datasets, dict):
         datasets = {config.policy.embodiment_list()[0].name: datasets}
-    tc = config.train
     info: DistInfo = init_distributed(config.policy.device)
-    out = Path(tc.out_dir)
-    torch.manual_seed(tc.seed)
-    random.seed(tc.seed)
-    np.random.seed(tc.seed)
+    seed_everything(config.train.seed)
+    policy = make_policy(config, datasets, info.device)  # a config that does not fit the data fails here, first
+    if not info.is_main:
+        barrier(info)  # rank 0 opens (locks, checks, tidies) the folder first; the others only read it
+    with open_run(config.train.out_dir, resume=resume, overwrite=overwrite, writer=info.is_main,
+                  keep_checkpoints=config.train.keep_checkpoints) as run:
+        if info.is_main:
+            if run.last_checkpoint is not None:
+                run.check_resume(config_to_dict(config), RESUMABLE_CHANGES, allow_changes)
+            barrier(info)
+        policy = _train(config, datasets, policy, info, run)
+    shutdown(info)
+    return policy
+
+
+def _train(config: ImitationConfig, datasets: dict[str, Any], policy: FlowPolicy, info: DistInfo,
+           run: RunFolder) -> FlowPolicy:
+    tc = config.train
 
     # ---- model, optimiser, schedule, EMA ----
-    policy = make_policy(config, datasets, info.device)
     model: nn.Module = policy
     if info.enabled:
         model = nn.parallel.DistributedDataParallel(
@@ -213,6 +183,7 @@ def train_imitation(config: ImitationConfig, datasets, resume: bool = False) -> 
 
     # ---- data: every window in memory, global batches sliced per process ----
     windows = combine_windows(datasets, policy, info.device)
+    data_windows = {name: len(dataset) for name, dataset in datasets.items()}  # checked on resume
     if policy.encoder is not None and policy.encoder.backbone_frozen and config.data.cache_encoder:
         start_cache = time.perf_counter()
         windows = cache_encoder_features(policy, windows)
@@ -223,16 +194,16 @@ def train_imitation(config: ImitationConfig, datasets, resume: bool = False) -> 
     rows = local_rows(tc.batch_size, info)
     flow_gen = torch.Generator().manual_seed(tc.seed + 1)  # flow times and noise (CPU: same on every device)
 
-    # ---- run directory, resume ----
-    run_config = config_to_dict(config)
+    # ---- resume ----
     start = 0
-    if resume and (ckpt := find_last_checkpoint(out)) is not None:
-        saved_cfg = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else {}
-        changed = [d for d in diff_configs(saved_cfg.get("policy", {}), run_config["policy"]) if not d.startswith("device")]
-        if changed:
-            raise CheckpointError(f"{out / 'config.yaml'}: the checkpoint's policy config differs from this run's: "
-                                  + "; ".join(changed))
-        state = load_training_state(ckpt)
+    if run.last_checkpoint is not None:
+        ckpt = run.last_checkpoint
+        state = run.load_state()
+        saved_windows = state.get("data_windows")
+        if saved_windows is not None and saved_windows != data_windows:
+            raise CheckpointError(f"{ckpt}: the datasets changed since the checkpoint (windows per robot: saved "
+                                  f"{saved_windows}, now {data_windows}): the result would differ from an "
+                                  "uninterrupted run; start a new run to train on the changed data")
         try:
             policy.load_state_dict(state["model"])
         except RuntimeError as e:
@@ -247,25 +218,22 @@ def train_imitation(config: ImitationConfig, datasets, resume: bool = False) -> 
         start = state["step"]
         if info.is_main:
             print(f"resumed from {ckpt} at step {start}")
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
-    logger = RunLogger(out, tc.logger, info.is_main)
+    run.write_config(config_to_dict(config))
+    logger = run.logger(tc.logger)
 
     def checkpoint(step: int) -> None:
-        if not info.is_main:
-            return
         state = {"step": step, "model": policy.state_dict(), "optimizer": optimizer.state_dict(),
                  "schedule": schedule.state_dict(), "sampler": sampler.state_dict(),
                  "flow_generator": flow_gen.get_state(), "ema": ema.state_dict() if ema else None,
-                 "rng": rng_state()}
-        save_checkpoint(out, step, _eval_copy(policy, ema), state, tc.keep_checkpoints)
+                 "rng": rng_state(), "data_windows": data_windows}
+        if info.is_main:
+            run.save_checkpoint(step, _eval_copy(policy, ema), state)
 
     # ---- the loop ----
-    progress = _progress(range(start, tc.steps), tc.progress and info.is_main, start, tc.steps)
+    steps = progress(range(start, tc.steps), tc.progress and info.is_main, "train")
     policy.train()
     tick, loss_sum, loss_n = time.perf_counter(), 0.0, 0
-    for step in progress:
+    for step in steps:
         idx = sampler.next()  # (B,) the same global batch on every process
         batch = _slice_batch(windows, idx[rows], info.device)
         b = len(idx)
@@ -290,8 +258,8 @@ def train_imitation(config: ImitationConfig, datasets, resume: bool = False) -> 
             values = {"loss": loss_sum / loss_n, "lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm),
                       "steps_per_s": loss_n / (now - tick), "local_batch": len(t)}
             logger.log(done, values)
-            if hasattr(progress, "set_postfix"):
-                progress.set_postfix(loss=f"{values['loss']:.4f}")
+            if hasattr(steps, "set_postfix"):
+                steps.set_postfix(loss=f"{values['loss']:.4f}")
             tick, loss_sum, loss_n = now, 0.0, 0
         if done % tc.save_every == 0 or done == tc.steps:
             checkpoint(done)
@@ -299,8 +267,7 @@ def train_imitation(config: ImitationConfig, datasets, resume: bool = False) -> 
     logger.close()
     final = _eval_copy(policy, ema)
     if info.is_main:
-        final.save_pretrained(out / "policy")
-    shutdown(info)
+        final.save_pretrained(run.path / "policy")
     return final.eval()
 
 
@@ -313,11 +280,3 @@ def _eval_copy(policy: FlowPolicy, ema: EMA | None) -> FlowPolicy:
     averaged = copy.deepcopy(policy)
     ema.copy_to(averaged)
     return averaged
-
-
-def _progress(steps: range, enabled: bool, start: int, total: int):
-    if not enabled or not sys.stderr.isatty():  # a bar redrawn into a log file is noise: log.jsonl has it all
-        return steps
-    from tqdm.auto import tqdm
-
-    return tqdm(steps, initial=start, total=total, desc="train", dynamic_ncols=True)
