@@ -11,7 +11,7 @@ DEMO_ARGS ?= train.steps=1500
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo toy test bench clean
+.PHONY: setup demo toy test bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) scripts/pipeline.py --config configs/point_obstacle.yaml --out runs/demo $(DEMO_ARGS)
+	$(PY) scripts/pipeline.py --config configs/point_obstacle.yaml --out runs/demo --overwrite $(DEMO_ARGS)
 
 toy: $(STAMP)
 	$(PY) scripts/demo_toy.py
@@ -33,6 +33,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py
+
+# on a CUDA machine, in at most 8 minutes: the CUDA tests, bench.py --device cuda and a short FPO run
+# -> runs/gpu_check/gpu_check.json + .md (a table). Set up with a CUDA build of torch first, e.g.
+#   make gpu-check TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
+# (an existing .venv with the CPU wheel must be removed first: make clean). Exits 2 without CUDA.
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
