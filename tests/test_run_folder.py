@@ -206,6 +206,8 @@ def test_a_killed_run_resumes_bit_for_bit_and_its_leftovers_are_tidied(dataset, 
     # and a complete step directory that last.json does not name yet
     (out / "checkpoints" / f".step_{killed_at + 5:08d}.x1y2.tmp").mkdir()
     (out / "checkpoints" / ".last.json.a1b2.tmp").write_text("{")
+    (out / "checkpoints" / f".step_{killed_at:08d}.k3j4").mkdir()  # the names of earlier versions
+    (out / "checkpoints" / ".last.json.q9w8").write_text("{")
     (out / "checkpoints" / f"step_{killed_at + 5:08d}").mkdir()
     with open(out / "log.jsonl", "a") as f:
         f.write('{"step": 39, "loss": 0.1')  # a line cut short

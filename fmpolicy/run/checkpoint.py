@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from fmpolicy.errors import CheckpointError
-from fmpolicy.io import atomic_directory, atomic_write_json, remove_orphans
+from fmpolicy.io import atomic_directory, atomic_write_json
 
 LAST = "last.json"
 STATE_FILE = "training_state.pt"
@@ -84,7 +84,14 @@ class Checkpoints:
     def open(self, resume_step: int | None) -> list[Path]:
         """Tidy what a killed writer left and adopt the lineage's checkpoints up to `resume_step`
         (None: a fresh run, which adopts nothing). Returns what was removed. Call under the run's lock."""
-        removed = remove_orphans(self.root)
+        removed: list[Path] = []
+        if self.root.is_dir():  # every hidden entry here is a writer's temporary (older versions: no .tmp suffix)
+            for p in self.root.glob(".*"):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
         if resume_step is not None:
             for step, path in list_checkpoints(self.root).items():
                 if step <= resume_step:
