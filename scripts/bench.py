@@ -60,7 +60,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -72,6 +71,7 @@ from torch import Tensor
 
 from fmpolicy import FlowPolicy, NormalizationConfig, PolicyConfig, SamplerConfig, make_expert_config
 from fmpolicy.config import EXPERT_PRESETS, resolve_device
+from fmpolicy.machine import cpu_model
 from fmpolicy.model.layers import AdaptiveModulation
 from fmpolicy.sampling import sample_ode
 
@@ -183,17 +183,6 @@ def make_obs(policy: FlowPolicy, batch: int, p: int, generator: torch.Generator,
         "observation.prefix_mask": mask,
     }
     return {k: v.to(policy.device) for k, v in obs.items()}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info(device: torch.device, threads: int) -> dict[str, Any]:

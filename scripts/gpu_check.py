@@ -76,23 +76,14 @@ def _tail(text: str, n: int = 2000) -> str:
     return text[-n:] if text else ""
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def step_environment(args: argparse.Namespace, timeout: float) -> dict[str, Any]:
     import torch
 
+    from fmpolicy.machine import cpu_model
+
     facts: dict[str, Any] = {
         "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(), "cpu": _cpu_model(),
+        "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(), "cpu": cpu_model(),
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "load_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
