@@ -9,7 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a download that ca
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# two threads by default; an explicit OMP_NUM_THREADS wins, so that `OMP_NUM_THREADS=1 pytest` really
+# runs single-threaded (the float32 comparisons must hold under any thread count: tests/helpers.py)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -253,8 +253,8 @@ def test_cache_hit_is_identical_and_file_round_trips(vt, tmp_path):
     cache(batch2, [12, 13])
     assert len(cache) == 4 and cache.misses == 1
     # the cache must serve the frames it stored, not the images passed in (that is the point of it)
-    with torch.no_grad():
-        assert torch.equal(cache(batch2, [10, 11])[0], fresh_prefix[:2])
+    with torch.no_grad():  # (the head on 2 rows against 3: equal up to float32 rounding, not bit for bit)
+        torch.testing.assert_close(cache(batch2, [10, 11])[0], fresh_prefix[:2])
     # save (atomically: no temporary file left) and load
     path = cache.save(tmp_path / "data" / "encoder_cache.safetensors")
     assert [p.name for p in path.parent.iterdir()] == ["encoder_cache.safetensors"]
@@ -290,7 +290,9 @@ def test_minilm_offline_embeddings():
         feats = enc.backbone({TOP: torch.rand(4, 3, 32, 32), "task": tasks})
     m = feats["text_mask"].float()[..., None]
     emb = torch.nn.functional.normalize((feats["text"] * m).sum(1) / m.sum(1), dim=-1)  # mean pooling
-    assert torch.equal(emb[0], emb[3])  # same instruction, same embedding
+    # same instruction, same embedding (rows 0 and 3 of one batch may take other GEMM tile paths, so
+    # float32 rounding is allowed: atol 1e-5 on entries of ~0.1; another sentence moves them by ~0.1)
+    torch.testing.assert_close(emb[0], emb[3])
     assert not torch.allclose(emb[0], emb[1])
     sim = emb @ emb.T
     assert sim[0, 1] > sim[0, 2] + 0.2, sim  # paraphrase closer than an unrelated sentence: real weights

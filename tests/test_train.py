@@ -62,13 +62,17 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(dataset, tmp_path)
     first = load_file(str(cut / "checkpoints" / "step_00000003" / "policy" / "model.safetensors"))
     assert any(not torch.equal(first[k], full[k]) for k in full)
     log = [json.loads(line) for line in (cut / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6, 4, 5, 6]
+    # the lines the killed run wrote after its checkpoint are dropped: every step is logged once,
+    # with the values of the resumed run (equal to the uninterrupted run's, whose log it matches)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    full_log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log] == [r["loss"] for r in full_log]
     assert all(r["loss"] > 0 and r["lr"] > 0 for r in log)
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(dataset, tmp_path):
     run_train(dataset, tmp_path, "train.steps=2", "train.save_every=1")
-    with pytest.raises(SystemExit, match=r"policy config differs.*expert\.width: saved 32, now 48"):
+    with pytest.raises(SystemExit, match=r"cannot resume with a different config.*expert\.width: saved 32, now 48"):
         run_train(dataset, tmp_path, "train.steps=2", "policy.expert.width=48", resume=True)
     (tmp_path / "checkpoints" / "step_00000002" / "training_state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match=r"training_state\.pt cannot be read"):
@@ -88,11 +92,15 @@ def test_torchrun_two_gloo_processes_equal_one_process_with_the_combined_batch(d
     common = ["--config", CONFIG, f"data.root={dataset}", *TINY, "train.steps=3", "train.batch_size=16",
               "train.ema_decay=0", "train.save_every=3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                    str(ROOT / "scripts" / "train.py"), *common, f"train.out_dir={tmp_path / 'ddp'}"],
-                   check=True, env=env, capture_output=True, timeout=300)
+    # --standalone: a free port of its own (a fixed one clashes with another test run on the machine)
+    ddp_run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              str(ROOT / "scripts" / "train.py"), *common, f"train.out_dir={tmp_path / 'ddp'}"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert ddp_run.returncode == 0, ddp_run.stderr[-3000:]
     run_train(dataset, tmp_path / "single", *common[4:], "train.ema_decay=0")
     ddp, single = weights(tmp_path / "ddp"), weights(tmp_path / "single")
+    # two half-batch gradients averaged against one full-batch gradient: float32 rounding, which 3 AdamW
+    # steps carry into the weights (measured <= 4.5e-7 apart on three CPU kernel sets; allowed >= 1e-5)
     for k in single:
         torch.testing.assert_close(ddp[k], single[k], atol=1e-5, rtol=1e-4, msg=k)
     # only rank 0 wrote (one log line), and each process took its half of the global batch

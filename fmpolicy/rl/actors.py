@@ -2,6 +2,7 @@
 
     chunk, store = actor.act(obs, generator)        # rollout: a chunk (b, h, a) in [-1, 1] units
     log_ratio, stats = actor.log_ratio(obs, chunk, store)   # update: log(pi_new / pi_old), (b,) or (b, m)
+    old = actor.ratio_reference(store)              # the stored values log_ratio is a difference against
     reg = actor.regularizer(obs, store)              # update: a scalar added to the loss, or None
     ent = actor.entropy(obs, store)                  # update: (b,) entropy (estimate), for rl.ent_coef
     chunk = actor.eval_act(obs, zero_noise=True)     # evaluation
@@ -38,8 +39,9 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fmpolicy.batch import STATE
-from fmpolicy.policy import FlowPolicy
 from fmpolicy.config import config_to_dict
+from fmpolicy.io import atomic_directory
+from fmpolicy.policy import FlowPolicy
 from fmpolicy.rl.config import FPOConfig, GaussianConfig
 from fmpolicy.rl.objectives import compute_fpo_log_ratio
 from fmpolicy.sampling import integrate_divergence, sample_noise
@@ -112,6 +114,9 @@ class FlowActor(nn.Module):
         log_ratio = compute_fpo_log_ratio(store["loss_old"], loss_new, self.fpo.ratio_mode,
                                           self.fpo.clamp_old, self.fpo.clamp_log_ratio)
         return log_ratio, {"cfm_loss_old": store["loss_old"].mean().detach(), "cfm_loss_new": loss_new.mean().detach()}
+
+    def ratio_reference(self, store: Mapping[str, Tensor]) -> Tensor:
+        return store["loss_old"]
 
     def regularizer(self, obs: Mapping[str, Any], store: Mapping[str, Tensor]) -> tuple[Tensor, dict] | None:
         """`ref_coef` x the policy's CFM loss on the starting policy's chunks (None when ref_coef is 0).
@@ -240,6 +245,9 @@ class GaussianActor(nn.Module):
         logp = self.log_prob(obs, store["pre_squash"])
         return logp - store["logp_old"], {"log_std": self.log_std.mean().detach()}
 
+    def ratio_reference(self, store: Mapping[str, Tensor]) -> Tensor:
+        return store["logp_old"]
+
     def regularizer(self, obs: Mapping[str, Any], store: Mapping[str, Tensor]) -> None:
         return None
 
@@ -260,10 +268,10 @@ class GaussianActor(nn.Module):
     def save_pretrained(self, directory) -> Path:
         """`config.json` (widths + GaussianConfig) and `model.safetensors` in `directory`."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         meta = {"type": "GaussianActor", "state_dim": self.state_dim, "action_dim": self.action_dim,
                 "n_action_steps": self.n_action_steps, "config": config_to_dict(self.config)}
-        (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  str(directory / "model.safetensors"))
+        with atomic_directory(directory) as tmp:
+            (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                      str(tmp / "model.safetensors"))
         return directory

@@ -5,8 +5,9 @@ Each iteration: collect n macro-steps in e envs (`RolloutCollector`) -> GAE over
 or FPO++'s asymmetric "aspo") + value loss (no entropy term), with gradient clipping; the first `critic_warmup_iterations` train only the critic.
 The only difference between the two methods is the actor's `log_ratio` (actors.py).
 
-Built-in checks: at the first minibatch of every update the ratio must be 1 to 1e-6 (the policy has
-not moved since the rollout: anything else means the stored pairs / log-probs do not reproduce the
+Built-in checks: at the first minibatch of every update the ratio must be 1 up to float32 rounding
+(`ratio_check_tolerance`: 1e-6, or 16 ulps of the largest stored loss / log-prob; the policy has not
+moved since the rollout: anything else means the stored pairs / log-probs do not reproduce the
 rollout policy); a non-finite loss or gradient stops the run before the weights change.
 
 Checkpoints (atomic, every `save_every` iterations and at the end) hold the actor, critic,
@@ -48,7 +49,7 @@ from fmpolicy.rl.rollout import RolloutCollector, make_vector_env
 from fmpolicy.rl.value import ValueNet
 from fmpolicy.run import RunFolder, open_run, progress, rng_state, seed_everything, set_rng_state
 
-RATIO_CHECK_TOL = 1e-6
+RATIO_CHECK_TOL = 1e-6  # the least deviation of the first ratio from 1 that stops the run (see ratio_check_tolerance)
 # config fields a resumed run may change: none of them changes the trained weights (everything else
 # must match the checkpoint's config). The run's length may change too when the lr is not annealed
 # over it (then the first iterations are the same whatever the length).
@@ -85,6 +86,18 @@ def make_actor(config: RLRunConfig, device: torch.device):
     if policy.config.head != "flow":
         raise ConfigError(f"policy.head = {policy.config.head!r}: FPO needs a 'flow' policy")
     return FlowActor(policy, rc.fpo, keep_noise=rc.ent_coef > 0), policy.config
+
+
+def ratio_check_tolerance(reference: torch.Tensor) -> float:
+    """How far the ratio before the first update may sit from 1: float32 rounding, no more.
+
+    The update recomputes the old losses (log-probs) on a minibatch, whose float32 sums run in another
+    order than the rollout batch's on some CPUs and GPUs; each value can then move by a few units in
+    the last place of its magnitude. 16 ulps of the largest stored value (>= RATIO_CHECK_TOL) allow
+    that and nothing more: a dropout layer left on, or a weight that moved, gives 1e-2-ish.
+    """
+    scale = float(reference.detach().abs().max()) if reference.numel() else 0.0
+    return max(RATIO_CHECK_TOL, 16 * torch.finfo(torch.float32).eps * scale)
 
 
 def _slice(tree: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -228,10 +241,11 @@ def _train_rl(config: RLRunConfig, run: RunFolder) -> RLResult:
                 ratio = log_ratio.exp()
                 if epoch == 0 and mb_index == 0:  # nothing has moved yet: the ratio must be exactly 1
                     first_dev = float((ratio.detach() - 1.0).abs().max())
-                    if not first_dev <= RATIO_CHECK_TOL:
+                    tol = ratio_check_tolerance(actor.ratio_reference(store_mb))
+                    if not first_dev <= tol:
                         raise RatioCheckError(
                             f"iteration {iteration}: the ratio before the first update step deviates from 1 by "
-                            f"{first_dev:.3g} (> {RATIO_CHECK_TOL}): the stored rollout data do not reproduce the "
+                            f"{first_dev:.3g} (> {tol:.3g}): the stored rollout data do not reproduce the "
                             "rollout policy (dropout or another random layer in train mode, weights changed "
                             "between rollout and update, or pairs / log-probs not stored with their samples)")
                 adv = b_adv[mb]
