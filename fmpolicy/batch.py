@@ -29,8 +29,14 @@ def as_tensor(value: Any, key: str, device: torch.device, dtype: torch.dtype | N
     """A tensor on `device` from a tensor, numpy array or nested list; `key` names it in errors."""
     if isinstance(value, Tensor):
         t = value
-    elif isinstance(value, (np.ndarray, list, tuple, float, int)):
-        t = torch.as_tensor(np.asarray(value))
+    elif isinstance(value, (np.ndarray, np.generic, list, tuple, float, int)):
+        try:
+            array = np.asarray(value)
+        except ValueError as e:  # nested lists of unequal lengths
+            raise InputError(f"{key!r} is not a rectangular array ({e}): expected a numeric array") from None
+        if array.dtype.kind not in "biuf":  # object, string, complex, datetime ...
+            raise InputError(f"{key!r} has dtype {array.dtype}: expected a numeric array (float, int or bool)")
+        t = torch.as_tensor(array)
     else:
         raise InputError(f"{key!r} has type {type(value).__name__}: expected a torch.Tensor or numpy array")
     if dtype is not None and t.dtype != dtype:
@@ -65,11 +71,43 @@ def check_shape(t: Tensor, key: str, expected: tuple[int | str | None, ...], nam
         raise InputError(f"{key!r} has shape {tuple(t.shape)}: expected ({want})")
 
 
+def check_tensor(t: Any, key: str, expected: tuple[int | str | None, ...], names: str,
+                 dtype: torch.dtype = torch.float32) -> None:
+    """A caller-made tensor argument (noise, t): a torch.Tensor of `dtype` and shape `expected`."""
+    if not isinstance(t, Tensor):
+        raise InputError(f"{key!r} has type {type(t).__name__}: expected a torch.Tensor of dtype {dtype}")
+    check_shape(t, key, expected, names)
+    if t.dtype != dtype:
+        raise InputError(f"{key!r} has dtype {t.dtype}: expected {dtype}, the policy's dtype")
+
+
+def read_noise(noise: Any, expected: tuple[int, ...], names: str, device: torch.device,
+               dtype: torch.dtype = torch.float32) -> Tensor:
+    """Caller-given flow noise: `dtype`, exactly `expected` (padded network units), finite. -> on `device`"""
+    check_tensor(noise, "noise", expected, names, dtype)
+    check_finite(noise, "noise")
+    return noise.to(device)
+
+
+def read_time(t: Any, expected: tuple[int, ...], names: str, device: torch.device,
+              dtype: torch.dtype = torch.float32) -> Tensor:
+    """Caller-given flow times: `dtype`, shape `expected`, every value in [0, 1]. -> on `device`"""
+    check_tensor(t, "t", expected, names, dtype)
+    check_finite(t, "t")
+    outside = (t < 0) | (t > 1)
+    if bool(outside.any()):
+        raise InputError(f"'t' has values outside [0, 1] ({int(outside.sum())} of them, min {float(t.min()):.4g}, "
+                         f"max {float(t.max()):.4g}): t = 0 is noise, t = 1 the action")
+    return t.to(device)
+
+
 def read_state(batch: Mapping[str, Any], max_state_dim: int, device: torch.device) -> Tensor:
     """observation.state (b, s), s <= max_state_dim, finite. -> float32 (b, s); the caller checks s."""
     state = as_tensor(require(batch, STATE), STATE, device)
     if state.dim() != 2:
         raise InputError(f"{STATE!r} has shape {tuple(state.shape)}: expected (b, s), a batch of states")
+    if state.shape[0] == 0:
+        raise InputError(f"{STATE!r} has batch size 0: expected at least one sample")
     if state.shape[1] > max_state_dim:
         raise InputError(f"{STATE!r} has width {state.shape[1]}, more than max_state_dim={max_state_dim}")
     check_finite(state, STATE)
@@ -103,8 +141,13 @@ def read_prefix(batch: Mapping[str, Any], batch_size: int, prefix_dim: int,
 
 
 def read_action(batch: Mapping[str, Any], batch_size: int, chunk_size: int, action_dims: tuple[int, ...],
-                max_action_dim: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """action (b, h, a) with a in `action_dims`, and optional action_is_pad (b, h) bool. Padded steps may hold anything."""
+                max_action_dim: int, device: torch.device, own_dims: Tensor | None = None,
+                finite: bool = True) -> tuple[Tensor, Tensor | None]:
+    """action (b, h, a) with a in `action_dims`, and optional action_is_pad (b, h) bool.
+
+    Padded steps, and entries past a sample's own width `own_dims` (b,) (a narrower robot in a mixed
+    batch), may hold anything, NaN included; the other entries must be finite (unless `finite` is False).
+    """
     action = as_tensor(require(batch, ACTION), ACTION, device)
     if action.dim() == 3 and action.shape[2] > max_action_dim:
         raise InputError(f"{ACTION!r} has width {action.shape[2]}, more than max_action_dim={max_action_dim}")
@@ -114,5 +157,10 @@ def read_action(batch: Mapping[str, Any], batch_size: int, chunk_size: int, acti
     if ACTION_IS_PAD in batch:
         is_pad = as_tensor(batch[ACTION_IS_PAD], ACTION_IS_PAD, device, dtype=None).bool()
         check_shape(is_pad, ACTION_IS_PAD, (batch_size, chunk_size), "b h")
-    check_finite(action, ACTION, None if is_pad is None else ~is_pad[..., None])
+    if finite:
+        counted = None if is_pad is None else ~is_pad[..., None]  # (b, h, 1)
+        if own_dims is not None:
+            own = torch.arange(action.shape[2], device=action.device) < own_dims.to(action.device)[:, None]
+            counted = own[:, None, :] if counted is None else counted & own[:, None, :]
+        check_finite(action, ACTION, counted)
     return action, is_pad

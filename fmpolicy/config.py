@@ -8,10 +8,12 @@ the value) and maps one-to-one onto a dict / YAML mapping through `config_from_d
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 from fmpolicy.errors import ConfigError
 
@@ -32,7 +34,29 @@ def _check(ok: bool, cls: str, name: str, value: Any, expected: str) -> None:
 def _positive_ints(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        _check(isinstance(value, int) and value > 0, type(obj).__name__, name, value, "a positive int")
+        _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, type(obj).__name__, name, value,
+               "a positive int")
+
+
+def _is_number(value: Any) -> bool:
+    """A finite real number (int or float, not bool): NaN and inf pass every `>` / `<=` test the wrong way."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number(obj: Any, name: str, expected: str, ok: Callable[[float], bool] = lambda v: True) -> None:
+    """Field `name` must be a finite number for which `ok` holds; `expected` says which, in words."""
+    value = getattr(obj, name)
+    _check(_is_number(value) and ok(value), type(obj).__name__, name, value, expected)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        _number(obj, name, "a finite number > 0", lambda v: v > 0)
+
+
+def _non_negative(obj: Any, *names: str) -> None:
+    for name in names:
+        _number(obj, name, "a finite number >= 0", lambda v: v >= 0)
 
 
 def _choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
@@ -61,9 +85,9 @@ class ExpertConfig:
         name = type(self).__name__
         _check(self.width % self.num_heads == 0, name, "num_heads", self.num_heads, f"a divisor of width={self.width}")
         _check(self.time_embed_dim % 2 == 0, name, "time_embed_dim", self.time_embed_dim, "an even int")
-        _check(self.mlp_ratio > 0, name, "mlp_ratio", self.mlp_ratio, "a positive number")
+        _positive(self, "mlp_ratio")
         _check(isinstance(self.prefix_dim, int) and self.prefix_dim >= 0, name, "prefix_dim", self.prefix_dim, "an int >= 0")
-        _check(0.0 <= self.dropout < 1.0, name, "dropout", self.dropout, "a number in [0, 1)")
+        _number(self, "dropout", "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
 
 
 @dataclass(frozen=True)
@@ -79,10 +103,9 @@ class FlowConfig:
 
     def __post_init__(self) -> None:
         _choice(self, "time_sampling", TIME_SAMPLINGS)
-        name = type(self).__name__
-        for f in ("beta_alpha", "beta_beta", "logit_std"):
-            _check(getattr(self, f) > 0, name, f, getattr(self, f), "a positive number")
-        _check(0.0 <= self.t_min < 1.0, name, "t_min", self.t_min, "a number in [0, 1)")
+        _positive(self, "beta_alpha", "beta_beta", "logit_std")
+        _number(self, "logit_mean", "a finite number")
+        _number(self, "t_min", "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
 
 
 @dataclass(frozen=True)
@@ -97,9 +120,7 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         _choice(self, "method", SAMPLER_METHODS)
         _positive_ints(self, "num_steps")
-        name = type(self).__name__
-        _check(self.atol > 0, name, "atol", self.atol, "a positive number")
-        _check(self.rtol > 0, name, "rtol", self.rtol, "a positive number")
+        _positive(self, "atol", "rtol")
 
 
 @dataclass(frozen=True)
@@ -113,7 +134,7 @@ class NormalizationConfig:
     def __post_init__(self) -> None:
         _choice(self, "state", NORM_MODES)
         _choice(self, "action", NORM_MODES)
-        _check(self.min_scale > 0, type(self).__name__, "min_scale", self.min_scale, "a positive number")
+        _positive(self, "min_scale")
 
 
 ENCODER_KINDS = ("none", "vision_text", "vlm")
@@ -177,15 +198,15 @@ class EncoderConfig:
                self.text_num_attention_heads, f"a divisor of text_hidden_size={self.text_hidden_size}")
         for f in ("image_mean", "image_std"):
             v = getattr(self, f)
-            _check(isinstance(v, tuple) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v),
-                   name, f, v, "a tuple of 3 numbers (one per RGB channel)")
+            _check(isinstance(v, tuple) and len(v) == 3 and all(_is_number(x) for x in v),
+                   name, f, v, "a tuple of 3 finite numbers (one per RGB channel)")
         _check(all(s > 0 for s in self.image_std), name, "image_std", self.image_std, "3 positive numbers")
         _check(isinstance(self.text_model, str) and bool(self.text_model), name, "text_model", self.text_model,
                f"one of {list(TEXT_MODELS)} or a local folder")
         for f in ("vision_path", "vlm_path"):
             _check(isinstance(getattr(self, f), str), name, f, getattr(self, f), "a str (a local folder, or '')")
         _check(isinstance(self.lora_rank, int) and self.lora_rank >= 0, name, "lora_rank", self.lora_rank, "an int >= 0")
-        _check(self.lora_alpha > 0, name, "lora_alpha", self.lora_alpha, "a positive number")
+        _positive(self, "lora_alpha")
         for f in ("freeze_vision", "freeze_text", "freeze_vlm", "require_task"):
             _check(isinstance(getattr(self, f), bool), name, f, getattr(self, f), "a bool")
         if self.kind == "vision_text" and self.text_model == "minilm" and self.max_text_tokens > 512:
@@ -249,8 +270,7 @@ class PolicyConfig:
                f"at most expert.max_action_dim={self.expert.max_action_dim}")
         _check(self.n_action_steps <= self.chunk_size, name, "n_action_steps", self.n_action_steps,
                f"at most chunk_size={self.chunk_size}")
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), name,
-               "device", self.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+        check_device(self.device, f"{name}.device")
         if self.encoder.kind != "none":
             _check(self.expert.prefix_dim == self.encoder.out_dim, name, "expert.prefix_dim", self.expert.prefix_dim,
                    f"encoder.out_dim = {self.encoder.out_dim} (the encoder's tokens are the expert's prefix)")
@@ -278,10 +298,34 @@ def make_expert_config(preset: str, **overrides: Any) -> ExpertConfig:
     return dataclasses.replace(EXPERT_PRESETS[preset], **overrides)
 
 
-def resolve_device(device: str) -> "torch.device":  # noqa: F821 (torch imported lazily)
-    """`auto` picks CUDA when present; anything else is taken as given."""
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device(device: str, field: str = "device") -> None:
+    """A config's `device` must be "auto", "cpu", "cuda" or "cuda:N", and CUDA must be there when named
+    (with N below its GPU count): else a `ConfigError` naming `field` (e.g. "rl.device", "--device").
+    Configs check this on construction, before a run writes anything; "auto" never touches CUDA here."""
+    if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
+        raise ConfigError(f"{field} = {device!r} is invalid: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{field} = {device!r} is invalid: CUDA is not available on this machine "
+                              "(torch.cuda.is_available() is False); use 'cpu', or 'auto' to take CUDA when present")
+        n = torch.cuda.device_count()
+        index = int(device.partition(":")[2] or 0)
+        if index >= n:
+            raise ConfigError(f"{field} = {device!r} is invalid: this machine has {n} CUDA device(s), "
+                              f"so the index must be below {n}")
+
+
+def resolve_device(device: str, field: str = "device") -> "torch.device":  # noqa: F821 (torch imported lazily)
+    """The torch device a `device` string names: "auto" (CUDA when present, else CPU), "cpu", "cuda" or
+    "cuda:N"; anything else, or a CUDA device this machine lacks, is a `ConfigError` naming `field`."""
     import torch
 
+    check_device(device, field)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -412,12 +456,15 @@ class TrainConfig:
         _choice(self, "amp", AMP_MODES)
         _choice(self, "logger", LOGGERS)
         name = type(self).__name__
-        _check(self.lr > 0, name, "lr", self.lr, "a positive number")
-        _check(0.0 <= self.ema_decay < 1.0, name, "ema_decay", self.ema_decay, "a number in [0, 1)")
-        _check(self.grad_clip >= 0, name, "grad_clip", self.grad_clip, "a number >= 0")
+        _positive(self, "lr")
+        _non_negative(self, "weight_decay", "grad_clip")
+        b = self.betas
+        _check(isinstance(b, (tuple, list)) and len(b) == 2 and all(_is_number(x) and 0.0 <= x < 1.0 for x in b),
+               name, "betas", b, "two numbers in [0, 1) (AdamW's beta1, beta2)")
+        _number(self, "ema_decay", "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
         _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, name, "warmup_steps",
                self.warmup_steps, "an int >= 0")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, name, "min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        _number(self, "min_lr_ratio", "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0)
 
 
 @dataclass(frozen=True)
@@ -452,14 +499,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
 
 
 def _parse_value(raw: str) -> Any:
-    """A YAML scalar, except that `1e-3` (which YAML 1.1 reads as a string) is the float it looks like."""
-    import re
-
+    """A YAML scalar, except that `1e-3` (which YAML 1.1 reads as a string) and an unquoted `inf`, `-inf`
+    or `nan` (YAML's are `.inf`, `.nan`) are the floats they look like, so that validation can judge them."""
     import yaml
 
     value = yaml.safe_load(raw)
     if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+", value.strip()):
         return float(value)
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(inf|infinity|nan)", raw.strip(), re.IGNORECASE):
+        return float(raw)
     return value
 
 

@@ -121,15 +121,18 @@ def make_valid_mask(action_is_pad: Tensor | None, batch_size: int, chunk_size: i
 def compute_masked_mse(v_pred: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
     """Per-sample mean squared error over valid entries. (b, ...) x2, mask (b, ...) -> (b,)
 
-    A sample with no valid entry gets 0 (and no gradient), never NaN.
+    A sample with no valid entry gets 0 (and no gradient), never NaN. Masked entries may hold anything,
+    NaN and inf included: the loss stays finite and their gradient is exactly 0.
     """
-    err = (v_pred - target).pow(2)
     if valid is None:
-        return err.flatten(1).mean(1)
-    valid = valid.to(err.dtype)
-    # multiply rather than index: the masked entries then get an exact zero gradient
-    total = (err * valid).flatten(1).sum(1)
-    count = valid.flatten(1).sum(1)
+        return (v_pred - target).pow(2).flatten(1).mean(1)
+    # select with `where` before squaring, not multiply by the mask after: 0 * NaN is NaN, and a NaN
+    # squared before the mask would send 0 * NaN back to v_pred's gradient. `where` passes a masked
+    # entry exactly 0 forward and exactly 0 back.
+    valid = valid.bool()
+    diff = torch.where(valid, v_pred - target, torch.zeros((), dtype=v_pred.dtype, device=v_pred.device))
+    total = diff.pow(2).flatten(1).sum(1)
+    count = valid.flatten(1).sum(1).to(total.dtype)
     return total / count.clamp_min(1.0)
 
 

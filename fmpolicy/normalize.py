@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from fmpolicy.config import NORM_MODES
+from fmpolicy.errors import InputError
 
 
 class Normalizer(nn.Module):
@@ -38,13 +39,15 @@ class Normalizer(nn.Module):
         self.register_buffer("fitted", torch.tensor(mode == "identity"))
 
     @torch.no_grad()
-    def fit(self, data: Tensor) -> "Normalizer":
-        """Fit from samples `(n, ..., dim)`; all leading axes are pooled."""
-        if data.shape[-1] != self.dim:
-            raise ValueError(f"normalizer fit data has width {data.shape[-1]}: expected {self.dim}")
+    def fit(self, data: Tensor, name: str = "normalizer fit data") -> "Normalizer":
+        """Fit from samples `(n, ..., dim)`, n >= 1; all leading axes are pooled. `name` labels `data` in errors."""
+        if data.dim() == 0 or data.shape[-1] != self.dim:
+            raise InputError(f"{name} has shape {tuple(data.shape)}: expected width {self.dim} on the last axis")
         x = data.reshape(-1, self.dim).to(torch.float64)
+        if x.shape[0] == 0:
+            raise InputError(f"{name} has no rows (shape {tuple(data.shape)}): expected at least one sample")
         if not torch.isfinite(x).all():
-            raise ValueError("normalizer fit data contains NaN or inf")
+            raise InputError(f"{name} contains NaN or inf")
         q = torch.quantile(x, torch.tensor([0.01, 0.99], dtype=x.dtype), dim=0)
         stats = {"mean": x.mean(0), "std": x.std(0, unbiased=False), "min": x.min(0).values,
                  "max": x.max(0).values, "q01": q[0], "q99": q[1]}

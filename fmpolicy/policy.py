@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -26,6 +25,7 @@ from fmpolicy.config import PolicyConfig, SamplerConfig, config_from_dict, confi
 from fmpolicy.embodiment import Embodiments
 from fmpolicy.errors import CheckpointError, InputError
 from fmpolicy.flow import compute_cfm_loss, compute_masked_mse, interpolate, make_valid_mask, sample_time
+from fmpolicy.io import atomic_directory
 from fmpolicy.model import ExpertCache, make_velocity_net
 from fmpolicy.normalize import Normalizer
 from fmpolicy.sampling import SampleResult, sample_noise, sample_ode
@@ -33,6 +33,9 @@ from fmpolicy.sampling import SampleResult, sample_noise, sample_ode
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# config.json fields without which the saved weights cannot be rebuilt as they were trained (every
+# PolicyConfig field of format version 1 that shapes the network or says what its outputs mean)
+REQUIRED_CONFIG_FIELDS = ("state_dim", "action_dim", "chunk_size", "n_action_steps", "head", "expert", "normalization")
 
 
 class FlowPolicy(nn.Module):
@@ -51,11 +54,16 @@ class FlowPolicy(nn.Module):
         # per-robot normalizers and padding masks (one "default" embodiment unless configured)
         self.embodiments = Embodiments(config)
         self._queue: deque[Tensor] = deque()
-        self.to(resolve_device(config.device))
+        self.to(resolve_device(config.device, "PolicyConfig.device"))
 
     @property
     def device(self) -> torch.device:
         return self.embodiments.state_dims.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The float dtype of the network's weights (float32 unless converted): noise and t must have it."""
+        return next(self.net.parameters()).dtype
 
     @property
     def state_normalizer(self) -> Normalizer:
@@ -80,10 +88,15 @@ class FlowPolicy(nn.Module):
     # ---- normalization -----------------------------------------------------------------------------
 
     def fit_normalization(self, states: Tensor, actions: Tensor, embodiment: str | None = None) -> "FlowPolicy":
-        """Fit one embodiment's normalizers from data: states (n, s), actions (n, [h,] a)."""
+        """Fit one embodiment's normalizers from data: states (n, s), actions (n, [h,] a), n >= 1."""
         i = self.embodiments.get(embodiment)
-        self.embodiments.state[i].fit(torch.as_tensor(states).float().to(self.device))
-        self.embodiments.action[i].fit(torch.as_tensor(actions).float().to(self.device))
+        for name, data, normalizer in (("states", states, self.embodiments.state[i]),
+                                       ("actions", actions, self.embodiments.action[i])):
+            data = keys.as_tensor(data, name, self.device)
+            if data.dim() == 0 or data.shape[0] == 0:
+                raise InputError(f"fit_normalization: {name!r} has {data.shape[0] if data.dim() else 0} rows "
+                                 f"(shape {tuple(data.shape)}): expected at least one sample")
+            normalizer.fit(data, f"fit_normalization: {name!r}")
         return self
 
     def set_normalization_stats(self, state_stats: Mapping[str, Tensor], action_stats: Mapping[str, Tensor],
@@ -139,10 +152,12 @@ class FlowPolicy(nn.Module):
         return make_valid_mask(action_is_pad, cache.batch_size, self.config.chunk_size,
                                self.embodiments.action_dims[cache.embodiment], self.config.expert.max_action_dim)
 
-    def _read_action(self, batch: Mapping[str, Any], cache: ExpertCache) -> tuple[Tensor, Tensor | None]:
+    def _read_action(self, batch: Mapping[str, Any], cache: ExpertCache,
+                     finite: bool = True) -> tuple[Tensor, Tensor | None]:
         widths = (self.embodiments.width(cache.embodiment, "action"), self.config.action_dim)
         return keys.read_action(batch, cache.batch_size, self.config.chunk_size, widths,
-                                self.config.expert.max_action_dim, self.device)
+                                self.config.expert.max_action_dim, self.device,
+                                own_dims=self.embodiments.action_dims[cache.embodiment], finite=finite)
 
     # ---- training ----------------------------------------------------------------------------------
 
@@ -151,24 +166,27 @@ class FlowPolicy(nn.Module):
         """Training loss on a batch with `observation.state`, `action` [, `action_is_pad`, prefix].
 
         Returns the mean loss and an info dict with the per-sample losses `per_sample` (b,).
-        Flow head: CFM loss at t ~ flow.time_sampling (or the given `t` (b,) and `noise` (b, h, A));
-        regression head: MSE of a one-pass prediction.
+        Flow head: CFM loss at t ~ flow.time_sampling (or the given `t` (b,) in [0, 1] and `noise`
+        (b, h, A), both of the policy's dtype); regression head: MSE of a one-pass prediction. Padded
+        chunk steps (`action_is_pad`) may hold anything, NaN included: they count neither in the loss
+        nor in its gradient (non-finite ones enter the network as 0).
         """
         cache = self.encode(batch)
         b = cache.batch_size
         action, is_pad = self._read_action(batch, cache)
-        target = self.pad_action(action, cache.embodiment)
         valid = self._valid_mask(is_pad, cache)
+        target = _zero_non_finite_padding(self.pad_action(action, cache.embodiment), valid)
         if self.config.head == "regression":
             per_sample = compute_masked_mse(self._regress(cache), target, valid)
         else:
             if t is None:
                 t = self.sample_time(b, generator)
+            else:
+                t = keys.read_time(t, (b,), "b", self.device, self.dtype)
             if noise is None:
                 noise = sample_noise(target.shape, generator=generator, device=self.device)
-            if t.shape != (b,) or noise.shape != target.shape:
-                raise InputError(f"t {tuple(t.shape)} / noise {tuple(noise.shape)}: expected ({b},) / {tuple(target.shape)}")
-            t, noise = t.to(self.device), noise.to(self.device)
+            else:
+                noise = keys.read_noise(noise, tuple(target.shape), "b h max_action_dim", self.device, self.dtype)
             v = self.net.velocity(interpolate(target, noise, t), t, cache, cache.action_valid)
             per_sample = compute_cfm_loss(v, target, noise, valid)
         return per_sample.mean(), {"per_sample": per_sample.detach()}
@@ -189,17 +207,25 @@ class FlowPolicy(nn.Module):
                            action_is_pad: Tensor | None = None) -> Tensor:
         """CFM loss for each of m explicit (t, noise) pairs per sample, as FPO needs. -> (b, m)
 
-        action (b, h, a) in environment units; t (b, m); noise (b, m, h, A) in padded network units.
-        The observation is encoded once and shared by the m pairs.
+        action (b, h, a) in environment units; t (b, m) in [0, 1]; noise (b, m, h, A) in padded network
+        units, both of the policy's dtype (float32 unless converted). The observation is encoded once
+        and shared by the m pairs. The action is not checked for NaN (a diverging RL run reports its
+        non-finite losses itself); padded steps may hold anything.
         """
-        b, m = t.shape
+        keys.check_tensor(t, "t", (None, None), "b m", self.dtype)
         cache = self.encode(obs)
-        target = self.pad_action(action.to(self.device), cache.embodiment).repeat_interleave(m, 0)  # (b*m, h, A)
-        cache = cache.repeat_interleave(m)
-        noise = noise.reshape(b * m, *noise.shape[2:]).to(self.device)
-        t = t.reshape(b * m).to(self.device)
-        is_pad = None if action_is_pad is None else action_is_pad.to(self.device).repeat_interleave(m, 0)
+        b, m = cache.batch_size, t.shape[1]
+        t = keys.read_time(t, (b, m), "b m", self.device, self.dtype).reshape(b * m)
+        h, amax = self.config.chunk_size, self.config.expert.max_action_dim
+        noise = keys.read_noise(noise, (b, m, h, amax), "b m h max_action_dim", self.device, self.dtype)
+        noise = noise.reshape(b * m, h, amax)
+        given = {keys.ACTION: action} if action_is_pad is None else {keys.ACTION: action,
+                                                                     keys.ACTION_IS_PAD: action_is_pad}
+        action, is_pad = self._read_action(given, cache, finite=False)
         valid = self._valid_mask(is_pad, cache)
+        target = _zero_non_finite_padding(self.pad_action(action, cache.embodiment), valid)
+        target, valid = target.repeat_interleave(m, 0), valid.repeat_interleave(m, 0)  # (b*m, h, A)
+        cache = cache.repeat_interleave(m)
         v = self.net.velocity(interpolate(target, noise, t), t, cache, cache.action_valid)
         return compute_cfm_loss(v, target, noise, valid).reshape(b, m)
 
@@ -226,10 +252,10 @@ class FlowPolicy(nn.Module):
             return SampleResult(x1=self._regress(cache), nfe=1, embodiment=cache.embodiment)
         if noise is None:
             noise = self.sample_noise(b, generator)
-        elif tuple(noise.shape) != self._chunk_shape(b):
-            raise InputError(f"noise has shape {tuple(noise.shape)}: expected {self._chunk_shape(b)} (b, h, max_action_dim)")
+        else:
+            noise = keys.read_noise(noise, self._chunk_shape(b), "b h max_action_dim", self.device, self.dtype)
         s = sampler or self.config.sampler
-        result = sample_ode(self.velocity_fn(cache), noise.to(self.device), method=s.method, num_steps=s.num_steps,
+        result = sample_ode(self.velocity_fn(cache), noise, method=s.method, num_steps=s.num_steps,
                             atol=s.atol, rtol=s.rtol, return_trajectory=return_trajectory)
         result.embodiment = cache.embodiment
         return result
@@ -241,8 +267,9 @@ class FlowPolicy(nn.Module):
         """Sample an action chunk (b, h, a) in environment units (a: the robot's action_dim; with a
         batch that mixes robots, the widest one's, and entries past each robot's own width are 0).
 
-        `noise` (b, h, max_action_dim) fixes the initial point (reproducible chunks; FPO; tests);
-        otherwise it is drawn from `generator` (or torch's global generator).
+        `noise` (b, h, max_action_dim), finite and of the policy's dtype, fixes the initial point
+        (reproducible chunks; FPO; tests; noise on another device is moved to the policy's); otherwise
+        it is drawn from `generator` (or torch's global generator).
         """
         result = self.sample_chunk(obs, noise, generator, sampler)
         idx = result.embodiment
@@ -250,8 +277,19 @@ class FlowPolicy(nn.Module):
 
     @torch.no_grad()
     def select_action(self, obs: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
-        """One action (b, action_dim) per call; a new chunk is sampled every `n_action_steps` calls."""
-        if not self._queue:
+        """One action (b, action_dim) per call; a new chunk is sampled every `n_action_steps` calls.
+
+        While actions are queued, `obs` must have the batch size they were planned for: another batch
+        size is an `InputError` (it does not re-plan), and the queue is left as it was. Call `reset()`
+        when an episode starts or the number of environments changes.
+        """
+        if self._queue:
+            b = keys.read_state(obs, self.config.expert.max_state_dim, self.device).shape[0]
+            queued = self._queue[0].shape[0]
+            if b != queued:
+                raise InputError(f"select_action got a batch of {b} observations but holds queued actions for "
+                                 f"{queued}: call policy.reset() when the batch size changes (e.g. a new episode)")
+        else:
             chunk = self.predict_action_chunk(obs, generator=generator)
             self._queue.extend(chunk[:, : self.config.n_action_steps].unbind(1))
         return self._queue.popleft()
@@ -263,25 +301,26 @@ class FlowPolicy(nn.Module):
     # ---- save / load -------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write `config.json` and `model.safetensors` (weights + normalizer stats) atomically."""
+        """Write `config.json` and `model.safetensors` (weights + normalizer stats) atomically
+        (`fmpolicy.io.atomic_directory`: an existing `directory` is replaced whole)."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
-            meta = {"format_version": FORMAT_VERSION, "type": "FlowPolicy", "config": config_to_dict(self.config)}
-            if self.encoder is not None:  # image size, normalization, tokenizer: checked again on load
-                meta["encoder_preprocessing"] = self.encoder.preprocessing_config()
+        meta = {"format_version": FORMAT_VERSION, "type": "FlowPolicy", "config": config_to_dict(self.config)}
+        if self.encoder is not None:  # image size, normalization, tokenizer: checked again on load
+            meta["encoder_preprocessing"] = self.encoder.preprocessing_config()
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        # assembled aside and moved into place: a crash leaves the old directory or the new one
+        with atomic_directory(directory) as tmp:
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
-            replace_dir(tmp, directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | None = None) -> "FlowPolicy":
-        """Rebuild a saved policy; `device` overrides the saved config's device."""
+        """Rebuild a saved policy; `device` overrides the saved config's device.
+
+        A missing, unreadable or inconsistent file, or weights holding NaN or inf, raise `CheckpointError`
+        naming the file; a saved device this machine lacks (e.g. "cuda") raises `ConfigError`: pass `device`.
+        """
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for path in (config_path, weights_path):
@@ -289,16 +328,36 @@ class FlowPolicy(nn.Module):
                 raise CheckpointError(f"{path} is missing: expected a directory written by save_pretrained")
         try:
             meta = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{config_path} holds a JSON {type(meta).__name__}: expected a JSON object with "
+                                  "'format_version' and 'config', as save_pretrained writes")
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
             raise CheckpointError(f"{config_path} has format_version {version!r}: this fmpolicy reads {FORMAT_VERSION}")
-        config = config_from_dict(PolicyConfig, meta.get("config"), where=f"{config_path}:config")
+        data = meta.get("config")
+        if not isinstance(data, dict):
+            found = "is missing" if data is None else f"is a {type(data).__name__}"
+            raise CheckpointError(f"{config_path}: the field 'config' {found}: expected the policy config object "
+                                  "save_pretrained writes")
+        missing = [f for f in REQUIRED_CONFIG_FIELDS if f not in data]
+        if missing:
+            raise CheckpointError(f"{config_path}: the config lacks the field(s) {missing}: the weights cannot "
+                                  "be rebuilt without them; expected the full config save_pretrained writes")
         if device is not None:
-            config = config_from_dict(PolicyConfig, {**config_to_dict(config), "device": device})
+            data = {**data, "device": device}
+        config = config_from_dict(PolicyConfig, data, where=f"{config_path}:config")
         policy = cls(config)
-        state = load_file(str(weights_path), device=str(policy.device))
+        try:
+            state = load_file(str(weights_path), device=str(policy.device))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{weights_path} is not a readable safetensors file (truncated, empty or "
+                                  f"corrupt?): {e}") from e
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise CheckpointError(f"{weights_path} holds NaN or inf in {len(bad)} tensor(s): {bad[:10]}"
+                                  f"{' ...' if len(bad) > 10 else ''}; refusing to load weights that cannot act")
         own = policy.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         shapes = [k for k, v in own.items() if k in state and state[k].shape != v.shape]
@@ -315,14 +374,8 @@ class FlowPolicy(nn.Module):
         return policy
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished directory `src` to `dst`. An old `dst` is set aside first and removed only once
-    the new one is in place, so a crash leaves either the old or the new copy (`.<name>.old`)."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
+def _zero_non_finite_padding(target: Tensor, valid: Tensor) -> Tensor:
+    """Padded entries (`~valid`) holding NaN or inf -> 0, before they enter the network through x_t: a
+    NaN there would spread to every token through attention. Finite padding is left as it is."""
+    return torch.where(~valid & ~torch.isfinite(target), torch.zeros((), dtype=target.dtype, device=target.device),
+                       target)

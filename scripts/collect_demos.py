@@ -5,7 +5,9 @@ Runs the task's batched scripted expert in the torch vector env (same-step autor
 episode buffer per environment, and writes every finished episode through `DatasetWriter`
 (crash-safe: a killed run leaves the finished episodes readable). Re-running with the same --out
 resumes: it appends until --episodes episodes exist, with a different seed for the new episodes.
-At the end it computes the statistics (meta/stats.json) and prints a summary.
+At the end it computes the statistics (meta/stats.json) and prints a summary. The writer locks the
+dataset root for the whole run: a second collection on the same --out exits at once, naming the PID
+of the first. Bad options (--image-size, --fps, --device cuda without CUDA) fail before anything is written.
 
     python scripts/collect_demos.py --env fmpolicy/PointObstacle-v0 --episodes 200 --num-envs 64 \\
         --out data/point_obstacle --seed 0 [--env-kwargs '{"n_goals": 2}'] [--image-size 32]
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from typing import Any
@@ -26,10 +29,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fmpolicy.config import resolve_device
 from fmpolicy.data import DatasetWriter
+from fmpolicy.errors import FmPolicyError
 
 STATE_KEY = "observation.state"
 IMAGE_KEY = "observation.images.top"
+MAX_IMAGE_SIZE = 1024  # a (3, 1024, 1024) frame is 3 MB raw; beyond that is a typo, not a dataset
 
 # Instruction of single-goal tasks (multi-goal tasks name their goal in info["task"]).
 DEFAULT_TASKS = {
@@ -54,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--env-kwargs", default="{}", help='JSON task options, e.g. \'{"n_links": 3}\'')
     p.add_argument("--image-size", type=int, default=None, help="also record (3, N, N) images of this side")
     p.add_argument("--only-success", action="store_true", help="discard episodes that end without success")
-    p.add_argument("--device", default="cpu", help="torch device of the environments (cpu, cuda)")
+    p.add_argument("--device", default="cpu", help="torch device of the environments (cpu, cuda, cuda:N, auto)")
     p.add_argument("--fps", type=float, default=None, help="recorded control frequency (default 1 / dt of the task)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
@@ -62,6 +68,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--episodes must be >= 1, got {args.episodes}")
     if args.num_envs < 1:
         p.error(f"--num-envs must be >= 1, got {args.num_envs}")
+    if args.image_size is not None and not 1 <= args.image_size <= MAX_IMAGE_SIZE:
+        p.error(f"--image-size must be in 1..{MAX_IMAGE_SIZE} pixels, got {args.image_size}")
+    if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
+        p.error(f"--fps must be a finite number > 0, got {args.fps}")
     try:
         args.env_kwargs = json.loads(args.env_kwargs)
     except json.JSONDecodeError as e:
@@ -81,6 +91,7 @@ def run_seed(seed: int, existing: int) -> int:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    device = str(resolve_device(args.device, field="--device"))  # ConfigError: unknown, or CUDA without CUDA
     import fmpolicy_envs  # noqa: F401  (registers the ids; fmpolicy itself never imports it)
 
     if args.env not in fmpolicy_envs.TASKS:
@@ -88,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     vec_cls = fmpolicy_envs.TASKS[args.env][1]
 
     # ---- environment, features, writer ----
-    env = vec_cls(num_envs=args.num_envs, device=args.device, seed=args.seed, image_size=args.image_size,
+    env = vec_cls(num_envs=args.num_envs, device=device, seed=args.seed, image_size=args.image_size,
                   **args.env_kwargs)
     s = env.single_observation_space[STATE_KEY].shape[0]
     a = env.single_action_space.shape[0]
@@ -99,8 +110,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fps = args.fps or 1.0 / float(args.env_kwargs.get("dt", 0.1))
     env_info = {"id": args.env, "kwargs": args.env_kwargs, "image_size": args.image_size,
                 "max_episode_steps": env.max_episode_steps, "expert": fmpolicy_envs.TASKS[args.env][3].__name__}
-    writer = DatasetWriter(args.out, fps=fps, features=features, robot_type=ROBOT_TYPES.get(args.env),
-                           env_info=env_info)
+    # the writer holds the root's lock until the end (or an error): a second collection fails at once
+    with DatasetWriter(args.out, fps=fps, features=features, robot_type=ROBOT_TYPES.get(args.env),
+                       env_info=env_info) as writer:
+        return collect(args, env, writer)
+
+
+def collect(args: argparse.Namespace, env: Any, writer: DatasetWriter) -> dict[str, Any]:
+    """Run the expert in `env` and write accepted episodes until `writer` holds --episodes; finalize."""
+    import fmpolicy_envs
+
     existing = writer.num_episodes
     target = args.episodes
     if existing >= target:
@@ -210,4 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except FmPolicyError as e:  # LockError, ConfigError, DatasetError: the message, not a traceback
+        raise SystemExit(f"collect_demos.py: error: {e}") from None

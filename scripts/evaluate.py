@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fmpolicy import FlowPolicy
+from fmpolicy.config import resolve_device
 from fmpolicy.errors import FmPolicyError
 from fmpolicy.evaluation import EvalResult, evaluate_policy
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--episodes", type=int, default=200)
     p.add_argument("--num-envs", type=int, default=100, help="environments stepped together")
     p.add_argument("--seed", type=int, default=10_000, help="evaluation seed (keep it apart from training data seeds)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda: policy and environments")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N: policy and environments")
     p.add_argument("--record", type=int, default=16, help="episodes kept for the plots")
     p.add_argument("--render-size", type=int, default=64, help="pixels of the image strip frames (0 = none)")
     p.add_argument("--embodiment", help="robot name, for a policy trained on several (policy.embodiments)")
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     try:
         kwargs = json.loads(args.env_kwargs)
-        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+        device = str(resolve_device(args.device, "--device"))  # no CUDA for "cuda": a message, not a traceback
         policy = FlowPolicy.from_pretrained(args.policy, device=device)
         envs = make_envs(args.env, min(args.num_envs, args.episodes), device, args.seed, kwargs)
         gen = torch.Generator(device).manual_seed(args.seed)

@@ -75,8 +75,8 @@ def test_layout(root):
         assert t["next.done"] == [False] * (n - 1) + [True] and t["next.success"][-1]
         assert len(t["observation.state"][0]) == 4 and len(t["action"][0]) == 2
         start += n
-    # atomic writes leave no temporary files behind
-    assert not [p for p in root.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
+    # atomic writes leave no temporary files behind (`.lock` is the writer lock's file, kept on purpose)
+    assert not [p for p in root.rglob("*") if p.name != ".lock" and (p.name.startswith(".") or p.suffix == ".tmp")]
 
 
 def test_windows_match_recorded_actions_and_pad(root):
@@ -144,7 +144,7 @@ def test_resume_appends_consecutive_episodes(tmp_path):
     info = json.loads((out / "meta" / "info.json").read_text())
     assert info["total_episodes"] == 6 and info["stats_episodes"] == 6 and info["total_frames"] == len(index)
     assert collect(out, 6)["new_episodes"] == 0  # complete: nothing to do
-    assert not [p for p in out.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
+    assert not [p for p in out.rglob("*") if p.name != ".lock" and (p.name.startswith(".") or p.suffix == ".tmp")]
 
 
 def test_killed_script_resumes(tmp_path, monkeypatch):
@@ -169,7 +169,7 @@ def test_killed_script_resumes(tmp_path, monkeypatch):
     assert collect(out, 6)["new_episodes"] == 3
     ds = ChunkDataset(out, chunk_size=4)
     assert ds.num_episodes == 6 and sorted(set(ds.episode_index.tolist())) == list(range(6))
-    assert not [p for p in out.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
+    assert not [p for p in out.rglob("*") if p.name != ".lock" and (p.name.startswith(".") or p.suffix == ".tmp")]
 
 
 def test_interrupted_collection_is_readable(tmp_path):
@@ -179,7 +179,8 @@ def test_interrupted_collection_is_readable(tmp_path):
     rng = np.random.default_rng(0)
     for n in (5, 7):
         writer.add_episode({"observation.state": rng.normal(size=(n, 3)), "action": rng.normal(size=(n, 2))}, task="t")
-    # no finalize(): as if the process died here
+    # no finalize(): as if the process died here (which would release its lock)
+    writer.close()
     with pytest.warns(UserWarning, match="stale"):
         ds = ChunkDataset(tmp_path / "killed", chunk_size=4)
         stats = ds.stats

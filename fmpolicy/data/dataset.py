@@ -12,6 +12,11 @@ Window i starts at frame t = i (every frame of every episode starts one window):
 
 The default torch DataLoader collate batches these into the keys `FlowPolicy.compute_loss` reads
 (`task` becomes a list of strings).
+
+Opening a dataset validates it (fmpolicy/data/checks.py): info.json, episodes.jsonl, tasks.jsonl,
+stats.json when it is used, and every loaded episode: rows of the declared width, finite states and
+actions with |x| <= 1e6, frame_index 0..T-1 with T the length in episodes.jsonl, known task indices.
+A failure is a DatasetError naming the file, the episode, the frame and the column.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from fmpolicy.data.checks import check_equal, check_known, check_rows, check_stats, check_values
 from fmpolicy.data.format import (EPISODES, STATS, TASKS, column_to_numpy, compute_stats, episode_path,
                                   feature_matrix, is_image_key, read_episode_table, read_info, read_json, read_jsonl)
 from fmpolicy.errors import DatasetError
@@ -62,7 +68,12 @@ class ChunkDataset(Dataset):
         self.image_keys = list(image_keys)
 
         listed = read_jsonl(self.root / EPISODES)
+        check_rows(listed, {"episode_index": int, "length": int}, str(self.root / EPISODES))
         by_index = {int(e["episode_index"]): e for e in listed}
+        if len(by_index) != len(listed):
+            seen = [int(e["episode_index"]) for e in listed]
+            twice = next(i for i in seen if seen.count(i) > 1)
+            raise DatasetError(f"{self.root / EPISODES} lists episode {twice} twice")
         if not by_index:
             raise DatasetError(f"{self.root} has zero episodes ({EPISODES} is empty)")
         if episodes is None:
@@ -75,43 +86,66 @@ class ChunkDataset(Dataset):
             if not episodes:
                 raise DatasetError("the episodes subset is empty")
         self.episodes = [by_index[e] for e in episodes]
-        task_of_index = {int(t["task_index"]): t["task"] for t in read_jsonl(self.root / TASKS)}
+        task_rows = read_jsonl(self.root / TASKS)
+        check_rows(task_rows, {"task_index": int, "task": str}, str(self.root / TASKS))
+        task_of_index = {int(t["task_index"]): t["task"] for t in task_rows}
+        if sorted(task_of_index) != list(range(len(task_rows))):
+            raise DatasetError(f"{self.root / TASKS} has task indices {sorted(task_of_index)}: "
+                               f"expected 0..{len(task_rows) - 1}, once each")
 
-        # ---- load every episode into flat arrays (small datasets) ----
-        keys = ["observation.state", "action", *self.image_keys]
+        # ---- load every episode into flat arrays (small datasets); rows of the declared width ----
+        keys = ["observation.state", "action", *self.image_keys, "frame_index", "episode_index", "task_index"]
         cols: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-        ep_idx, frame_idx, task_idx, ends = [], [], [], []
-        total = 0
+        wheres, lengths = [], []
         for e in self.episodes:
-            path = self.root / episode_path(int(e["episode_index"]), int(self.info["chunks_size"]))
-            table = read_episode_table(path, columns=[*keys, "frame_index", "episode_index", "task_index"])
-            try:
-                for k in keys:
-                    cols[k].append(column_to_numpy(table, k, features[k]))
-                fi = column_to_numpy(table, "frame_index", features["frame_index"])
-                ti = column_to_numpy(table, "task_index", features["task_index"])
-            except DatasetError as err:
-                raise DatasetError(f"episode file {path}: {err}") from err
-            n = len(fi)
+            ep = int(e["episode_index"])
+            path = self.root / episode_path(ep, int(self.info["chunks_size"]))
+            where = f"episode file {path} (episode {ep})"
+            table = read_episode_table(path, columns=keys)
+            n = table.num_rows
             if n != int(e["length"]) or n == 0:
-                raise DatasetError(f"episode file {path} has {n} frames but {EPISODES} says {e['length']}")
-            ep_idx.append(np.full(n, int(e["episode_index"]), np.int64))
-            frame_idx.append(fi.astype(np.int64))
-            task_idx.append(ti.astype(np.int64))
-            total += n
-            ends.append(np.full(n, total, np.int64))
-        self.state = torch.from_numpy(np.concatenate(cols["observation.state"]))  # (N, s)
-        self.action = torch.from_numpy(np.concatenate(cols["action"]))  # (N, a)
-        self.images = {k: torch.from_numpy(np.concatenate(cols[k])) for k in self.image_keys}  # (N, 3, H, W) uint8
-        self.episode_index = torch.from_numpy(np.concatenate(ep_idx))
-        self.frame_index = torch.from_numpy(np.concatenate(frame_idx))
-        self.task_index = torch.from_numpy(np.concatenate(task_idx))
-        self.episode_end = torch.from_numpy(np.concatenate(ends))  # (N,) one past the last frame of its episode
-        unknown = set(self.task_index.tolist()) - set(task_of_index)
-        if unknown:
-            raise DatasetError(f"task indices {sorted(unknown)} are used by episode files but absent from {TASKS}")
-        self.tasks = [task_of_index[i] for i in range(max(task_of_index) + 1)] if task_of_index else []
+                raise DatasetError(f"{where} has {n} frames but {EPISODES} says {e['length']}")
+            for k in keys:
+                cols[k].append(column_to_numpy(table, k, features[k], where))
+            wheres.append(where)
+            lengths.append(n)
+        flat = {k: np.concatenate(v) for k, v in cols.items()}
+        ends = np.cumsum(lengths)  # one past the last row of each episode
+        starts = np.repeat(ends - lengths, lengths)  # (N,) first row of each row's episode
+
+        # ---- values: checked over all frames at once; a failure names its file, episode and frame ----
+        def locate(row: int) -> tuple[str, int]:
+            k = int(np.searchsorted(ends, row, side="right"))
+            return wheres[k], row - int(ends[k] - lengths[k])
+
+        for k in ("observation.state", "action"):
+            check_values(flat[k], k, locate)
+        check_equal(flat["frame_index"], np.arange(len(starts)) - starts, "frame_index", locate)
+        episode_of_row = np.repeat([int(e["episode_index"]) for e in self.episodes], lengths)
+        check_equal(flat["episode_index"], episode_of_row, "episode_index", locate)
+        check_known(flat["task_index"], task_of_index, "task_index", locate, TASKS)
+
+        self.state = torch.from_numpy(flat["observation.state"])  # (N, s)
+        self.action = torch.from_numpy(flat["action"])  # (N, a)
+        self.images = {k: torch.from_numpy(flat[k]) for k in self.image_keys}  # (N, 3, H, W) uint8
+        self.episode_index = torch.from_numpy(episode_of_row)
+        self.frame_index = torch.from_numpy(flat["frame_index"].astype(np.int64))
+        self.task_index = torch.from_numpy(flat["task_index"].astype(np.int64))
+        self.episode_end = torch.from_numpy(np.repeat(ends, lengths))  # (N,) one past the last frame of its episode
+        self.tasks = [task_of_index[i] for i in range(len(task_of_index))]
         self._stats: dict[str, dict[str, Tensor]] | None = None
+        self._stored_stats = self._read_stats()
+
+    def _read_stats(self) -> dict[str, Any] | None:
+        """meta/stats.json, checked, when it is up to date; None when it is missing or stale."""
+        path = self.root / STATS
+        if not path.exists() or int(self.info.get("stats_episodes", -1)) != int(self.info["total_episodes"]):
+            return None
+        raw = read_json(path)
+        features = self.info["features"]
+        widths = {k: ft["shape"][0] if is_image_key(k) else int(np.prod(ft["shape"])) for k, ft in features.items()}
+        check_stats(raw, widths, ["observation.state", "action", *self.image_keys], str(path))
+        return raw
 
     # ---- sizes ----
     def __len__(self) -> int:
@@ -179,22 +213,14 @@ class ChunkDataset(Dataset):
         from meta/stats.json (computed once at collection). When stats.json is missing or older than
         the episodes (an interrupted collection), they are computed from the loaded frames instead."""
         if self._stats is None:
-            path = self.root / STATS
-            fresh = path.exists() and int(self.info.get("stats_episodes", -1)) == int(self.info["total_episodes"])
-            if fresh:
-                raw = read_json(path)
-            else:
-                warnings.warn(f"{path} is missing or stale (an unfinished collection?): computing statistics "
-                              f"from the {self.num_episodes} loaded episodes", stacklevel=2)
+            raw = self._stored_stats
+            if raw is None:
+                warnings.warn(f"{self.root / STATS} is missing or stale (an unfinished collection?): "
+                              f"computing statistics from the {self.num_episodes} loaded episodes", stacklevel=2)
                 raw = {"observation.state": compute_stats(self.state.numpy()),
                        "action": compute_stats(self.action.numpy())}
                 for k, img in self.images.items():
                     raw[k] = compute_stats(feature_matrix(k, img.numpy()))
-            stats = {}
-            for key, entry in raw.items():
-                try:
-                    stats[key] = {name: torch.tensor(entry[name], dtype=torch.float32) for name in STAT_NAMES}
-                except (KeyError, TypeError, ValueError) as e:
-                    raise DatasetError(f"{path}: the statistics of {key!r} lack or mangle {e}") from e
-            self._stats = stats
+            self._stats = {key: {name: torch.tensor(entry[name], dtype=torch.float32) for name in STAT_NAMES}
+                           for key, entry in raw.items()}
         return self._stats

@@ -22,17 +22,25 @@ Columns of an episode file (one row per frame):
 | `next.done` | bool | the step taken at frame t ended the episode |
 | `next.success` | bool | the step taken at frame t reached success |
 
-Crash safety: every file is written to a temporary file in its own directory, fsynced and moved in
-place with `os.replace`. An episode file is written before the meta files that list it, so a killed
-collection leaves a readable dataset of the episodes finished so far (an episode file not listed in
-episodes.jsonl is overwritten by the next episode written). Opening an existing root appends.
+Crash safety: every file is written with `fmpolicy.io.atomic_write` (a temporary file
+`.<name>.<random>.tmp` in its own directory, fsynced and moved in place with `os.replace`). An
+episode file is written before the meta files that list it, so a killed collection leaves a readable
+dataset of the episodes finished so far (an episode file not listed in episodes.jsonl is overwritten
+by the next episode written). Opening an existing root appends; the temporary files a killed writer
+left are removed then, while holding the lock.
+
+One writer per root: `DatasetWriter` holds `fmpolicy.io.WriterLock(root)` (the file `root/.lock`)
+from construction to `close()`, so a second writer, in any process, fails at once naming the holder.
+
+Validation: `read_info` checks info.json, and every column read goes through `fmpolicy.data.checks`
+(rows of the declared width); `ChunkDataset` checks the rest when it opens a dataset (see checks.py).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,7 +50,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fmpolicy.batch import IMAGES_PREFIX
+from fmpolicy.data.checks import (MAX_ABS_VALUE, binary_offsets, check_binary_widths, check_features, check_info,
+                                  check_values, list_column_to_numpy)
 from fmpolicy.errors import DatasetError
+from fmpolicy.io import WriterLock, atomic_write, atomic_write_text, remove_orphans
 
 FORMAT = "fmpolicy-lerobot-v1"
 DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
@@ -71,50 +82,6 @@ def is_image_key(key: str) -> bool:
 def episode_path(episode_index: int, chunks_size: int) -> str:
     """Relative path of an episode file (LeRobot's `data_path` template)."""
     return DATA_PATH.format(episode_chunk=episode_index // chunks_size, episode_index=episode_index)
-
-
-# ---- atomic file writes ------------------------------------------------------------------------
-
-def _file_mode() -> int:
-    """0o666 minus the process umask: what open() would give (mkstemp makes files 0o600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on every platform / filesystem
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(file_object) on a temp file next to `path`, fsync it, os.replace it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 # ---- reading meta files ------------------------------------------------------------------------
@@ -147,7 +114,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def read_info(root: Path) -> dict[str, Any]:
-    """meta/info.json of a dataset root, checked for the format name."""
+    """meta/info.json of a dataset root, checked: format name, fps, chunks_size, features (see checks.py)."""
     root = Path(root)
     if not root.exists():
         raise DatasetError(f"dataset root {root} does not exist")
@@ -160,9 +127,11 @@ def read_info(root: Path) -> dict[str, Any]:
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         got = info.get("format") if isinstance(info, dict) else type(info).__name__
         raise DatasetError(f"{path} has format {got!r}: expected {FORMAT!r}")
-    for key in ("fps", "features", "chunks_size", "total_episodes"):
-        if key not in info:
-            raise DatasetError(f"{path} lacks the key {key!r}")
+    check_info(info, str(path))
+    for key in ("frame_index", "episode_index", "task_index"):
+        if info["features"].get(key) != FRAME_FEATURES[key]:
+            raise DatasetError(f"{path} features[{key!r}] is {info['features'].get(key)!r}: "
+                               f"expected {FRAME_FEATURES[key]}")
     return info
 
 
@@ -217,38 +186,50 @@ class DatasetWriter:
         robot_type: free-form robot name (LeRobot's `robot_type`).
         env_info: how the data was made, e.g. {"id": ..., "kwargs": {...}}; stored in info.json as "env".
         chunks_size: episodes per data/chunk-XXX directory.
+
+    The writer holds the root's `WriterLock` from construction (before it writes anything) until
+    `close()`: a second writer on the root, in this process or another, raises `LockError` naming
+    the holder's PID. Use it as a context manager (`with DatasetWriter(...) as writer:`).
+    `finalize()` writes the statistics and leaves the writer open: more episodes may follow (then
+    finalize again); `close()` ends it.
     """
 
     def __init__(self, root: str | os.PathLike, fps: float, features: Mapping[str, Mapping[str, Any]],
                  robot_type: str | None = None, env_info: Mapping[str, Any] | None = None,
                  chunks_size: int = 1000):
         self.root = Path(root)
-        features = {k: {"dtype": str(v["dtype"]), "shape": [int(s) for s in v["shape"]]} for k, v in features.items()}
-        for key in ("observation.state", "action"):
-            if key not in features:
-                raise DatasetError(f"features must include {key!r}; got {sorted(features)}")
+        features = check_features(features, "DatasetWriter")
         for key, ft in features.items():
             if key in FRAME_FEATURES:
                 raise DatasetError(f"feature {key!r} is written by the writer itself; do not pass it")
-            if is_image_key(key) and (ft["dtype"] != "uint8" or len(ft["shape"]) != 3 or ft["shape"][0] != 3):
-                raise DatasetError(f"image feature {key!r} must have dtype uint8 and shape [3, H, W], got {ft}")
             if not is_image_key(key) and ft["dtype"] != "float32":
                 raise DatasetError(f"feature {key!r} must have dtype float32, got {ft['dtype']!r}")
-        if fps <= 0:
-            raise DatasetError(f"fps must be > 0, got {fps}")
+        if isinstance(fps, bool) or not isinstance(fps, (int, float, np.number)) or not math.isfinite(fps) or fps <= 0:
+            raise DatasetError(f"fps must be a finite number > 0, got {fps!r}")
+        if isinstance(chunks_size, bool) or not isinstance(chunks_size, (int, np.integer)) or chunks_size < 1:
+            raise DatasetError(f"chunks_size must be an int >= 1, got {chunks_size!r}")
         self.features = features
-        if (self.root / INFO).exists():
-            self._open_existing(fps, robot_type, env_info)
-        else:
-            self.info = {
-                "format": FORMAT, "fps": fps, "robot_type": robot_type, "env": dict(env_info or {}),
-                "total_episodes": 0, "total_frames": 0, "total_tasks": 0, "total_chunks": 0,
-                "chunks_size": int(chunks_size), "data_path": DATA_PATH, "splits": {},
-                "stats_episodes": 0, "features": {**features, **FRAME_FEATURES},
-            }
-            self.episodes: list[dict[str, Any]] = []
-            self.tasks: dict[str, int] = {}
-            self._write_meta()
+        # one writer per root, taken before anything is written; the kernel drops it if we die
+        self._lock = WriterLock(self.root, "dataset").acquire()
+        try:
+            # temporaries of a killed writer are never renamed: drop them (ours alone while we hold the lock)
+            for directory in [self.root / "meta", *self.root.glob("data/chunk-*")]:
+                remove_orphans(directory)
+            if (self.root / INFO).exists():
+                self._open_existing(fps, robot_type, env_info)
+            else:
+                self.info = {
+                    "format": FORMAT, "fps": fps, "robot_type": robot_type, "env": dict(env_info or {}),
+                    "total_episodes": 0, "total_frames": 0, "total_tasks": 0, "total_chunks": 0,
+                    "chunks_size": int(chunks_size), "data_path": DATA_PATH, "splits": {},
+                    "stats_episodes": 0, "features": {**features, **FRAME_FEATURES},
+                }
+                self.episodes: list[dict[str, Any]] = []
+                self.tasks: dict[str, int] = {}
+                self._write_meta()
+        except BaseException:
+            self._lock.release()
+            raise
 
     def _open_existing(self, fps: float, robot_type: str | None, env_info: Mapping[str, Any] | None) -> None:
         info = read_info(self.root)
@@ -261,15 +242,31 @@ class DatasetWriter:
             raise DatasetError(f"cannot append to {self.root}: it was made with env {info['env']}, not {dict(env_info)}")
         if robot_type is not None and info.get("robot_type") not in (None, robot_type):
             raise DatasetError(f"cannot append to {self.root}: its robot_type is {info['robot_type']!r}, not {robot_type!r}")
-        # temp files of a process killed inside atomic_write are never renamed: drop them
-        for tmp in [*self.root.glob("meta/.*.tmp"), *self.root.glob("data/chunk-*/.*.tmp")]:
-            tmp.unlink(missing_ok=True)
         self.info = info
         self.episodes = read_jsonl(self.root / EPISODES)
         self.tasks = {row["task"]: int(row["task_index"]) for row in read_jsonl(self.root / TASKS)}
         # episodes.jsonl is the source of truth (it is written before info.json)
         self.info["total_episodes"] = len(self.episodes)
         self.info["total_frames"] = sum(int(e["length"]) for e in self.episodes)
+
+    # ---- life: the lock is held from __init__ to close() ----
+    @property
+    def closed(self) -> bool:
+        return not self._lock.held
+
+    def close(self) -> None:
+        """Release the root's lock; the writer can no longer write. Closing twice is harmless."""
+        self._lock.release()
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise DatasetError(f"the DatasetWriter of {self.root} is closed: open a new one to append")
 
     @property
     def num_episodes(self) -> int:
@@ -287,6 +284,7 @@ class DatasetWriter:
         task: the episode's language instruction.
         extra: JSON values stored on the episode's line of episodes.jsonl (e.g. success, mode).
         """
+        self._check_open()
         unknown = set(frames) - set(self.features) - set(_OPTIONAL_FRAME_KEYS)
         missing = set(self.features) - set(frames)
         if unknown or missing:
@@ -302,8 +300,9 @@ class DatasetWriter:
             if is_image_key(key):
                 if a.dtype != np.uint8:
                     raise DatasetError(f"episode frames {key!r} has dtype {a.dtype}: expected uint8")
-            elif not np.isfinite(a).all():
-                raise DatasetError(f"episode frames {key!r} contains NaN or inf")
+            else:  # what ChunkDataset would refuse to open (other features: finite float32 only)
+                limit = MAX_ABS_VALUE if key in ("observation.state", "action") else float(np.finfo(np.float32).max)
+                check_values(a, key, f"the episode being added to {self.root} (episode {len(self.episodes)})", limit)
             arrays[key] = np.ascontiguousarray(a, dtype=np.uint8 if is_image_key(key) else np.float32)
         done = np.zeros(length, bool)
         done[-1] = True
@@ -359,16 +358,20 @@ class DatasetWriter:
         atomic_write_text(self.root / INFO, json.dumps(self.info, indent=2) + "\n")
 
     def finalize(self) -> dict[str, dict[str, list[float]]]:
-        """Compute stats over all frames of all episodes, write stats.json and info.json; return the stats."""
+        """Compute stats over all frames of all episodes, write stats.json and info.json; return the stats.
+        The writer stays open: episodes added afterwards make the stats stale until the next finalize()."""
+        self._check_open()
         if not self.episodes:
             raise DatasetError(f"{self.root} has no episodes: nothing to compute statistics over")
         keys = [k for k in self.features] + ["next.reward"]
         columns: dict[str, list[np.ndarray]] = {k: [] for k in keys}
         cs = int(self.info["chunks_size"])
         for e in self.episodes:
-            table = read_episode_table(self.root / episode_path(int(e["episode_index"]), cs), columns=keys)
+            path = self.root / episode_path(int(e["episode_index"]), cs)
+            table = read_episode_table(path, columns=keys)
+            where = f"episode file {path} (episode {e['episode_index']})"
             for k in keys:
-                columns[k].append(column_to_numpy(table, k, self.info["features"][k]))
+                columns[k].append(column_to_numpy(table, k, self.info["features"][k], where))
         stats = {k: compute_stats(feature_matrix(k, np.concatenate(v))) for k, v in columns.items()}
         atomic_write_text(self.root / STATS, json.dumps(stats) + "\n")
         self.info["stats_episodes"] = len(self.episodes)
@@ -376,19 +379,26 @@ class DatasetWriter:
         return stats
 
 
-def column_to_numpy(table: pa.Table, key: str, feature: Mapping[str, Any]) -> np.ndarray:
-    """A column as a numpy array (T, *shape): float32 vectors, uint8 images (T, 3, H, W), scalars (T,)."""
+def column_to_numpy(table: pa.Table, key: str, feature: Mapping[str, Any], where: str = "episode file") -> np.ndarray:
+    """A column as a numpy array (T, *shape): float32 vectors, uint8 images (T, 3, H, W), scalars (T,).
+    Every row must hold exactly the feature's size (checked per row); `where` names the file in errors."""
     if key not in table.column_names:
-        raise DatasetError(f"column {key!r} is missing: the file has {table.column_names}")
+        raise DatasetError(f"{where}: column {key!r} is missing: the file has {table.column_names}")
     col = table.column(key).combine_chunks()
     shape = [int(s) for s in feature["shape"]]
     n = len(col)
-    try:
-        if is_image_key(key):
-            buf = b"".join(col.to_pylist())
-            return np.frombuffer(buf, dtype=np.uint8).reshape(n, *shape)
-        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type):
-            return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, *shape)
-        return col.to_numpy(zero_copy_only=False)
-    except ValueError as e:
-        raise DatasetError(f"column {key!r} does not hold {n} values of shape {shape}: {e}") from e
+    if is_image_key(key):
+        nbytes = math.prod(shape)
+        check_binary_widths(col, nbytes, key, where)  # so the data buffer is n images, back to back
+        if n == 0:
+            return np.zeros((0, *shape), np.uint8)
+        start = int(binary_offsets(col)[0])
+        return np.frombuffer(col.buffers()[2], np.uint8, count=n * nbytes, offset=start).reshape(n, *shape)
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type):
+        return list_column_to_numpy(col, math.prod(shape), key, where).reshape(n, *shape)
+    if shape != [1] or pa.types.is_nested(col.type):
+        raise DatasetError(f"{where}: column {key!r} has arrow type {col.type}: expected {shape} values per frame")
+    if col.null_count:
+        row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DatasetError(f"{where}, frame {row}, column {key!r}: the row is null")
+    return col.to_numpy(zero_copy_only=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from fmpolicy.config import config_from_dict, config_to_dict
@@ -20,6 +21,7 @@ from fmpolicy.encoders.base import PrefixEncoder
 from fmpolicy.encoders.cache import EncoderOutputCache, benchmark_cache
 from fmpolicy.encoders.config import ENCODER_KINDS, EncoderConfig
 from fmpolicy.errors import CheckpointError
+from fmpolicy.io import atomic_directory
 
 CONFIG_FILE = "encoder_config.json"
 WEIGHTS_FILE = "encoder.safetensors"
@@ -39,12 +41,13 @@ def make_encoder(config: EncoderConfig) -> PrefixEncoder | None:
 
 
 def save_encoder(encoder: PrefixEncoder, directory: str | Path) -> Path:
-    """Write encoder_config.json (config + preprocessing settings) and encoder.safetensors (all weights, LoRA included)."""
+    """Write encoder_config.json (config + preprocessing settings) and encoder.safetensors (all weights, LoRA
+    included) as the directory `directory`, which is replaced whole."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     meta = {"config": config_to_dict(encoder.config), "preprocessing": encoder.preprocessing_config()}
-    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-    save_model(encoder, str(directory / WEIGHTS_FILE))
+    with atomic_directory(directory) as tmp:  # a crash leaves the old encoder or the new one
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        save_model(encoder, str(tmp / WEIGHTS_FILE))
     return directory
 
 
@@ -55,8 +58,17 @@ def load_encoder(directory: str | Path) -> PrefixEncoder:
         meta = json.loads((directory / CONFIG_FILE).read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{directory / CONFIG_FILE} does not exist: not an encoder saved by save_encoder") from None
-    encoder = make_encoder(config_from_dict(EncoderConfig, meta["config"]))
-    missing, unexpected = load_model(encoder, str(directory / WEIGHTS_FILE), strict=False)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{directory / CONFIG_FILE} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or "preprocessing" not in meta:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: expected a JSON object with the fields 'config' (an object) "
+                              "and 'preprocessing', as save_encoder writes")
+    encoder = make_encoder(config_from_dict(EncoderConfig, meta["config"], where=f"{directory / CONFIG_FILE}:config"))
+    try:
+        missing, unexpected = load_model(encoder, str(directory / WEIGHTS_FILE), strict=False)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{directory / WEIGHTS_FILE} is not a readable safetensors file (truncated, empty or "
+                              f"corrupt?): {e}") from e
     if missing or unexpected:
         raise CheckpointError(f"{directory / WEIGHTS_FILE} does not match the encoder: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]}")

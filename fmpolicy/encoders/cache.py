@@ -6,30 +6,30 @@ per frame index; each step then runs only `encoder.head` (the trainable projecti
 projections still learn. A hit gives bit-identical features to a fresh backbone pass.
 
 Frame indices must identify a dataset frame uniquely (the dataset's global `index` column, or
-`episode_index * K + frame_index`). `save` writes one `.safetensors` file atomically (temporary
-file + rename), with the encoder's preprocessing config and a fingerprint of the backbone weights in
-its metadata; `load` refuses a file written by another encoder.
+`episode_index * K + frame_index`). `save` writes one `.safetensors` file atomically
+(`fmpolicy.io.atomic_write`: a crash leaves the old file or the new one), with the encoder's
+preprocessing config and a fingerprint of the backbone weights in its metadata; `load` refuses a file
+written by another encoder, and a truncated or corrupt one, with `CheckpointError`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from fmpolicy.encoders.base import PrefixEncoder
 from fmpolicy.encoders.inputs import batch_size_of
 from fmpolicy.errors import CheckpointError, ConfigError, InputError
+from fmpolicy.io import atomic_write
 
 FORMAT = "fmpolicy-encoder-cache-v1"
 
@@ -112,7 +112,7 @@ class EncoderOutputCache:
                 "backbone": backbone_fingerprint(self.encoder)}
 
     def save(self, path: str | Path) -> Path:
-        """Write every cached frame to one .safetensors file, atomically (temp file + rename)."""
+        """Write every cached frame to one .safetensors file, atomically (`fmpolicy.io.atomic_write`)."""
         path = Path(path)
         if not self.frames:
             raise InputError("the cache is empty: nothing to save")
@@ -120,15 +120,8 @@ class EncoderOutputCache:
         tensors = {"frame_index": torch.tensor(idx, dtype=torch.long)}
         for k in self.frames[idx[0]]:
             tensors[f"features.{k}"] = torch.stack([self.frames[i][k] for i in idx]).cpu().contiguous()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=self._metadata())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        data = safetensors_bytes(tensors, metadata=self._metadata())  # the whole file, serialised in memory
+        atomic_write(path, lambda f: f.write(data))
         return path
 
     @classmethod
@@ -138,15 +131,19 @@ class EncoderOutputCache:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"encoder cache {path} does not exist")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            want = cache._metadata()
-            for key in ("format", "preprocessing", "backbone"):
-                if meta.get(key) != want[key]:
-                    raise CheckpointError(f"encoder cache {path} was written for another encoder: its {key!r} "
-                                          f"differs (file: {meta.get(key, '<none>')[:200]!r})")
-            idx = f.get_tensor("frame_index").tolist()
-            stacked = {k.removeprefix("features."): f.get_tensor(k) for k in f.keys() if k.startswith("features.")}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                want = cache._metadata()
+                for key in ("format", "preprocessing", "backbone"):
+                    if meta.get(key) != want[key]:
+                        raise CheckpointError(f"encoder cache {path} was written for another encoder: its {key!r} "
+                                              f"differs (file: {meta.get(key, '<none>')[:200]!r})")
+                idx = f.get_tensor("frame_index").tolist()
+                stacked = {k.removeprefix("features."): f.get_tensor(k) for k in f.keys() if k.startswith("features.")}
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"encoder cache {path} is not a readable safetensors file (truncated, empty or "
+                                  f"corrupt?): {e}") from e
         for row, i in enumerate(idx):
             cache.frames[int(i)] = {k: v[row].to(cache.device) for k, v in stacked.items()}
         return cache

@@ -11,7 +11,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fmpolicy.config import PolicyConfig, _check, _choice, _positive_ints, config_from_dict, load_config  # noqa: F401
+from fmpolicy.config import (  # noqa: F401
+    PolicyConfig,
+    _check,
+    _choice,
+    _is_number,
+    _non_negative,
+    _number,
+    _positive,
+    _positive_ints,
+    check_device,
+    config_from_dict,
+    load_config,
+)
 
 POLICY_TYPES = ("flow", "gaussian")
 RATIO_MODES = ("mean", "per_pair")
@@ -24,7 +36,8 @@ VALUE_INPUTS = ("state", "prefix_pooled")
 def _positive_or_none(obj, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        _check(value is None or value > 0, type(obj).__name__, name, value, "a positive number or null (off)")
+        _check(value is None or (_is_number(value) and value > 0), type(obj).__name__, name, value,
+               "a finite number > 0, or null (off)")
 
 
 @dataclass(frozen=True)
@@ -48,8 +61,7 @@ class FPOConfig:
         _choice(self, "ratio_mode", RATIO_MODES)
         _choice(self, "time_sampling", FPO_TIME_SAMPLINGS)
         _positive_or_none(self, "clamp_old", "clamp_log_ratio")
-        _check(self.ref_coef >= 0, type(self).__name__, "ref_coef", self.ref_coef, "a number >= 0")
-        _check(self.action_noise_std >= 0, type(self).__name__, "action_noise_std", self.action_noise_std, "a number >= 0")
+        _non_negative(self, "ref_coef", "action_noise_std")
 
 
 @dataclass(frozen=True)
@@ -64,8 +76,7 @@ class GaussianConfig:
     def __post_init__(self) -> None:
         _choice(self, "squash", SQUASHES)
         _positive_ints(self, "width", "depth")
-        _check(-10.0 <= self.init_log_std <= 2.0, type(self).__name__, "init_log_std", self.init_log_std,
-               "a number in [-10, 2]")
+        _number(self, "init_log_std", "a number in [-10, 2]", lambda v: -10.0 <= v <= 2.0)
 
 
 @dataclass(frozen=True)
@@ -129,20 +140,16 @@ class RLConfig:
         for f in ("n_action_steps", "critic_warmup_iterations", "seed", "eval_every"):
             v = getattr(self, f)
             _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, name, f, v, "an int >= 0")
-        _check(0.0 < self.gamma <= 1.0, name, "gamma", self.gamma, "a number in (0, 1]")
-        _check(0.0 <= self.gae_lambda <= 1.0, name, "gae_lambda", self.gae_lambda, "a number in [0, 1]")
-        _check(self.lr > 0, name, "lr", self.lr, "a positive number")
+        _number(self, "gamma", "a number in (0, 1]", lambda v: 0.0 < v <= 1.0)
+        _number(self, "gae_lambda", "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+        _positive(self, "lr", "reward_scale")
         _check(isinstance(self.anneal_lr, bool), name, "anneal_lr", self.anneal_lr, "true or false")
-        _check(0.0 < self.clip < 1.0, name, "clip", self.clip, "a number in (0, 1)")
-        _check(self.vf_coef >= 0, name, "vf_coef", self.vf_coef, "a number >= 0")
-        _check(self.ent_coef >= 0, name, "ent_coef", self.ent_coef, "a number >= 0")
-        _check(self.max_grad_norm >= 0, name, "max_grad_norm", self.max_grad_norm, "a number >= 0")
-        _check(self.reward_scale > 0, name, "reward_scale", self.reward_scale, "a positive number")
+        _number(self, "clip", "a number in (0, 1)", lambda v: 0.0 < v < 1.0)
+        _non_negative(self, "vf_coef", "ent_coef", "max_grad_norm")
         _positive_or_none(self, "value_clip")
         _check(self.num_macro_steps * self.num_envs >= self.num_minibatches, name, "num_minibatches",
                self.num_minibatches, f"at most num_envs * num_macro_steps = {self.num_envs * self.num_macro_steps}")
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), name,
-               "device", self.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+        check_device(self.device, f"{name}.device")  # a ConfigError here, not an AssertionError deep in torch
 
 
 @dataclass(frozen=True)
