@@ -20,26 +20,13 @@ from safetensors.torch import load_file
 from fmpolicy.io import WriterLock, atomic_directory, atomic_write_text
 from fmpolicy.run import RunLogger, open_run
 from tests.helpers import load_script
+from tests.test_train import CONFIG, ROOT, collect_demos, dataset, train_script  # noqa: F401 (dataset: a fixture)
+from tests.test_train import TINY as TRAIN_TINY
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "configs" / "point_obstacle.yaml")
-train_script = load_script("train")
-collect_demos = load_script("collect_demos")
-
-TINY = ["policy.expert.width=32", "policy.expert.depth=1", "policy.expert.num_heads=2",
-        "policy.expert.time_embed_dim=32", "policy.device=cpu", "train.progress=false", "train.warmup_steps=2",
-        "train.batch_size=16"]
+TINY = [*TRAIN_TINY, "train.batch_size=16"]
 RL_TINY = ["--config", "configs/fpo_bandit.yaml", "rl.num_envs=16", "rl.num_macro_steps=2", "rl.progress=false",
            "rl.device=cpu", "rl.save_every=1", "policy.expert.width=16", "rl.value.width=16",
            "rl.total_env_steps=64"]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "point"
-    collect_demos.main(["--env", "fmpolicy/PointObstacle-v0", "--episodes", "6", "--num-envs", "6", "--out", str(out),
-                        "--seed", "0", "--no-progress"])
-    return out
 
 
 def train_argv(dataset: Path, out: Path, *overrides: str) -> list[str]:
