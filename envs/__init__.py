@@ -2,7 +2,9 @@
 
 Importing this package registers `fmpolicy/PointObstacle-v0`, `fmpolicy/ArmReach-v0` and
 `fmpolicy/Push-v0` (single env: `gymnasium.make`; batched torch: `gymnasium.make_vec(...,
-vectorization_mode="vector_entry_point")` or the `*VectorEnv` classes directly). See docs/envs.md.
+vectorization_mode="vector_entry_point")` or the `*VectorEnv` classes directly), and the two RL test
+beds `fmpolicy/TwoOptimaBandit-v0` and `fmpolicy/TwoGoalGridWorld-v0` (bandit.py, gridworld.py: no
+scripted experts; the batched class is the vector env). See docs/envs.md.
 This package never imports `fmpolicy`.
 """
 
@@ -10,10 +12,12 @@ from __future__ import annotations
 
 import gymnasium as gym
 
+from .bandit import TwoOptimaBandit, TwoOptimaBanditEnv
 from .core_arm import ArmReachCore, ArmReachExpert
 from .core_base import ModalExpert, TorchCore
 from .core_point import PointObstacleCore, PointObstacleExpert
 from .core_push import PushCore, PushExpert
+from .gridworld import TwoGoalGridWorld, TwoGoalGridWorldEnv
 from .gym_env import IMAGE_KEY, STATE_KEY, ArmReachEnv, PointObstacleEnv, PushEnv, TorchCoreEnv
 from .vector_env import ArmReachVectorEnv, PointObstacleVectorEnv, PushVectorEnv, TorchVectorEnv
 
@@ -44,10 +48,26 @@ def _register() -> None:
         )
 
 
+# RL test beds: id -> (env class, batched vector env class); each keeps its own time limit
+RL_TEST_BEDS = {
+    "fmpolicy/TwoOptimaBandit-v0": (TwoOptimaBanditEnv, TwoOptimaBandit),
+    "fmpolicy/TwoGoalGridWorld-v0": (TwoGoalGridWorldEnv, TwoGoalGridWorld),
+}
+
+
+def _register_test_beds() -> None:
+    for env_id, (env_cls, vec_cls) in RL_TEST_BEDS.items():
+        if env_id not in gym.registry:
+            gym.register(id=env_id, entry_point=f"{env_cls.__module__}:{env_cls.__name__}",
+                         vector_entry_point=f"{vec_cls.__module__}:{vec_cls.__name__}")
+
+
 _register()
+_register_test_beds()
 
 __all__ = [
-    "IMAGE_KEY", "STATE_KEY", "TASKS", "make_expert",
+    "IMAGE_KEY", "STATE_KEY", "TASKS", "RL_TEST_BEDS", "make_expert",
+    "TwoOptimaBandit", "TwoOptimaBanditEnv", "TwoGoalGridWorld", "TwoGoalGridWorldEnv",
     "TorchCore", "ModalExpert", "TorchCoreEnv", "TorchVectorEnv",
     "PointObstacleCore", "PointObstacleExpert", "PointObstacleEnv", "PointObstacleVectorEnv",
     "ArmReachCore", "ArmReachExpert", "ArmReachEnv", "ArmReachVectorEnv",

@@ -45,7 +45,7 @@ from fmpolicy import FlowPolicy  # noqa: E402
 from fmpolicy.batch import STATE  # noqa: E402
 from fmpolicy.config import PolicyConfig  # noqa: E402
 from fmpolicy.rl.actors import FlowActor  # noqa: E402
-from fmpolicy.rl.bandit import OPTIMA, TwoOptimaBandit, mode_fractions  # noqa: E402
+from fmpolicy_envs.bandit import OPTIMA, TwoOptimaBandit, mode_fractions  # noqa: E402
 from fmpolicy.rl.config import RLRunConfig, load_rl_config  # noqa: E402
 from fmpolicy.rl.objectives import compute_policy_surrogate, normalize_advantages  # noqa: E402
 

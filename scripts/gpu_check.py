@@ -288,8 +288,8 @@ def fpo_child(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     path, overrides = fpo_run_config(args.device, args.quick, args.fpo_out)
     config = load_rl_config(str(ROOT / path), overrides)
-    if config.env.id.startswith("fmpolicy/") and "Bandit" not in config.env.id:
-        import fmpolicy_envs  # noqa: F401  (registers the fmpolicy/ tasks)
+    if config.env.id.startswith("fmpolicy/"):
+        import fmpolicy_envs  # noqa: F401  (registers the fmpolicy/ envs)
     start = time.perf_counter()
     result = train_rl(config)
     wall = time.perf_counter() - start

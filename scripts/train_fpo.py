@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None):
     args = p.parse_intermixed_args(argv)  # options may come between the overrides
     try:
         config = load_rl_config(args.config, args.overrides)
-        if config.env.id.startswith("fmpolicy/") and "Bandit" not in config.env.id:
-            import fmpolicy_envs  # noqa: F401  (registers the fmpolicy/ tasks)
+        if config.env.id.startswith("fmpolicy/"):
+            import fmpolicy_envs  # noqa: F401  (registers the fmpolicy/ envs)
         return train_rl(config, resume=args.resume, overwrite=args.overwrite,
                         allow_changes=[f for f in args.allow_change.split(",") if f])
     except FmPolicyError as e:

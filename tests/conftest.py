@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a download that cannot happen
 
+import fmpolicy_envs  # noqa: F401  (registers the fmpolicy/ gymnasium ids that train_rl builds)
 import pytest
 import torch
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fmpolicy.rl.bandit import OPTIMA, TwoOptimaBandit, mode_fractions
+from fmpolicy_envs.bandit import OPTIMA, TwoOptimaBandit, mode_fractions
 
 POS, NEG = torch.tensor(OPTIMA[0]), torch.tensor(OPTIMA[1])
 

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from fmpolicy.rl.bandit import TwoOptimaBandit
+from fmpolicy_envs.bandit import TwoOptimaBandit
 from tests.helpers import load_script
 
 

@@ -243,3 +243,54 @@ def test_vector_env_on_cuda(vec_cls, kwargs, state_dim, action_dim):
     for t in (obs[STATE_KEY], obs[IMAGE_KEY], reward, terminated, truncated, info["is_success"]):
         assert t.device.type == "cuda"
     assert obs[STATE_KEY].shape == (256, state_dim)
+
+
+# ---- the RL test beds (bandit, GridWorld) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("env_id, kwargs, state_dim", [
+    ("fmpolicy/TwoOptimaBandit-v0", {}, 1),
+    ("fmpolicy/TwoOptimaBandit-v0", {"context": True}, 1),
+    ("fmpolicy/TwoGoalGridWorld-v0", {"size": 9, "max_steps": 20}, 2),
+])
+def test_rl_test_beds_are_registered_single_and_vector_envs(env_id, kwargs, state_dim):
+    env = gym.make(env_id, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_env(env.unwrapped)
+    obs, _ = env.reset(seed=3)
+    assert obs[STATE_KEY].shape == (state_dim,) and obs[STATE_KEY].dtype == np.float32
+    again, _ = env.reset(seed=3)
+    np.testing.assert_array_equal(obs[STATE_KEY], again[STATE_KEY])
+    ended, steps = False, 0
+    while not ended:  # an episode ends by itself (the bandit after one step, the grid by its limit)
+        obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        ended, steps = terminated or truncated, steps + 1
+    assert steps <= kwargs.get("max_steps", 1) and isinstance(reward, float)
+    vec = gym.make_vec(env_id, num_envs=6, vectorization_mode="vector_entry_point", seed=0, **kwargs)
+    assert isinstance(vec.unwrapped, fe.RL_TEST_BEDS[env_id][1]) and vec.num_envs == 6
+    vobs, _ = vec.reset(seed=0)
+    assert vobs[STATE_KEY].shape == (6, state_dim) and isinstance(vobs[STATE_KEY], torch.Tensor)
+    assert vec.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
+
+
+def test_the_package_and_the_envs_do_not_import_each_other():
+    """envs/ never imports fmpolicy; fmpolicy never imports the envs (scripts and tests wire them)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def imported(path):
+        mods = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mods.add(node.module)
+            elif isinstance(node, ast.Import):
+                mods.update(a.name for a in node.names)
+        return mods
+
+    for path in (root / "envs").glob("*.py"):
+        assert not {m for m in imported(path) if m.split(".")[0] == "fmpolicy"}, path
+    for path in (root / "fmpolicy").rglob("*.py"):
+        assert not {m for m in imported(path) if m.split(".")[0] == "fmpolicy_envs"}, path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fmpolicy.rl.gridworld import TwoGoalGridWorld, vertical_split
+from fmpolicy_envs.gridworld import TwoGoalGridWorld, vertical_split
 
 
 def test_actions_are_clipped_and_rounded_to_moves():

@@ -15,7 +15,7 @@ from torch import nn
 from fmpolicy.config import config_from_dict
 from fmpolicy.errors import CheckpointError, ConfigError
 from fmpolicy.rl.actors import FlowActor, GaussianActor
-from fmpolicy.rl.bandit import TwoOptimaBandit
+from fmpolicy_envs.bandit import TwoOptimaBandit
 from fmpolicy.rl.config import GaussianConfig, RLConfig, RLRunConfig, load_rl_config
 from fmpolicy.rl.gae import compute_gae
 from fmpolicy.rl.objectives import compute_fpo_log_ratio

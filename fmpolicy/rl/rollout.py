@@ -9,9 +9,10 @@ the observation it reached is bootstrapped with the exact discount gamma^j: the 
 `final_values = gamma^(j - k) V(final_obs)`, which `compute_gae` multiplies by gamma^k.
 k = 1 is the plain per-step setting.
 
-Environments: ours (`TorchVectorEnv`, `TwoOptimaBandit`, `TwoGoalGridWorld`: torch tensors on the device, dict obs,
-same-step autoreset) are used as they are; any other gymnasium `VectorEnv` (numpy) is wrapped in
-`GymVectorAdapter`.
+Environments: ours (`fmpolicy_envs`: the tasks' `TorchVectorEnv`s, `TwoOptimaBandit`, `TwoGoalGridWorld`:
+torch tensors on the device, dict obs, same-step autoreset; registered when a script imports
+`fmpolicy_envs`) are built by their vector entry points and used as they are; any other gymnasium
+`VectorEnv` (numpy) is wrapped in `GymVectorAdapter`.
 """
 
 from __future__ import annotations
@@ -27,11 +28,6 @@ from torch import Tensor
 
 from fmpolicy.batch import STATE
 from fmpolicy.errors import ConfigError
-from fmpolicy.rl.bandit import TwoOptimaBandit
-from fmpolicy.rl.gridworld import TwoGoalGridWorld
-
-# vector envs that live inside fmpolicy (fmpolicy never imports fmpolicy_envs: scripts register those)
-LOCAL_ENVS = {"fmpolicy/TwoOptimaBandit-v0": TwoOptimaBandit, "fmpolicy/TwoGoalGridWorld-v0": TwoGoalGridWorld}
 
 
 def _obs_to_torch(obs: Any, device: torch.device) -> dict[str, Tensor]:
@@ -101,13 +97,10 @@ class GymVectorAdapter:
 def make_vector_env(env_id: str, num_envs: int, device: torch.device, seed: int, kwargs: dict | None = None):
     """`num_envs` copies of `env_id` with same-step autoreset, speaking torch on `device`.
 
-    Our bandit is built directly; an id with a `vector_entry_point` (our fmpolicy/... tasks, once
-    `fmpolicy_envs` is imported) is built by it on `device`; any other id is a gymnasium sync vector
-    env wrapped in `GymVectorAdapter`.
+    An id with a `vector_entry_point` (our fmpolicy/... envs, once `fmpolicy_envs` is imported) is
+    built by it on `device`; any other id is a gymnasium sync vector env wrapped in `GymVectorAdapter`.
     """
     kwargs = dict(kwargs or {})
-    if env_id in LOCAL_ENVS:
-        return LOCAL_ENVS[env_id](num_envs=num_envs, device=device, seed=seed, **kwargs)
     try:
         spec = gym.spec(env_id)
     except gym.error.Error as e:

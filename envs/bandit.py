@@ -40,7 +40,8 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode
 from torch import Tensor
 
-from fmpolicy.batch import STATE
+from .batched_single import BatchedAsSingleEnv
+from .gym_env import STATE_KEY as STATE
 
 OPTIMA = ((0.6, 0.6), (-0.6, -0.6))
 
@@ -53,6 +54,11 @@ class TwoOptimaBandit:
     docstring."""
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
+    spec = None  # set by gymnasium.make_vec
+
+    @property
+    def unwrapped(self):  # gymnasium.make_vec's contract: this class is the innermost env
+        return self
 
     def __init__(self, num_envs: int = 64, device: torch.device | str = "cpu", seed: int | None = None,
                  width: float = 0.3, success_reward: float = 0.5, reward_shape: str = "bump",
@@ -153,3 +159,9 @@ def mode_fractions(actions: Tensor, radius: float = 0.3) -> tuple[float, float]:
     d = (actions[:, None, :].clamp(-1, 1) - optima[None]).norm(dim=-1)  # (b, 2)
     near = d < radius
     return float(near[:, 0].float().mean()), float(near[:, 1].float().mean())
+
+
+class TwoOptimaBanditEnv(BatchedAsSingleEnv):
+    """One `TwoOptimaBandit` as a gymnasium.Env (`gymnasium.make("fmpolicy/TwoOptimaBandit-v0")`)."""
+
+    batched_cls = TwoOptimaBandit

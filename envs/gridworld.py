@@ -28,7 +28,8 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode
 from torch import Tensor
 
-from fmpolicy.batch import STATE
+from .batched_single import BatchedAsSingleEnv
+from .gym_env import STATE_KEY as STATE
 
 
 class TwoGoalGridWorld:
@@ -36,6 +37,11 @@ class TwoGoalGridWorld:
     >= 7), max_steps (time limit per episode), goal_reward (paid on entering a goal row)."""
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
+    spec = None  # set by gymnasium.make_vec
+
+    @property
+    def unwrapped(self):  # gymnasium.make_vec's contract: this class is the innermost env
+        return self
 
     def __init__(self, num_envs: int = 64, device: torch.device | str = "cpu", seed: int | None = None,
                  size: int = 25, max_steps: int = 100, goal_reward: float = 1.0):
@@ -137,3 +143,9 @@ def vertical_split(actions: Tensor) -> tuple[float, float]:
     """Fractions of actions (b, 2) whose move goes up (a_y rounds to +1) and down (to -1)."""
     dy = TwoGoalGridWorld.moves(actions)[:, 1]
     return float((dy == 1).float().mean()), float((dy == -1).float().mean())
+
+
+class TwoGoalGridWorldEnv(BatchedAsSingleEnv):
+    """One `TwoGoalGridWorld` as a gymnasium.Env (`gymnasium.make("fmpolicy/TwoGoalGridWorld-v0")`)."""
+
+    batched_cls = TwoGoalGridWorld
