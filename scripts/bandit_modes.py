@@ -34,7 +34,6 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,6 +43,7 @@ import rl_compare  # noqa: E402
 from fmpolicy import FlowPolicy  # noqa: E402
 from fmpolicy.batch import STATE  # noqa: E402
 from fmpolicy.config import PolicyConfig  # noqa: E402
+from fmpolicy.io import atomic_write, atomic_write_json  # noqa: E402
 from fmpolicy.rl.actors import FlowActor  # noqa: E402
 from fmpolicy_envs.bandit import OPTIMA, TwoOptimaBandit, mode_fractions  # noqa: E402
 from fmpolicy.rl.config import RLRunConfig, load_rl_config  # noqa: E402
@@ -176,7 +176,7 @@ def plot(curves: dict[str, list[list[dict]]], probes: dict[str, list[list[dict]]
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
                "spread": args.spread, "bc_steps": args.bc_steps, "start": start, "summary": summary,
                "curves": curves, "noise_probe": probes}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(out / "results.json", results)
     plot(curves, probes, out / "modes.png")
     print(f"\nresults: {out / 'results.json'}; plot: {out / 'modes.png'}")
     return results

@@ -11,13 +11,13 @@ and draws the sampled chunks to `<out>/chunks.png`. Runs on CPU in about a minut
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from fmpolicy import FlowPolicy, PolicyConfig, make_expert_config
+from fmpolicy.io import atomic_write, atomic_write_json
 from fmpolicy.toy import ToyChunks
 from fmpolicy.training import train_steps
 
@@ -86,7 +86,7 @@ def plot(toy: ToyChunks, state: torch.Tensor, results: dict, path: Path) -> None
         ax.legend(loc="lower left")
     fig.suptitle("sampled action chunks (xy of each step) for one state")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
     plt.close(fig)
 
 
@@ -122,11 +122,11 @@ def main() -> None:
         fr = " / ".join(f"{f:.2f}" for f in r["fractions"])
         print(f"{name:<11} {r['train_s']:>8.1f} {r['final_loss']:>7.3f} {fr:>22} {r['median_dist']:>12.3f} "
               f"{100 * r['on_mode']:>9.1f}% {r['sample_ms']:>10.1f}")
-    print(f"\n'on a mode' = RMS distance to the nearest mode < 0.15 (modes are ~1.3 apart).")
+    print("\n'on a mode' = RMS distance to the nearest mode < 0.15 (modes are ~1.3 apart).")
     print(f"saved flow policy to {saved}; reload gives the same chunk for the same noise: {same}")
     print(f"plot: {out / 'chunks.png'}")
     summary = {k: {kk: vv for kk, vv in r.items() if kk != "chunks"} for k, r in results.items()}
-    (out / "results.json").write_text(json.dumps({"results": summary, "reload_identical": same}, indent=2))
+    atomic_write_json(out / "results.json", {"results": summary, "reload_identical": same})
     if not same:
         raise SystemExit("reloaded policy differs from the saved one")
 

@@ -24,6 +24,7 @@ from fmpolicy import FlowPolicy
 from fmpolicy.config import resolve_device
 from fmpolicy.errors import FmPolicyError
 from fmpolicy.evaluation import EvalResult, evaluate_policy
+from fmpolicy.io import atomic_write, atomic_write_json
 
 
 def make_envs(env_id: str, num_envs: int, device: str, seed: int, kwargs: dict):
@@ -95,7 +96,7 @@ def plot_trajectories(result: EvalResult, path: Path, title: str, env_id: str) -
     ax.set_aspect("equal")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     if followed is not None:
         summary["swap_instruction"] = args.swap_instruction
         summary["reached_instructed_goal"] = followed
-    (out / "eval.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out / "eval.json", summary)
     lo, hi = result.ci95
     line = (f"{args.env} {kwargs or ''} {policy.config.head}: success {100 * result.success_rate:.1f}% "
             f"[{100 * lo:.1f}, {100 * hi:.1f}] over {result.episodes} episodes")

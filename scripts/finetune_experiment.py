@@ -36,6 +36,7 @@ import train  # noqa: E402
 import train_fpo  # noqa: E402
 
 from fmpolicy.config import ImitationConfig, load_config  # noqa: E402
+from fmpolicy.io import atomic_write, atomic_write_json  # noqa: E402
 from fmpolicy.rl.config import load_rl_config  # noqa: E402
 
 BC_CONFIG = "configs/point_obstacle_few.yaml"
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{names[key]:<32} {minutes:>13.1f} {100 * r['success_rate']:>7.1f}% "
               f"{f'[{100 * lo:.1f}, {100 * hi:.1f}]':>15} {100 * r['collision_rate']:>9.1f}% "
               f"{100 * r['passed_above']:>5.1f}% {100 * r['passed_below']:>5.1f}%")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(out / "results.json", results)
     plot(results, out / "finetune.png")
     plot_paths(results, out, out / "paths.png")
     print(f"\nresults: {out / 'results.json'}; plots: {out / 'finetune.png'}, {out / 'paths.png'}")
@@ -143,7 +144,7 @@ def plot_paths(results: dict, out: Path, path: Path) -> None:
         ax.set_title(f"{labels[key]}: success {100 * r['success_rate']:.1f}%\nround the obstacle above "
                      f"{100 * r['passed_above']:.1f}%, below {100 * r['passed_below']:.1f}%", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
     plt.close(fig)
 
 
@@ -174,7 +175,7 @@ def plot(results: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 

@@ -499,8 +499,10 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    out.with_suffix(".md").write_text(table)
+    from fmpolicy.io import atomic_write_text
+
+    atomic_write_text(out, json.dumps(report, indent=2, default=str) + "\n")
+    atomic_write_text(out.with_suffix(".md"), table)
     print(table)
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0 if report["ok"] else 1

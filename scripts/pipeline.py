@@ -31,6 +31,7 @@ import evaluate  # noqa: E402
 import train  # noqa: E402
 
 from fmpolicy.config import ImitationConfig, load_config  # noqa: E402
+from fmpolicy.io import atomic_write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         coll = f"{100 * r['collision_rate']:.1f}%" if "collision_rate" in r else "-"
         print(f"{r['head']:<11} {r['robot']:<10} {r['train_minutes']:>9.1f} {100 * r['success_rate']:>7.1f}% "
               f"{f'[{100 * lo:.1f}, {100 * hi:.1f}]':>15} {coll:>10}")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(out / "results.json", results)
     print(f"\nresults: {out / 'results.json'}; plots: {out}/<policy>/eval_<robot>/")
     return {"results": results}
 

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fmpolicy.io import atomic_write, atomic_write_json
+
 SCRIPT = Path(__file__).resolve().parent / "train_fpo.py"
 
 
@@ -105,7 +107,7 @@ def plot(results: dict, path: Path, title: str) -> None:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -144,9 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{m:<10} {fmt(e):>26} {median:>8} {fmt(r):>27} {fmt(b):>18} {s['minutes']['mean']:>8.1f}  "
               f"{', '.join(f'{v:.1f}' for v in e['values'])}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"config": args.config, "seeds": seeds, "overrides": args.overrides,
-                                                  "flow": args.flow, "gaussian": args.gaussian,
-                                                  "summary": summary, "runs": results}, indent=2))
+    atomic_write_json(out / "results.json", {"config": args.config, "seeds": seeds, "overrides": args.overrides,
+                                             "flow": args.flow, "gaussian": args.gaussian,
+                                             "summary": summary, "runs": results})
     plot(results, out / "curves.png", f"{Path(args.config).stem}: {len(seeds)} seeds")
     print(f"\nresults: {out / 'results.json'}; curves: {out / 'curves.png'}")
     return {"summary": summary, "runs": results}
