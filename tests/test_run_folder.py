@@ -295,3 +295,13 @@ def test_only_the_io_module_renames_files_into_place():
         if any(call in text for call in ("os.replace(", "os.rename(", "mkstemp(", "mkdtemp(")):
             offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
+
+
+def test_every_package_of_the_source_tree_is_in_the_wheel_list():
+    """pyproject lists packages one by one: a new subpackage missing there works in an editable install
+    (the tests) and is missing from a real one."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "fmpolicy").rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)
