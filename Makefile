@@ -10,6 +10,9 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_ARGS ?= train.steps=1500
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# openpi-client pins numpy < 2: the real client (tests/test_serving.py) runs in its own small venv
+OPENPI_VENV ?= .venv-openpi
+OPENPI_STAMP := $(OPENPI_VENV)/.installed
 
 .PHONY: setup demo toy test bench gpu-check clean
 
@@ -19,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[test,vl,mujoco]"
+	$(PY) -m pip install --quiet -e ".[test,vl,mujoco,serve]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -28,8 +31,13 @@ demo: $(STAMP)
 toy: $(STAMP)
 	$(PY) scripts/demo_toy.py
 
-test: $(STAMP)
-	$(PY) -m pytest -q tests
+$(OPENPI_STAMP):
+	$(PYTHON) -m venv $(OPENPI_VENV)
+	$(OPENPI_VENV)/bin/python -m pip install --quiet openpi-client==0.1.2 typing_extensions
+	touch $(OPENPI_STAMP)
+
+test: $(STAMP) $(OPENPI_STAMP)
+	OPENPI_CLIENT_PYTHON=$(OPENPI_VENV)/bin/python $(PY) -m pytest -q tests
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py
@@ -42,4 +50,4 @@ gpu-check: $(STAMP)
 	$(PY) scripts/gpu_check.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(OPENPI_VENV) build *.egg-info

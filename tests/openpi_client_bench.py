@@ -1,0 +1,36 @@
+"""Client side of scripts/bench_serving.py, run with the openpi-client venv's python: N requests through
+the real `WebsocketClientPolicy`, each observation with two 224x224 uint8 images; prints one JSON line
+of per-request round-trip and server inference times in ms.
+
+    <openpi venv>/bin/python tests/openpi_client_bench.py PORT REQUESTS WARMUP
+"""
+
+import json
+import sys
+import time
+
+import numpy as np
+from openpi_client import websocket_client_policy
+
+
+def main() -> None:
+    port, requests, warmup = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    client = websocket_client_policy.WebsocketClientPolicy("127.0.0.1", port)
+    rng = np.random.default_rng(port)
+    obs = {"observation/state": rng.standard_normal(8).astype(np.float32),
+           "observation/image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+           "observation/wrist_image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+           "prompt": "pick up the red block"}
+    rtt, infer = [], []
+    for i in range(warmup + requests):
+        start = time.perf_counter()
+        reply = client.infer(obs)
+        ms = 1000 * (time.perf_counter() - start)
+        if i >= warmup:
+            rtt.append(ms)
+            infer.append(reply["server_timing"]["infer_ms"])
+    print(json.dumps({"rtt_ms": rtt, "infer_ms": infer}))
+
+
+if __name__ == "__main__":
+    main()

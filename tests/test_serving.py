@@ -1,0 +1,214 @@
+"""The policy server: openpi's wire format, metadata first, actions in robot units, errors as text
+frames on a connection that stays usable, API keys, several clients, and the real openpi-client."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("websockets")
+pytest.importorskip("msgpack")
+
+from websockets.exceptions import InvalidStatus  # noqa: E402
+from websockets.sync.client import connect  # noqa: E402
+
+from fmpolicy import FlowPolicy, NormalizationConfig, PolicyConfig, make_expert_config  # noqa: E402
+from fmpolicy.config import EncoderConfig  # noqa: E402
+from fmpolicy.errors import ConfigError  # noqa: E402
+from fmpolicy.serving import PolicyServer, ServerConfig, packb, unpackb  # noqa: E402
+from tests.helpers import randomized  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CAM = "observation.images.top"
+
+
+def make_policy() -> FlowPolicy:
+    """A tiny image + instruction policy whose action normalizer is not the identity (robot units)."""
+    enc = EncoderConfig(kind="vision_text", image_size=32, vision_patch_size=8, out_dim=32, max_text_tokens=12)
+    cfg = PolicyConfig(state_dim=2, action_dim=2, chunk_size=4, n_action_steps=2, device="cpu",
+                       expert=make_expert_config("tiny", prefix_dim=32), encoder=enc,
+                       normalization=NormalizationConfig(state="mean_std", action="mean_std"))
+    policy = FlowPolicy(cfg)
+    randomized(policy.net, 0)
+    g = torch.Generator().manual_seed(1)
+    policy.fit_normalization(torch.randn(64, 2, generator=g), 5.0 + 3.0 * torch.randn(64, 4, 2, generator=g))
+    return policy.eval()
+
+
+@pytest.fixture(scope="module")
+def policy() -> FlowPolicy:
+    return make_policy()
+
+
+@pytest.fixture()
+def server(policy):
+    srv = PolicyServer(policy, ServerConfig(port=0)).start()
+    yield srv
+    srv.stop()
+
+
+def client_obs(rng: np.random.Generator) -> dict:
+    return {"observation/state": rng.standard_normal(2).astype(np.float32),
+            "observation/image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+            "prompt": "go to the red goal"}
+
+
+def test_the_wire_format_round_trips_arrays_and_scalars_and_refuses_objects():
+    data = {"f32": np.arange(12, dtype=np.float32).reshape(3, 4), "u8": np.zeros((2, 2, 3), np.uint8),
+            "b": np.array([True, False]), "i64": np.int64(7), "f": np.float64(0.25), "s": "text", "l": [1, 2.5]}
+    back = unpackb(packb(data))
+    for k in ("f32", "u8", "b"):
+        assert back[k].dtype == data[k].dtype and np.array_equal(back[k], data[k])
+    assert back["i64"] == 7 and back["i64"].dtype == np.int64 and back["f"] == 0.25
+    assert back["s"] == "text" and back["l"] == [1, 2.5]
+    with pytest.raises(TypeError, match="dtype object"):
+        packb({"x": np.array([{}, 1], dtype=object)})
+
+
+def test_metadata_first_then_actions_in_robot_units_equal_to_the_policy_alone(server, policy):
+    rng = np.random.default_rng(0)
+    obs = client_obs(rng)
+    with connect(f"ws://127.0.0.1:{server.port}", compression=None, max_size=None) as ws:
+        meta = unpackb(ws.recv())
+        assert meta["chunk_size"] == 4 and meta["action_dim"] == 2 and meta["cameras"] == [CAM]
+        torch.manual_seed(5)
+        ws.send(packb(obs))
+        reply = unpackb(ws.recv())
+    torch.manual_seed(5)
+    expected = policy.predict_action_chunk({
+        "observation.state": torch.as_tensor(obs["observation/state"])[None],
+        CAM: torch.as_tensor(obs["observation/image"]).permute(2, 0, 1)[None].float() / 255.0,
+        "task": [obs["prompt"]]})[0]
+    assert reply["actions"].shape == (4, 2) and reply["actions"].dtype == np.float32
+    # the policy's own output (robot units: predict_action_chunk undoes the action normalizer)
+    np.testing.assert_allclose(reply["actions"], expected.numpy(), rtol=0, atol=1e-6)
+    assert reply["server_timing"]["infer_ms"] > 0 and reply["server_timing"]["total_ms"] >= reply["server_timing"]["infer_ms"]
+
+
+def test_a_bad_request_gets_a_text_error_and_the_connection_stays_usable(server):
+    rng = np.random.default_rng(1)
+    with connect(f"ws://127.0.0.1:{server.port}") as ws:
+        unpackb(ws.recv())
+        for bad, words in (({"observation/image": client_obs(rng)["observation/image"]}, "has no state"),
+                           ({**client_obs(rng), "observation/state": np.zeros(5, np.float32)}, "state"),
+                           ({**client_obs(rng), "observation/image": np.zeros((32, 32), np.uint8)}, "shape"),
+                           (["not", "a", "dict"], "expected a dict")):
+            ws.send(packb(bad))
+            answer = ws.recv()
+            assert isinstance(answer, str) and "InputError" in answer and words in answer
+        ws.send(b"\x00garbage")
+        assert "not a msgpack observation" in ws.recv()
+        ws.send("a text frame")
+        assert "binary msgpack frame" in ws.recv()
+        ws.send(packb(client_obs(rng)))
+        assert unpackb(ws.recv())["actions"].shape == (4, 2)
+
+
+def test_batched_requests_get_batched_actions(server):
+    rng = np.random.default_rng(2)
+    obs = {"observation/state": rng.standard_normal((3, 2)).astype(np.float32),
+           "observation/image": rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8), "prompt": "go"}
+    with connect(f"ws://127.0.0.1:{server.port}") as ws:
+        unpackb(ws.recv())
+        ws.send(packb(obs))
+        assert unpackb(ws.recv())["actions"].shape == (3, 4, 2)
+
+
+def test_an_api_key_is_required_when_set(policy):
+    srv = PolicyServer(policy, ServerConfig(port=0, api_key="s3cret")).start()
+    try:
+        for headers in (None, {"Authorization": "Api-Key wrong"}):
+            with pytest.raises(InvalidStatus) as info:
+                connect(f"ws://127.0.0.1:{srv.port}", additional_headers=headers)
+            assert info.value.response.status_code == 401
+        with connect(f"ws://127.0.0.1:{srv.port}", additional_headers={"Authorization": "Api-Key s3cret"}) as ws:
+            assert unpackb(ws.recv())["chunk_size"] == 4
+    finally:
+        srv.stop()
+
+
+def test_several_clients_are_served_at_once(server):
+    results, errors = [], []
+
+    def run(seed: int) -> None:
+        try:
+            rng = np.random.default_rng(seed)
+            with connect(f"ws://127.0.0.1:{server.port}") as ws:
+                unpackb(ws.recv())
+                for _ in range(4):
+                    ws.send(packb(client_obs(rng)))
+                    results.append(unpackb(ws.recv())["actions"].shape)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and results == [(4, 2)] * 16
+
+
+def test_the_serve_script_serves_a_saved_policy_and_refuses_a_bad_one(policy, tmp_path):
+    policy.save_pretrained(tmp_path / "policy")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve_policy.py"), "--policy",
+                             str(tmp_path / "policy"), "--port", "0", "--device", "cpu", "--steps", "2",
+                             "--map", "cam=observation.images.top"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = proc.stdout.readline()
+        assert "serving" in line, proc.stderr.read() if proc.poll() is not None else line
+        port = int(line.split("ws://127.0.0.1:")[1].split()[0])
+        rng = np.random.default_rng(3)
+        obs = client_obs(rng)
+        obs["cam"] = obs.pop("observation/image")  # through the --map entry
+        with connect(f"ws://127.0.0.1:{port}") as ws:
+            assert unpackb(ws.recv())["key_map"]["cam"] == CAM
+            ws.send(packb(obs))
+            assert unpackb(ws.recv())["actions"].shape == (4, 2)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    (tmp_path / "policy" / "model.safetensors").write_bytes(b"junk")
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve_policy.py"), "--policy", str(tmp_path / "policy")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode != 0 and "CheckpointError" not in bad.stderr and "model.safetensors" in bad.stderr
+
+
+def test_bad_server_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="port"):
+        ServerConfig(port=70000)
+    with pytest.raises(ConfigError, match="api_key"):
+        ServerConfig(api_key="")
+
+
+def test_the_real_openpi_client_drives_the_server_through_its_chunk_broker(policy):
+    """openpi-client pins numpy < 2, so it runs in its own venv (`make test` makes it and sets
+    OPENPI_CLIENT_PYTHON)."""
+    python = os.environ.get("OPENPI_CLIENT_PYTHON")
+    if not python or not Path(python).exists():
+        pytest.skip("OPENPI_CLIENT_PYTHON is not set: `make test` creates the openpi-client venv")
+    srv = PolicyServer(policy, ServerConfig(port=0, api_key="k")).start()
+    try:
+        out = subprocess.run([python, str(ROOT / "tests" / "openpi_client_check.py"), str(srv.port), "k", "5", "2"],
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        srv.stop()
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["metadata"]["chunk_size"] == 4 and result["chunk_shape"] == [4, 2]
+    actions = np.array(result["actions"])  # one action per broker step: chunks of 4, 2 used each
+    assert actions.shape == (5, 2) and np.isfinite(actions).all()
+    assert not np.allclose(actions[0], actions[1])  # steps of one chunk differ
+    assert "InputError" in result["error"] and result["after_error_shape"] == [4, 2]
+    assert "infer_ms" in result["server_timing"]
+    sample = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "s": np.float64(1.5), "t": "x"}
+    assert packb(sample).hex() == result["packed_sample"]
