@@ -1,0 +1,107 @@
+"""Chunk execution under latency: the queue's aggregations, the threaded runner, the latency
+simulation and its script."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+
+import gymnasium as gym
+import pytest
+import torch
+
+from fmpolicy import FlowPolicy, NormalizationConfig, PolicyConfig, make_expert_config
+from fmpolicy.control import AsyncChunkRunner, ChunkQueue, run_with_latency
+from fmpolicy.errors import InputError
+from tests.helpers import load_script, randomized
+
+
+def chunk_of(value: float, h: int = 4) -> torch.Tensor:
+    """(1, h, 1): position j holds value + j."""
+    return (value + torch.arange(h, dtype=torch.float32))[None, :, None]
+
+
+def test_the_queue_takes_the_latest_chunk_or_averages_or_ensembles_with_acts_weights():
+    for aggregation, expected in (("latest", 100.0 + 1), ("average", (2 + 101) / 2)):
+        q = ChunkQueue(aggregation)
+        q.add(chunk_of(0.0), start=0)
+        q.add(chunk_of(100.0), start=1)
+        assert float(q.action(2)) == expected  # step 2: position 2 of the first, 1 of the second
+    q = ChunkQueue("ensemble", ensemble_m=0.5)
+    q.add(chunk_of(0.0), 0)
+    q.add(chunk_of(100.0), 1)
+    w0, w1 = 1.0, math.exp(-0.5)  # the oldest chunk weighs most (ACT)
+    assert float(q.action(2)) == pytest.approx((w0 * 2 + w1 * 101) / (w0 + w1), rel=1e-6)
+    assert float(q.action(4)) == 103.0  # only the second chunk reaches step 4; the first is dropped
+    assert len(q.chunks) == 1 and q.leftover(4).flatten().tolist() == [103.0]
+    with pytest.raises(InputError, match="no chunk plans an action for control step 9"):
+        q.action(9)
+
+
+def test_the_async_runner_asks_early_and_skips_positions_that_passed_meanwhile():
+    calls = []
+
+    def predict(obs):  # a chunk planned from `obs` (the step it was taken at): position j -> obs + j
+        calls.append(obs)
+        time.sleep(0.05)  # the robot keeps acting meanwhile
+        return chunk_of(float(obs), h=6)
+
+    runner = AsyncChunkRunner(predict, n_action_steps=4, threshold=2)
+    executed = []
+    for step in range(12):
+        executed.append(float(runner.act(step)))
+        time.sleep(0.03 if step % 4 != 3 else 0.06)
+    # requests at the steps with 2 of 4 actions left; every executed action is the one planned for its
+    # step (chunk position = step - request step), whichever chunk it came from
+    assert calls[:3] == [0, 2, 6] or calls[:2] == [0, 2]
+    assert executed == [float(s) for s in range(12)]
+    with pytest.raises(InputError, match="threshold"):
+        AsyncChunkRunner(predict, n_action_steps=4, threshold=4)
+
+
+def test_the_async_runner_reports_an_inference_error_in_the_control_loop():
+    def predict(obs):
+        if obs > 0:
+            raise RuntimeError("the server went away")
+        return chunk_of(0.0, h=4)
+
+    runner = AsyncChunkRunner(predict, n_action_steps=4, threshold=1)
+    with pytest.raises(RuntimeError, match="went away"):
+        for step in range(8):
+            runner.act(step)
+            time.sleep(0.01)
+
+
+def point_policy() -> FlowPolicy:
+    cfg = PolicyConfig(state_dim=4, action_dim=2, chunk_size=8, n_action_steps=4, device="cpu",
+                       expert=make_expert_config("tiny"),
+                       normalization=NormalizationConfig(state="identity", action="identity"))
+    policy = FlowPolicy(cfg)
+    randomized(policy.net, 0, scale=0.1)
+    return policy.eval()
+
+
+@pytest.mark.parametrize("mode", ["sync", "latest", "ensemble", "rtc"])
+def test_the_latency_simulation_plays_every_mode_and_measures_jerk(mode):
+    import fmpolicy_envs  # noqa: F401
+
+    envs = gym.make_vec("fmpolicy/PointObstacle-v0", num_envs=8, vectorization_mode="vector_entry_point")
+    r = run_with_latency(point_policy(), envs, mode, delay=2, seed=3, generator=torch.Generator().manual_seed(0),
+                         max_steps=24)
+    assert r.episodes == 8 and 0.0 <= r.success_rate <= 1.0
+    assert math.isfinite(r.boundary_jerk_mean) and r.boundary_jerk_max >= r.boundary_jerk_mean >= 0
+
+
+def test_the_latency_script_writes_its_table(tmp_path):
+    point_policy().save_pretrained(tmp_path / "policy")
+    rows = load_script("latency_experiment").main(["--policy", str(tmp_path / "policy"), "--delays", "1",
+                                                   "--envs", "4", "--out", str(tmp_path / "out")])
+    assert [r["mode"] for r in rows] == ["sync", "latest", "ensemble", "rtc"]
+    saved = json.loads((tmp_path / "out" / "latency.json").read_text())
+    assert saved["rows"] == rows
+
+
+def test_threads_do_not_leak():
+    assert all(t.name != "fmpolicy-chunk" or not t.is_alive() for t in threading.enumerate())
