@@ -6,5 +6,6 @@ scripts/collect_demos.py.
 
 from fmpolicy.data.dataset import ChunkDataset
 from fmpolicy.data.format import FORMAT, DatasetWriter, compute_stats
+from fmpolicy.data.lerobot import LeRobotV3Dataset
 
-__all__ = ["FORMAT", "ChunkDataset", "DatasetWriter", "compute_stats"]
+__all__ = ["FORMAT", "ChunkDataset", "DatasetWriter", "LeRobotV3Dataset", "compute_stats"]

@@ -1,0 +1,113 @@
+"""Decoding camera frames as LeRobot stores them: PNG bytes (`image` features) and mp4 frames at a
+timestamp (`video` features), into float32 (3, H, W) in [0, 1], as LeRobot's reader gives them.
+
+PyAV decodes video: its wheels bundle FFmpeg (with dav1d for AV1, lerobot's default codec since 0.4,
+and H.264 for older data) on Linux, macOS and Windows, so it installs everywhere from the registry;
+torchcodec, LeRobot's default decoder, needs system FFmpeg libraries and a matching torch build.
+Pillow decodes PNG. Both are imported when first used, so datasets without images need neither.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fmpolicy.errors import DatasetError
+
+# How far a decoded video frame may lie from the asked timestamp (LeRobot's default tolerance_s).
+VIDEO_TOLERANCE_S = 1e-4
+
+
+def image_hw(feature: Mapping[str, Any]) -> tuple[int, int]:
+    """(H, W) of an `image` / `video` feature. LeRobot stores the shape (H, W, C) with names
+    ["height", "width", "channels"]; some converted datasets store (C, H, W)."""
+    shape = list(feature["shape"])
+    names = feature.get("names")
+    if isinstance(names, (list, tuple)) and len(names) == 3 and "height" in names and "width" in names:
+        return int(shape[names.index("height")]), int(shape[names.index("width")])
+    if len(shape) == 3 and shape[0] in (1, 3) and shape[-1] not in (1, 3):
+        return int(shape[1]), int(shape[2])
+    return int(shape[0]), int(shape[1])
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from an encoded image (PNG, or any format PIL reads)."""
+    from PIL import Image  # imported here: only image datasets need it
+
+    with Image.open(io.BytesIO(data)) as img:
+        return np.array(img.convert("RGB"))  # a writable copy (torch.from_numpy warns on read-only arrays)
+
+
+def to_chw_float(rgb: np.ndarray) -> Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1], as LeRobot's ToTensor gives images."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+
+
+class ProcessCache(OrderedDict):
+    """A small per-process cache (least recently used out). After a fork (DataLoader workers) and when
+    pickled it starts empty: an open video container must not be shared between processes."""
+
+    def __init__(self, size: int, close=None):
+        super().__init__()
+        self.size, self.close, self.pid = size, close, os.getpid()
+
+    def __reduce__(self):
+        # pickled (a spawned DataLoader worker, a copy): an empty cache; open files stay behind
+        return (ProcessCache, (self.size, self.close))
+
+    def get_or(self, key, make):
+        if self.pid != os.getpid():
+            super().clear()  # the parent's objects: dropped, not closed (they belong to the parent)
+            self.pid = os.getpid()
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = make()
+        self[key] = value
+        while len(self) > self.size:
+            _, old = self.popitem(last=False)
+            if self.close is not None:
+                self.close(old)
+        return value
+
+
+def decode_video_frame(container, ts: float,
+                       tolerance_s: float = VIDEO_TOLERANCE_S) -> tuple[np.ndarray | None, float]:
+    """The frame of an open PyAV container nearest to `ts` seconds, as (H, W, 3) uint8 RGB, and its
+    timestamp (None, inf for an empty stream). Seeks to the key frame at or before ts and decodes
+    forward until a frame lies past ts + tolerance_s, as LeRobot's pyav path does."""
+    stream = container.streams.video[0]
+    tb = float(stream.time_base)
+    container.seek(max(0, math.floor(ts / tb)), stream=stream, backward=True, any_frame=False)
+    best, best_ts = None, math.inf
+    for frame in container.decode(stream):
+        f_ts = float(frame.pts * stream.time_base) if frame.pts is not None else float(frame.time)
+        if abs(f_ts - ts) < abs(best_ts - ts):
+            best, best_ts = frame, f_ts
+        if f_ts >= ts + tolerance_s:
+            break
+    if best is None:
+        return None, math.inf
+    return best.to_ndarray(format="rgb24"), best_ts
+
+
+def close_video(container) -> None:
+    container.close()
+
+
+def open_video(path: Path):
+    import av  # imported here: only video datasets need it
+
+    try:
+        return av.open(str(path))
+    except Exception as e:  # av.error.* for a corrupt or unreadable file
+        raise DatasetError(f"video file {path} cannot be opened: {e}") from e
