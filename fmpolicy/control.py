@@ -178,15 +178,15 @@ def run_with_latency(policy, envs, mode: str, delay: int, seed: int = 0, ensembl
     pending: tuple[int, int, Tensor] | None = None  # (ready step, start step, chunk)
     prev, boundary, every = None, [], []
     for step in range(horizon):
+        if pending is not None and pending[0] == step:  # the inference launched d steps ago is done
+            queue.add(pending[2], pending[1])
+            pending = None
         if step % s == s - d and step + d < horizon and d > 0:  # launch the next inference now
             if mode == "rtc":
                 chunk = _rtc_chunk(policy, obs, queue.leftover(step), d, generator, rtc_max_guidance)
             else:
                 chunk = policy.predict_action_chunk(obs, generator=generator)
             pending = (step + d, step, chunk)
-        if pending is not None and pending[0] == step:
-            queue.add(pending[2], pending[1])
-            pending = None
         if d == 0 and step > 0 and step % s == 0:
             queue.add(policy.predict_action_chunk(obs, generator=generator), step)
         action = queue.action(step)

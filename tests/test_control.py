@@ -83,12 +83,14 @@ def point_policy() -> FlowPolicy:
     return policy.eval()
 
 
-@pytest.mark.parametrize("mode", ["sync", "latest", "ensemble", "rtc"])
-def test_the_latency_simulation_plays_every_mode_and_measures_jerk(mode):
+@pytest.mark.parametrize("mode, delay", [("sync", 0), ("latest", 2), ("ensemble", 2), ("rtc", 2),
+                                         ("latest", 4), ("rtc", 4)])
+def test_the_latency_simulation_plays_every_mode_and_measures_jerk(mode, delay):
+    """delay 4 = n_action_steps: the next inference starts as soon as a chunk starts."""
     import fmpolicy_envs  # noqa: F401
 
     envs = gym.make_vec("fmpolicy/PointObstacle-v0", num_envs=8, vectorization_mode="vector_entry_point")
-    r = run_with_latency(point_policy(), envs, mode, delay=2, seed=3, generator=torch.Generator().manual_seed(0),
+    r = run_with_latency(point_policy(), envs, mode, delay=delay, seed=3, generator=torch.Generator().manual_seed(0),
                          max_steps=24)
     assert r.episodes == 8 and 0.0 <= r.success_rate <= 1.0
     assert math.isfinite(r.boundary_jerk_mean) and r.boundary_jerk_max >= r.boundary_jerk_mean >= 0
