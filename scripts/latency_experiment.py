@@ -8,7 +8,8 @@ async (switch to the new chunk), ACT's temporal ensembling and real-time chunkin
 Each (mode, delay) plays one episode in each of `--envs` batched environments from the same start
 states (seed), with an inference that takes `delay` control steps (fmpolicy/control.py,
 `run_with_latency`). Jerk: |a_t - a_{t-1}| (environment units) at the steps where a new chunk takes
-over (boundary) and over every step. Prints a table; writes <out>/latency.json.
+over (boundary) and over every step. Also times plain sampling against RTC sampling (same steps,
+batch 1 and 64, median of 20 calls, side by side). Prints a table; writes <out>/latency.json.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fmpolicy import FlowPolicy
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--envs", type=int, default=200, help="episodes (one per batched environment)")
     p.add_argument("--seed", type=int, default=10_000)
     p.add_argument("--out", default="runs/latency")
+    p.add_argument("--timing-repeats", type=int, default=20, help="calls per timing of plain vs RTC sampling")
     args = p.parse_args(argv)
     try:
         import gymnasium as gym
@@ -60,10 +63,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sys.exit(f"error: {e}")
     print()
     print(summarize(results))
+    cost = time_rtc(policy, envs, args.timing_repeats)
+    for c in cost:
+        print(f"batch {c['batch']}: plain {c['plain_ms']:.1f} ms, RTC {c['rtc_ms']:.1f} ms, {c['ratio']:.2f}x")
     out = Path(args.out)
     atomic_write_json(out / "latency.json", {"policy": args.policy, "env": args.env, "envs": args.envs,
-                                             "seed": args.seed, "cpu": cpu_model(), "rows": rows})
+                                             "seed": args.seed, "cpu": cpu_model(), "threads": torch.get_num_threads(),
+                                             "rows": rows, "rtc_cost": cost})
     return rows
+
+
+def time_rtc(policy, envs, repeats: int = 20) -> list[dict]:
+    """Median ms of plain and RTC sampling of one chunk, alternated call by call."""
+    from fmpolicy.rtc import sample_chunk_rtc
+
+    obs, _ = envs.reset(seed=0)
+    out = []
+    for b in sorted({1, min(64, envs.num_envs)}):
+        sub = {k: v[:b] for k, v in obs.items()}
+        leftover = policy.predict_action_chunk(sub)[:, policy.config.n_action_steps - 1:]
+        plain, rtc = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            policy.predict_action_chunk(sub)
+            plain.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            sample_chunk_rtc(policy, sub, leftover, inference_delay=1)
+            rtc.append(time.perf_counter() - start)
+        p, r = 1000 * float(np.median(plain)), 1000 * float(np.median(rtc))
+        out.append({"batch": b, "plain_ms": p, "rtc_ms": r, "ratio": r / p})
+    return out
 
 
 if __name__ == "__main__":

@@ -99,10 +99,11 @@ def test_the_latency_simulation_plays_every_mode_and_measures_jerk(mode, delay):
 def test_the_latency_script_writes_its_table(tmp_path):
     point_policy().save_pretrained(tmp_path / "policy")
     rows = load_script("latency_experiment").main(["--policy", str(tmp_path / "policy"), "--delays", "1",
-                                                   "--envs", "4", "--out", str(tmp_path / "out")])
+                                                   "--envs", "4", "--out", str(tmp_path / "out"),
+                                                   "--timing-repeats", "2"])
     assert [r["mode"] for r in rows] == ["sync", "latest", "ensemble", "rtc"]
     saved = json.loads((tmp_path / "out" / "latency.json").read_text())
-    assert saved["rows"] == rows
+    assert saved["rows"] == rows and [c["batch"] for c in saved["rtc_cost"]] == [1, 4]
 
 
 def test_threads_do_not_leak():
