@@ -37,28 +37,21 @@ from typing import Any
 import numpy as np
 import torch
 from gymnasium import spaces
-from gymnasium.vector import AutoresetMode
 from torch import Tensor
 
-from .batched_single import BatchedAsSingleEnv
+from .batched_single import BatchedAsSingleEnv, BatchedEnv
 from .gym_env import STATE_KEY as STATE
 
 OPTIMA = ((0.6, 0.6), (-0.6, -0.6))
 
 
-class TwoOptimaBandit:
+class TwoOptimaBandit(BatchedEnv):
     """`num_envs` one-step bandits. Args: num_envs, device, seed (of the states' generator; the reward is
     deterministic), width (std of each reward bump, or radius of each goal disk), success_reward (reward
     above which an episode counts as a success), reward_shape ("bump" or "goal"), context (draw a state
     per episode and tilt the optima by it), tilt (how much s favours one optimum); see the module
     docstring."""
 
-    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
-    spec = None  # set by gymnasium.make_vec
-
-    @property
-    def unwrapped(self):  # gymnasium.make_vec's contract: this class is the innermost env
-        return self
 
     def __init__(self, num_envs: int = 64, device: torch.device | str = "cpu", seed: int | None = None,
                  width: float = 0.3, success_reward: float = 0.5, reward_shape: str = "bump",

@@ -13,6 +13,19 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from gymnasium.vector import AutoresetMode
+
+
+class BatchedEnv:
+    """What gymnasium.make_vec expects of a vector entry point that is not a gymnasium VectorEnv: the
+    autoreset mode, a `spec` slot and `unwrapped` (the class is its own innermost env)."""
+
+    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
+    spec = None  # set by gymnasium.make_vec
+
+    @property
+    def unwrapped(self):
+        return self
 
 
 class BatchedAsSingleEnv(gym.Env):

@@ -25,23 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 from gymnasium import spaces
-from gymnasium.vector import AutoresetMode
 from torch import Tensor
 
-from .batched_single import BatchedAsSingleEnv
+from .batched_single import BatchedAsSingleEnv, BatchedEnv
 from .gym_env import STATE_KEY as STATE
 
 
-class TwoGoalGridWorld:
+class TwoGoalGridWorld(BatchedEnv):
     """`num_envs` GridWorlds. Args: num_envs, device, seed (of the start cells' generator), size (odd,
     >= 7), max_steps (time limit per episode), goal_reward (paid on entering a goal row)."""
 
-    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
-    spec = None  # set by gymnasium.make_vec
-
-    @property
-    def unwrapped(self):  # gymnasium.make_vec's contract: this class is the innermost env
-        return self
 
     def __init__(self, num_envs: int = 64, device: torch.device | str = "cpu", seed: int | None = None,
                  size: int = 25, max_steps: int = 100, goal_reward: float = 1.0):

@@ -164,7 +164,7 @@ def run_with_latency(policy, envs, mode: str, delay: int, seed: int = 0, ensembl
     control steps (default: the env's episode limit)."""
     if mode not in MODES:
         raise InputError(f"mode = {mode!r}: expected one of {MODES}")
-    s, h = policy.config.n_action_steps, policy.config.chunk_size
+    s = policy.config.n_action_steps
     d = 0 if mode == "sync" else int(delay)
     if not 0 <= d <= s:
         raise InputError(f"delay = {delay}: expected 0 <= delay <= n_action_steps = {s}")
