@@ -24,6 +24,8 @@ SAMPLER_METHODS = ("euler", "midpoint", "rk4", "dopri5")
 NORM_MODES = ("identity", "mean_std", "min_max", "quantile")
 EXPERT_KINDS = ("transformer", "mlp")
 HEADS = ("flow", "regression")
+EXPERT_TIME_INPUTS = ("sinusoidal", "raw")
+EXPERT_ACTIVATIONS = ("silu", "relu")
 
 
 def _check(ok: bool, cls: str, name: str, value: Any, expected: str) -> None:
@@ -78,9 +80,13 @@ class ExpertConfig:
     prefix_dim: int = 0  # width of prefix tokens (observation.prefix); 0 = no prefix input
     time_embed_dim: int = 128  # width of the sinusoidal time features before the time MLP
     dropout: float = 0.0  # dropout inside attention and feed-forward layers (training only)
+    time_input: str = "sinusoidal"  # MLP only: t as time_embed_dim sinusoidal features, or "raw" (t itself, one input)
+    activation: str = "silu"  # MLP only: hidden activation, "silu" or "relu" (the FPO paper's GridWorld net)
 
     def __post_init__(self) -> None:
         _choice(self, "kind", EXPERT_KINDS)
+        _choice(self, "time_input", EXPERT_TIME_INPUTS)
+        _choice(self, "activation", EXPERT_ACTIVATIONS)
         _positive_ints(self, "width", "depth", "num_heads", "max_state_dim", "max_action_dim", "time_embed_dim")
         name = type(self).__name__
         _check(self.width % self.num_heads == 0, name, "num_heads", self.num_heads, f"a divisor of width={self.width}")
@@ -88,6 +94,9 @@ class ExpertConfig:
         _positive(self, "mlp_ratio")
         _check(isinstance(self.prefix_dim, int) and self.prefix_dim >= 0, name, "prefix_dim", self.prefix_dim, "an int >= 0")
         _number(self, "dropout", "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
+        if self.kind != "mlp":  # the transformer has its own time MLP and SwiGLU layers: refuse, not ignore
+            _check(self.time_input == "sinusoidal", name, "time_input", self.time_input, "'sinusoidal' with kind='transformer'")
+            _check(self.activation == "silu", name, "activation", self.activation, "'silu' with kind='transformer'")
 
 
 @dataclass(frozen=True)

@@ -305,3 +305,21 @@ def test_every_package_of_the_source_tree_is_in_the_wheel_list():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "fmpolicy").rglob("__init__.py")}
     assert found <= listed, sorted(found - listed)
+
+
+def test_a_run_saved_before_a_config_field_existed_resumes_with_its_default(tmp_path):
+    """An older fmpolicy wrote config.yaml without fields added since: they count as their defaults."""
+    import yaml
+
+    rl = load_script("train_fpo")
+    out = tmp_path / "rl"
+    rl.main([*RL_TINY, f"rl.out_dir={out}", "rl.total_env_steps=32"])
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["rl"]["adam_eps"], saved["policy"]["expert"]["time_input"]  # what an older version lacked
+    (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    result = rl.main([*RL_TINY, f"rl.out_dir={out}", "--resume"])
+    assert result.history[-1]["iteration"] == 2
+    saved["rl"]["clip"] = 0.3  # a real difference is still refused
+    (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    with pytest.raises(SystemExit, match=r"rl\.clip: saved 0\.3"):
+        rl.main([*RL_TINY, f"rl.out_dir={out}", "rl.total_env_steps=96", "--resume"])

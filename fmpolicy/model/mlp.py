@@ -16,7 +16,9 @@ class MLPVelocityNet(nn.Module):
     """v(x_t, t | state, pooled prefix) from one MLP over the flattened chunk.
 
     Input: [flattened zero-padded x_t (h*A), zero-padded state and its mask (2S), masked mean of the prefix
-    (d_prefix, when configured), time features]; output: the flattened velocity (h*A).
+    (d_prefix, when configured), time features]; output: the flattened velocity (h*A). The time features
+    are `time_embed_dim` sinusoids (`time_input: sinusoidal`) or t itself, one input (`raw`: the FPO
+    paper's GridWorld net, whose velocity is then a smooth function of t); hidden layers use `activation`.
     Same interface as `ActionExpert`: `encode` once per chunk, `velocity` per step.
     """
 
@@ -24,10 +26,12 @@ class MLPVelocityNet(nn.Module):
         super().__init__()
         self.config = config
         self.chunk_size = chunk_size
-        in_dim = chunk_size * config.max_action_dim + 2 * config.max_state_dim + config.prefix_dim + config.time_embed_dim
+        time_dim = 1 if config.time_input == "raw" else config.time_embed_dim
+        in_dim = chunk_size * config.max_action_dim + 2 * config.max_state_dim + config.prefix_dim + time_dim
+        activation = {"silu": nn.SiLU, "relu": nn.ReLU}[config.activation]
         layers: list[nn.Module] = []
         for i in range(config.depth):
-            layers += [nn.Linear(in_dim if i == 0 else config.width, config.width), nn.SiLU()]
+            layers += [nn.Linear(in_dim if i == 0 else config.width, config.width), activation()]
             if config.dropout:
                 layers.append(nn.Dropout(config.dropout))
         layers.append(nn.Linear(config.width, chunk_size * config.max_action_dim))
@@ -51,7 +55,10 @@ class MLPVelocityNet(nn.Module):
     def velocity(self, x_t: Tensor, t: Tensor, cache: ExpertCache, action_valid: Tensor | None = None) -> Tensor:
         """x_t (b, h, A), t (b,) -> (b, h, A); padded entries are 0."""
         flat = rearrange(zero_padded(x_t, action_valid), "b h a -> b (h a)")
-        feats = sinusoidal_time_features(t, self.config.time_embed_dim).to(flat.dtype)
+        if self.config.time_input == "raw":
+            feats = t.to(flat.dtype)[:, None]  # (b, 1)
+        else:
+            feats = sinusoidal_time_features(t, self.config.time_embed_dim).to(flat.dtype)
         v = self.net(torch.cat([flat, cache.cond.to(flat.dtype), feats], dim=-1))
         return zero_padded(rearrange(v, "b (h a) -> b h a", h=self.chunk_size), action_valid)
 

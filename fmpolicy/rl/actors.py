@@ -112,7 +112,8 @@ class FlowActor(nn.Module):
         """log ratio (b,) (mode "mean") or (b, m) ("per_pair") from the new losses at the stored pairs."""
         loss_new = self.policy.compute_cfm_losses(obs, chunk, store["t"], store["noise"])
         log_ratio = compute_fpo_log_ratio(store["loss_old"], loss_new, self.fpo.ratio_mode,
-                                          self.fpo.clamp_old, self.fpo.clamp_log_ratio)
+                                          self.fpo.clamp_old, self.fpo.clamp_log_ratio,
+                                          self.fpo.clamp_pair_log_ratio, self.fpo.hard_clamps)
         return log_ratio, {"cfm_loss_old": store["loss_old"].mean().detach(), "cfm_loss_new": loss_new.mean().detach()}
 
     def ratio_reference(self, store: Mapping[str, Tensor]) -> Tensor:

@@ -31,6 +31,8 @@ FPO_TIME_SAMPLINGS = ("uniform", "policy")
 SQUASHES = ("tanh", "clip")
 SURROGATES = ("clip", "aspo")
 VALUE_INPUTS = ("state", "prefix_pooled")
+VALUE_ACTIVATIONS = ("tanh", "relu")
+ADVANTAGE_NORM_SCOPES = ("minibatch", "batch")
 
 
 def _positive_or_none(obj, *names: str) -> None:
@@ -48,6 +50,9 @@ class FPOConfig:
     ratio_mode: str = "mean"  # "mean": one ratio exp(mean_i(l_old_i - l_new_i)) per action; "per_pair"
     clamp_old: float | None = None  # cap on the per-pair CFM losses (old and new), null = off
     clamp_log_ratio: float | None = None  # bound on |log_ratio| before exp (straight-through), null = off
+    clamp_pair_log_ratio: float | None = None  # bound on each pair's l_old_i - l_new_i before the mean, null = off
+    hard_clamps: bool = False  # the two log-ratio clamps zero the gradient outside their bounds (torch.clamp, as
+    #   the FPO paper's GridWorld code) instead of passing it straight through
     action_noise_std: float = 0.0  # std of a Gaussian added to sampled chunks (extra exploration), 0 = off
     time_sampling: str = "uniform"  # t_i of the pairs: "uniform" U(0, 1), or "policy" (policy.flow's schedule)
     clip_actions: bool = False  # store (and execute) sampled chunks clipped to [-1, 1]: see FlowActor.act
@@ -58,9 +63,10 @@ class FPOConfig:
     def __post_init__(self) -> None:
         _positive_ints(self, "num_pairs")
         _check(isinstance(self.clip_actions, bool), type(self).__name__, "clip_actions", self.clip_actions, "true or false")
+        _check(isinstance(self.hard_clamps, bool), type(self).__name__, "hard_clamps", self.hard_clamps, "true or false")
         _choice(self, "ratio_mode", RATIO_MODES)
         _choice(self, "time_sampling", FPO_TIME_SAMPLINGS)
-        _positive_or_none(self, "clamp_old", "clamp_log_ratio")
+        _positive_or_none(self, "clamp_old", "clamp_log_ratio", "clamp_pair_log_ratio")
         _non_negative(self, "ref_coef", "action_noise_std")
 
 
@@ -86,10 +92,12 @@ class ValueConfig:
     width: int = 256  # hidden width
     depth: int = 2  # hidden layers
     input: str = "state"  # "state", or "prefix_pooled" (state + masked mean of observation.prefix)
+    activation: str = "tanh"  # hidden activation: "tanh" (CleanRL) or "relu" (the FPO paper's GridWorld critic)
 
     def __post_init__(self) -> None:
         _positive_ints(self, "width", "depth")
         _choice(self, "input", VALUE_INPUTS)
+        _choice(self, "activation", VALUE_ACTIVATIONS)
 
 
 @dataclass(frozen=True)
@@ -105,10 +113,15 @@ class RLConfig:
     update_epochs: int = 4  # passes over the rollout per iteration
     num_minibatches: int = 4  # minibatches per pass (the rollout of n * e chunks is split evenly)
     lr: float = 3e-4  # Adam learning rate (actor and critic)
+    adam_eps: float = 1e-5  # Adam's epsilon (CleanRL's 1e-5; PyTorch's default, which the FPO paper code keeps, 1e-8).
+    #   One Adam over actor and critic equals two separate ones exactly (its state is per parameter, and
+    #   the gradients are clipped per network): tests/test_gridworld_paper.py
     anneal_lr: bool = False  # decay the learning rate linearly from lr to 0 over the run (CleanRL's default)
     clip: float = 0.05  # PPO clip range c: ratios outside [1 - c, 1 + c] get no further push
     surrogate: str = "clip"  # policy loss: "clip" (PPO) or "aspo" (PPO clip for A >= 0, SPO penalty for A < 0)
-    normalize_advantages: bool = True  # standardise advantages per minibatch
+    normalize_advantages: bool = True  # standardise advantages (over normalize_advantages_over)
+    normalize_advantages_over: str = "minibatch"  # "minibatch" (CleanRL: each minibatch), or "batch" (the whole
+    #   rollout, once before the epochs: the FPO paper code)
     vf_coef: float = 0.5  # weight of the value loss
     ent_coef: float = 0.0  # weight of an entropy bonus (CleanRL's ent_coef), 0 = off: the Gaussian's exact
     #   entropy, or the flow's estimated along its sampling path (FlowActor.entropy: costs a
@@ -135,6 +148,7 @@ class RLConfig:
         name = type(self).__name__
         _choice(self, "policy_type", POLICY_TYPES)
         _choice(self, "surrogate", SURROGATES)
+        _choice(self, "normalize_advantages_over", ADVANTAGE_NORM_SCOPES)
         _positive_ints(self, "num_envs", "num_macro_steps", "update_epochs", "num_minibatches", "total_env_steps",
                        "save_every", "keep_checkpoints", "log_every", "eval_episodes")
         for f in ("n_action_steps", "critic_warmup_iterations", "seed", "eval_every"):
@@ -142,7 +156,7 @@ class RLConfig:
             _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, name, f, v, "an int >= 0")
         _number(self, "gamma", "a number in (0, 1]", lambda v: 0.0 < v <= 1.0)
         _number(self, "gae_lambda", "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0)
-        _positive(self, "lr", "reward_scale")
+        _positive(self, "lr", "reward_scale", "adam_eps")
         _check(isinstance(self.anneal_lr, bool), name, "anneal_lr", self.anneal_lr, "true or false")
         _number(self, "clip", "a number in (0, 1)", lambda v: 0.0 < v < 1.0)
         _non_negative(self, "vf_coef", "ent_coef", "max_grad_norm")

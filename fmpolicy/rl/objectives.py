@@ -20,25 +20,38 @@ def straight_through_clamp(x: Tensor, lo: float | None, hi: float | None) -> Ten
     return x + (x.clamp(lo, hi) - x).detach()
 
 
+def hard_clamp(x: Tensor, lo: float | None, hi: float | None) -> Tensor:
+    """torch.clamp: outside [lo, hi] the value is the bound and the gradient is zero."""
+    return x.clamp(lo, hi)
+
+
 def compute_fpo_log_ratio(
     loss_old: Tensor,
     loss_new: Tensor,
     mode: str = "mean",
     clamp_old: float | None = None,
     clamp_log_ratio: float | None = None,
+    clamp_pair_log_ratio: float | None = None,
+    hard_clamps: bool = False,
 ) -> Tensor:
     """log ratio from per-pair CFM losses (b, m) -> (b,) (mode "mean") or (b, m) (mode "per_pair").
 
     mode "mean": log_ratio = mean_i(l_old_i - l_new_i), one ratio per action (the default);
     "per_pair": one ratio per (t, noise) pair. `clamp_old` caps the per-pair losses (a rare huge old
     loss would otherwise make one ratio explode); the same cap applies to the new losses, so that an
-    unchanged policy still has a ratio of exactly 1. `clamp_log_ratio` bounds |log_ratio| before exp.
-    Both clamps are straight-through: they bound values and keep the gradient.
+    unchanged policy still has a ratio of exactly 1. `clamp_pair_log_ratio` bounds each pair's
+    difference l_old_i - l_new_i (before the mean), `clamp_log_ratio` bounds |log_ratio| before exp.
+    These clamps are straight-through (they bound values and keep the gradient) unless `hard_clamps`:
+    then they are torch.clamp, with a zero gradient outside the bounds. The FPO paper's GridWorld code
+    clamps hard, both at 3 (gridworld/models/fpo.py: `clamp(cfm_difference, -3, 3)`, then the mean).
     """
     if clamp_old is not None:
         loss_old = loss_old.clamp(max=clamp_old)
         loss_new = straight_through_clamp(loss_new, None, clamp_old)
     diff = loss_old.detach() - loss_new
+    clamp = hard_clamp if hard_clamps else straight_through_clamp
+    if clamp_pair_log_ratio is not None:
+        diff = clamp(diff, -clamp_pair_log_ratio, clamp_pair_log_ratio)
     if mode == "mean":
         log_ratio = diff.mean(dim=-1)
     elif mode == "per_pair":
@@ -46,12 +59,13 @@ def compute_fpo_log_ratio(
     else:
         raise ValueError(f"FPO ratio mode {mode!r} is unknown: expected 'mean' or 'per_pair'")
     if clamp_log_ratio is not None:
-        log_ratio = straight_through_clamp(log_ratio, -clamp_log_ratio, clamp_log_ratio)
+        log_ratio = clamp(log_ratio, -clamp_log_ratio, clamp_log_ratio)
     return log_ratio
 
 
 def normalize_advantages(advantages: Tensor) -> Tensor:
-    """Standardise a minibatch's advantages (`rl.normalize_advantages`); one sample is left as it is."""
+    """Standardise advantages (b,) (`rl.normalize_advantages`): a minibatch's, or the whole rollout's once
+    (`rl.normalize_advantages_over: batch`, as the FPO paper code); one sample is left as it is."""
     if advantages.numel() < 2:
         return advantages
     return (advantages - advantages.mean()) / (advantages.std() + 1e-8)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from fmpolicy.batch import STATE
-from fmpolicy.config import config_to_dict, resolve_device
+from fmpolicy.config import config_from_dict, config_to_dict, resolve_device
 from fmpolicy.errors import ConfigError
 from fmpolicy.io import atomic_write
 from fmpolicy.policy import FlowPolicy
@@ -116,7 +116,8 @@ def train_rl(config: RLRunConfig, resume: bool = False, overwrite: bool = False,
                   keep_checkpoints=config.rl.keep_checkpoints) as run:
         if run.last_checkpoint is not None:
             may_change = RESUMABLE_CHANGES + (() if config.rl.anneal_lr else ("rl.total_env_steps",))
-            run.check_resume(config_to_dict(config), may_change, allow_changes)
+            run.check_resume(config_to_dict(config), may_change, allow_changes,
+                             complete=lambda saved: config_to_dict(config_from_dict(RLRunConfig, saved)))
         return _train_rl(config, run)
 
 
@@ -135,7 +136,9 @@ def _train_rl(config: RLRunConfig, run: RunFolder) -> RLResult:
     critic = ValueNet(policy_config.state_dim, rc.value, policy_config.expert.prefix_dim, device)
     actor_params = [p for p in actor.parameters() if p.requires_grad]  # not FPO's frozen reference policy
     critic_params = list(critic.parameters())
-    optimizer = torch.optim.Adam(actor_params + critic_params, lr=rc.lr, eps=1e-5)
+    # one Adam for both nets: its state is per parameter and the gradients are clipped per net, so this is
+    # exactly two separate Adams (the FPO paper code's), tested
+    optimizer = torch.optim.Adam(actor_params + critic_params, lr=rc.lr, eps=rc.adam_eps)
     max_norm = rc.max_grad_norm if rc.max_grad_norm > 0 else math.inf
 
     # ---- environments and the rollout collector ----
@@ -228,6 +231,9 @@ def _train_rl(config: RLRunConfig, run: RunFolder) -> RLResult:
         b_obs = {key: flat(v) for key, v in rollout.obs.items()}
         b_store = {key: flat(v) for key, v in rollout.store.items()}
         b_chunks, b_adv, b_ret, b_values = flat(rollout.chunks), flat(advantages), flat(returns), flat(rollout.values)
+        per_minibatch = rc.normalize_advantages and rc.normalize_advantages_over == "minibatch"
+        if rc.normalize_advantages and not per_minibatch:  # the whole rollout at once (returns keep the raw ones)
+            b_adv = normalize_advantages(b_adv)
 
         # -- update: epochs over shuffled minibatches; critic only during the warm-up --
         warmup = iteration < rc.critic_warmup_iterations
@@ -249,7 +255,7 @@ def _train_rl(config: RLRunConfig, run: RunFolder) -> RLResult:
                             "rollout policy (dropout or another random layer in train mode, weights changed "
                             "between rollout and update, or pairs / log-probs not stored with their samples)")
                 adv = b_adv[mb]
-                if rc.normalize_advantages:
+                if per_minibatch:
                     adv = normalize_advantages(adv)
                 pg_loss = compute_policy_surrogate(ratio, adv, rc.clip, rc.surrogate).mean()
                 v_loss = compute_value_loss(critic(obs_mb), b_ret[mb], b_values[mb], rc.value_clip).mean()

@@ -24,7 +24,7 @@ class ValueNet(nn.Module):
         layers: list[nn.Module] = []
         width_in = state_dim + self.prefix_dim
         for _ in range(config.depth):
-            layers += [nn.Linear(width_in, config.width), nn.Tanh()]
+            layers += [nn.Linear(width_in, config.width), {"tanh": nn.Tanh, "relu": nn.ReLU}[config.activation]()]
             width_in = config.width
         layers.append(nn.Linear(width_in, 1))
         self.net = nn.Sequential(*layers)

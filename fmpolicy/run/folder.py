@@ -22,13 +22,13 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from fmpolicy.errors import CheckpointError, ConfigError
+from fmpolicy.errors import CheckpointError, ConfigError, FmPolicyError
 from fmpolicy.io import WriterLock, atomic_write_text, remove_orphans
 from fmpolicy.run.checkpoint import Checkpoints, find_last_checkpoint, load_training_state
 from fmpolicy.run.logger import LOG_FILE, RunLogger
@@ -108,10 +108,21 @@ class RunFolder:
             raise CheckpointError(f"{path} holds {type(saved).__name__}: expected the run's config mapping")
         return saved
 
-    def check_resume(self, config: dict[str, Any], may_change: Iterable[str], accepted: Iterable[str] = ()) -> None:
+    def check_resume(self, config: dict[str, Any], may_change: Iterable[str], accepted: Iterable[str] = (),
+                     complete: Callable[[dict], dict] | None = None) -> None:
         """Refuse to resume when `config` differs from the saved one in a field outside `may_change`
-        (settings that do not change the result) and `accepted` (changes the user asked for)."""
-        check_resume_config(self.saved_config(), config, (*may_change, *accepted), self.path / CONFIG_FILE)
+        (settings that do not change the result) and `accepted` (changes the user asked for).
+
+        `complete` maps the saved dict through the config classes, so that a field added since the run
+        was saved counts as its default (an older run resumes); a saved config that no longer parses is
+        compared as it is (the difference is then named)."""
+        saved = self.saved_config()
+        if complete is not None:
+            try:
+                saved = complete(saved)
+            except FmPolicyError:
+                pass
+        check_resume_config(saved, config, (*may_change, *accepted), self.path / CONFIG_FILE)
 
     def write_config(self, config: dict[str, Any]) -> None:
         if self.writer:
