@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -157,9 +159,22 @@ def test_video_decodes_in_dataloader_workers_and_the_dataset_pickles():
     ds[3]  # opens a container in this process: workers must open their own
     clone = pickle.loads(pickle.dumps(ds))  # what a spawned worker receives
     torch.testing.assert_close(clone[20][CAM], ds[20][CAM], atol=0, rtol=0)
-    loader = DataLoader(ds, batch_size=12, num_workers=2, shuffle=False)
-    frames = torch.cat([b[CAM] for b in loader])
-    torch.testing.assert_close(frames, torch.stack([ds[i][CAM] for i in range(len(ds))]), atol=0, rtol=0)
+    # forked workers (the default), after the parent has opened the video: in a subprocess with a time
+    # limit, so that a worker hanging on a lock inherited from FFmpeg's threads fails instead of hanging
+    code = f"""
+import torch
+from torch.utils.data import DataLoader
+from fmpolicy.data import LeRobotV3Dataset
+torch.set_num_threads(2)
+ds = LeRobotV3Dataset({str(FIXTURES / "video")!r}, chunk_size=2)
+for _ in range(3):
+    ds[3]  # the parent holds an open container (and FFmpeg's threads) when the workers fork
+    frames = torch.cat([b[{CAM!r}] for b in DataLoader(ds, batch_size=12, num_workers=2, shuffle=False)])
+    torch.testing.assert_close(frames, torch.stack([ds[i][{CAM!r}] for i in range(len(ds))]), atol=0, rtol=0)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_tasks_are_the_pandas_index_column_of_tasks_parquet():

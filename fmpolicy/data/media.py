@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,13 +53,47 @@ def to_chw_float(rgb: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
 
 
+_CLOSABLE: "weakref.WeakSet[ProcessCache]" = weakref.WeakSet()
+
+
+def _close_before_fork() -> None:
+    """Close every open video container before this process forks (DataLoader workers): FFmpeg's
+    decoder threads may hold a lock at the moment of the fork, and a child inheriting it locked hangs
+    (seen in the test suite). The parent reopens its files lazily."""
+    for cache in list(_CLOSABLE):
+        cache.close_all()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_close_before_fork)
+
+
 class ProcessCache(OrderedDict):
     """A small per-process cache (least recently used out). After a fork (DataLoader workers) and when
-    pickled it starts empty: an open video container must not be shared between processes."""
+    pickled it starts empty: an open video container must not be shared between processes (and it is
+    closed in the parent just before a fork, see `_close_before_fork`)."""
 
     def __init__(self, size: int, close=None):
         super().__init__()
         self.size, self.close, self.pid = size, close, os.getpid()
+        if close is not None:
+            _CLOSABLE.add(self)
+
+    def __hash__(self) -> int:  # identity: a WeakSet member (a dict subclass is unhashable otherwise)
+        return id(self)
+
+    def __eq__(self, other) -> bool:
+        return self is other
+
+    def close_all(self) -> None:
+        if self.pid != os.getpid():
+            return
+        while self:
+            _, value = self.popitem(last=False)
+            try:
+                self.close(value)
+            except Exception:  # noqa: BLE001 (closing must not stop a fork)
+                pass
 
     def __reduce__(self):
         # pickled (a spawned DataLoader worker, a copy): an empty cache; open files stay behind
@@ -108,6 +143,11 @@ def open_video(path: Path):
     import av  # imported here: only video datasets need it
 
     try:
-        return av.open(str(path))
+        container = av.open(str(path))
+        for stream in container.streams.video:
+            # one decoding thread: an item needs one frame (FFmpeg's frame threads only add latency), and
+            # a process without decoder threads forks cleanly into DataLoader workers
+            stream.codec_context.thread_count = 1
+        return container
     except Exception as e:  # av.error.* for a corrupt or unreadable file
         raise DatasetError(f"video file {path} cannot be opened: {e}") from e
