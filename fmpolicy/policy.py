@@ -140,6 +140,19 @@ class FlowPolicy(nn.Module):
     def _to_device(self, obs: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in obs.items()}
 
+    def compile_velocity(self, **compile_kwargs: Any) -> "FlowPolicy":
+        """Run the expert step through `torch.compile` (CPU and CUDA) from now on; returns the policy.
+
+        Every sampler, and RTC, calls the compiled step; the weights and `save_pretrained` are not
+        affected. The first call at each new batch size compiles (seconds to a minute; `dynamic=False`
+        by default, so that each fixed shape gets its fastest code), later calls are faster: measured
+        by `scripts/bench.py --only compile`. Outputs agree with the eager step to float rounding
+        (fused kernels sum in another order). `compile_kwargs` go to `torch.compile` (e.g. `mode=`).
+        """
+        compile_kwargs.setdefault("dynamic", False)
+        self.net.velocity = torch.compile(type(self.net).velocity.__get__(self.net), **compile_kwargs)
+        return self
+
     def velocity_fn(self, cache: ExpertCache):
         """A callable `v(x_t, t)` over padded, normalized chunks for `sample_ode`, reusing `cache`."""
         valid = cache.action_valid if cache.action_valid is not None else self.action_valid

@@ -15,6 +15,9 @@ with uncached, fp32 with bf16), the calls are interleaved round by round (the st
 so that a ratio is measured side by side, under the same load.
 
 Sections (`--only`):
+- `compile` (not in the default run: it compiles for a minute): the 10-step chunk with the eager expert
+  step against `policy.compile_velocity()` (torch.compile, one compile per batch size, timed apart as
+  `compile_s`), interleaved; `speedup` = eager / compiled, `max_abs_diff` between their chunks.
 - `chunk`: one `policy.predict_action_chunk(obs)` at batch 1 and 64, with 1, 5 and 10 Euler steps:
   the latency a controller sees, including input checks, the one prefix pass, the ODE solve
   (torchdiffeq) and unnormalization.
@@ -75,7 +78,8 @@ from fmpolicy.machine import cpu_model
 from fmpolicy.model.layers import AdaptiveModulation
 from fmpolicy.sampling import sample_ode
 
-SECTIONS = ("chunk", "overhead", "cache", "train", "encoder", "envs", "rl_update")
+SECTIONS = ("chunk", "overhead", "cache", "train", "encoder", "envs", "rl_update", "compile")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # `compile` spends a minute compiling: run it with --only compile
 ENV_COUNTS = (1, 64, 1024, 4096)  # environments stepped together in the envs section
 FPO_TARGET = 2.5  # an FPO update (m = 8) costs at most this many Gaussian PPO updates
 STATE_DIM, ACTION_DIM, CHUNK_SIZE = 8, 7, 10
@@ -440,7 +444,34 @@ def bench_train(bench: Bench) -> list[dict]:
     ]
 
 
-RUNNERS = {"chunk": bench_chunk, "overhead": bench_overhead, "cache": bench_cache, "train": bench_train,
+@torch.no_grad()
+def bench_compile(bench: Bench) -> list[dict]:
+    """A 10-step chunk with the eager expert step against `policy.compile_velocity()` (a copy of the same
+    weights), timed interleaved after the compiled copy has compiled for the batch size."""
+    import copy
+
+    policy, s = bench.policy, bench.sizes
+    compiled = copy.deepcopy(policy).compile_velocity()
+    rows = []
+    for batch in s.batches:
+        obs = make_obs(policy, batch, s.prefix_tokens, bench.generator)
+        noise = policy.sample_noise(batch, bench.device_generator)
+        start = time.perf_counter()
+        compiled.predict_action_chunk(obs, noise=noise)
+        synchronize(policy.device)
+        compile_s = time.perf_counter() - start
+        diff = float((compiled.predict_action_chunk(obs, noise=noise) - policy.predict_action_chunk(obs, noise=noise))
+                     .abs().max())
+        times = bench.time({"eager": lambda: policy.predict_action_chunk(obs, noise=noise),
+                            "compiled": lambda: compiled.predict_action_chunk(obs, noise=noise)}, batch)
+        common = dict(batch=batch, steps=policy.config.sampler.num_steps, p=s.prefix_tokens)
+        rows.append(bench.row("compile", "eager", times["eager"], **common))
+        rows.append(bench.row("compile", "compiled", times["compiled"], **common, compile_s=compile_s,
+                              speedup=median(times["eager"]) / median(times["compiled"]), max_abs_diff=diff))
+    return rows
+
+
+RUNNERS = {"compile": bench_compile, "chunk": bench_chunk, "overhead": bench_overhead, "cache": bench_cache, "train": bench_train,
            "encoder": bench_encoder, "envs": bench_envs, "rl_update": bench_rl_update}
 
 
@@ -490,7 +521,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="auto = CUDA when present, else CPU")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: all cores available to this process)")
-    parser.add_argument("--only", type=parse_sections, default=list(SECTIONS),
+    parser.add_argument("--only", type=parse_sections, default=list(DEFAULT_SECTIONS),
                         help=f"comma-separated sections to run, from {','.join(SECTIONS)}")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: tiny sizes, 2 repeats")
     parser.add_argument("--repeats", type=int, default=None,

@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None):
                    help="extra key mappings, e.g. observation/exterior_image_1_left=observation.images.top")
     p.add_argument("--device", default="auto", help="device of the policy (auto: CUDA when present)")
     p.add_argument("--steps", type=int, default=None, help="integration steps (default: the policy's own)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the expert step (the first request at each batch size compiles)")
     args = p.parse_args(argv)
     try:
         from fmpolicy.serving import DEFAULT_KEY_MAP, PolicyServer, ServerConfig
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None):
         config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                               key_map={**DEFAULT_KEY_MAP, **extra})
         policy = FlowPolicy.from_pretrained(args.policy, device=args.device)
+        if args.compile:
+            policy.compile_velocity()
         sampler = None
         if args.steps is not None:
             sampler = SamplerConfig(**{**vars(policy.config.sampler), "num_steps": args.steps})
