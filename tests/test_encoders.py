@@ -3,7 +3,6 @@ the tiny PaliGemma path, MiniLM offline, and the input errors. Tiny models only:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
