@@ -490,7 +490,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     """Apply dotted `key.sub=value` overrides (values parsed as YAML) to a nested dict, in a copy."""
     import copy
 
-
     out = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
