@@ -82,6 +82,8 @@ class ExpertConfig:
     dropout: float = 0.0  # dropout inside attention and feed-forward layers (training only)
     time_input: str = "sinusoidal"  # MLP only: t as time_embed_dim sinusoidal features, or "raw" (t itself, one input)
     activation: str = "silu"  # MLP only: hidden activation, "silu" or "relu" (the FPO paper's GridWorld net)
+    time_min_period: float = 4e-3  # shortest period of the sinusoidal time features (pi0's 0.004)
+    time_max_period: float = 4.0  # longest period (pi0's 4)
 
     def __post_init__(self) -> None:
         _choice(self, "kind", EXPERT_KINDS)
@@ -91,7 +93,9 @@ class ExpertConfig:
         name = type(self).__name__
         _check(self.width % self.num_heads == 0, name, "num_heads", self.num_heads, f"a divisor of width={self.width}")
         _check(self.time_embed_dim % 2 == 0, name, "time_embed_dim", self.time_embed_dim, "an even int")
-        _positive(self, "mlp_ratio")
+        _positive(self, "mlp_ratio", "time_min_period", "time_max_period")
+        _check(self.time_min_period <= self.time_max_period, name, "time_min_period", self.time_min_period,
+               f"at most time_max_period={self.time_max_period}")
         _check(isinstance(self.prefix_dim, int) and self.prefix_dim >= 0, name, "prefix_dim", self.prefix_dim, "an int >= 0")
         _number(self, "dropout", "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
         if self.kind != "mlp":  # the transformer has its own time MLP and SwiGLU layers: refuse, not ignore

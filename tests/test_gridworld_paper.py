@@ -13,6 +13,7 @@ from torch import nn
 from fmpolicy import FlowPolicy
 from fmpolicy.config import ExpertConfig, PolicyConfig, config_from_dict
 from fmpolicy.errors import ConfigError
+from fmpolicy.model.layers import sinusoidal_time_features
 from fmpolicy.model.mlp import MLPVelocityNet
 from fmpolicy.rl.config import FPOConfig, RLConfig, ValueConfig, load_rl_config
 from fmpolicy.rl.objectives import compute_fpo_log_ratio, normalize_advantages
@@ -71,6 +72,46 @@ def test_expert_configs_without_the_new_fields_keep_sinusoidal_time_and_silu():
     assert (old.time_input, old.activation) == ("sinusoidal", "silu")
     net = MLPVelocityNet(old, chunk_size=1)
     assert net.net[0].in_features == 32 + 2 * 32 + 8 and isinstance(net.net[1], nn.SiLU)
+
+
+def test_sinusoidal_features_span_exactly_the_configured_periods():
+    t = torch.rand(7, dtype=torch.float64)
+    feats = sinusoidal_time_features(t, 8, min_period=0.5, max_period=4.0)
+    periods = 0.5 * 8.0 ** (torch.arange(4, dtype=torch.float64) / 3)  # 0.5, 1, 2, 4
+    angle = 2 * torch.pi * t[:, None] / periods
+    # the features are computed in float32 (angles up to 2 pi / 0.5): float32 rounding of the angle
+    torch.testing.assert_close(feats, torch.cat([angle.sin(), angle.cos()], -1), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_both_experts_use_the_configured_time_periods(kind):
+    base = dict(kind=kind, width=16, depth=1, num_heads=2, time_embed_dim=8, max_state_dim=2, max_action_dim=2)
+    nets = {}
+    for periods in [(4e-3, 4.0), (0.5, 4.0)]:
+        torch.manual_seed(0)  # the same weights: only the time features differ
+        nets[periods] = FlowPolicy(PolicyConfig(state_dim=2, action_dim=2, chunk_size=2, n_action_steps=1,
+                                                expert=ExpertConfig(**base, time_min_period=periods[0],
+                                                                    time_max_period=periods[1]))).net
+        with torch.no_grad():  # the transformer's modulation starts at zero (time has no effect): randomise
+            for p in nets[periods].parameters():
+                p.normal_(0.0, 0.3)
+    x_t, state, t = torch.randn(3, 2, 2), torch.randn(3, 2), torch.tensor([0.1, 0.5, 0.9])
+    fine, coarse = (nets[p](x_t, t, state) for p in nets)
+    assert (fine - coarse).abs().max() > 1e-4
+    # with the coarse periods a tiny change of t changes the velocity by less than with the fine ones
+    dt = 1e-3
+    d_fine = (nets[(4e-3, 4.0)](x_t, t + dt, state) - fine).abs().max()
+    d_coarse = (nets[(0.5, 4.0)](x_t, t + dt, state) - coarse).abs().max()
+    assert d_coarse < d_fine
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"time_min_period": 0.0}, r"ExpertConfig.time_min_period = 0.0"),
+    ({"time_min_period": 5.0}, r"ExpertConfig.time_min_period = 5.0.*at most time_max_period=4.0"),
+])
+def test_bad_time_periods_raise_clear_errors(fields, match):
+    with pytest.raises(ConfigError, match=match):
+        ExpertConfig(**fields)
 
 
 @pytest.mark.parametrize("fields,match", [

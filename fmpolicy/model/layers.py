@@ -24,13 +24,14 @@ def sinusoidal_time_features(t: Tensor, dim: int, min_period: float = 4e-3, max_
 class TimeEmbedding(nn.Module):
     """t (b,) -> (b, width): sinusoidal features through a two-layer SiLU MLP."""
 
-    def __init__(self, feature_dim: int, width: int):
+    def __init__(self, feature_dim: int, width: int, min_period: float = 4e-3, max_period: float = 4.0):
         super().__init__()
         self.feature_dim = feature_dim
+        self.periods = (min_period, max_period)
         self.mlp = nn.Sequential(nn.Linear(feature_dim, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t: Tensor) -> Tensor:
-        feats = sinusoidal_time_features(t, self.feature_dim).to(self.mlp[0].weight.dtype)
+        feats = sinusoidal_time_features(t, self.feature_dim, *self.periods).to(self.mlp[0].weight.dtype)
         return self.mlp(feats)
 
 

@@ -58,7 +58,8 @@ class MLPVelocityNet(nn.Module):
         if self.config.time_input == "raw":
             feats = t.to(flat.dtype)[:, None]  # (b, 1)
         else:
-            feats = sinusoidal_time_features(t, self.config.time_embed_dim).to(flat.dtype)
+            feats = sinusoidal_time_features(t, self.config.time_embed_dim, self.config.time_min_period,
+                                             self.config.time_max_period).to(flat.dtype)
         v = self.net(torch.cat([flat, cache.cond.to(flat.dtype), feats], dim=-1))
         return zero_padded(rearrange(v, "b (h a) -> b h a", h=self.chunk_size), action_valid)
 
