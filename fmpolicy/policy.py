@@ -135,7 +135,25 @@ class FlowPolicy(nn.Module):
         prefix, prefix_mask = keys.read_prefix(obs, state.shape[0], cfg.expert.prefix_dim, self.device)
         cache = self.net.encode(self.pad_state(state, idx), self.embodiments.state_valid(idx), prefix, prefix_mask)
         cache.embodiment, cache.action_valid = idx, self.embodiments.action_valid(idx)
+        if prefix is not None:
+            cache.prefix_pooled = pool_prefix(prefix, prefix_mask)
         return cache
+
+    def frozen_features(self, obs: Mapping[str, Any]) -> dict[str, Any] | None:
+        """`obs` with its images and instruction replaced by the frozen encoder backbone's outputs
+        (`encoder_features`), which `encode` then reads, running only the trainable head; None when the
+        policy has no encoder, its backbone trains, or `obs` already holds a prefix or features.
+
+        For callers that read the same observation many times with weights changing in between (the
+        RL update): the backbone's outputs do not change, so they are computed once and stored.
+        """
+        if (self.encoder is None or not self.encoder.backbone_frozen or keys.PREFIX in obs
+                or keys.ENCODER_FEATURES in obs):
+            return None
+        with torch.no_grad():
+            features = self.encoder.backbone(self._to_device(obs))
+        kept = {k: v for k, v in obs.items() if k != keys.TASK and not k.startswith(keys.IMAGES_PREFIX)}
+        return {**kept, keys.ENCODER_FEATURES: dict(features)}
 
     def _to_device(self, obs: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in obs.items()}
@@ -217,19 +235,27 @@ class FlowPolicy(nn.Module):
                            logit_mean=f.logit_mean, logit_std=f.logit_std)
 
     def compute_cfm_losses(self, obs: Mapping[str, Any], action: Tensor, t: Tensor, noise: Tensor,
-                           action_is_pad: Tensor | None = None) -> Tensor:
+                           action_is_pad: Tensor | None = None, cache: ExpertCache | None = None,
+                           per_step: bool = False) -> Tensor:
         """CFM loss for each of m explicit (t, noise) pairs per sample, as FPO needs. -> (b, m)
+        (`per_step`: (b, m, h), the loss of each chunk step apart, 0 at padded steps: FPO masks the
+        steps a rollout did not execute after the fact)
 
         action (b, h, a) in environment units; t (b, m) in [0, 1]; noise (b, m, h, A) in padded network
-        units, both of the policy's dtype (float32 unless converted). The observation is encoded once
-        and shared by the m pairs. The action is not checked for NaN (a diverging RL run reports its
-        non-finite losses itself); padded steps may hold anything.
+        units, or (b, m, h, a) at the batch's own action width (zero-padded here: padded entries count in
+        no loss), both of the policy's dtype (float32 unless converted). `action_is_pad` (b, h) bool:
+        steps that count in no loss (FPO: the chunk steps never executed). The observation is encoded
+        once and shared by the m pairs (`cache`: that encoding, when the caller has it). The action is
+        not checked for NaN (a diverging RL run reports its non-finite losses itself); padded steps may
+        hold anything.
         """
         keys.check_tensor(t, "t", (None, None), "b m", self.dtype)
-        cache = self.encode(obs)
+        cache = self.encode(obs) if cache is None else cache
         b, m = cache.batch_size, t.shape[1]
         t = keys.read_time(t, (b, m), "b m", self.device, self.dtype).reshape(b * m)
         h, amax = self.config.chunk_size, self.config.expert.max_action_dim
+        if isinstance(noise, Tensor) and noise.dim() == 4 and noise.shape[-1] == self.config.action_dim < amax:
+            noise = nn.functional.pad(noise, (0, amax - noise.shape[-1]))  # the robot's width -> padded
         noise = keys.read_noise(noise, (b, m, h, amax), "b m h max_action_dim", self.device, self.dtype)
         noise = noise.reshape(b * m, h, amax)
         given = {keys.ACTION: action} if action_is_pad is None else {keys.ACTION: action,
@@ -240,6 +266,9 @@ class FlowPolicy(nn.Module):
         target, valid = target.repeat_interleave(m, 0), valid.repeat_interleave(m, 0)  # (b*m, h, A)
         cache = cache.repeat_interleave(m)
         v = self.net.velocity(interpolate(target, noise, t), t, cache, cache.action_valid)
+        if per_step:  # every step's own masked mean over its action entries
+            return compute_cfm_loss(v.flatten(0, 1)[:, None], target.flatten(0, 1)[:, None],
+                                    noise.flatten(0, 1)[:, None], valid.flatten(0, 1)[:, None]).reshape(b, m, h)
         return compute_cfm_loss(v, target, noise, valid).reshape(b, m)
 
     def _regress(self, cache: ExpertCache) -> Tensor:
@@ -257,9 +286,10 @@ class FlowPolicy(nn.Module):
     @torch.no_grad()
     def sample_chunk(self, obs: Mapping[str, Any], noise: Tensor | None = None,
                      generator: torch.Generator | None = None, sampler: SamplerConfig | None = None,
-                     return_trajectory: bool = False) -> SampleResult:
-        """Integrate the flow for a batch of observations; `x1` is padded and in network units."""
-        cache = self.encode(obs)
+                     return_trajectory: bool = False, cache: ExpertCache | None = None) -> SampleResult:
+        """Integrate the flow for a batch of observations; `x1` is padded and in network units.
+        `cache`: `encode(obs)` computed by the caller (reused, e.g. for FPO's old losses of the chunk)."""
+        cache = self.encode(obs) if cache is None else cache
         b = cache.batch_size
         if self.config.head == "regression":
             return SampleResult(x1=self._regress(cache), nfe=1, embodiment=cache.embodiment)
@@ -276,15 +306,16 @@ class FlowPolicy(nn.Module):
     @torch.no_grad()
     def predict_action_chunk(self, obs: Mapping[str, Any], noise: Tensor | None = None,
                              generator: torch.Generator | None = None,
-                             sampler: SamplerConfig | None = None) -> Tensor:
+                             sampler: SamplerConfig | None = None, cache: ExpertCache | None = None) -> Tensor:
         """Sample an action chunk (b, h, a) in environment units (a: the robot's action_dim; with a
         batch that mixes robots, the widest one's, and entries past each robot's own width are 0).
 
         `noise` (b, h, max_action_dim), finite and of the policy's dtype, fixes the initial point
         (reproducible chunks; FPO; tests; noise on another device is moved to the policy's); otherwise
-        it is drawn from `generator` (or torch's global generator).
+        it is drawn from `generator` (or torch's global generator). `cache`: `encode(obs)`, when the
+        caller already has it.
         """
-        result = self.sample_chunk(obs, noise, generator, sampler)
+        result = self.sample_chunk(obs, noise, generator, sampler, cache=cache)
         idx = result.embodiment
         return self.embodiments.unnormalize_action(result.x1, idx, self.embodiments.width(idx, "action"))
 
@@ -385,6 +416,15 @@ class FlowPolicy(nn.Module):
                 raise CheckpointError(f"{config_path}: the encoder's preprocessing settings {saved} differ from the "
                                       f"rebuilt encoder's {now} (a tokenizer or model folder changed?)")
         return policy
+
+
+def pool_prefix(prefix: Tensor, mask: Tensor | None) -> Tensor:
+    """Masked mean of prefix tokens (b, p, d) over the valid ones -> (b, d) (zeros where none is valid)."""
+    if mask is None:
+        return prefix.mean(1)
+    w = mask.to(prefix.dtype)[..., None]
+    return (torch.where(mask[..., None], prefix, torch.zeros((), dtype=prefix.dtype, device=prefix.device)) * w).sum(1) \
+        / w.sum(1).clamp_min(1.0)
 
 
 def _zero_non_finite_padding(target: Tensor, valid: Tensor) -> Tensor:

@@ -63,7 +63,11 @@ def test_save_load_round_trip_includes_the_encoder(tmp_path):
     obs, noise = make_obs(), policy.sample_noise(3, torch.Generator().manual_seed(2))
     path = policy.save_pretrained(tmp_path / "p")
     loaded = FlowPolicy.from_pretrained(path)
-    assert torch.equal(loaded.predict_action_chunk(obs, noise=noise), policy.predict_action_chunk(obs, noise=noise))
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in policy.state_dict().items())
+    # the weights are equal bit for bit; the outputs agree to float32 rounding, not always
+    # exactly: with one thread the loaded tensors' other memory alignment can pick other vector kernels
+    torch.testing.assert_close(loaded.predict_action_chunk(obs, noise=noise),
+                               policy.predict_action_chunk(obs, noise=noise), rtol=1e-5, atol=0)
     meta = json.loads((path / "config.json").read_text())
     assert meta["encoder_preprocessing"]["image_size"] == 32
     meta["encoder_preprocessing"]["image_size"] = 64  # a processor that no longer matches
@@ -92,4 +96,7 @@ def test_lora_adapters_train_and_travel_with_the_policy(tmp_path):
     for n in lora:
         assert torch.equal(loaded.state_dict()[f"encoder.{n}"], state[f"encoder.{n}"]), n
     obs, noise = make_obs(), policy.sample_noise(3, torch.Generator().manual_seed(3))
-    assert torch.equal(loaded.predict_action_chunk(obs, noise=noise), policy.predict_action_chunk(obs, noise=noise))
+    # the weights are equal bit for bit (checked above); the outputs agree to float32 rounding, not always
+    # exactly: with one thread the loaded tensors' other memory alignment can pick other vector kernels
+    torch.testing.assert_close(loaded.predict_action_chunk(obs, noise=noise),
+                               policy.predict_action_chunk(obs, noise=noise), rtol=1e-5, atol=0)

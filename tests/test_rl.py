@@ -57,8 +57,7 @@ def collect_batch(config: RLRunConfig, seed: int = 0):
     collector.reset(seed)
     rollout = collector.collect(2, torch.Generator().manual_seed(seed))
     flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
-    return actor, {k: flat(v) for k, v in rollout.obs.items()}, flat(rollout.chunks), \
-        {k: flat(v) for k, v in rollout.store.items()}
+    return actor, rollout.obs, flat(rollout.chunks), {k: flat(v) for k, v in rollout.store.items()}
 
 
 # ---- the ratio before any update ------------------------------------------------------------------
@@ -104,8 +103,8 @@ def test_the_ratio_check_allows_float32_rounding_of_the_stored_values_and_nothin
 def test_the_trainer_stops_when_the_stored_losses_do_not_reproduce_the_rollout_policy(tmp_path, monkeypatch):
     act = FlowActor.act
 
-    def corrupted(self, obs, generator=None):
-        chunk, store = act(self, obs, generator)
+    def corrupted(self, obs, generator=None, inputs=None):
+        chunk, store = act(self, obs, generator, inputs)
         return chunk, {**store, "loss_old": store["loss_old"] + 1e-3}
 
     monkeypatch.setattr(FlowActor, "act", corrupted)
@@ -115,8 +114,8 @@ def test_the_trainer_stops_when_the_stored_losses_do_not_reproduce_the_rollout_p
 
 def test_a_non_finite_loss_stops_the_update_before_the_weights_change(tmp_path, monkeypatch):
     class NaNValue(ValueNet):
-        def forward(self, obs):
-            return super().forward(obs) * float("nan")
+        def forward(self, obs, pooled=None):
+            return super().forward(obs, pooled) * float("nan")
 
     monkeypatch.setattr("fmpolicy.rl.trainer.ValueNet", NaNValue)
     with pytest.raises(FloatingPointError, match="non-finite loss"):
@@ -152,12 +151,21 @@ class CounterEnv:
 
 
 class KnownValue(nn.Module):
-    def forward(self, obs):
+    def forward(self, obs, pooled=None):
         return 10.0 * obs["observation.state"][:, 0] + 1.0  # V(s) = 10 s + 1
 
 
 class ZeroActor:
-    def act(self, obs, generator=None):
+    def storable(self, obs):
+        return obs
+
+    def prepare(self, obs):
+        return None
+
+    def critic_features(self, inputs):
+        return None
+
+    def act(self, obs, generator=None, inputs=None):
         b = obs["observation.state"].shape[0]
         return torch.zeros(b, 2, 1), {"x": torch.zeros(b)}
 
@@ -169,7 +177,8 @@ def test_gae_on_a_truncated_rollout_bootstraps_from_the_final_observation():
     r = collector.collect(2, None)
     # macro-step 0: steps 1, 2 from s = 0; macro-step 1: from s = 2, truncated after its first step
     # (reached s = 3), then the new episode plays the chunk's second step (not accumulated)
-    torch.testing.assert_close(r.obs["observation.state"][:, 0, 0], torch.tensor([0.0, 2.0]))
+    torch.testing.assert_close(r.obs["observation.state"][:, 0], torch.tensor([0.0, 2.0]))  # flat: one env
+    assert r.executed[:, 0].tolist() == [[True, True], [True, False]]  # the second step ran in the next episode
     torch.testing.assert_close(r.rewards[:, 0], torch.tensor([1.0 + g, 1.0]))
     assert r.truncated[:, 0].tolist() == [False, True] and not r.terminated.any()
     torch.testing.assert_close(r.final_values[1, 0], torch.tensor(31.0 / g))  # gamma^(1 - k) V(3)

@@ -19,6 +19,9 @@ class ExpertCache:
     prefix_kv: list[tuple[Tensor, Tensor]] | None = None  # per layer: keys, values (b, heads, p, d_head)
     attn_mask: Tensor | None = None  # (b, 1, 1 + h, p + 1 + h) bool, True = may attend
     cond: Tensor | None = None  # (b, c) MLP conditioning vector
+    # set by the policy when it has a prefix: the masked mean of the prefix tokens (b, d_prefix), what a
+    # critic that sees what the policy sees reads (fmpolicy.rl.value)
+    prefix_pooled: Tensor | None = None
     # set by the policy: which robot each sample is, and its own action entries
     embodiment: Tensor | None = None  # (b,) long
     action_valid: Tensor | None = None  # (b, A) bool
@@ -40,4 +43,4 @@ class ExpertCache:
         # a mask of batch 1 is shared by every sample (it broadcasts) and stays as it is
         mask = self.attn_mask if self.attn_mask is None or self.attn_mask.shape[0] == 1 else rep(self.attn_mask)
         return replace(self, state_token=rep(self.state_token), prefix_kv=kv, attn_mask=mask, cond=rep(self.cond),
-                       embodiment=rep(self.embodiment), action_valid=rep(self.action_valid))
+                       prefix_pooled=rep(self.prefix_pooled), embodiment=rep(self.embodiment), action_valid=rep(self.action_valid))

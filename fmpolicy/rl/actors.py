@@ -1,15 +1,27 @@
 """The two actors of the RL loop, behind one interface.
 
-    chunk, store = actor.act(obs, generator)        # rollout: a chunk (b, h, a) in [-1, 1] units
-    log_ratio, stats = actor.log_ratio(obs, chunk, store)   # update: log(pi_new / pi_old), (b,) or (b, m)
+    obs = actor.storable(obs)                       # what the buffer keeps of an observation (see below)
+    inputs = actor.prepare(obs)                     # the policy's per-observation work, once (or None)
+    chunk, store = actor.act(obs, generator, inputs)          # rollout: a chunk (b, h, a) in [-1, 1] units
+    log_ratio, stats = actor.log_ratio(obs, chunk, store, inputs, executed)  # update: (b,) or (b, m)
     old = actor.ratio_reference(store)              # the stored values log_ratio is a difference against
     reg = actor.regularizer(obs, store)              # update: a scalar added to the loss, or None
-    ent = actor.entropy(obs, store)                  # update: (b,) entropy (estimate), for rl.ent_coef
+    ent = actor.entropy(obs, store, inputs)          # update: (b,) entropy (estimate), for rl.ent_coef
+    pooled = actor.critic_features(inputs)          # what a critic that sees what the policy sees reads
     chunk = actor.eval_act(obs, zero_noise=True)     # evaluation
     actor.parameters(); actor.save_pretrained(directory)
 
 `store` is a dict of tensors with the batch on the first axis, kept by the rollout buffer and sliced
-into minibatches: whatever the actor needs to recompute its ratio exactly.
+into minibatches: whatever the actor needs to recompute its ratio exactly. `executed` (b, h) bool: the
+chunk steps the rollout executed (the first n_action_steps, none past an episode's end).
+
+The boundary to the policy is `FlowPolicy`'s public API: `encode(obs)` gives the per-observation cache
+(the encoder's prefix, the expert's prefix keys / values, the robot's valid entries), computed once per
+observation and passed to sampling and to the CFM losses (`cache=`); `frozen_features(obs)` replaces
+images and instruction by a frozen encoder backbone's outputs, so that the buffer stores those and the
+update runs only the trainable head. The policy runs in eval mode throughout RL (dropout off, in the
+expert and in any text / vision model): a random layer would make the update's losses differ from the
+rollout's and the ratio before the first update differ from 1.
 
 - `FlowActor` (FPO): exploration comes from the flow's initial noise (plus an optional Gaussian
   perturbation of the chunk). At rollout time it draws m pairs (t_i, noise_i) per chunk and stores
@@ -43,7 +55,8 @@ from fmpolicy.config import config_to_dict
 from fmpolicy.io import atomic_directory
 from fmpolicy.policy import FlowPolicy
 from fmpolicy.rl.config import FPOConfig, GaussianConfig
-from fmpolicy.rl.objectives import compute_fpo_log_ratio
+from fmpolicy.model import ExpertCache
+from fmpolicy.rl.objectives import compute_fpo_log_ratio, executed_step_mean
 from fmpolicy.sampling import integrate_divergence, sample_noise
 
 
@@ -56,37 +69,67 @@ class FlowActor(nn.Module):
 
     def __init__(self, policy: FlowPolicy, fpo: FPOConfig, keep_noise: bool = False):
         super().__init__()
-        self.policy, self.fpo, self.keep_noise = policy, fpo, keep_noise
+        self.policy, self.fpo, self.keep_noise = policy.eval(), fpo, keep_noise  # dropout off (module doc)
         # the starting policy, frozen (its weights are in the actor's state dict, so a resumed run keeps it)
         self.reference = copy.deepcopy(policy).requires_grad_(False).eval() if fpo.ref_coef > 0 else None
 
     def train(self, mode: bool = True) -> "FlowActor":
         super().train(mode)
+        self.policy.eval()  # dropout off at rollout and update alike (see the module doc)
         if self.reference is not None:
             self.reference.eval()  # always sampled as it was
         return self
+
+    def storable(self, obs: Mapping[str, Any]) -> dict[str, Any]:
+        """`obs` as the buffer keeps it: a frozen encoder backbone's outputs instead of images and
+        instruction (computed here, once), else `obs` itself."""
+        features = self.policy.frozen_features(obs)
+        return dict(obs) if features is None else features
+
+    def prepare(self, obs: Mapping[str, Any]) -> ExpertCache:
+        """The policy's per-observation cache (`FlowPolicy.encode`), differentiable when grad is on."""
+        return self.policy.encode(obs)
+
+    @staticmethod
+    def critic_features(inputs: ExpertCache | None) -> Tensor | None:
+        """The masked mean of the policy's prefix tokens (b, d_prefix), detached, or None without a prefix."""
+        pooled = getattr(inputs, "prefix_pooled", None)
+        return None if pooled is None else pooled.detach()
 
     @property
     def device(self) -> torch.device:
         return self.policy.device
 
     def sample_pairs(self, b: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """m Monte Carlo pairs per chunk: t (b, m) and noise (b, m, h, A)."""
+        """m Monte Carlo pairs per chunk: t (b, m) and noise (b, m, h, a) at the robot's own action width
+        (the widest robot's, with several; the policy zero-pads it, and padded entries count in no loss)."""
         m, cfg = self.fpo.num_pairs, self.policy.config
         if self.fpo.time_sampling == "uniform":
             where = generator.device if generator is not None else self.device
             t = torch.rand(b, m, generator=generator, device=where).to(self.device)
         else:
             t = self.policy.sample_time(b * m, generator).reshape(b, m)
-        noise = sample_noise((b, m, cfg.chunk_size, cfg.expert.max_action_dim), generator=generator, device=self.device)
+        noise = sample_noise((b, m, cfg.chunk_size, cfg.action_dim), generator=generator, device=self.device)
         return t, noise
 
+    def _losses(self, obs: Mapping[str, Any], chunk: Tensor, t: Tensor, noise: Tensor,
+                inputs: ExpertCache | None) -> Tensor:
+        """CFM losses at the pairs: per step (b, m, h) when unexecuted steps are masked, else (b, m)."""
+        return self.policy.compute_cfm_losses(obs, chunk, t, noise, cache=inputs, per_step=self.fpo.mask_unexecuted)
+
+    def _per_pair(self, losses: Tensor, executed: Tensor | None) -> Tensor:
+        return executed_step_mean(losses, executed) if self.fpo.mask_unexecuted else losses
+
     @torch.no_grad()
-    def act(self, obs: Mapping[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Sample chunks (b, h, a) and the store {"t" (b, m), "noise" (b, m, h, A), "loss_old" (b, m)}."""
+    def act(self, obs: Mapping[str, Any], generator: torch.Generator | None = None,
+            inputs: ExpertCache | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Sample chunks (b, h, a) and the store {"t" (b, m), "noise" (b, m, h, a), "loss_old" (b, m) or,
+        with `fpo.mask_unexecuted`, (b, m, h) per step}. `inputs`: `prepare(obs)`, when the caller has it
+        (the observation is then encoded once for the chunk and its old losses)."""
         b = obs[STATE].shape[0]
+        inputs = self.prepare(obs) if inputs is None else inputs
         x0 = self.policy.sample_noise(b, generator)
-        chunk = self.policy.predict_action_chunk(obs, noise=x0)
+        chunk = self.policy.predict_action_chunk(obs, noise=x0, cache=inputs)
         if self.fpo.action_noise_std > 0:
             chunk = chunk + self.fpo.action_noise_std * sample_noise(chunk.shape, generator=generator, device=self.device)
         if self.fpo.clip_actions:
@@ -96,8 +139,7 @@ class FlowActor(nn.Module):
             # Off by default: on the bandit the point masses it puts on the box's faces slow learning.
             chunk = chunk.clamp(-1.0, 1.0)
         t, noise = self.sample_pairs(b, generator)
-        loss_old = self.policy.compute_cfm_losses(obs, chunk, t, noise)
-        store = {"t": t, "noise": noise, "loss_old": loss_old}
+        store = {"t": t, "noise": noise, "loss_old": self._losses(obs, chunk, t, noise, inputs)}
         if self.keep_noise:  # for `entropy`: the initial noise, and a Hutchinson probe where the chunk is large
             store["x0"] = x0
             if self._counted_entries() > ENTROPY_EXACT_MAX_DIM:
@@ -108,13 +150,16 @@ class FlowActor(nn.Module):
             store["ref_t"], store["ref_noise"] = (x[:, :1] for x in self.sample_pairs(b, generator))
         return chunk, store
 
-    def log_ratio(self, obs: Mapping[str, Any], chunk: Tensor, store: Mapping[str, Tensor]) -> tuple[Tensor, dict]:
-        """log ratio (b,) (mode "mean") or (b, m) ("per_pair") from the new losses at the stored pairs."""
-        loss_new = self.policy.compute_cfm_losses(obs, chunk, store["t"], store["noise"])
-        log_ratio = compute_fpo_log_ratio(store["loss_old"], loss_new, self.fpo.ratio_mode,
+    def log_ratio(self, obs: Mapping[str, Any], chunk: Tensor, store: Mapping[str, Tensor],
+                  inputs: ExpertCache | None = None, executed: Tensor | None = None) -> tuple[Tensor, dict]:
+        """log ratio (b,) (mode "mean") or (b, m) ("per_pair") from the new losses at the stored pairs,
+        over the `executed` (b, h) chunk steps (all of them when None or `fpo.mask_unexecuted` is off)."""
+        loss_new = self._per_pair(self._losses(obs, chunk, store["t"], store["noise"], inputs), executed)
+        loss_old = self._per_pair(store["loss_old"], executed)
+        log_ratio = compute_fpo_log_ratio(loss_old, loss_new, self.fpo.ratio_mode,
                                           self.fpo.clamp_old, self.fpo.clamp_log_ratio,
                                           self.fpo.clamp_pair_log_ratio, self.fpo.hard_clamps)
-        return log_ratio, {"cfm_loss_old": store["loss_old"].mean().detach(), "cfm_loss_new": loss_new.mean().detach()}
+        return log_ratio, {"cfm_loss_old": loss_old.mean().detach(), "cfm_loss_new": loss_new.mean().detach()}
 
     def ratio_reference(self, store: Mapping[str, Tensor]) -> Tensor:
         return store["loss_old"]
@@ -136,7 +181,7 @@ class FlowActor(nn.Module):
     def _counted_entries(self) -> int:
         return self.policy.config.chunk_size * int(self.policy.action_valid.sum())
 
-    def entropy(self, obs: Mapping[str, Any], store: Mapping[str, Tensor]) -> Tensor:
+    def entropy(self, obs: Mapping[str, Any], store: Mapping[str, Tensor], inputs: ExpertCache | None = None) -> Tensor:
         """Entropy estimate (b,) of tanh(a), a the policy's chunk at `obs` in environment units, from the
         stored initial noise: H(N(0, I)) + the log-volume change along the Euler sampling path +
         sum log(1 - tanh(a)^2), up to the constant log-scale of the action normalizer.
@@ -154,7 +199,7 @@ class FlowActor(nn.Module):
         if "x0" not in store:
             raise RuntimeError("FlowActor.entropy needs the chunks' initial noise: build the actor with "
                                "keep_noise=True (the trainer does when rl.ent_coef > 0)")
-        cache = self.policy.encode(obs)
+        cache = self.prepare(obs) if inputs is None else inputs
         valid = cache.action_valid if cache.action_valid is not None else self.policy.action_valid[None]
         x0 = store["x0"].to(self.device)
         valid = valid[:, None, :].expand_as(x0)
@@ -235,14 +280,28 @@ class GaussianActor(nn.Module):
     def _chunk(self, a: Tensor) -> Tensor:
         return a.reshape(a.shape[0], self.n_action_steps, self.action_dim)  # (b, k*a) -> (b, k, a)
 
+    def storable(self, obs: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(obs)
+
+    def prepare(self, obs: Mapping[str, Any]) -> None:
+        return None  # the mean MLP reads the state directly
+
+    @staticmethod
+    def critic_features(inputs: None) -> None:
+        return None
+
     @torch.no_grad()
-    def act(self, obs: Mapping[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def act(self, obs: Mapping[str, Any], generator: torch.Generator | None = None,
+            inputs: None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Chunks (b, k, a) and the store {"pre_squash" (b, k*a), "logp_old" (b,)}."""
         mean = self.mean(obs)
         u = mean + self.log_std.exp() * sample_noise(mean.shape, generator=generator, device=self.device)
         return self._chunk(self.squash(u)), {"pre_squash": u, "logp_old": self.log_prob(obs, u)}
 
-    def log_ratio(self, obs: Mapping[str, Any], chunk: Tensor, store: Mapping[str, Tensor]) -> tuple[Tensor, dict]:
+    def log_ratio(self, obs: Mapping[str, Any], chunk: Tensor, store: Mapping[str, Tensor], inputs: None = None,
+                  executed: Tensor | None = None) -> tuple[Tensor, dict]:
+        """log pi_new - log pi_old (b,) of the stored pre-squash sample (all k steps: the Gaussian models
+        only the executed part of the chunk; `executed` is not used)."""
         logp = self.log_prob(obs, store["pre_squash"])
         return logp - store["logp_old"], {"log_std": self.log_std.mean().detach()}
 
@@ -252,7 +311,7 @@ class GaussianActor(nn.Module):
     def regularizer(self, obs: Mapping[str, Any], store: Mapping[str, Tensor]) -> None:
         return None
 
-    def entropy(self, obs: Mapping[str, Any], store: Mapping[str, Tensor]) -> Tensor:
+    def entropy(self, obs: Mapping[str, Any], store: Mapping[str, Tensor], inputs: None = None) -> Tensor:
         """(b,) entropy of the pre-squash Gaussian (CleanRL's choice: the tanh's correction left out);
         it depends on the log-std only."""
         per_entry = 0.5 * LOG_2PI_E + self.log_std

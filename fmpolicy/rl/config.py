@@ -56,6 +56,9 @@ class FPOConfig:
     action_noise_std: float = 0.0  # std of a Gaussian added to sampled chunks (extra exploration), 0 = off
     time_sampling: str = "uniform"  # t_i of the pairs: "uniform" U(0, 1), or "policy" (policy.flow's schedule)
     clip_actions: bool = False  # store (and execute) sampled chunks clipped to [-1, 1]: see FlowActor.act
+    mask_unexecuted: bool = True  # the CFM losses of the ratio count only the chunk steps the rollout executed
+    #   (the first n_action_steps, and none past an episode's end), as imitation masks action_is_pad;
+    #   false: every step of the chunk counts (before issue 15)
     ref_coef: float = 0.0  # weight of the reference regulariser (FlowActor.regularizer): the CFM loss of
     #   chunks sampled from a frozen copy of the starting policy (random init or the imitation
     #   checkpoint) at the rollout's observations; keeps mass wherever the start had it. 0 = off
@@ -64,6 +67,8 @@ class FPOConfig:
         _positive_ints(self, "num_pairs")
         _check(isinstance(self.clip_actions, bool), type(self).__name__, "clip_actions", self.clip_actions, "true or false")
         _check(isinstance(self.hard_clamps, bool), type(self).__name__, "hard_clamps", self.hard_clamps, "true or false")
+        _check(isinstance(self.mask_unexecuted, bool), type(self).__name__, "mask_unexecuted", self.mask_unexecuted,
+               "true or false")
         _choice(self, "ratio_mode", RATIO_MODES)
         _choice(self, "time_sampling", FPO_TIME_SAMPLINGS)
         _positive_or_none(self, "clamp_old", "clamp_log_ratio", "clamp_pair_log_ratio")

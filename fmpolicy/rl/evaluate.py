@@ -18,14 +18,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from fmpolicy.rl import observations
+
 
 @torch.no_grad()
 def evaluate_actor(actor, envs, n_action_steps: int, zero_noise: bool, seed: int,
                    generator: torch.Generator | None = None, max_env_steps: int = 100_000) -> dict[str, Any]:
     """Mean return / success / length over one episode per env of `envs` (reset with `seed`)."""
     device = actor.device
-    obs, _ = envs.reset(seed=seed)
-    obs = {key: v.to(device) for key, v in obs.items()}
+    obs, info = envs.reset(seed=seed)
+    obs = observations.from_env(obs, info, device, uint8_images=True)  # as the rollouts see them
     e = envs.num_envs
     returns = torch.zeros(e, device=device)
     lengths = torch.zeros(e, device=device)
@@ -40,7 +42,7 @@ def evaluate_actor(actor, envs, n_action_steps: int, zero_noise: bool, seed: int
         chunk = actor.eval_act(obs, zero_noise=zero_noise, generator=generator)
         for j in range(n_action_steps):
             obs, r, term, trunc, info = envs.step(chunk[:, j])
-            obs = {key: v.to(device) for key, v in obs.items()}
+            obs = observations.from_env(obs, info, device, uint8_images=True)
             done = (term | trunc).to(device)
             returns += running * r.to(device).float()
             lengths += running.float()

@@ -25,6 +25,18 @@ def hard_clamp(x: Tensor, lo: float | None, hi: float | None) -> Tensor:
     return x.clamp(lo, hi)
 
 
+def executed_step_mean(per_step: Tensor, executed: Tensor | None) -> Tensor:
+    """Per-pair CFM losses (b, m) from per-step ones (b, m, h): the mean over the steps `executed`
+    (b, h) bool marks (all of them when None). Each step's loss is already the mean over its action
+    entries, which every step has the same number of, so this equals the masked mean over the
+    executed entries. A chunk with no executed step (impossible in a rollout) gets 0."""
+    if executed is None:
+        return per_step.mean(-1)
+    w = executed.to(per_step.dtype)[:, None, :]  # (b, 1, h)
+    masked = torch.where(executed[:, None, :], per_step, torch.zeros((), dtype=per_step.dtype, device=per_step.device))
+    return masked.sum(-1) / w.sum(-1).clamp_min(1.0)
+
+
 def compute_fpo_log_ratio(
     loss_old: Tensor,
     loss_new: Tensor,

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from fmpolicy.batch import STATE
 from fmpolicy.errors import ConfigError
+from fmpolicy.rl import observations
 
 
 def _obs_to_torch(obs: Any, device: torch.device) -> dict[str, Tensor]:
@@ -148,11 +149,12 @@ def load_env_state_dict(env, state: dict) -> None:
 
 @dataclass
 class Rollout:
-    """n macro-steps of e environments (all tensors on the device; obs and store: dicts of (n, e, ...))."""
+    """n macro-steps of e environments (tensors on the device; step-major rows i * e + j where flat)."""
 
-    obs: dict[str, Tensor]
+    obs: dict[str, Any]  # the observations as the actor stores them (`actor.storable`), flat: (n * e) rows
     chunks: Tensor  # (n, e, h, a) as the actor returned them (the first k steps were executed)
-    store: dict[str, Tensor]  # the actor's per-chunk data (pairs + old losses, or pre-squash + old log-prob)
+    store: dict[str, Tensor]  # (n, e, ...) the actor's per-chunk data (pairs + old losses, or pre-squash + old log-prob)
+    executed: Tensor  # (n, e, h) bool: the chunk steps executed in the chunk's own episode (j < k, and not past its end)
     values: Tensor  # (n, e) V(obs) at rollout time
     rewards: Tensor  # (n, e) discounted in-chunk reward sums
     terminated: Tensor  # (n, e) bool: the episode ended inside the macro-step without a future
@@ -164,18 +166,24 @@ class Rollout:
 
 
 class RolloutCollector:
-    """Steps `envs` with `actor` chunks for n macro-steps; keeps the current observation between calls."""
+    """Steps `envs` with `actor` chunks for n macro-steps; keeps the current observation between calls.
+
+    Observations come through `fmpolicy.rl.observations.from_env`: the instruction of `info["task"]`
+    travels with them, camera images are rounded to uint8. Per macro-step the actor's per-observation
+    work (`actor.prepare`: the policy's encoder and prefix cache) runs once and serves the chunk, its old
+    CFM losses and the critic.
+    """
 
     def __init__(self, envs, actor, critic, n_action_steps: int, gamma: float, device: torch.device):
         self.envs, self.actor, self.critic = envs, actor, critic
         self.k, self.gamma, self.device = n_action_steps, gamma, torch.device(device)
         self.num_envs = envs.num_envs
-        self.obs: dict[str, Tensor] | None = None
+        self.obs: dict[str, Any] | None = None
         self.running_return = torch.zeros(self.num_envs, device=self.device)
 
     def reset(self, seed: int | None) -> None:
-        obs, _ = self.envs.reset(seed=seed)
-        self.obs = {k: v.to(self.device) for k, v in obs.items()}
+        obs, info = self.envs.reset(seed=seed)
+        self.obs = observations.from_env(obs, info, self.device, uint8_images=True)
         self.running_return.zero_()
 
     def state_dict(self) -> dict[str, Any]:
@@ -187,9 +195,15 @@ class RolloutCollector:
         if state.get("env") is None:
             return False
         load_env_state_dict(self.envs, state["env"])
-        self.obs = {k: v.to(self.device) for k, v in state["obs"].items()}
+        self.obs = observations.to_device(state["obs"], self.device)
         self.running_return = state["running_return"].to(self.device)
         return True
+
+    def value(self, obs: dict[str, Any]) -> tuple[dict[str, Any], Any, Tensor]:
+        """(obs as stored, the actor's inputs for it, V(obs) (e,))."""
+        stored = self.actor.storable(obs)
+        inputs = self.actor.prepare(stored)
+        return stored, inputs, self.critic(stored, self.actor.critic_features(inputs))
 
     @torch.no_grad()
     def collect(self, num_macro_steps: int, generator: torch.Generator | None) -> Rollout:
@@ -197,25 +211,25 @@ class RolloutCollector:
         if self.obs is None:
             raise RuntimeError("RolloutCollector.collect before reset(seed)")
         e, k, gamma = self.num_envs, self.k, self.gamma
-        names = ("obs", "chunks", "store", "values", "rewards", "terminated", "truncated", "final_values")
+        names = ("chunks", "store", "executed", "values", "rewards", "terminated", "truncated", "final_values")
         buf: dict[str, list] = {name: [] for name in names}
+        stored_obs: list[dict[str, Any]] = []
         ep_returns: list[float] = []
         ep_successes: list[float] = []
         for _ in range(num_macro_steps):
-            obs = self.obs
-            chunk, store = self.actor.act(obs, generator)  # (e, h, a)
-            value = self.critic(obs)  # (e,)
+            obs, inputs, value = self.value(self.obs)
+            chunk, store = self.actor.act(obs, generator, inputs)  # (e, h, a)
             if chunk.shape[0] != e or chunk.shape[1] < k:
                 raise RuntimeError(f"the actor returned chunks of shape {tuple(chunk.shape)}: expected ({e}, >= {k}, a)")
             reward = torch.zeros(e, device=self.device)
             active = torch.ones(e, dtype=torch.bool, device=self.device)  # still in the episode the chunk began in
             terminated, truncated = torch.zeros_like(active), torch.zeros_like(active)
-            steps_done = torch.full((e,), float(k), device=self.device)  # j: steps until the episode ended
-            final_obs = {key: v.clone() for key, v in obs.items()}
-            next_obs = obs
+            steps_done = torch.full((e,), k, dtype=torch.long, device=self.device)  # j: steps until the episode ended
+            final_obs = self.obs
+            next_obs = self.obs
             for j in range(k):
-                next_obs, r, term, trunc, info = self.envs.step(chunk[:, j])
-                next_obs = {key: v.to(self.device) for key, v in next_obs.items()}
+                env_obs, r, term, trunc, info = self.envs.step(chunk[:, j])
+                next_obs = observations.from_env(env_obs, info, self.device, uint8_images=True)
                 r, term, trunc = r.to(self.device).float(), term.to(self.device), trunc.to(self.device)
                 reward += active * (gamma**j) * r
                 done = term | trunc
@@ -223,9 +237,9 @@ class RolloutCollector:
                 terminated |= term & active
                 truncated |= trunc & ~term & active
                 steps_done = torch.where(ended, j + 1, steps_done)
-                for key in final_obs:
-                    reached = info["final_obs"][key].to(self.device)
-                    final_obs[key] = torch.where(ended.view(-1, *[1] * (reached.dim() - 1)), reached, final_obs[key])
+                if bool(ended.any()):
+                    final_obs = observations.final_from_env(info["final_obs"], info, final_obs, ended,
+                                                            self.device, uint8_images=True)
                 # episode statistics: every env (one may finish a second, short episode inside the chunk)
                 self.running_return += r
                 if bool(done.any()):
@@ -236,14 +250,21 @@ class RolloutCollector:
                 self.running_return = torch.where(done, 0.0, self.running_return)
                 active &= ~done
             self.obs = next_obs
-            # V(reached obs) with the exact discount of a truncation after j steps (see the module doc)
-            final_value = torch.where(truncated, self.critic(final_obs) * gamma ** (steps_done - k), 0.0)
-            for name, v in zip(names, (obs, chunk, store, value, reward, terminated, truncated, final_value)):
+            executed = torch.arange(chunk.shape[1], device=self.device)[None, :] < steps_done[:, None]  # (e, h)
+            # V(reached obs) with the exact discount of a truncation after j steps (see the module doc);
+            # the policy's encoder runs on the reached observations only when an episode was truncated
+            final_value = torch.zeros(e, device=self.device)
+            if bool(truncated.any()):
+                reached_value = self.value(final_obs)[2]
+                final_value = torch.where(truncated, reached_value * gamma ** (steps_done - k).float(), 0.0)
+            stored_obs.append(obs)
+            for name, v in zip(names, (chunk, store, executed, value, reward, terminated, truncated, final_value)):
                 buf[name].append(v)
 
         stack = lambda items: {key: torch.stack([d[key] for d in items]) for key in items[0]}  # noqa: E731
-        return Rollout(obs=stack(buf["obs"]), chunks=torch.stack(buf["chunks"]), store=stack(buf["store"]),
+        return Rollout(obs=observations.stack(stored_obs), chunks=torch.stack(buf["chunks"]),
+                       store=stack(buf["store"]), executed=torch.stack(buf["executed"]),
                        values=torch.stack(buf["values"]), rewards=torch.stack(buf["rewards"]),
                        terminated=torch.stack(buf["terminated"]), truncated=torch.stack(buf["truncated"]),
-                       final_values=torch.stack(buf["final_values"]), next_value=self.critic(self.obs),
+                       final_values=torch.stack(buf["final_values"]), next_value=self.value(self.obs)[2],
                        episode_returns=ep_returns, episode_successes=ep_successes)

@@ -39,6 +39,7 @@ from fmpolicy.config import config_from_dict, config_to_dict, resolve_device
 from fmpolicy.errors import ConfigError
 from fmpolicy.io import atomic_write
 from fmpolicy.policy import FlowPolicy
+from fmpolicy.rl import observations
 from fmpolicy.rl.actors import FlowActor, GaussianActor
 from fmpolicy.rl.config import RLRunConfig
 from fmpolicy.rl.evaluate import evaluate_actor
@@ -228,8 +229,9 @@ def _train_rl(config: RLRunConfig, run: RunFolder) -> RLResult:
 
         # -- flatten (n, e, ...) -> (n*e, ...) --
         flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
-        b_obs = {key: flat(v) for key, v in rollout.obs.items()}
+        b_obs = rollout.obs  # already flat, as the actor stores observations (instructions, frozen features)
         b_store = {key: flat(v) for key, v in rollout.store.items()}
+        b_executed = flat(rollout.executed)
         b_chunks, b_adv, b_ret, b_values = flat(rollout.chunks), flat(advantages), flat(returns), flat(rollout.values)
         per_minibatch = rc.normalize_advantages and rc.normalize_advantages_over == "minibatch"
         if rc.normalize_advantages and not per_minibatch:  # the whole rollout at once (returns keep the raw ones)
@@ -242,8 +244,9 @@ def _train_rl(config: RLRunConfig, run: RunFolder) -> RLResult:
         for epoch in range(rc.update_epochs):
             perm = torch.randperm(batch_size, generator=minibatch_gen).to(device)
             for mb_index, mb in enumerate(perm.chunk(rc.num_minibatches)):
-                obs_mb, store_mb = _slice(b_obs, mb), _slice(b_store, mb)
-                log_ratio, actor_stats = actor.log_ratio(obs_mb, b_chunks[mb], store_mb)
+                obs_mb, store_mb = observations.take(b_obs, mb), _slice(b_store, mb)
+                inputs = actor.prepare(obs_mb)  # the policy's encoder / prefix cache: once for every term below
+                log_ratio, actor_stats = actor.log_ratio(obs_mb, b_chunks[mb], store_mb, inputs, b_executed[mb])
                 ratio = log_ratio.exp()
                 if epoch == 0 and mb_index == 0:  # nothing has moved yet: the ratio must be exactly 1
                     first_dev = float((ratio.detach() - 1.0).abs().max())
@@ -258,14 +261,15 @@ def _train_rl(config: RLRunConfig, run: RunFolder) -> RLResult:
                 if per_minibatch:
                     adv = normalize_advantages(adv)
                 pg_loss = compute_policy_surrogate(ratio, adv, rc.clip, rc.surrogate).mean()
-                v_loss = compute_value_loss(critic(obs_mb), b_ret[mb], b_values[mb], rc.value_clip).mean()
+                v_loss = compute_value_loss(critic(obs_mb, actor.critic_features(inputs)), b_ret[mb], b_values[mb],
+                                            rc.value_clip).mean()
                 loss = rc.vf_coef * v_loss + (0.0 if warmup else pg_loss)
                 reg = actor.regularizer(obs_mb, store_mb)
                 if reg is not None:
                     loss = loss + (0.0 if warmup else reg[0])
                     actor_stats = {**actor_stats, **reg[1]}
                 if rc.ent_coef > 0 and not warmup:
-                    entropy = actor.entropy(obs_mb, store_mb).mean()
+                    entropy = actor.entropy(obs_mb, store_mb, inputs).mean()
                     loss = loss - rc.ent_coef * entropy
                     actor_stats = {**actor_stats, "entropy": entropy.detach()}
                 if not bool(torch.isfinite(loss)):

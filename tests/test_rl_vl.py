@@ -1,0 +1,162 @@
+"""FPO on a vision-language policy (issue 15): images and instructions through rollouts, buffers,
+minibatches, evaluation and resume; the ratio is 1 before the first update with the encoder frozen or
+trained (dropout on in the text model's config); the encoder runs once per observation; masked CFM
+losses; a critic that reads the policy's pooled prefix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fmpolicy import FlowPolicy, NormalizationConfig, PolicyConfig, make_expert_config
+from fmpolicy.batch import ENCODER_FEATURES
+from fmpolicy.config import EncoderConfig, config_from_dict
+from fmpolicy.errors import InputError
+from fmpolicy.rl import observations
+from fmpolicy.rl.config import RLRunConfig, ValueConfig
+from fmpolicy.rl.rollout import RolloutCollector, make_vector_env
+from fmpolicy.rl.trainer import make_actor, train_rl
+from fmpolicy.rl.value import ValueNet
+from tests.helpers import randomized
+
+CAM = "observation.images.top"
+IMAGE = 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def save_vl_policy(path, frozen: bool) -> str:
+    """A tiny image + instruction policy for two-goal PointObstacle (state: the position only)."""
+    enc = EncoderConfig(kind="vision_text", cameras=(CAM,), image_size=IMAGE, vision_patch_size=8, vision_hidden_size=32,
+                        vision_num_hidden_layers=1, text_model="tiny", out_dim=32, max_text_tokens=12,
+                        freeze_vision=frozen, freeze_text=frozen)
+    cfg = PolicyConfig(state_dim=2, action_dim=2, chunk_size=4, n_action_steps=2, device="cpu",
+                       expert=make_expert_config("tiny", prefix_dim=32), encoder=enc,
+                       normalization=NormalizationConfig(state="identity", action="identity"))
+    torch.manual_seed(0)
+    policy = FlowPolicy(cfg)
+    randomized(policy.net, 0, scale=0.1)
+    policy.save_pretrained(path)
+    return str(path)
+
+
+def vl_config(tmp_path, policy_dir: str, **rl) -> RLRunConfig:
+    data = {
+        "policy": {"state_dim": 2, "action_dim": 2, "chunk_size": 4, "n_action_steps": 2},
+        "init_from": policy_dir,
+        "rl": {"num_envs": 6, "num_macro_steps": 3, "update_epochs": 2, "num_minibatches": 2,
+               "total_env_steps": 6 * 3 * 2 * 2, "device": "cpu", "out_dir": str(tmp_path / "run"), "progress": False,
+               "save_every": 1, "value": {"width": 16, "depth": 1}, "fpo": {"num_pairs": 4}, **rl},
+        "env": {"id": "fmpolicy/PointObstacle-v0", "kwargs": {"n_goals": 2, "image_size": IMAGE}},
+    }
+    return config_from_dict(RLRunConfig, data)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_fpo_runs_on_an_image_and_instruction_policy_with_the_ratio_at_one(tmp_path, frozen):
+    policy_dir = save_vl_policy(tmp_path / "policy", frozen)
+    # transformers' text model keeps its default dropout (0.1) in the config: FPO must switch it off
+    assert FlowPolicy.from_pretrained(policy_dir).encoder.text.config.hidden_dropout_prob > 0
+    result = train_rl(vl_config(tmp_path, policy_dir, eval_every=2, eval_episodes=4))
+    assert len(result.history) == 3  # the evaluation before the first iteration, then 2 iterations
+    for h in result.history[1:]:
+        assert h["ratio_first_max_dev"] <= 1e-5
+        assert h["clip_fraction"] >= 0 and torch.isfinite(torch.tensor(h["policy_loss"]))
+    assert result.history[-1]["eval_success"] is not None
+
+
+def encoder_calls(policy: FlowPolicy) -> dict[str, int]:
+    calls = {"backbone": 0, "head": 0}
+    backbone, head = policy.encoder.backbone, policy.encoder.head
+
+    def count(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    policy.encoder.backbone = count("backbone", backbone)
+    policy.encoder.head = count("head", head)
+    return calls
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_the_encoder_runs_once_per_observation_in_rollouts_and_once_per_minibatch_in_updates(tmp_path, frozen):
+    config = vl_config(tmp_path, save_vl_policy(tmp_path / "policy", frozen))
+    actor, pc = make_actor(config, torch.device("cpu"))
+    calls = encoder_calls(actor.policy)
+    critic = ValueNet(pc.state_dim, ValueConfig(width=8, depth=1, input="prefix_pooled"), pc.expert.prefix_dim)
+    envs = make_vector_env(config.env.id, 6, torch.device("cpu"), 0, config.env.kwargs)
+    collector = RolloutCollector(envs, actor, critic, 2, 0.99, torch.device("cpu"))
+    collector.reset(0)
+    rollout = collector.collect(3, torch.Generator().manual_seed(0))
+    # 3 macro-steps + the value of the last observation; no episode was truncated in 6 steps
+    assert calls == {"backbone": 4, "head": 4}
+    if frozen:  # the buffer holds the backbone's outputs, not the images and the instruction
+        assert ENCODER_FEATURES in rollout.obs and CAM not in rollout.obs and "task" not in rollout.obs
+    else:  # the images, as uint8, and the instructions
+        assert rollout.obs[CAM].dtype == torch.uint8 and len(rollout.obs["task"]) == 18
+        assert set(rollout.obs["task"]) <= {"go to the red goal", "go to the blue goal"}
+    calls.update(backbone=0, head=0)
+    mb = torch.arange(9)
+    obs_mb = observations.take(rollout.obs, mb)
+    store_mb = {k: v.reshape(-1, *v.shape[2:])[mb] for k, v in rollout.store.items()}
+    chunks = rollout.chunks.reshape(-1, *rollout.chunks.shape[2:])[mb]
+    inputs = actor.prepare(obs_mb)
+    log_ratio, _ = actor.log_ratio(obs_mb, chunks, store_mb, inputs, rollout.executed.reshape(-1, 4)[mb])
+    critic(obs_mb, actor.critic_features(inputs))
+    # one pass for ratio and critic; a frozen backbone does not run at all in the update
+    assert calls == ({"backbone": 0, "head": 1} if frozen else {"backbone": 1, "head": 1})
+    assert (log_ratio.exp() - 1).abs().max() <= 1e-5
+
+
+def test_the_prefix_pooled_critic_refuses_to_run_without_the_policys_prefix():
+    critic = ValueNet(2, ValueConfig(width=8, depth=1, input="prefix_pooled"), prefix_dim=32)
+    with pytest.raises(InputError, match="prefix_pooled"):
+        critic({"observation.state": torch.zeros(3, 2)})
+    v = critic({"observation.state": torch.zeros(3, 2)}, torch.randn(3, 32))
+    assert v.shape == (3,)
+
+
+def test_fpo_losses_count_only_the_executed_chunk_steps_as_imitation_counts_unpadded_ones(tmp_path):
+    config = vl_config(tmp_path, save_vl_policy(tmp_path / "policy", True))
+    actor, pc = make_actor(config, torch.device("cpu"))
+    critic = ValueNet(pc.state_dim, ValueConfig(width=8, depth=1))
+    envs = make_vector_env(config.env.id, 6, torch.device("cpu"), 0, config.env.kwargs)
+    collector = RolloutCollector(envs, actor, critic, 2, 0.99, torch.device("cpu"))
+    collector.reset(0)
+    r = collector.collect(1, torch.Generator().manual_seed(0))
+    executed = r.executed[0]
+    assert executed[:, :2].all() and not executed[:, 2:].any()  # k = 2 of h = 4
+    store = {k: v[0] for k, v in r.store.items()}
+    assert store["loss_old"].shape == (6, 4, 4) and store["noise"].shape == (6, 4, 4, 2)  # pairs x steps; a = 2
+    # the masked per-pair loss is imitation's loss with the unexecuted steps flagged as padding
+    with torch.no_grad():
+        per_pair = actor._per_pair(store["loss_old"], executed)
+        as_padding = actor.policy.compute_cfm_losses(r.obs, r.chunks[0], store["t"], store["noise"],
+                                                     action_is_pad=~executed)
+    torch.testing.assert_close(per_pair, as_padding, rtol=1e-5, atol=1e-6)
+    # what the unexecuted steps' stored losses hold does not reach the ratio; without the mask it does
+    base, _ = actor.log_ratio(r.obs, r.chunks[0], store, None, executed)
+    tail = {**store, "loss_old": store["loss_old"].clone()}
+    tail["loss_old"][..., 2:] += 1.0
+    moved, _ = actor.log_ratio(r.obs, r.chunks[0], tail, None, executed)
+    torch.testing.assert_close(moved, base)
+    unmasked, _ = actor.log_ratio(r.obs, r.chunks[0], tail, None, None)
+    assert (unmasked - base).abs().min() > 0.4  # the mean over 4 steps of +1 on 2 of them
+
+
+def test_resumed_vl_run_equals_an_uninterrupted_one(tmp_path):
+    policy_dir = save_vl_policy(tmp_path / "policy", False)
+    whole = train_rl(vl_config(tmp_path / "a", policy_dir))
+    half = vl_config(tmp_path / "b", policy_dir, total_env_steps=6 * 3 * 2)
+    train_rl(half)
+    resumed = train_rl(vl_config(tmp_path / "b", policy_dir), resume=True)
+    for (name, a), (_, b) in zip(whole.actor.state_dict().items(), resumed.actor.state_dict().items()):
+        assert torch.equal(a, b), name
