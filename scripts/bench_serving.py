@@ -1,19 +1,25 @@
 #!/usr/bin/env python
 """What the policy server adds to a chunk: openpi-client round trips on localhost against
-`predict_action_chunk` alone, with 1, 2 and 4 clients at once.
+`predict_action_chunk` alone, with 1, 2 and 4 clients at once, with batching of simultaneous requests
+off (`max_batch=1`: one request per policy call), on (`--max-batch`, default 16, no window) and on with
+a batching window (`--window-ms`, default 3), side by side in one run.
 
-    python scripts/bench_serving.py [--clients 1,2,4] [--requests 200] [--json]
-        [--client-python .venv-openpi/bin/python]
+    python scripts/bench_serving.py [--clients 1,2,4] [--requests 200] [--modes off,on,window]
+        [--max-batch 16] [--window-ms 3] [--json] [--out bench.json] [--client-python .venv-openpi/bin/python]
 
 The policy: the `cpu` expert preset with a vision_text encoder over two 224x224 cameras (the tower
-at its tiny test width) and an instruction, chunk 10 x 7, batch 1, 10 Euler steps. Each client is a
-separate process running the real openpi-client (`tests/openpi_client_bench.py`, in the venv `make
-test` creates) and sends two 224x224 uint8 images, an 8-d state and a prompt per request.
+at its tiny test width) and an instruction, chunk 10 x 7, 10 Euler steps. Each client is a separate
+process running the real openpi-client (`tests/openpi_client_bench.py`, in the venv `make test`
+creates) and sends two 224x224 uint8 images, an 8-d state and a prompt per request, one after the
+other as fast as its replies come.
 
-Per request: the round trip measured by the client, and the server's own `infer_ms` (the
-`predict_action_chunk` call). Overhead = round trip - infer_ms: decoding, image conversion, the
-websocket and msgpack both ways, and with several clients the wait for the one policy (requests are
-served one at a time). Prints a table (median and p99 in ms) and, with --json, one JSON object per row.
+Per request: the round trip measured by the client, the server's own `infer_ms` (the policy call that
+served it, which holds several requests when batched) and that call's rows. Overhead = round trip -
+infer_ms: decoding, checks, image conversion, the websocket and msgpack both ways, and the wait for the
+policy while it serves other requests. `vs alone` = round trip - `predict_action_chunk` alone at
+batch 1 (measured in-process just before each row): what a client pays over having the policy to itself. Prints a
+table (median and p99 in ms), the machine's load average (`/proc/loadavg`) before and after, and with
+--json / --out the rows as JSON.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,43 +53,100 @@ def make_policy() -> FlowPolicy:
     return FlowPolicy(cfg).eval()
 
 
+def infer_alone_ms(policy: FlowPolicy, n: int = 20) -> float:
+    """Median ms of `predict_action_chunk` at batch 1 on the benchmark's observation, in-process."""
+    rng = np.random.default_rng(0)
+    obs = {"observation.state": torch.as_tensor(rng.standard_normal((1, 8)), dtype=torch.float32), "task": ["pick"],
+           **{cam: torch.rand(1, 3, 224, 224) for cam in policy.config.encoder.cameras}}
+    times = []
+    with torch.no_grad():
+        for i in range(n + 5):
+            start = time.perf_counter()
+            policy.predict_action_chunk(obs)
+            if i >= 5:
+                times.append(1000 * (time.perf_counter() - start))
+    return float(np.median(times))
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def run_clients(server: PolicyServer, n: int, args) -> dict:
+    procs = [subprocess.Popen([args.client_python, str(CLIENT), str(server.port), str(args.requests),
+                               str(args.warmup)], stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    outs = [json.loads(proc.communicate(timeout=1800)[0].strip().splitlines()[-1]) for proc in procs]
+    return {k: np.concatenate([o[k] for o in outs]) for k in ("rtt_ms", "infer_ms", "batch_size")}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", default="1,2,4", help="numbers of simultaneous clients, comma separated")
     p.add_argument("--requests", type=int, default=200, help="timed requests per client")
     p.add_argument("--warmup", type=int, default=10, help="untimed requests per client first")
+    p.add_argument("--max-batch", type=int, default=16, help="ServerConfig.max_batch with batching on")
+    p.add_argument("--window-ms", type=float, default=3.0, help="ServerConfig.batch_window_ms in the mode 'window'")
+    p.add_argument("--modes", default="off,on,window",
+                   help="off (max_batch=1), on (--max-batch, no window), window (--max-batch and --window-ms)")
     p.add_argument("--client-python", default=str(ROOT / ".venv-openpi" / "bin" / "python"),
                    help="a python with openpi-client installed (make test creates .venv-openpi)")
     p.add_argument("--json", action="store_true", help="also print one JSON object per row")
+    p.add_argument("--out", default=None, help="write {machine, rows} as JSON to this file")
     args = p.parse_args(argv)
     if not Path(args.client_python).exists():
         sys.exit(f"error: {args.client_python} does not exist: run `make test` once, or pass --client-python")
+    modes = [m.strip() for m in args.modes.split(",")]
+    if not modes or set(modes) - {"off", "on", "window"}:
+        sys.exit(f"error: --modes {args.modes!r}: expected some of off,on,window")
 
     torch.manual_seed(0)
-    server = PolicyServer(make_policy(), ServerConfig(port=0)).start()
+    policy = make_policy()
+    infer_alone_ms(policy, 5)  # the first calls are slow (allocations, lazy init)
+    load_before = loadavg()
+    configs = {"off": ServerConfig(port=0, max_batch=1), "on": ServerConfig(port=0, max_batch=args.max_batch),
+               "window": ServerConfig(port=0, max_batch=args.max_batch, batch_window_ms=args.window_ms)}
+    servers = {m: PolicyServer(policy, configs[m]).start() for m in modes}
     rows = []
     try:
         for n in (int(c) for c in args.clients.split(",")):
-            procs = [subprocess.Popen([args.client_python, str(CLIENT), str(server.port), str(args.requests),
-                                       str(args.warmup)], stdout=subprocess.PIPE, text=True) for _ in range(n)]
-            outs = [json.loads(proc.communicate(timeout=1800)[0].strip().splitlines()[-1]) for proc in procs]
-            rtt = np.concatenate([o["rtt_ms"] for o in outs])
-            infer = np.concatenate([o["infer_ms"] for o in outs])
-            over = rtt - infer
-            rows.append({"clients": n, "requests": int(len(rtt)), "infer_ms_median": float(np.median(infer)),
-                         "rtt_ms_median": float(np.median(rtt)), "rtt_ms_p99": float(np.percentile(rtt, 99)),
-                         "overhead_ms_median": float(np.median(over)), "overhead_ms_p99": float(np.percentile(over, 99)),
-                         "cpu": cpu_model(), "threads": torch.get_num_threads()})
+            for mode in modes:  # side by side: the same load for each
+                alone_ms = infer_alone_ms(policy)  # just before: under the same load
+                r = run_clients(servers[mode], n, args)
+                rtt, infer = r["rtt_ms"], r["infer_ms"]
+                over, vs_alone = rtt - infer, rtt - alone_ms
+                rows.append({"batching": mode, "max_batch": configs[mode].max_batch,
+                             "batch_window_ms": configs[mode].batch_window_ms, "clients": n,
+                             "requests": int(len(rtt)), "alone_ms": alone_ms,
+                             "infer_ms_median": float(np.median(infer)), "mean_batch": float(np.mean(r["batch_size"])),
+                             "rtt_ms_median": float(np.median(rtt)), "rtt_ms_p99": float(np.percentile(rtt, 99)),
+                             "overhead_ms_median": float(np.median(over)), "overhead_ms_p99": float(np.percentile(over, 99)),
+                             "vs_alone_ms_median": float(np.median(vs_alone)),
+                             "vs_alone_ms_p99": float(np.percentile(vs_alone, 99)),
+                             "cpu": cpu_model(), "threads": torch.get_num_threads()})
     finally:
-        server.stop()
-    print(f"{'clients':>7} {'requests':>8} {'infer ms':>9} {'round trip ms':>14} {'p99':>7} "
-          f"{'overhead ms':>12} {'p99':>7}")
+        for server in servers.values():
+            server.stop()
+    load_after = loadavg()
+    print(f"load average before {load_before}, after {load_after}; {cpu_model()}, {torch.get_num_threads()} torch "
+          f"threads; window = {args.window_ms} ms")
+    print(f"{'batching':>8} {'clients':>7} {'requests':>8} {'rows/call':>9} {'alone ms':>9} {'infer ms':>9} "
+          f"{'round trip ms':>14} {'p99':>7} {'overhead ms':>12} {'p99':>7} {'vs alone ms':>12} {'p99':>7}")
     for r in rows:
-        print(f"{r['clients']:>7} {r['requests']:>8} {r['infer_ms_median']:>9.2f} {r['rtt_ms_median']:>14.2f} "
-              f"{r['rtt_ms_p99']:>7.2f} {r['overhead_ms_median']:>12.2f} {r['overhead_ms_p99']:>7.2f}")
+        print(f"{r['batching']:>8} {r['clients']:>7} {r['requests']:>8} {r['mean_batch']:>9.2f} "
+              f"{r['alone_ms']:>9.2f} {r['infer_ms_median']:>9.2f} {r['rtt_ms_median']:>14.2f} {r['rtt_ms_p99']:>7.2f} "
+              f"{r['overhead_ms_median']:>12.2f} {r['overhead_ms_p99']:>7.2f} {r['vs_alone_ms_median']:>12.2f} "
+              f"{r['vs_alone_ms_p99']:>7.2f}")
+    for r in rows:
+        r["load_before"], r["load_after"] = load_before, load_after
     if args.json:
         for r in rows:
             print(json.dumps(r))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"load_before": load_before, "load_after": load_after, "rows": rows},
+                                             indent=1) + "\n")
     return rows
 
 

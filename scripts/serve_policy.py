@@ -3,6 +3,7 @@
 
     python scripts/serve_policy.py --policy runs/point_obstacle_flow/policy [--port 8000] [--host 127.0.0.1]
         [--api-key KEY] [--map observation/image=observation.images.top ...] [--device cpu] [--steps 10]
+        [--max-batch 16] [--batch-window-ms 0] [--rtc-max-guidance-weight 5] [--rtc-schedule exp]
 
 A client then does, e.g.:
 
@@ -10,8 +11,11 @@ A client then does, e.g.:
     client = websocket_client_policy.WebsocketClientPolicy("localhost", 8000)
     actions = client.infer({"observation/state": state, "observation/image": hwc_uint8, "prompt": "..."})["actions"]
 
-Binds 127.0.0.1 unless --host says otherwise. See fmpolicy/serving/server.py for the protocol, the
-default key mapping and the error behaviour.
+Binds 127.0.0.1 unless --host says otherwise. Requests from several clients that wait for the policy
+are batched into one call (--max-batch rows at most; --max-batch 1 turns it off). A request may carry
+`seed`, and for real-time chunking `prev_chunk_left_over`, `inference_delay`, `execution_horizon`. See
+fmpolicy/serving/server.py and docs/serving.md for the protocol, the default key mapping, batching,
+the request fields and the error behaviour.
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ def main(argv: list[str] | None = None):
     p.add_argument("--steps", type=int, default=None, help="integration steps (default: the policy's own)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the expert step (the first request at each batch size compiles)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="most rows in one policy call when requests wait together (1: no batching)")
+    p.add_argument("--batch-window-ms", type=float, default=0.0,
+                   help="how long a request may wait, once the policy is free, for others to join its batch")
+    p.add_argument("--rtc-max-guidance-weight", type=float, default=5.0,
+                   help="real-time chunking's guidance clip (beta), for requests with prev_chunk_left_over")
+    p.add_argument("--rtc-schedule", default="exp", help="real-time chunking's prefix weights: exp or linear")
     args = p.parse_args(argv)
     try:
         from fmpolicy.serving import DEFAULT_KEY_MAP, PolicyServer, ServerConfig
@@ -46,7 +57,9 @@ def main(argv: list[str] | None = None):
             client, ours = item.split("=", 1)
             extra[client] = ours
         config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
-                              key_map={**DEFAULT_KEY_MAP, **extra})
+                              key_map={**DEFAULT_KEY_MAP, **extra}, max_batch=args.max_batch,
+                              batch_window_ms=args.batch_window_ms,
+                              rtc_max_guidance_weight=args.rtc_max_guidance_weight, rtc_schedule=args.rtc_schedule)
         policy = FlowPolicy.from_pretrained(args.policy, device=args.device)
         if args.compile:
             policy.compile_velocity()
@@ -55,7 +68,7 @@ def main(argv: list[str] | None = None):
             sampler = SamplerConfig(**{**vars(policy.config.sampler), "num_steps": args.steps})
         server = PolicyServer(policy, config, sampler=sampler).start()
         print(f"serving {args.policy} on ws://{config.host}:{server.port} (chunk {policy.config.chunk_size} x "
-              f"{policy.config.action_dim}); Ctrl-C stops", flush=True)
+              f"{policy.config.action_dim}, batches of up to {config.max_batch}); Ctrl-C stops", flush=True)
         server.serve_forever()
     except FmPolicyError as e:
         sys.exit(f"error: {e}")

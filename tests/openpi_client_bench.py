@@ -1,6 +1,7 @@
 """Client side of scripts/bench_serving.py, run with the openpi-client venv's python: N requests through
 the real `WebsocketClientPolicy`, each observation with two 224x224 uint8 images; prints one JSON line
-of per-request round-trip and server inference times in ms.
+of per-request round-trip and server inference times in ms, and the rows of the policy call that served
+each request.
 
     <openpi venv>/bin/python tests/openpi_client_bench.py PORT REQUESTS WARMUP
 """
@@ -21,7 +22,7 @@ def main() -> None:
            "observation/image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
            "observation/wrist_image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
            "prompt": "pick up the red block"}
-    rtt, infer = [], []
+    rtt, infer, batch = [], [], []
     for i in range(warmup + requests):
         start = time.perf_counter()
         reply = client.infer(obs)
@@ -29,7 +30,8 @@ def main() -> None:
         if i >= warmup:
             rtt.append(ms)
             infer.append(reply["server_timing"]["infer_ms"])
-    print(json.dumps({"rtt_ms": rtt, "infer_ms": infer}))
+            batch.append(reply["server_timing"].get("batch_size", 1))
+    print(json.dumps({"rtt_ms": rtt, "infer_ms": infer, "batch_size": batch}))
 
 
 if __name__ == "__main__":

@@ -29,11 +29,15 @@ def main() -> None:
     except RuntimeError as e:
         error = str(e)
     after = client.infer(obs)["actions"].shape  # the connection is still usable
+    # real-time chunking through the same client: the previous chunk's leftover and the delay ride along
+    leftover = chunk["actions"][2:]
+    rtc = client.infer({**obs, "prev_chunk_left_over": leftover, "inference_delay": 1, "seed": 5})["actions"]
     # the packers agree byte for byte (so any openpi client decodes what we send, and the reverse)
     sample = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "s": np.float64(1.5), "t": "x"}
     print(json.dumps({
         "metadata": client.get_server_metadata(), "actions": actions, "chunk_shape": list(chunk["actions"].shape),
         "server_timing": chunk["server_timing"], "error": error, "after_error_shape": list(after),
+        "rtc_actions": rtc.tolist(), "rtc_leftover": leftover.tolist(),
         "packed_sample": msgpack_numpy.packb(sample).hex(),
     }))
 

@@ -161,7 +161,7 @@ def test_the_serve_script_serves_a_saved_policy_and_refuses_a_bad_one(policy, tm
     policy.save_pretrained(tmp_path / "policy")
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve_policy.py"), "--policy",
                              str(tmp_path / "policy"), "--port", "0", "--device", "cpu", "--steps", "2",
-                             "--map", "cam=observation.images.top"],
+                             "--map", "cam=observation.images.top", "--max-batch", "3", "--batch-window-ms", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         line = proc.stdout.readline()
@@ -171,7 +171,8 @@ def test_the_serve_script_serves_a_saved_policy_and_refuses_a_bad_one(policy, tm
         obs = client_obs(rng)
         obs["cam"] = obs.pop("observation/image")  # through the --map entry
         with connect(f"ws://127.0.0.1:{port}") as ws:
-            assert unpackb(ws.recv())["key_map"]["cam"] == CAM
+            meta = unpackb(ws.recv())
+            assert meta["key_map"]["cam"] == CAM and meta["max_batch"] == 3
             ws.send(packb(obs))
             assert unpackb(ws.recv())["actions"].shape == (4, 2)
     finally:
@@ -181,6 +182,9 @@ def test_the_serve_script_serves_a_saved_policy_and_refuses_a_bad_one(policy, tm
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve_policy.py"), "--policy", str(tmp_path / "policy")],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode != 0 and "CheckpointError" not in bad.stderr and "model.safetensors" in bad.stderr
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve_policy.py"), "--policy", str(tmp_path / "policy"),
+                          "--max-batch", "0"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "max_batch = 0" in bad.stderr
 
 
 def test_bad_server_settings_are_config_errors():
@@ -209,6 +213,8 @@ def test_the_real_openpi_client_drives_the_server_through_its_chunk_broker(polic
     assert actions.shape == (5, 2) and np.isfinite(actions).all()
     assert not np.allclose(actions[0], actions[1])  # steps of one chunk differ
     assert "InputError" in result["error"] and result["after_error_shape"] == [4, 2]
-    assert "infer_ms" in result["server_timing"]
+    assert "infer_ms" in result["server_timing"] and result["server_timing"]["batch_size"] == 1
+    rtc = np.array(result["rtc_actions"])
+    assert rtc.shape == (4, 2) and np.isfinite(rtc).all()
     sample = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "s": np.float64(1.5), "t": "x"}
     assert packb(sample).hex() == result["packed_sample"]

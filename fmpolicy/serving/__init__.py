@@ -1,7 +1,7 @@
 """Control-time serving: a websocket policy server that openpi's client speaks to (needs the `serve`
 extra: websockets, msgpack)."""
 
-from fmpolicy.serving.server import DEFAULT_KEY_MAP, ObservationAdapter, PolicyServer, ServerConfig
+from fmpolicy.serving.server import DEFAULT_KEY_MAP, ObservationAdapter, PolicyServer, Request, ServerConfig
 from fmpolicy.serving.wire import packb, unpackb
 
-__all__ = ["DEFAULT_KEY_MAP", "ObservationAdapter", "PolicyServer", "ServerConfig", "packb", "unpackb"]
+__all__ = ["DEFAULT_KEY_MAP", "ObservationAdapter", "PolicyServer", "Request", "ServerConfig", "packb", "unpackb"]

@@ -6,7 +6,8 @@ The protocol (openpi's `WebsocketPolicyServer` / `WebsocketClientPolicy`):
 2. the server sends one binary msgpack frame: its metadata (a dict);
 3. each request is one binary msgpack frame holding the observation dict (numpy arrays as in
    `fmpolicy.serving.wire`); the reply is one binary frame {"actions": (H, A) float32 in robot units,
-   "server_timing": {"infer_ms", "total_ms", "prev_total_ms"}};
+   "server_timing": {"infer_ms", "queue_ms", "batch_size", "batch_requests", "total_ms",
+   "prev_total_ms"}};
 4. a request that fails gets a *text* frame with the error and its traceback, and the connection
    stays usable: a bad request never kills the server or the other clients.
 
@@ -15,17 +16,43 @@ Client keys are mapped to ours by `ServerConfig.key_map` (openpi's `observation/
 already in our names pass through, and keys the policy does not use are ignored. Images may come as
 HWC or CHW, uint8 or float in [0, 1]; they reach the policy as float32 (3, H, W) in [0, 1]. An
 unbatched observation (state (s,)) gets actions (H, A); a batched one (state (b, s)) gets (b, H, A).
+The reply's "server_timing" also holds "queue_ms" (arrival to the start of its inference),
+"batch_size" (rows in that call) and "batch_requests" (requests in it).
 
-Requests are served in the order they arrive, one inference at a time (one policy, one device), on a
-worker thread: the event loop keeps accepting connections and sending metadata meanwhile.
+Batching: each request is checked on its own as it arrives (a bad one gets its error and nothing else
+happens to it). Requests that wait while the policy is busy are stacked into one `predict_action_chunk`
+call of at most `max_batch` rows when they are compatible; with `ServerConfig.batch_window_ms` > 0 the
+oldest waiting request also waits up to that long past the moment the policy could take it (the
+policy being idle then), for more requests to join, unless `max_batch` rows are already there (clients
+that each wait for their reply before sending again otherwise settle into taking turns). Compatible:
+the same state width, the same cameras at the same image size, a task in all or none of them, and the
+same RTC settings (different tasks, robots and seeds batch fine: the policy takes them per row).
+Incompatible ones run in separate calls, oldest first. Each row gets its own noise (from the request's `seed` when it sends one, otherwise from
+torch's global generator), so a batched result equals the unbatched one to float rounding when the
+noise is fixed (`seed`), and is an equally likely sample otherwise. When a batched call raises (a
+request that passed the checks but fails in the policy), its requests are run again one by one, so
+only the faulty one gets an error. Inference runs on one worker thread (one policy, one device): the
+event loop keeps accepting connections and sending metadata meanwhile.
+
+Optional request fields (our names, not mapped):
+- `seed` (int >= 0): the request's noise is drawn from `torch.Generator().manual_seed(seed)`:
+  reproducible chunks, batched or not.
+- Real-time chunking (`fmpolicy.rtc`, LeRobot's names): `prev_chunk_left_over` (n, a) in robot units
+  ((b, n, a) for a batched request): the previous chunk's actions from the moment the request is
+  sent on, n <= chunk_size; `inference_delay` (int d, default 0): how many of them run while this
+  inference does (the committed prefix); `execution_horizon` (int, default n): how many leading
+  positions are guided. With them the flow is integrated with RTC's guidance towards that prefix
+  (`ServerConfig.rtc_max_guidance_weight`, `rtc_schedule`); without them the plain sampler runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -36,8 +63,17 @@ import torch
 
 from fmpolicy import __version__
 from fmpolicy.batch import STATE, TASK
+from fmpolicy.embodiment import EMBODIMENT
 from fmpolicy.errors import ConfigError, InputError
+from fmpolicy.rtc import SCHEDULES
 from fmpolicy.serving.wire import packb, unpackb
+
+# optional request fields beyond the observation (see the module docstring)
+SEED = "seed"
+PREV_CHUNK = "prev_chunk_left_over"
+INFERENCE_DELAY = "inference_delay"
+EXECUTION_HORIZON = "execution_horizon"
+REQUEST_FIELDS = (SEED, PREV_CHUNK, INFERENCE_DELAY, EXECUTION_HORIZON)
 
 # openpi's client keys (its LIBERO / DROID / ALOHA examples) -> ours; "{camera0}" / "{camera1}" stand
 # for the policy's first and second camera keys
@@ -60,6 +96,10 @@ class ServerConfig:
     port: int = 8000  # TCP port; 0 = any free port (the bound one is `PolicyServer.port`)
     api_key: str | None = None  # when set, clients must send "Authorization: Api-Key <key>"
     key_map: dict = field(default_factory=lambda: dict(DEFAULT_KEY_MAP))  # client key -> our key
+    max_batch: int = 16  # most rows in one predict_action_chunk call; 1 = no batching across requests
+    batch_window_ms: float = 0.0  # how long the oldest waiting request waits for others; 0 = batch what waits
+    rtc_max_guidance_weight: float = 5.0  # RTC's beta (requests with prev_chunk_left_over)
+    rtc_schedule: str = "exp"  # RTC's prefix weights over the execution horizon: "exp" or "linear"
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -70,6 +110,19 @@ class ServerConfig:
                                                          for k, v in self.key_map.items()):
             raise ConfigError(f"ServerConfig.key_map = {self.key_map!r} is invalid: expected {{client key: our key}} "
                               "strings")
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise ConfigError(f"ServerConfig.max_batch = {self.max_batch!r} is invalid: expected an int >= 1 "
+                              "(1: no batching across requests)")
+        if isinstance(self.batch_window_ms, bool) or not isinstance(self.batch_window_ms, (int, float)) \
+                or not 0 <= self.batch_window_ms < float("inf"):
+            raise ConfigError(f"ServerConfig.batch_window_ms = {self.batch_window_ms!r} is invalid: expected a "
+                              "finite number of milliseconds >= 0")
+        if not isinstance(self.rtc_max_guidance_weight, (int, float)) or not self.rtc_max_guidance_weight > 0:
+            raise ConfigError(f"ServerConfig.rtc_max_guidance_weight = {self.rtc_max_guidance_weight!r} is invalid: "
+                              "expected a number > 0")
+        if self.rtc_schedule not in SCHEDULES:
+            raise ConfigError(f"ServerConfig.rtc_schedule = {self.rtc_schedule!r} is invalid: expected one of "
+                              f"{SCHEDULES}")
 
 
 class ObservationAdapter:
@@ -85,6 +138,12 @@ class ObservationAdapter:
 
     def __call__(self, obs: Any) -> tuple[dict[str, Any], bool]:
         """-> (batch, batched): `batched` is False when the client sent one observation."""
+        batch, batched, _ = self.adapt(obs)
+        return batch, batched
+
+    def adapt(self, obs: Any) -> tuple[dict[str, Any], bool, dict[str, Any]]:
+        """-> (batch, batched, extras): `extras` holds the optional request fields (`REQUEST_FIELDS`) it
+        sent, unchecked (`PolicyServer.prepare` checks them)."""
         if not isinstance(obs, dict):
             raise InputError(f"the request holds a {type(obs).__name__}: expected a dict of observation entries")
         mapped: dict[str, Any] = {}
@@ -111,11 +170,12 @@ class ObservationAdapter:
             task = mapped[TASK]
             tasks = [task] * b if isinstance(task, (str, bytes, np.str_)) else list(task)
             batch[TASK] = [t.decode() if isinstance(t, bytes) else str(t) for t in tasks]
-        for key in ("embodiment", "observation.prefix", "observation.prefix_mask"):
+        if EMBODIMENT in mapped:
+            batch[EMBODIMENT] = _embodiment(mapped[EMBODIMENT], b, self.device)
+        for key in ("observation.prefix", "observation.prefix_mask"):
             if key in mapped:
-                value = mapped[key]
-                batch[key] = value if isinstance(value, str) else torch.as_tensor(np.array(value), device=self.device)
-        return batch, batched
+                batch[key] = torch.as_tensor(np.array(mapped[key]), device=self.device)
+        return batch, batched, {k: mapped[k] for k in REQUEST_FIELDS if k in mapped}
 
     def _image(self, value: Any, key: str, batched: bool) -> torch.Tensor:
         img = _array(value, key)
@@ -136,6 +196,25 @@ class ObservationAdapter:
         return x.float()
 
 
+def _embodiment(value: Any, b: int, device: torch.device) -> list[str] | torch.Tensor:
+    """A request's robot: a name for all its rows, one name per row, or indices -> per-row names or (b,)."""
+    if isinstance(value, (str, bytes, np.str_)):
+        value = [value] * b
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (str, bytes, np.str_)) for v in value):
+        return [v.decode() if isinstance(v, bytes) else str(v) for v in value]
+    arr = _array(value, EMBODIMENT)
+    if arr.dtype.kind not in "iu":
+        raise InputError(f"{EMBODIMENT!r} = {value!r}: expected a robot name, one name per row, or integer indices")
+    return torch.as_tensor(arr, dtype=torch.long, device=device).reshape(-1)
+
+
+def _int_field(extras: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = extras.get(name, default)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise InputError(f"{name!r} = {value!r}: expected an int in [{low}, {high}]")
+    return int(value)
+
+
 def _array(value: Any, key: str) -> np.ndarray:
     arr = np.array(value)  # a copy: arrays decoded from a message are read-only views of it
     if arr.dtype.kind not in "biuf":
@@ -143,15 +222,32 @@ def _array(value: Any, key: str) -> np.ndarray:
     return arr
 
 
+@dataclass
+class Request:
+    """One checked request, ready to be stacked with others (`PolicyServer.prepare`)."""
+
+    batch: dict[str, Any]  # the policy's inputs, rows first
+    batched: bool  # the client sent a batch (state (b, s)): it gets (b, H, A) back
+    rows: int
+    width: int  # its robot's action width: the columns of its rows it gets back
+    key: tuple  # requests with equal keys can be stacked into one call
+    seed: int | None = None
+    rtc: tuple[torch.Tensor, int, int] | None = None  # (prev_chunk_left_over (b, n, a), delay, horizon)
+    arrived: float = field(default_factory=time.perf_counter)
+    future: Any = None  # the asyncio future its connection waits on
+
+
 class PolicyServer:
     """Serves `policy` (a `FlowPolicy`) over websockets; see the module docstring.
 
     `start()` runs the server on a background thread and returns once it listens (`self.port`);
-    `serve_forever()` (starting it when needed) blocks until Ctrl-C or `stop()`.
+    `serve_forever()` (starting it when needed) blocks until Ctrl-C or `stop()`. `calls` counts the
+    policy calls made and `rows` the rows they held (batching at work: rows / calls).
     """
 
     def __init__(self, policy, config: ServerConfig | None = None, sampler=None):
-        self.policy = policy.eval()
+        policy.eval()
+        self.policy = policy
         self.config = config or ServerConfig()
         self.sampler = sampler  # a SamplerConfig overriding the policy's own, or None
         self.adapter = ObservationAdapter(policy, self.config.key_map)
@@ -160,26 +256,190 @@ class PolicyServer:
             "chunk_size": policy.config.chunk_size, "n_action_steps": policy.config.n_action_steps,
             "action_dim": policy.config.action_dim, "state_dim": policy.config.state_dim,
             "cameras": self.adapter.cameras, "key_map": self.adapter.key_map,
-            "embodiments": list(policy.embodiments.names),
+            "embodiments": list(policy.embodiments.names), "max_batch": self.config.max_batch,
+            "rtc": policy.config.head == "flow",
         }
         self.port: int | None = None
+        self.calls = 0
+        self.rows = 0
         self._lock = threading.Lock()  # one inference at a time
+        self._pending: deque[Request] = deque()  # checked requests waiting for the policy (event loop only)
+        self._wakeup: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop: asyncio.Future | None = None
 
-    # ---- one request ----
-    def infer(self, obs: Any) -> dict[str, Any]:
-        """The reply to one decoded request (also usable without a network)."""
-        batch, batched = self.adapter(obs)
+    # ---- requests ----
+    def prepare(self, obs: Any) -> Request:
+        """Check one decoded request on its own (an `InputError` names the field, the value and what is
+        expected) and make it ready to be stacked with others."""
+        policy = self.policy
+        batch, batched, extras = self.adapter.adapt(obs)
+        state = batch[STATE]
+        b = state.shape[0]
+        if b == 0:
+            raise InputError(f"{STATE!r} has batch size 0: expected at least one row")
+        if not torch.isfinite(state).all():
+            rows = (~torch.isfinite(state)).any(1).nonzero().flatten().tolist()
+            raise InputError(f"{STATE!r} holds non-finite values (row {rows[0]}: {state[rows[0]].tolist()}): "
+                             "expected finite numbers")
+        if TASK in batch and len(batch[TASK]) != b:
+            raise InputError(f"{TASK!r} has {len(batch[TASK])} entries: expected one per row ({b}) or one string")
+        idx = policy.embodiments.index(batch, b)
+        swidth = policy.embodiments.width(idx, "state")
+        if state.shape[1] not in (swidth, policy.config.state_dim):
+            raise InputError(f"{STATE!r} has width {state.shape[1]}: this policy expects state_dim="
+                             f"{' or '.join(str(w) for w in sorted({swidth, policy.config.state_dim}))}")
+        for cam in self.adapter.cameras:
+            if cam in batch and batch[cam].shape[0] != b:
+                raise InputError(f"{cam!r} has {batch[cam].shape[0]} images: expected one per row ({b})")
+        width = policy.embodiments.width(idx, "action")
+        seed = extras.get(SEED)
+        if seed is not None:
+            if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+                raise InputError(f"{SEED!r} = {seed!r}: expected an int in [0, 2**63)")
+            seed = int(seed)
+        rtc = self._rtc_fields(extras, b, batched, width)
+        key = tuple((k, tuple(v.shape[1:]), str(v.dtype)) if isinstance(v, torch.Tensor) else (k, type(v).__name__)
+                    for k, v in sorted(batch.items()))
+        key += (None,) if rtc is None else ((tuple(rtc[0].shape[1:]), rtc[1], rtc[2]),)
+        return Request(batch, batched, b, width, key, seed, rtc)
+
+    def _rtc_fields(self, extras: dict[str, Any], b: int, batched: bool, width: int):
+        if PREV_CHUNK not in extras:
+            for name in (INFERENCE_DELAY, EXECUTION_HORIZON):
+                if name in extras:
+                    raise InputError(f"{name!r} = {extras[name]!r} was sent without {PREV_CHUNK!r}: expected both "
+                                     "(real-time chunking continues the previous chunk) or neither")
+            return None
+        if self.policy.config.head != "flow":
+            raise InputError(f"{PREV_CHUNK!r} was sent, but this policy has a {self.policy.config.head!r} head: "
+                             "real-time chunking needs a flow head")
+        h = self.policy.config.chunk_size
+        prev = _array(extras[PREV_CHUNK], PREV_CHUNK)
+        want = f"({b}, n, {width})" if batched else f"(n, {width})"
+        if prev.ndim != (3 if batched else 2) or (batched and prev.shape[0] != b) or prev.shape[-1] != width \
+                or not 1 <= prev.shape[-2] <= h:
+            raise InputError(f"{PREV_CHUNK!r} has shape {prev.shape}: expected {want} with 1 <= n <= {h} (the "
+                             "previous chunk's actions from this request on, robot units)")
+        if not np.isfinite(prev).all():
+            raise InputError(f"{PREV_CHUNK!r} holds non-finite values: expected finite actions")
+        n = prev.shape[-2]
+        horizon = _int_field(extras, EXECUTION_HORIZON, n, 1, h)
+        delay = _int_field(extras, INFERENCE_DELAY, 0, 0, min(horizon, n))
+        leftover = torch.as_tensor(prev if batched else prev[None], dtype=self.policy.dtype, device=self.policy.device)
+        return leftover, delay, horizon
+
+    def run_batch(self, requests: list[Request]) -> list[dict[str, Any] | Exception]:
+        """Stack compatible `requests` (equal keys) into one policy call; -> one reply or exception each.
+        When the stacked call raises, each request is run alone, so that only the faulty ones fail."""
+        try:
+            return self._run(requests)
+        except Exception as e:  # noqa: BLE001 (returned to its request(s))
+            if len(requests) == 1:
+                return [e]
+        return [self.run_batch([r])[0] for r in requests]
+
+    def _run(self, requests: list[Request]) -> list[dict[str, Any]]:
+        policy = self.policy
+        first = requests[0]
+        if len(requests) == 1:
+            batch = first.batch
+        else:
+            batch = {}
+            for k, v in first.batch.items():
+                parts = [r.batch[k] for r in requests]
+                batch[k] = torch.cat(parts) if isinstance(v, torch.Tensor) else [x for p in parts for x in p]
+        noise = torch.cat([policy.sample_noise(r.rows, None if r.seed is None else
+                                               torch.Generator().manual_seed(r.seed)) for r in requests])
+        noise = noise.to(policy.device, policy.dtype)
+        rows = sum(r.rows for r in requests)
         with self._lock, torch.no_grad():
             start = time.perf_counter()
-            actions = self.policy.predict_action_chunk(batch, sampler=self.sampler)
+            if first.rtc is None:
+                actions = policy.predict_action_chunk(batch, noise=noise, sampler=self.sampler)
+            else:
+                from fmpolicy.rtc import sample_chunk_rtc
+
+                _, delay, horizon = first.rtc
+                leftover = torch.cat([r.rtc[0] for r in requests])
+                actions = sample_chunk_rtc(policy, batch, leftover, delay, horizon,
+                                           max_guidance_weight=self.config.rtc_max_guidance_weight,
+                                           schedule=self.config.rtc_schedule, noise=noise, sampler=self.sampler)
             if actions.is_cuda:
                 torch.cuda.synchronize(actions.device)
             infer_ms = 1000 * (time.perf_counter() - start)
+            self.calls += 1
+            self.rows += rows
         actions = actions.float().cpu().numpy()
-        return {"actions": actions if batched else actions[0], "server_timing": {"infer_ms": infer_ms}}
+        replies, row = [], 0
+        for r in requests:
+            mine = actions[row:row + r.rows, :, :r.width]
+            row += r.rows
+            replies.append({"actions": mine if r.batched else mine[0], "server_timing": {
+                "infer_ms": infer_ms, "queue_ms": 1000 * (start - r.arrived), "batch_size": rows,
+                "batch_requests": len(requests)}})
+        return replies
+
+    def infer(self, obs: Any) -> dict[str, Any]:
+        """The reply to one decoded request (also usable without a network)."""
+        reply = self.run_batch([self.prepare(obs)])[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    # ---- batching (on the event loop) ----
+    def _take(self) -> list[Request]:
+        """The oldest waiting request and every later one compatible with it, up to max_batch rows."""
+        head = self._pending.popleft()
+        group, rows, rest = [head], head.rows, deque()
+        while self._pending:
+            r = self._pending.popleft()
+            if r.future.done():  # its client went away
+                continue
+            if r.key == head.key and rows + r.rows <= self.config.max_batch:
+                group.append(r)
+                rows += r.rows
+            else:
+                rest.append(r)
+        self._pending = rest
+        return group
+
+    def _compatible_rows(self) -> int:
+        head = self._pending[0]
+        return sum(r.rows for r in self._pending if r.key == head.key)
+
+    async def _batcher(self) -> None:
+        window = self.config.batch_window_ms / 1000
+        free_since = time.perf_counter()  # when the policy last finished a call
+        while True:
+            while not self._pending or self._pending[0].future.done():
+                if self._pending:
+                    self._pending.popleft()
+                    continue
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if window > 0:  # the oldest request waits at most `window` past the moment the policy could take it
+                deadline = max(self._pending[0].arrived, free_since) + window
+                while self._compatible_rows() < self.config.max_batch and time.perf_counter() < deadline:
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), deadline - time.perf_counter())
+                    except asyncio.TimeoutError:  # TimeoutError from 3.11 on
+                        break
+            group = self._take()
+            try:
+                results = await asyncio.to_thread(self.run_batch, group)
+            except Exception as e:  # noqa: BLE001 (run_batch returns errors; this is a last resort)
+                results = [e] * len(group)
+            free_since = time.perf_counter()
+            for r, result in zip(group, results):
+                if r.future.done():
+                    continue
+                if isinstance(result, Exception):
+                    r.future.set_exception(result)
+                else:
+                    r.future.set_result(result)
 
     # ---- the websocket side ----
     async def _handle(self, websocket) -> None:
@@ -202,7 +462,12 @@ class PolicyServer:
                     obs = unpackb(message)
                 except Exception as e:  # noqa: BLE001 (any malformed payload)
                     raise InputError(f"the request is not a msgpack observation dict: {e}") from e
-                reply = await asyncio.to_thread(self.infer, obs)
+                request = self.prepare(obs)
+                request.arrived = start
+                request.future = asyncio.get_running_loop().create_future()
+                self._pending.append(request)
+                self._wakeup.set()
+                reply = await request.future
                 reply["server_timing"]["total_ms"] = 1000 * (time.perf_counter() - start)
                 if prev_total_ms is not None:
                     reply["server_timing"]["prev_total_ms"] = prev_total_ms
@@ -220,9 +485,20 @@ class PolicyServer:
         return None
 
     async def _serve(self, ready: threading.Event | None = None) -> None:
+        self._stop = asyncio.get_running_loop().create_future()
+        self._wakeup = asyncio.Event()
+        self._pending.clear()
+        batcher = asyncio.create_task(self._batcher())
+        try:
+            await self._serve_forever_on(ready)
+        finally:
+            batcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await batcher
+
+    async def _serve_forever_on(self, ready: threading.Event | None) -> None:
         from websockets.asyncio.server import serve
 
-        self._stop = asyncio.get_running_loop().create_future()
         async with serve(self._handle, self.config.host, self.config.port, compression=None, max_size=None,
                          process_request=self._check_api_key) as server:
             self.port = server.sockets[0].getsockname()[1]
