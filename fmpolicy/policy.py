@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from fmpolicy import batch as keys
 from fmpolicy.config import PolicyConfig, SamplerConfig, config_from_dict, config_to_dict, resolve_device
 from fmpolicy.embodiment import Embodiments
-from fmpolicy.errors import CheckpointError, InputError
+from fmpolicy.errors import CheckpointError, ConfigError, InputError
 from fmpolicy.flow import compute_cfm_loss, compute_masked_mse, interpolate, make_valid_mask, sample_time
 from fmpolicy.io import atomic_directory
 from fmpolicy.model import ExpertCache, make_velocity_net
@@ -359,8 +359,14 @@ class FlowPolicy(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | None = None) -> "FlowPolicy":
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | None = None,
+                        encoder_overrides: Mapping[str, Any] | None = None) -> "FlowPolicy":
         """Rebuild a saved policy; `device` overrides the saved config's device.
+
+        `encoder_overrides`: EncoderConfig fields to change on the way (`freeze_vision`, `freeze_text`,
+        `freeze_vlm`, `lora_rank`: what an RL run trains, `fmpolicy.rl.config.FinetuneConfig`). New LoRA
+        adapters start at zero (B = 0: the loaded policy acts exactly as the saved one); removing or
+        resizing saved adapters is refused (the weights would change).
 
         A missing, unreadable or inconsistent file, or weights holding NaN or inf, raise `CheckpointError`
         naming the file; a saved device this machine lacks (e.g. "cuda") raises `ConfigError`: pass `device`.
@@ -391,7 +397,20 @@ class FlowPolicy(nn.Module):
                                   "be rebuilt without them; expected the full config save_pretrained writes")
         if device is not None:
             data = {**data, "device": device}
+        saved_lora = int((data.get("encoder") or {}).get("lora_rank", 0) or 0)
+        if encoder_overrides:
+            encoder = data.get("encoder") or {}
+            if encoder.get("kind", "none") == "none":
+                raise ConfigError(f"encoder settings {dict(encoder_overrides)} were given, but the policy in {directory} "
+                                  "has no encoder (encoder.kind = 'none')")
+            lora = encoder_overrides.get("lora_rank", saved_lora)
+            if saved_lora and lora != saved_lora:
+                raise ConfigError(f"lora_rank = {lora} is invalid for {directory}: its policy was saved with LoRA adapters "
+                                  f"of rank {saved_lora}; expected {saved_lora} (adapters cannot be removed or resized "
+                                  "without changing the policy)")
+            data = {**data, "encoder": {**encoder, **encoder_overrides}}
         config = config_from_dict(PolicyConfig, data, where=f"{config_path}:config")
+        added_lora = not saved_lora and config.encoder.lora_rank > 0
         policy = cls(config)
         try:
             state = load_file(str(weights_path), device=str(policy.device))
@@ -403,6 +422,13 @@ class FlowPolicy(nn.Module):
             raise CheckpointError(f"{weights_path} holds NaN or inf in {len(bad)} tensor(s): {bad[:10]}"
                                   f"{' ...' if len(bad) > 10 else ''}; refusing to load weights that cannot act")
         own = policy.state_dict()
+        if added_lora:  # the new adapters are not in the file: they keep their zero-effect initialisation,
+            # and the layers they wrap hold the saved weights under `base_layer` (peft's naming)
+            for k in own:
+                src = k.replace(".base_layer.", ".")
+                if ".base_layer." in k and src in state:
+                    state[k] = state.pop(src)
+            state = {**{k: v for k, v in own.items() if "lora_" in k}, **state}
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         shapes = [k for k, v in own.items() if k in state and state[k].shape != v.shape]
         if missing or unexpected or shapes:

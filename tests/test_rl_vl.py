@@ -160,3 +160,52 @@ def test_resumed_vl_run_equals_an_uninterrupted_one(tmp_path):
     resumed = train_rl(vl_config(tmp_path / "b", policy_dir), resume=True)
     for (name, a), (_, b) in zip(whole.actor.state_dict().items(), resumed.actor.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+# ---- what trains: rl.finetune --------------------------------------------------------------------------
+
+
+def test_finetune_freezes_or_adapts_the_encoder_of_an_init_from_policy_and_saves_how(tmp_path):
+    pytest.importorskip("peft")
+    policy_dir = save_vl_policy(tmp_path / "policy", frozen=False)  # imitation trained the whole encoder
+    start = FlowPolicy.from_pretrained(policy_dir).state_dict()
+    config = vl_config(tmp_path, policy_dir, finetune={"freeze_vision": True, "freeze_text": True, "lora_rank": 2,
+                                                       "lr_encoder": 1e-3, "lr_expert": 2e-4, "lr_critic": 5e-4})
+    actor, _ = make_actor(config, torch.device("cpu"))
+    trainable = {n for n, p in actor.policy.encoder.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith(("vision_proj", "text_proj", "camera_embed"))
+                             for n in trainable)
+    assert any(n.startswith("text.") and "lora_" in n for n in trainable)
+    result = train_rl(config)
+    assert result.history[0]["ratio_first_max_dev"] <= 1e-5  # new adapters start at zero: the same policy
+    assert {k: result.history[-1][k] for k in ("lr", "lr_encoder", "lr_critic")} == \
+        {"lr": 2e-4, "lr_encoder": 1e-3, "lr_critic": 5e-4}
+    after = result.actor.policy.state_dict()
+    vision = [k for k in start if k.startswith("encoder.vision.")]
+    assert vision and all(torch.equal(start[k], after[k]) for k in vision)  # frozen: not one bit moved
+    text_base = [k for k in after if k.startswith("encoder.text.") and "base_layer" in k]
+    assert text_base and all(torch.equal(after[k], start[k.replace(".base_layer.", ".")]) for k in text_base)
+    assert any(not torch.equal(start[k], after[k]) for k in start if k.startswith("net."))  # the expert trained
+    saved = FlowPolicy.from_pretrained(tmp_path / "run" / "policy")
+    assert (saved.config.encoder.lora_rank, saved.config.encoder.freeze_vision) == (2, True)
+    for k, v in saved.state_dict().items():
+        assert torch.equal(v, after[k]), k
+
+
+def test_finetune_settings_that_cannot_apply_are_clear_errors(tmp_path):
+    from fmpolicy.errors import ConfigError
+
+    lora_dir = tmp_path / "lora"
+    pytest.importorskip("peft")
+    FlowPolicy.from_pretrained(save_vl_policy(tmp_path / "policy", True),
+                               encoder_overrides={"lora_rank": 2}).save_pretrained(lora_dir)
+    with pytest.raises(ConfigError, match="lora_rank = 4.*rank 2"):
+        make_actor(vl_config(tmp_path, str(lora_dir), finetune={"lora_rank": 4}), torch.device("cpu"))
+    state_only = {"policy": {"state_dim": 1, "action_dim": 2, "chunk_size": 1, "n_action_steps": 1,
+                             "expert": {"kind": "mlp", "width": 8, "depth": 1, "max_state_dim": 1, "max_action_dim": 2},
+                             "normalization": {"state": "identity", "action": "identity"}},
+                  "rl": {"device": "cpu", "finetune": {"freeze_text": False}}}
+    with pytest.raises(ConfigError, match="no\\s+encoder"):
+        make_actor(config_from_dict(RLRunConfig, state_only), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="FinetuneConfig.lora_rank = -1"):
+        config_from_dict(RLRunConfig, {**state_only, "rl": {"finetune": {"lora_rank": -1}}})

@@ -106,6 +106,38 @@ class ValueConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Which parts of the flow policy RL trains, and how fast; null = as the policy was saved (init_from) or
+    configured (from scratch) / as rl.lr. Applied when the run builds its policy, and saved with it: the
+    final policy's config.json says how it was trained (its LoRA adapters included)."""
+
+    freeze_vision: bool | None = None  # vision_text: the vision tower frozen (no gradient, eval mode)
+    freeze_text: bool | None = None  # vision_text: the text model frozen (its LoRA adapters still train)
+    freeze_vlm: bool | None = None  # vlm: the whole VLM frozen (its LoRA adapters still train)
+    lora_rank: int | None = None  # LoRA adapters on the text model / the VLM's language model (0 = none);
+    #   adds adapters to a policy saved without them (they start at zero: the policy is unchanged)
+    lr_expert: float | None = None  # Adam lr of the velocity network (the action expert)
+    lr_encoder: float | None = None  # of every trainable encoder parameter (towers, adapters, projections)
+    lr_critic: float | None = None  # of the critic
+
+    ENCODER_FIELDS = ("freeze_vision", "freeze_text", "freeze_vlm", "lora_rank")
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for f in ("freeze_vision", "freeze_text", "freeze_vlm"):
+            v = getattr(self, f)
+            _check(v is None or isinstance(v, bool), name, f, v, "true, false or null")
+        v = self.lora_rank
+        _check(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0), name, "lora_rank", v,
+               "an int >= 0 or null")
+        _positive_or_none(self, "lr_expert", "lr_encoder", "lr_critic")
+
+    def encoder_overrides(self) -> dict:
+        """The encoder settings this config sets (EncoderConfig fields), the null ones left out."""
+        return {f: getattr(self, f) for f in self.ENCODER_FIELDS if getattr(self, f) is not None}
+
+
+@dataclass(frozen=True)
 class RLConfig:
     """The PPO-style loop shared by FPO and Gaussian PPO (CleanRL's knobs, documented)."""
 
@@ -148,6 +180,7 @@ class RLConfig:
     fpo: FPOConfig = field(default_factory=FPOConfig)
     gaussian: GaussianConfig = field(default_factory=GaussianConfig)
     value: ValueConfig = field(default_factory=ValueConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # what of the flow policy trains, lrs per part
 
     def __post_init__(self) -> None:
         name = type(self).__name__

@@ -76,17 +76,38 @@ def make_actor(config: RLRunConfig, device: torch.device):
     if rc.policy_type == "gaussian":
         pc = config.policy
         return GaussianActor(pc.state_dim, pc.action_dim, config.n_action_steps(), rc.gaussian, device), pc
+    overrides = rc.finetune.encoder_overrides()  # what of the encoder trains in this run (null: as saved)
     if config.init_from:
-        policy = FlowPolicy.from_pretrained(config.init_from, device=str(device))
+        policy = FlowPolicy.from_pretrained(config.init_from, device=str(device), encoder_overrides=overrides)
     else:
         norm = config.policy.normalization
         if norm.state != "identity" or norm.action != "identity":
             raise ConfigError(f"policy.normalization = {norm} cannot be fitted without data: use 'identity' for "
                               "state and action when training from scratch, or init_from an imitation checkpoint")
-        policy = FlowPolicy(dataclasses.replace(config.policy, device=str(device)))
+        pc = config.policy
+        if overrides:
+            if pc.encoder.kind == "none":
+                raise ConfigError(f"rl.finetune sets {overrides}, but policy.encoder.kind = 'none': the policy has no "
+                                  "encoder to freeze or adapt")
+            pc = dataclasses.replace(pc, encoder=dataclasses.replace(pc.encoder, **overrides))
+        policy = FlowPolicy(dataclasses.replace(pc, device=str(device)))
     if policy.config.head != "flow":
         raise ConfigError(f"policy.head = {policy.config.head!r}: FPO needs a 'flow' policy")
     return FlowActor(policy, rc.fpo, keep_noise=rc.ent_coef > 0), policy.config
+
+
+def parameter_groups(actor, actor_params: list[nn.Parameter], critic_params: list[nn.Parameter], rc) -> list[dict]:
+    """Adam's parameter groups: the flow policy's encoder, the rest of the actor (the expert; the Gaussian's
+    mean and log-std), the critic, each with its lr (`base_lr`, which anneal_lr scales). Empty groups are
+    left out."""
+    ft = rc.finetune
+    encoder = getattr(getattr(actor, "policy", None), "encoder", None)
+    in_encoder = {id(p) for p in encoder.parameters()} if encoder is not None else set()
+    groups = [("encoder", [p for p in actor_params if id(p) in in_encoder], ft.lr_encoder),
+              ("actor", [p for p in actor_params if id(p) not in in_encoder], ft.lr_expert),
+              ("critic", critic_params, ft.lr_critic)]
+    return [{"params": params, "lr": lr or rc.lr, "base_lr": lr or rc.lr, "name": name}
+            for name, params, lr in groups if params]
 
 
 def ratio_check_tolerance(reference: torch.Tensor) -> float:
@@ -138,8 +159,9 @@ def _train_rl(config: RLRunConfig, run: RunFolder) -> RLResult:
     actor_params = [p for p in actor.parameters() if p.requires_grad]  # not FPO's frozen reference policy
     critic_params = list(critic.parameters())
     # one Adam for both nets: its state is per parameter and the gradients are clipped per net, so this is
-    # exactly two separate Adams (the FPO paper code's), tested
-    optimizer = torch.optim.Adam(actor_params + critic_params, lr=rc.lr, eps=rc.adam_eps)
+    # exactly two separate Adams (the FPO paper code's), tested. One parameter group per part (expert,
+    # encoder, critic), each with its own lr (rl.finetune.lr_*; rl.lr where unset)
+    optimizer = torch.optim.Adam(parameter_groups(actor, actor_params, critic_params, rc), lr=rc.lr, eps=rc.adam_eps)
     max_norm = rc.max_grad_norm if rc.max_grad_norm > 0 else math.inf
 
     # ---- environments and the rollout collector ----
@@ -217,7 +239,7 @@ def _train_rl(config: RLRunConfig, run: RunFolder) -> RLResult:
         tick = time.perf_counter()
         if rc.anneal_lr:  # linear decay to 0 over the run (CleanRL's anneal_lr); a function of the iteration
             for group in optimizer.param_groups:
-                group["lr"] = rc.lr * (1.0 - iteration / num_iterations)
+                group["lr"] = group["base_lr"] * (1.0 - iteration / num_iterations)
 
         # -- rollout: n macro-steps in e envs with the current policy --
         rollout = collector.collect(rc.num_macro_steps, rollout_gen)
@@ -309,7 +331,8 @@ def _train_rl(config: RLRunConfig, run: RunFolder) -> RLResult:
             "episode_return": float(np.mean(rollout.episode_returns)) if rollout.episode_returns else None,
             "episodes": len(rollout.episode_returns),
             "success_rate": float(np.mean(rollout.episode_successes)) if rollout.episode_successes else None,
-            "seconds": time.perf_counter() - tick, "lr": optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - tick,
+            **{("lr" if g["name"] == "actor" else f"lr_{g['name']}"): g["lr"] for g in optimizer.param_groups},
         }
         if eval_envs is not None and (done % rc.eval_every == 0 or done == num_iterations):
             record.update(evaluate())
