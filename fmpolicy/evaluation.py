@@ -44,6 +44,8 @@ class EvalResult:
     final_states: np.ndarray | None = None  # (episodes, s) the state each episode ended in
     paths: np.ndarray | None = None  # (episodes, T, s) every state of each episode, NaN after its end
     tasks: list[str] = field(default_factory=list)  # the instruction the policy was given, per episode
+    return_std: float = 0.0  # standard deviation of the episode returns
+    success_reported: bool = True  # False when the env never reported is_success (then successes count 0)
 
     def summary(self) -> dict[str, Any]:
         return {"episodes": self.episodes, "successes": self.successes, "success_rate": self.success_rate,
@@ -55,18 +57,36 @@ class EvalResult:
 def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
                     render_size: int = 0, generator: torch.Generator | None = None,
                     flag_keys: tuple[str, ...] = ("collision",), embodiment: str | None = None,
-                    task_map: Callable[[list[str]], list[str]] | None = None) -> EvalResult:
+                    task_map: Callable[[list[str]], list[str]] | None = None,
+                    act: Callable[[dict], Tensor] | None = None, n_action_steps: int | None = None,
+                    uint8_images: bool = False, max_env_steps: int | None = None) -> EvalResult:
     """Run `episodes` episodes (in rounds of `envs.num_envs`) and count successes.
 
     `record` environments of the first round keep their state trajectories (and, with
     `render_size`, frames from `envs.unwrapped.core.render`) for plots. `embodiment` names the robot
     for a policy that serves several. `task_map` rewrites the instructions before the policy reads
     them (e.g. swap "red" and "blue" to test that the policy follows the words).
+
+    The one evaluation loop of the package: imitation (`scripts/evaluate.py`, the pipeline) passes a
+    `FlowPolicy`; RL (`fmpolicy.rl.evaluate`) passes `act` (observation -> chunk (e, h, a), e.g. an
+    actor's zero-noise chunks) with `n_action_steps`, `uint8_images=True` (its policy sees images as
+    in its rollouts) and `max_env_steps` (an error, not a silent stop, when episodes outlast it; by
+    default a round ends after the env's `max_episode_steps`, or 1000).
     """
-    policy.eval()
+    if act is None:
+        policy.eval()
+        n_exec = policy.config.n_action_steps
+
+        def act(query):
+            if embodiment is not None:
+                query = {**query, "embodiment": embodiment}
+            return policy.predict_action_chunk(query, generator=generator)
+    else:
+        if n_action_steps is None:
+            raise ValueError("evaluate_policy(act=...) needs n_action_steps")
+        n_exec = n_action_steps
     e = envs.num_envs
-    horizon = int(getattr(envs, "max_episode_steps", 1000))
-    n_exec = policy.config.n_action_steps
+    horizon = int(max_env_steps or getattr(envs, "max_episode_steps", 1000))
     succ, rets, lens, flag_counts = [], [], [], {}
     states: list[np.ndarray] = []
     frames: list[np.ndarray] = []
@@ -74,10 +94,11 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
     finals: list[Tensor] = []
     paths: list[np.ndarray] = []
     tasks: list[str] = []
+    reported = False
     rnd = 0
     while len(succ) < episodes:
         obs, info = envs.reset(seed=seed + 1000 * rnd)
-        obs = _with_task(obs, info, task_map)
+        obs = _observe(obs, info, task_map, uint8_images)
         given = list(obs.get("task", []))
         final_state = torch.as_tensor(_state(obs))
         path = [_state(obs)]
@@ -91,12 +112,11 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
         chunk = None
         for step in range(horizon):
             if step % n_exec == 0:
-                query = obs if embodiment is None else {**obs, "embodiment": embodiment}
-                chunk = policy.predict_action_chunk(query, generator=generator)
+                chunk = act(obs)
             action = chunk[:, step % n_exec]
             obs, reward, terminated, truncated, info = envs.step(action.to(_device(obs)))
             reached = info.get("final_obs", obs)  # the state this step reached (obs is already reset where it ended)
-            obs = _with_task(obs, info, task_map)
+            obs = _observe(obs, info, task_map, uint8_images)
             live = ~done
             ret += torch.as_tensor(reward).float().cpu() * live
             length += live.float()
@@ -109,8 +129,10 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
             final_state = torch.where(new[:, None], torch.as_tensor(_state(reached)), final_state)
             path.append(np.where(live[:, None].numpy(), _state(reached), np.nan))
             if new.any():
-                final_info = info["final_info"]
-                success |= torch.as_tensor(final_info["is_success"]).bool().cpu() & new
+                final_info = info.get("final_info", {})
+                if "is_success" in final_info:
+                    reported = True
+                    success |= torch.as_tensor(final_info["is_success"]).bool().cpu() & new
                 for k in flag_keys:  # a flag raised on the step that ended the episode (a crash)
                     if k in final_info:
                         seen_flags[k] = True
@@ -122,6 +144,9 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
             done |= ended
             if bool(done[:take].all()):
                 break
+        if max_env_steps is not None and not bool(done[:take].all()):
+            raise RuntimeError(f"evaluation: {int((~done[:take]).sum())} of {take} episodes still running after "
+                               f"{max_env_steps} env steps (an env without a time limit?)")
         succ += success[:take].tolist()
         finals.append(final_state[:take])
         paths.append(np.stack(path, axis=1)[:take])
@@ -141,15 +166,23 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
     return EvalResult(episodes=n, successes=k, success_rate=k / n, ci95=wilson_interval(k, n),
                       mean_return=float(np.mean(rets)), mean_length=float(np.mean(lens)),
                       flags={key: c / n for key, c in flag_counts.items()}, states=states, frames=frames,
-                      final_states=torch.cat(finals).numpy(), paths=_concat_paths(paths), tasks=tasks)
+                      final_states=torch.cat(finals).numpy(), paths=_concat_paths(paths), tasks=tasks,
+                      return_std=float(np.std(rets)), success_reported=reported)
 
 
-def _with_task(obs, info, task_map=None) -> dict:
-    """Environments that name their goal in words put the instruction in info["task"]; the policy reads obs["task"]."""
-    if not (isinstance(info, dict) and "task" in info):
-        return obs
-    tasks = list(info["task"])
-    return {**obs, "task": task_map(tasks) if task_map else tasks}
+def _observe(obs, info, task_map=None, uint8_images: bool = False) -> dict:
+    """Environments that name their goal in words put the instruction in info["task"]; the policy reads
+    obs["task"] (`task_map` rewrites it). `uint8_images`: camera images rounded to uint8, as RL's
+    rollouts give them (fmpolicy.rl.observations.from_env)."""
+    if uint8_images:
+        from fmpolicy.rl.observations import from_env
+
+        obs = from_env(obs, info, _device(obs), uint8_images=True)
+    elif isinstance(info, dict) and "task" in info:
+        obs = {**obs, "task": list(info["task"])}
+    if task_map is not None and "task" in obs:
+        obs = {**obs, "task": task_map(list(obs["task"]))}
+    return obs
 
 
 def _concat_paths(paths: list[np.ndarray]) -> np.ndarray:

@@ -209,3 +209,28 @@ def test_finetune_settings_that_cannot_apply_are_clear_errors(tmp_path):
         make_actor(config_from_dict(RLRunConfig, state_only), torch.device("cpu"))
     with pytest.raises(ConfigError, match="FinetuneConfig.lora_rank = -1"):
         config_from_dict(RLRunConfig, {**state_only, "rl": {"finetune": {"lora_rank": -1}}})
+
+
+def test_encoder_settings_next_to_init_from_are_refused_not_ignored(tmp_path):
+    from fmpolicy.errors import ConfigError
+
+    data = {"policy": {"state_dim": 2, "action_dim": 2, "chunk_size": 4, "n_action_steps": 2,
+                       "expert": {"prefix_dim": 32}, "encoder": {"kind": "vision_text", "out_dim": 32, "freeze_text": False}},
+            "init_from": str(tmp_path / "policy"), "rl": {"device": "cpu"}}
+    with pytest.raises(ConfigError, match="policy.encoder.*rl.finetune"):
+        config_from_dict(RLRunConfig, data)
+
+
+def test_rl_evaluation_gives_the_policy_the_instruction_and_uint8_images(tmp_path):
+    from fmpolicy.rl.evaluate import evaluate_actor
+
+    config = vl_config(tmp_path, save_vl_policy(tmp_path / "policy", True))
+    actor, _ = make_actor(config, torch.device("cpu"))
+    seen = []
+    eval_act = actor.eval_act
+    actor.eval_act = lambda obs, **kw: seen.append(obs) or eval_act(obs, **kw)
+    envs = make_vector_env(config.env.id, 4, torch.device("cpu"), 0, config.env.kwargs)
+    r = evaluate_actor(actor, envs, 2, True, seed=5)
+    assert r["episodes"] == 4 and r["success"] is not None and r["length"] > 0
+    assert seen and all(len(o["task"]) == 4 and o[CAM].dtype == torch.uint8 for o in seen)
+    assert {t for o in seen for t in o["task"]} <= {"go to the red goal", "go to the blue goal"}

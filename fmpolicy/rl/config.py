@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fmpolicy.config import (  # noqa: F401
+    EncoderConfig,
     PolicyConfig,
     _check,
     _choice,
@@ -233,6 +234,10 @@ class RLRunConfig:
                f"at most policy.chunk_size = {self.policy.chunk_size}")
         _check(not (self.init_from and self.rl.policy_type == "gaussian"), type(self).__name__, "init_from",
                self.init_from, "'' with rl.policy_type='gaussian' (only a flow policy can be initialised from imitation)")
+        # with init_from the saved policy's encoder is used as saved: settings here would be ignored silently
+        _check(not (self.init_from and self.policy.encoder != EncoderConfig()), "RLRunConfig", "policy.encoder",
+               self.policy.encoder, "unset with init_from (the saved policy's encoder is used; set what of it trains "
+               "in rl.finetune: freeze_vision, freeze_text, freeze_vlm, lora_rank)")
 
     def n_action_steps(self) -> int:
         """Env steps per macro-step: rl.n_action_steps, or the policy's when that is 0."""
