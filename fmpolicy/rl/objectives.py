@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fmpolicy.run.distributed import DistInfo, global_mean_std
+
 
 def straight_through_clamp(x: Tensor, lo: float | None, hi: float | None) -> Tensor:
     """Clamp the value but pass the gradient straight through (identity gradient)."""
@@ -75,12 +77,16 @@ def compute_fpo_log_ratio(
     return log_ratio
 
 
-def normalize_advantages(advantages: Tensor) -> Tensor:
+def normalize_advantages(advantages: Tensor, info: DistInfo | None = None) -> Tensor:
     """Standardise advantages (b,) (`rl.normalize_advantages`): a minibatch's, or the whole rollout's once
-    (`rl.normalize_advantages_over: batch`, as the FPO paper code); one sample is left as it is."""
-    if advantages.numel() < 2:
-        return advantages
-    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    (`rl.normalize_advantages_over: batch`, as the FPO paper code); one sample is left as it is. Under
+    torchrun (`info`) over the rows of every process."""
+    if info is None or not info.enabled:
+        if advantages.numel() < 2:
+            return advantages
+        return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    mean, std, n = global_mean_std(advantages, info)
+    return advantages if n < 2 else (advantages - mean) / (std + 1e-8)
 
 
 def _per_pair(ratio: Tensor, advantages: Tensor) -> Tensor:

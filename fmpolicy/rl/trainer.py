@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from fmpolicy.batch import STATE
-from fmpolicy.config import config_from_dict, config_to_dict, resolve_device
+from fmpolicy.config import config_from_dict, config_to_dict
 from fmpolicy.errors import ConfigError
 from fmpolicy.io import atomic_write
 from fmpolicy.policy import FlowPolicy
@@ -49,7 +49,10 @@ from fmpolicy.rl.objectives import (compute_policy_surrogate, compute_value_loss
 from fmpolicy.rl.rollout import RolloutCollector, make_vector_env
 from fmpolicy.rl.value import ValueNet
 from fmpolicy.run import RunFolder, open_run, progress, rng_state, seed_everything, set_rng_state
+from fmpolicy.run.distributed import (DistInfo, all_finite, average_gradients, barrier, gather_objects,
+                                      init_distributed, reduce_max, shutdown)
 
+RANK_SEED_STRIDE = 1_000_003  # process r of a torchrun seeds its envs and rollout noise with seed + r * this
 RATIO_CHECK_TOL = 1e-6  # the least deviation of the first ratio from 1 that stops the run (see ratio_check_tolerance)
 # config fields a resumed run may change: none of them changes the trained weights (everything else
 # must match the checkpoint's config). The run's length may change too when the lr is not annealed
@@ -110,6 +113,17 @@ def parameter_groups(actor, actor_params: list[nn.Parameter], critic_params: lis
             for name, params, lr in groups if params]
 
 
+def to_cpu(tree):
+    """A copy of nested dicts / lists with every tensor on the CPU (to gather and save process states)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.cpu()
+    if isinstance(tree, dict):
+        return {k: to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_cpu(v) for v in tree)
+    return tree
+
+
 def ratio_check_tolerance(reference: torch.Tensor) -> float:
     """How far the ratio before the first update may sit from 1: float32 rounding, no more.
 
@@ -126,6 +140,99 @@ def _slice(tree: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.
     return {k: v[idx] for k, v in tree.items()}
 
 
+@dataclass
+class UpdateBatch:
+    """One rollout, flat (rows = chunks), as the update reads it (this process's rows under torchrun)."""
+
+    obs: dict[str, Any]  # as the actor stores observations (fmpolicy.rl.observations)
+    store: dict[str, torch.Tensor]  # the actor's per-chunk data
+    chunks: torch.Tensor  # (b, h, a)
+    executed: torch.Tensor  # (b, h) bool
+    advantages: torch.Tensor  # (b,) raw GAE advantages
+    returns: torch.Tensor  # (b,)
+    values: torch.Tensor  # (b,) V at rollout time
+
+
+def update_policy(actor, critic, optimizer, batch: UpdateBatch, minibatches: list[tuple[torch.Tensor, ...]], rc,
+                  warmup: bool = False, iteration: int = 0, info: DistInfo | None = None) -> tuple[dict, float]:
+    """The PPO-style update of one rollout: for each epoch, for each minibatch of row indices in
+    `minibatches[epoch]`, the policy surrogate (`actor.log_ratio`) + value loss (+ regulariser, entropy),
+    one clipped Adam step. Returns the per-minibatch diagnostics summed, and the first ratio's largest
+    deviation from 1 (checked: `RatioCheckError`).
+
+    Under torchrun (`info.enabled`) every process holds its own rollout and minibatches of equal size;
+    advantages are standardised over all processes' rows and the gradients are averaged over the
+    processes before clipping, so that the step equals one process's on the union of the minibatches
+    (tests/test_rl_ddp.py). The checks (ratio, finite loss and gradient) stop every process together.
+    """
+    info = info or DistInfo()
+    actor_params = [p for group in optimizer.param_groups if group["name"] != "critic" for p in group["params"]]
+    critic_params = [p for group in optimizer.param_groups if group["name"] == "critic" for p in group["params"]]
+    max_norm = rc.max_grad_norm if rc.max_grad_norm > 0 else math.inf
+    per_minibatch = rc.normalize_advantages and rc.normalize_advantages_over == "minibatch"
+    b_adv = batch.advantages
+    if rc.normalize_advantages and not per_minibatch:  # the whole rollout at once (returns keep the raw ones)
+        b_adv = normalize_advantages(b_adv, info)
+    sums: dict[str, torch.Tensor] = {}  # per-minibatch diagnostics, summed on the device (one sync at the end)
+    first_dev = math.nan
+    for epoch, chunks in enumerate(minibatches):
+        for mb_index, mb in enumerate(chunks):
+            obs_mb, store_mb = observations.take(batch.obs, mb), _slice(batch.store, mb)
+            inputs = actor.prepare(obs_mb)  # the policy's encoder / prefix cache: once for every term below
+            log_ratio, actor_stats = actor.log_ratio(obs_mb, batch.chunks[mb], store_mb, inputs, batch.executed[mb])
+            ratio = log_ratio.exp()
+            if epoch == 0 and mb_index == 0:  # nothing has moved yet: the ratio must be exactly 1
+                first_dev = float(reduce_max((ratio.detach() - 1.0).abs().max(), info))
+                tol = ratio_check_tolerance(reduce_max(actor.ratio_reference(store_mb).detach().abs().max(), info))
+                if not first_dev <= tol:
+                    raise RatioCheckError(
+                        f"iteration {iteration}: the ratio before the first update step deviates from 1 by "
+                        f"{first_dev:.3g} (> {tol:.3g}): the stored rollout data do not reproduce the "
+                        "rollout policy (dropout or another random layer in train mode, weights changed "
+                        "between rollout and update, or pairs / log-probs not stored with their samples)")
+            adv = b_adv[mb]
+            if per_minibatch:
+                adv = normalize_advantages(adv, info)
+            pg_loss = compute_policy_surrogate(ratio, adv, rc.clip, rc.surrogate).mean()
+            v_loss = compute_value_loss(critic(obs_mb, actor.critic_features(inputs)), batch.returns[mb],
+                                        batch.values[mb], rc.value_clip).mean()
+            loss = rc.vf_coef * v_loss + (0.0 if warmup else pg_loss)
+            reg = actor.regularizer(obs_mb, store_mb)
+            if reg is not None:
+                loss = loss + (0.0 if warmup else reg[0])
+                actor_stats = {**actor_stats, **reg[1]}
+            if rc.ent_coef > 0 and not warmup:
+                entropy = actor.entropy(obs_mb, store_mb, inputs).mean()
+                loss = loss - rc.ent_coef * entropy
+                actor_stats = {**actor_stats, "entropy": entropy.detach()}
+            if not all_finite(loss, info):
+                raise FloatingPointError(
+                    f"iteration {iteration}, epoch {epoch}, minibatch {mb_index}: non-finite loss "
+                    f"(policy {pg_loss.item()}, value {v_loss.item()}): stopping before the weights change")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            average_gradients(actor_params + critic_params, info)
+            # clipped separately: a large value gradient (early, or unscaled rewards) must not
+            # shrink the policy's step to nothing
+            grad_norm = nn.utils.clip_grad_norm_(actor_params, max_norm)
+            value_grad_norm = nn.utils.clip_grad_norm_(critic_params, max_norm)
+            if not bool(torch.isfinite(grad_norm) & torch.isfinite(value_grad_norm)):
+                raise FloatingPointError(f"iteration {iteration}, epoch {epoch}, minibatch {mb_index}: "
+                                         "non-finite gradient: stopping before the weights change")
+            optimizer.step()
+
+            r = ratio.detach()
+            mb_stats = {"policy_loss": pg_loss, "value_loss": v_loss, "grad_norm": grad_norm,
+                        "value_grad_norm": value_grad_norm,
+                        "clip_fraction": ((r - 1.0).abs() > rc.clip).float().mean(),
+                        "approx_kl": ((r - 1.0) - r.log()).mean(), **actor_stats}
+            for key, v in mb_stats.items():
+                sums[key] = sums.get(key, 0.0) + v.detach()
+            sums["ratio_min"] = torch.minimum(sums.get("ratio_min", r.min()), r.min())
+            sums["ratio_max"] = torch.maximum(sums.get("ratio_max", r.max()), r.max())
+    return sums, first_dev
+
+
 def train_rl(config: RLRunConfig, resume: bool = False, overwrite: bool = False,
              allow_changes: Iterable[str] = ()) -> RLResult:
     """Run RL fine-tuning as `config` says; returns the trained actor, critic and the per-iteration log.
@@ -134,20 +241,29 @@ def train_rl(config: RLRunConfig, resume: bool = False, overwrite: bool = False,
     holds a run is refused unless `resume` (continue from the last checkpoint; a change of a setting
     that alters the result is refused unless named in `allow_changes`) or `overwrite` (move it aside).
     """
-    with open_run(config.rl.out_dir, resume=resume, overwrite=overwrite,
+    info = init_distributed(config.rl.device)
+    if not info.is_main:
+        barrier(info)  # rank 0 opens (locks, checks, tidies) the folder first; the others only read it
+    with open_run(config.rl.out_dir, resume=resume, overwrite=overwrite, writer=info.is_main,
                   keep_checkpoints=config.rl.keep_checkpoints) as run:
-        if run.last_checkpoint is not None:
-            may_change = RESUMABLE_CHANGES + (() if config.rl.anneal_lr else ("rl.total_env_steps",))
-            run.check_resume(config_to_dict(config), may_change, allow_changes,
-                             complete=lambda saved: config_to_dict(config_from_dict(RLRunConfig, saved)))
-        return _train_rl(config, run)
+        if info.is_main:
+            if run.last_checkpoint is not None:
+                may_change = RESUMABLE_CHANGES + (() if config.rl.anneal_lr else ("rl.total_env_steps",))
+                run.check_resume(config_to_dict(config), may_change, allow_changes,
+                                 complete=lambda saved: config_to_dict(config_from_dict(RLRunConfig, saved)))
+            barrier(info)
+        result = _train_rl(config, run, info)
+    shutdown(info)
+    return result
 
 
-def _train_rl(config: RLRunConfig, run: RunFolder) -> RLResult:
+def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
     rc = config.rl
-    device = resolve_device(rc.device)
+    device = info.device
     out = run.path
-    seed_everything(rc.seed)
+    seed_everything(rc.seed)  # the same initial weights in every process
+    # each process its own envs and rollout noise (process 0: the single-process streams)
+    rank_seed = rc.seed + RANK_SEED_STRIDE * info.rank
 
     # ---- actor, critic, optimiser ----
     actor, policy_config = make_actor(config, device)
@@ -162,19 +278,18 @@ def _train_rl(config: RLRunConfig, run: RunFolder) -> RLResult:
     # exactly two separate Adams (the FPO paper code's), tested. One parameter group per part (expert,
     # encoder, critic), each with its own lr (rl.finetune.lr_*; rl.lr where unset)
     optimizer = torch.optim.Adam(parameter_groups(actor, actor_params, critic_params, rc), lr=rc.lr, eps=rc.adam_eps)
-    max_norm = rc.max_grad_norm if rc.max_grad_norm > 0 else math.inf
 
     # ---- environments and the rollout collector ----
-    envs = make_vector_env(config.env.id, rc.num_envs, device, rc.seed, config.env.kwargs)
+    envs = make_vector_env(config.env.id, rc.num_envs, device, rank_seed, config.env.kwargs)
     env_action_dim = int(np.prod(envs.single_action_space.shape))
     if env_action_dim != policy_config.action_dim:
         raise ConfigError(f"policy.action_dim = {policy_config.action_dim} does not match {config.env.id}'s "
                           f"action space {envs.single_action_space.shape}")
     collector = RolloutCollector(envs, actor, critic, k, rc.gamma, device)
-    rollout_gen = torch.Generator(device=device).manual_seed(rc.seed + 1)  # flow noise, pairs, Gaussian samples
+    rollout_gen = torch.Generator(device=device).manual_seed(rank_seed + 1)  # flow noise, pairs, Gaussian samples
     minibatch_gen = torch.Generator().manual_seed(rc.seed + 2)  # minibatch order
-    batch_size = rc.num_envs * rc.num_macro_steps  # chunks per rollout
-    steps_per_iteration = batch_size * k
+    batch_size = rc.num_envs * rc.num_macro_steps  # chunks per rollout (of this process)
+    steps_per_iteration = batch_size * k * info.world_size
     num_iterations = rc.total_env_steps // steps_per_iteration
     if num_iterations < 1:
         raise ConfigError(f"rl.total_env_steps = {rc.total_env_steps} is less than one rollout "
@@ -187,15 +302,21 @@ def _train_rl(config: RLRunConfig, run: RunFolder) -> RLResult:
         actor.load_state_dict(state["actor"])
         critic.load_state_dict(state["critic"])
         optimizer.load_state_dict(state["optimizer"])
-        rollout_gen.set_state(state["rollout_generator"])
         minibatch_gen.set_state(state["minibatch_generator"])
         set_rng_state(state["rng"])
         start, history = state["iteration"], state["history"]
-        if not collector.load_state_dict(state["collector"]):
-            collector.reset(seed=rc.seed + 7919 * start)  # the env state was not captured: re-seed
-        print(f"resumed from {run.last_checkpoint} at iteration {start}")
+        ranks = state.get("ranks") or [{"collector": state["collector"], "rollout_generator": state["rollout_generator"]}]
+        if len(ranks) != info.world_size:
+            raise ConfigError(f"{run.last_checkpoint} was written by {len(ranks)} process(es): resume it with as many "
+                              f"(got {info.world_size}); each holds its own envs")
+        mine = ranks[info.rank]
+        rollout_gen.set_state(mine["rollout_generator"])
+        if not collector.load_state_dict(mine["collector"]):
+            collector.reset(seed=rank_seed + 7919 * start)  # the env state was not captured: re-seed
+        if info.is_main:
+            print(f"resumed from {run.last_checkpoint} at iteration {start}")
     else:
-        collector.reset(seed=rc.seed)
+        collector.reset(seed=rank_seed)
     state_dim = collector.obs[STATE].shape[-1]
     if state_dim != policy_config.state_dim:
         raise ConfigError(f"policy.state_dim = {policy_config.state_dim} does not match {config.env.id}'s "
@@ -204,7 +325,7 @@ def _train_rl(config: RLRunConfig, run: RunFolder) -> RLResult:
     logger = run.logger()
 
     eval_envs = (make_vector_env(config.env.id, rc.eval_episodes, device, rc.seed + EVAL_SEED_OFFSET,
-                                 config.env.kwargs) if rc.eval_every else None)
+                                 config.env.kwargs) if rc.eval_every and info.is_main else None)  # process 0 evaluates
 
     def evaluate() -> dict[str, Any]:
         """Deterministic (zero initial noise / Gaussian mean) and sampled returns, successes and episode
@@ -221,10 +342,12 @@ def _train_rl(config: RLRunConfig, run: RunFolder) -> RLResult:
         return out
 
     def checkpoint(iteration: int) -> None:
+        # each process's envs and rollout noise, gathered into process 0's checkpoint
+        ranks = gather_objects({"collector": to_cpu(collector.state_dict()),
+                                "rollout_generator": rollout_gen.get_state()}, info)
         state = {"iteration": iteration, "actor": actor.state_dict(), "critic": critic.state_dict(),
-                 "optimizer": optimizer.state_dict(), "rollout_generator": rollout_gen.get_state(),
-                 "minibatch_generator": minibatch_gen.get_state(), "rng": rng_state(),
-                 "collector": collector.state_dict(), "history": history}
+                 "optimizer": optimizer.state_dict(), "minibatch_generator": minibatch_gen.get_state(),
+                 "rng": rng_state(), "ranks": ranks, "history": history}
         run.save_checkpoint(iteration, actor, state)
 
     # ---- the loop ----
@@ -251,75 +374,22 @@ def _train_rl(config: RLRunConfig, run: RunFolder) -> RLResult:
 
         # -- flatten (n, e, ...) -> (n*e, ...) --
         flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
-        b_obs = rollout.obs  # already flat, as the actor stores observations (instructions, frozen features)
-        b_store = {key: flat(v) for key, v in rollout.store.items()}
-        b_executed = flat(rollout.executed)
-        b_chunks, b_adv, b_ret, b_values = flat(rollout.chunks), flat(advantages), flat(returns), flat(rollout.values)
-        per_minibatch = rc.normalize_advantages and rc.normalize_advantages_over == "minibatch"
-        if rc.normalize_advantages and not per_minibatch:  # the whole rollout at once (returns keep the raw ones)
-            b_adv = normalize_advantages(b_adv)
+        batch = UpdateBatch(obs=rollout.obs,  # already flat, as the actor stores observations
+                            store={key: flat(v) for key, v in rollout.store.items()}, chunks=flat(rollout.chunks),
+                            executed=flat(rollout.executed), advantages=flat(advantages), returns=flat(returns),
+                            values=flat(rollout.values))
 
         # -- update: epochs over shuffled minibatches; critic only during the warm-up --
         warmup = iteration < rc.critic_warmup_iterations
-        sums: dict[str, torch.Tensor] = {}  # per-minibatch diagnostics, summed on the device (one sync at the end)
-        first_dev = math.nan
-        for epoch in range(rc.update_epochs):
-            perm = torch.randperm(batch_size, generator=minibatch_gen).to(device)
-            for mb_index, mb in enumerate(perm.chunk(rc.num_minibatches)):
-                obs_mb, store_mb = observations.take(b_obs, mb), _slice(b_store, mb)
-                inputs = actor.prepare(obs_mb)  # the policy's encoder / prefix cache: once for every term below
-                log_ratio, actor_stats = actor.log_ratio(obs_mb, b_chunks[mb], store_mb, inputs, b_executed[mb])
-                ratio = log_ratio.exp()
-                if epoch == 0 and mb_index == 0:  # nothing has moved yet: the ratio must be exactly 1
-                    first_dev = float((ratio.detach() - 1.0).abs().max())
-                    tol = ratio_check_tolerance(actor.ratio_reference(store_mb))
-                    if not first_dev <= tol:
-                        raise RatioCheckError(
-                            f"iteration {iteration}: the ratio before the first update step deviates from 1 by "
-                            f"{first_dev:.3g} (> {tol:.3g}): the stored rollout data do not reproduce the "
-                            "rollout policy (dropout or another random layer in train mode, weights changed "
-                            "between rollout and update, or pairs / log-probs not stored with their samples)")
-                adv = b_adv[mb]
-                if per_minibatch:
-                    adv = normalize_advantages(adv)
-                pg_loss = compute_policy_surrogate(ratio, adv, rc.clip, rc.surrogate).mean()
-                v_loss = compute_value_loss(critic(obs_mb, actor.critic_features(inputs)), b_ret[mb], b_values[mb],
-                                            rc.value_clip).mean()
-                loss = rc.vf_coef * v_loss + (0.0 if warmup else pg_loss)
-                reg = actor.regularizer(obs_mb, store_mb)
-                if reg is not None:
-                    loss = loss + (0.0 if warmup else reg[0])
-                    actor_stats = {**actor_stats, **reg[1]}
-                if rc.ent_coef > 0 and not warmup:
-                    entropy = actor.entropy(obs_mb, store_mb, inputs).mean()
-                    loss = loss - rc.ent_coef * entropy
-                    actor_stats = {**actor_stats, "entropy": entropy.detach()}
-                if not bool(torch.isfinite(loss)):
-                    raise FloatingPointError(
-                        f"iteration {iteration}, epoch {epoch}, minibatch {mb_index}: non-finite loss "
-                        f"(policy {pg_loss.item()}, value {v_loss.item()}): stopping before the weights change")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                # clipped separately: a large value gradient (early, or unscaled rewards) must not
-                # shrink the policy's step to nothing
-                grad_norm = nn.utils.clip_grad_norm_(actor_params, max_norm)
-                value_grad_norm = nn.utils.clip_grad_norm_(critic_params, max_norm)
-                if not bool(torch.isfinite(grad_norm) & torch.isfinite(value_grad_norm)):
-                    raise FloatingPointError(f"iteration {iteration}, epoch {epoch}, minibatch {mb_index}: "
-                                             "non-finite gradient: stopping before the weights change")
-                optimizer.step()
+        minibatches = [torch.randperm(batch_size, generator=minibatch_gen).to(device).chunk(rc.num_minibatches)
+                       for _ in range(rc.update_epochs)]
+        sums, first_dev = update_policy(actor, critic, optimizer, batch, minibatches, rc, warmup=warmup,
+                                        iteration=iteration, info=info)
+        b_values, b_ret, b_chunks, b_obs = batch.values, batch.returns, batch.chunks, batch.obs
 
-                r = ratio.detach()
-                mb_stats = {"policy_loss": pg_loss, "value_loss": v_loss, "grad_norm": grad_norm,
-                            "value_grad_norm": value_grad_norm,
-                            "clip_fraction": ((r - 1.0).abs() > rc.clip).float().mean(),
-                            "approx_kl": ((r - 1.0) - r.log()).mean(), **actor_stats}
-                for key, v in mb_stats.items():
-                    sums[key] = sums.get(key, 0.0) + v.detach()
-                sums["ratio_min"] = torch.minimum(sums.get("ratio_min", r.min()), r.min())
-                sums["ratio_max"] = torch.maximum(sums.get("ratio_max", r.max()), r.max())
-
-        # -- diagnostics --
+        # -- diagnostics (episodes: of every process; the rest: process 0's rollout) --
+        ep_returns, ep_successes = (sum(x, []) for x in zip(*gather_objects(
+            (rollout.episode_returns, rollout.episode_successes), info)))
         n_updates = rc.update_epochs * rc.num_minibatches
         done = iteration + 1
         record: dict[str, Any] = {
@@ -328,9 +398,9 @@ def _train_rl(config: RLRunConfig, run: RunFolder) -> RLResult:
             "ratio_first_max_dev": first_dev,
             "explained_variance": explained_variance(b_values, b_ret),
             "macro_reward_mean": float(rollout.rewards.mean()),
-            "episode_return": float(np.mean(rollout.episode_returns)) if rollout.episode_returns else None,
-            "episodes": len(rollout.episode_returns),
-            "success_rate": float(np.mean(rollout.episode_successes)) if rollout.episode_successes else None,
+            "episode_return": float(np.mean(ep_returns)) if ep_returns else None,
+            "episodes": len(ep_returns),
+            "success_rate": float(np.mean(ep_successes)) if ep_successes else None,
             "seconds": time.perf_counter() - tick,
             **{("lr" if g["name"] == "actor" else f"lr_{g['name']}"): g["lr"] for g in optimizer.param_groups},
         }
@@ -348,8 +418,9 @@ def _train_rl(config: RLRunConfig, run: RunFolder) -> RLResult:
             checkpoint(done)
 
     logger.close()
-    actor.save_pretrained(out / "policy")
-    plot_learning_curve(history, out / "learning_curve.png", title=f"{rc.policy_type} on {config.env.id}")
+    if info.is_main:
+        actor.save_pretrained(out / "policy")
+        plot_learning_curve(history, out / "learning_curve.png", title=f"{rc.policy_type} on {config.env.id}")
     return RLResult(actor=actor, critic=critic, history=history)
 
 

@@ -23,8 +23,8 @@ from fmpolicy.config import ImitationConfig, config_from_dict, config_to_dict
 from fmpolicy.errors import CheckpointError, ConfigError
 from fmpolicy.policy import FlowPolicy
 from fmpolicy.run import RunFolder, open_run, progress, rng_state, seed_everything, set_rng_state
+from fmpolicy.run.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, local_rows, shutdown
 from fmpolicy.sampling import sample_noise
-from fmpolicy.training.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, local_rows, shutdown
 from fmpolicy.training.ema import EMA
 from fmpolicy.training.loop import warmup_cosine
 

@@ -1,8 +1,13 @@
-"""torchrun support: process group from the environment, rank-0-only side effects, batch slicing.
+"""torchrun support for both trainers: process group from the environment, rank-0-only side effects,
+batch slicing, the collectives the RL update needs.
 
-Every process draws the same *global* batch (same seeded generators) and keeps the rows
+Imitation: every process draws the same *global* batch (same seeded generators) and keeps the rows
 `rank::world_size`; DistributedDataParallel averages the gradients. With equal local batches this
 is exactly one process training on the global batch, which the tests check.
+
+RL: every process collects its own rollouts (its own envs and noise); the update averages the
+gradients (`average_gradients`) and standardises advantages over all processes (`global_mean_std`),
+so that a step equals one process's on the union of the processes' minibatches.
 """
 
 from __future__ import annotations
@@ -75,3 +80,52 @@ def barrier(info: DistInfo) -> None:
     """Wait until every process reaches this point (a no-op in a single process)."""
     if info.enabled and dist.is_initialized():
         dist.barrier()
+
+
+def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
+    """Average `.grad` over processes (a missing gradient counts as zeros, on every process alike)."""
+    if not info.enabled:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= info.world_size
+
+
+def reduce_max(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The largest value of a scalar tensor over processes."""
+    if info.enabled:
+        value = value.detach().clone().float()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
+def all_finite(value: torch.Tensor, info: DistInfo) -> bool:
+    """True when `value` is finite in every process (so that all stop together when one is not)."""
+    ok = torch.isfinite(value.detach()).all().float()
+    if info.enabled:
+        ok = ok.clone()
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok > 0)
+
+
+def global_mean_std(x: torch.Tensor, info: DistInfo) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean, unbiased std and count of the rows of `x` (n,) over all processes."""
+    if not info.enabled:
+        return x.mean(), x.std(), x.numel()
+    stats = torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), device=x.device)]).double()
+    dist.all_reduce(stats)
+    total, squares, n = stats
+    mean = total / n
+    var = (squares - n * mean * mean) / (n - 1).clamp_min(1)
+    return mean.to(x.dtype), var.clamp_min(0).sqrt().to(x.dtype), int(n)
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every process's `obj` (picklable), in rank order, on every process."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
