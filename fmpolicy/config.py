@@ -431,15 +431,26 @@ LOGGERS = ("jsonl", "tensorboard")
 class DataConfig:
     """Which demonstrations to train on."""
 
-    root: str = ""  # dataset directory written by scripts/collect_demos.py
+    root: str = ""  # LeRobot v3.0 dataset directory (scripts/collect_demos.py --out, or any LeRobot dataset)
     roots: dict = field(default_factory=dict)  # several robots: {embodiment name: dataset directory}
     num_episodes: int = 0  # train on the first N episodes only (0 = all): "too few demonstrations" runs
-    image_keys: tuple[str, ...] = ()  # camera keys to load, e.g. ("observation.images.top",)
+    episodes: tuple[int, ...] = ()  # train on these episode indices only (() = all; not with num_episodes)
+    rename_map: dict = field(default_factory=dict)  # {dataset key: our key}, e.g. {"observation.images.top": ...}
+    image_keys: tuple[str, ...] = ()  # camera keys to load (after rename_map), e.g. ("observation.images.top",)
+    video: bool = False  # scripts/pipeline.py: record cameras as mp4 video instead of PNG images
     cache_encoder: bool = True  # with a frozen encoder backbone: compute its outputs once per frame, not every step
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.num_episodes, int) and self.num_episodes >= 0, type(self).__name__,
+        name = type(self).__name__
+        _check(isinstance(self.num_episodes, int) and self.num_episodes >= 0, name,
                "num_episodes", self.num_episodes, "an int >= 0")
+        _check(all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in self.episodes)
+               and len(set(self.episodes)) == len(self.episodes), name, "episodes", self.episodes,
+               "distinct ints >= 0")
+        _check(not (self.episodes and self.num_episodes), name, "episodes", self.episodes,
+               "empty when num_episodes is set (choose one)")
+        _check(all(isinstance(k, str) and isinstance(v, str) for k, v in self.rename_map.items()), name,
+               "rename_map", self.rename_map, "a mapping of dataset key -> our key (strings)")
 
 
 @dataclass(frozen=True)

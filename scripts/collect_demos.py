@@ -1,19 +1,17 @@
 #!/usr/bin/env python
-"""Collect scripted-expert demonstrations of a fmpolicy_envs task into a dataset (docs/datasets.md).
+"""Collect scripted-expert demonstrations of a fmpolicy_envs task into a LeRobot v3.0 dataset
+(docs/datasets.md): a thin wrapper that builds the task's vector env and expert and calls
+`fmpolicy.data.collect`.
 
-Runs the task's batched scripted expert in the torch vector env (same-step autoreset), keeps one
-episode buffer per environment, and writes every finished episode through `DatasetWriter`
-(crash-safe: a killed run leaves the finished episodes readable). Re-running with the same --out
-resumes: it appends until --episodes episodes exist, with a different seed for the new episodes.
-At the end it computes the statistics (meta/stats.json) and prints a summary. The writer locks the
-dataset root for the whole run: a second collection on the same --out exits at once, naming the PID
-of the first. Bad options (--image-size, --fps, --device cuda without CUDA) fail before anything is written.
+The writer is crash-safe (a killed run leaves the finished episodes readable) and locks the dataset
+root for the whole run: a second collection on the same --out exits at once, naming the PID of the
+first. Re-running with the same --out resumes: it appends until --episodes episodes exist, with a
+different seed for the new episodes. At the end it computes the statistics (meta/stats.json) and
+prints a summary. Bad options (--image-size, --fps, --device cuda without CUDA) fail before anything
+is written.
 
     python scripts/collect_demos.py --env fmpolicy/PointObstacle-v0 --episodes 200 --num-envs 64 \\
-        --out data/point_obstacle --seed 0 [--env-kwargs '{"n_goals": 2}'] [--image-size 32]
-
-Episodes are accepted in the order they *start*, not the order they finish: with many environments
-the short episodes finish first, and keeping the first N to finish would bias the dataset towards them.
+        --out data/point_obstacle --seed 0 [--env-kwargs '{"n_goals": 2}'] [--image-size 32 [--video]]
 """
 
 from __future__ import annotations
@@ -22,15 +20,11 @@ import argparse
 import json
 import math
 import sys
-import time
 from typing import Any
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
 from fmpolicy.config import resolve_device
-from fmpolicy.data import DatasetWriter
+from fmpolicy.data import DatasetWriter, collect, run_seed
+from fmpolicy.data.collection import ExpertFailing
 from fmpolicy.errors import FmPolicyError
 
 STATE_KEY = "observation.state"
@@ -59,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the environments and of the expert's modes")
     p.add_argument("--env-kwargs", default="{}", help='JSON task options, e.g. \'{"n_links": 3}\'')
     p.add_argument("--image-size", type=int, default=None, help="also record (3, N, N) images of this side")
+    p.add_argument("--video", action="store_true", help="store the camera as mp4 video (H.264), not PNG")
     p.add_argument("--only-success", action="store_true", help="discard episodes that end without success")
     p.add_argument("--device", default="cpu", help="torch device of the environments (cpu, cuda, cuda:N, auto)")
     p.add_argument("--fps", type=float, default=None, help="recorded control frequency (default 1 / dt of the task)")
@@ -79,14 +74,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not isinstance(args.env_kwargs, dict):
         p.error(f"--env-kwargs must be a JSON object, got {args.env_kwargs!r}")
     return args
-
-
-def run_seed(seed: int, existing: int) -> int:
-    """The seed of a run that starts with `existing` episodes on disk: --seed itself for a fresh
-    dataset, a different one when resuming (reusing it would record the same episodes again)."""
-    if existing == 0:
-        return seed
-    return int(np.random.SeedSequence([seed, existing]).generate_state(1)[0])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -112,120 +99,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "max_episode_steps": env.max_episode_steps, "expert": fmpolicy_envs.TASKS[args.env][3].__name__}
     # the writer holds the root's lock until the end (or an error): a second collection fails at once
     with DatasetWriter(args.out, fps=fps, features=features, robot_type=ROBOT_TYPES.get(args.env),
-                       env_info=env_info) as writer:
-        return collect(args, env, writer)
-
-
-def collect(args: argparse.Namespace, env: Any, writer: DatasetWriter) -> dict[str, Any]:
-    """Run the expert in `env` and write accepted episodes until `writer` holds --episodes; finalize."""
-    import fmpolicy_envs
-
-    existing = writer.num_episodes
-    target = args.episodes
-    if existing >= target:
-        if int(writer.info.get("stats_episodes", 0)) != existing:
-            writer.finalize()
-        print(f"{args.out} already holds {existing} episodes (>= {target}): nothing to collect")
-        return {"episodes": existing, "new_episodes": 0, "frames": writer.num_frames, "seconds": 0.0}
-
-    seed = run_seed(args.seed, existing)
-    expert = fmpolicy_envs.make_expert(args.env, seed=seed + 1)
-    default_task = DEFAULT_TASKS.get(args.env, "complete the task")
-
-    # ---- per-environment episode buffers ----
-    e = args.num_envs
-    buffers: list[dict[str, list]] = [{} for _ in range(e)]
-    meta: list[dict[str, Any]] = [{} for _ in range(e)]
-    in_flight = 0  # accepted episodes still running
-    written = existing
-    finished = attempts = successes = new_frames = 0
-    max_attempts = 20 * target + e  # only with --only-success can this be reached
-
-    def start_episodes(envs: np.ndarray, tasks: list[str] | None) -> None:
-        """Open buffers for the episodes that start in `envs`; accept them while slots remain."""
-        nonlocal in_flight
-        for i in envs.tolist():
-            accepted = written + in_flight < target
-            in_flight += accepted
-            buffers[i] = {k: [] for k in ("state", "image", "action", "reward", "done", "success")}
-            meta[i] = {"accepted": accepted, "task": tasks[i] if tasks else default_task, "mode": None}
-
-    obs, info = env.reset(seed=seed)
-    start_episodes(np.arange(e), info.get("task"))
-    start_time = time.perf_counter()
-    bar = tqdm(total=target, initial=existing, unit="ep", desc="episodes", disable=args.no_progress)
-    while written < target:
-        # ---- act ----
-        action = expert(env.core)  # (e, a)
-        mode = expert.mode.cpu().numpy() if getattr(expert, "mode", None) is not None else None
-        state_np = obs[STATE_KEY].cpu().numpy()
-        image_np = None
-        if args.image_size:
-            image_np = (obs[IMAGE_KEY].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-        obs, reward, terminated, truncated, info = env.step(action)
-
-        # ---- record ----
-        action_np = action.cpu().numpy()
-        reward_np = reward.cpu().numpy()
-        done_np = (terminated | truncated).cpu().numpy()
-        success_np = info["final_info"]["is_success"].cpu().numpy()
-        for i in range(e):
-            b = buffers[i]
-            if meta[i]["mode"] is None and mode is not None:
-                meta[i]["mode"] = int(mode[i])
-            b["state"].append(state_np[i])
-            b["action"].append(action_np[i])
-            b["reward"].append(reward_np[i])
-            b["done"].append(done_np[i])
-            b["success"].append(success_np[i])
-            if image_np is not None:
-                b["image"].append(image_np[i])
-
-        # ---- write the accepted episodes that ended ----
-        ended = np.flatnonzero(done_np)
-        for i in ended.tolist():
-            finished += 1
-            if not meta[i]["accepted"]:
-                continue
-            in_flight -= 1
-            attempts += 1
-            b = buffers[i]
-            success = bool(b["success"][-1])
-            successes += success
-            if args.only_success and not success:
-                continue
-            frames = {STATE_KEY: np.stack(b["state"]), "action": np.stack(b["action"]),
-                      "next.reward": np.asarray(b["reward"]), "next.done": np.asarray(b["done"]),
-                      "next.success": np.asarray(b["success"])}
-            if image_np is not None:
-                frames[IMAGE_KEY] = np.stack(b["image"])
-            extra = {"success": success, "return": float(np.sum(b["reward"])), "seed": seed}
-            if meta[i]["mode"] is not None:
-                extra["mode"] = meta[i]["mode"]
-            writer.add_episode(frames, task=meta[i]["task"], extra=extra)
-            written += 1
-            new_frames += len(b["action"])
-            bar.update(1)
-        if args.only_success and attempts > max_attempts:
-            bar.close()
-            raise SystemExit(f"only {written - existing} successful episodes in {attempts} attempts: "
-                             f"the expert rarely succeeds on {args.env} {args.env_kwargs}")
-        start_episodes(ended, info.get("task"))
-    bar.close()
-    seconds = time.perf_counter() - start_time
-
-    # ---- statistics and summary ----
-    writer.finalize()
-    summary = {
-        "episodes": writer.num_episodes, "new_episodes": written - existing, "frames": writer.num_frames,
-        "new_frames": new_frames, "success_rate": successes / max(attempts, 1), "seconds": seconds,
-        "episodes_per_s": (written - existing) / seconds, "frames_per_s": new_frames / seconds,
-    }
+                       env_info=env_info, video=args.video) as writer:
+        existing = writer.num_episodes
+        seed = run_seed(args.seed, existing)
+        expert = fmpolicy_envs.make_expert(args.env, seed=seed + 1)
+        try:
+            summary = collect(env, expert, writer, args.episodes, seed=seed,
+                              task=DEFAULT_TASKS.get(args.env, "complete the task"),
+                              image_key=IMAGE_KEY if args.image_size else None, only_success=args.only_success,
+                              progress=not args.no_progress)
+        except ExpertFailing as e:  # --only-success and an expert that rarely succeeds
+            raise SystemExit(f"{e} on {args.env} {args.env_kwargs}") from None
+    if summary["new_episodes"] == 0:
+        print(f"{args.out} already holds {existing} episodes (>= {args.episodes}): nothing to collect")
+        return summary
     print(f"{args.out}: {summary['episodes']} episodes, {summary['frames']} frames "
-          f"(+{summary['new_episodes']} episodes, +{new_frames} frames this run); "
-          f"expert success {100 * summary['success_rate']:.1f}% of {attempts}; {seconds:.2f} s "
+          f"(+{summary['new_episodes']} episodes, +{summary['new_frames']} frames this run); "
+          f"expert success {100 * summary['success_rate']:.1f}% of {summary['attempts']}; {summary['seconds']:.2f} s "
           f"({summary['episodes_per_s']:.1f} episodes/s, {summary['frames_per_s']:.0f} frames/s)")
     return summary
+
+
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ baseline with the same backbone, evaluate both, print the table.
         [--out runs/point_obstacle] [key.sub=value ...]
 
 Steps (each is also a script of its own):
-1. `collect_demos.py`: the task's scripted expert (multimodal) in the batched env -> `<out>/data`
+1. `collect_demos.py`: the task's scripted expert (multimodal) in the batched env -> `<out>/data`, a
+   LeRobot v3.0 dataset (cameras as PNG images, or mp4 video with `data.video: true`)
    (skipped when the dataset already holds enough episodes). With several embodiments
    (`data.roots` in the config), one dataset per robot.
 2. `train.py` twice: `policy.head=flow` and `policy.head=regression` -> `<out>/flow`, `<out>/regression`
@@ -19,19 +20,27 @@ The table goes to stdout and `<out>/results.json`.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fmpolicy.config import ImitationConfig, load_config
+from fmpolicy.io import atomic_write_json
 
-import collect_demos  # noqa: E402
-import evaluate  # noqa: E402
-import train  # noqa: E402
 
-from fmpolicy.config import ImitationConfig, load_config  # noqa: E402
-from fmpolicy.io import atomic_write_json  # noqa: E402
+def sibling(name: str) -> ModuleType:
+    """The script `scripts/<name>.py` as a module, loaded from its file: scripts are not a package, and
+    changing `sys.path` would let any module named like a script shadow a library module."""
+    spec = importlib.util.spec_from_file_location(f"fmpolicy_scripts.{name}", Path(__file__).resolve().parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+collect_demos, evaluate, train = sibling("collect_demos"), sibling("evaluate"), sibling("train")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -62,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
         root = out / "data" / name
         task_kwargs = {k: v for k, v in kwargs.items() if k != "image_size"}  # the camera is collect's own flag
         camera = ["--image-size", str(kwargs["image_size"])] if kwargs.get("image_size") else []
+        camera += ["--video"] if camera and config.data.video else []
         collect_demos.main(["--env", env["id"], "--episodes", str(args.demos), "--num-envs", str(min(64, args.demos)),
                             "--out", str(root), "--seed", str(args.seed + 100 * i), "--env-kwargs",
                             json.dumps(task_kwargs), *camera, "--no-progress"])

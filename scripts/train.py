@@ -7,8 +7,10 @@ The run folder (train.out_dir) belongs to one process at a time; a folder that a
 refused unless --resume continues it (any setting that would change the result must stay the same;
 --allow-change names the ones you change knowingly) or --overwrite moves it aside (never deleted).
 
-Several robots in one policy: list them under policy.embodiments and their datasets under
-data.roots ({embodiment name: directory}); every batch mixes their windows.
+Datasets are LeRobot v3.0 directories (written by scripts/collect_demos.py, or LeRobot's own). Several
+robots in one policy: list them under policy.embodiments and their datasets under data.roots
+({embodiment name: directory}); every batch mixes their windows. data.episodes (or data.num_episodes)
+selects episodes, data.rename_map renames a dataset's features to ours (LeRobot's `rename_map`).
 
 Dotted overrides map onto the config dataclasses (`fmpolicy.config.ImitationConfig`), e.g.
 `train.steps=500 policy.head=regression train.out_dir=runs/mse`. An unknown key is an error.
@@ -21,10 +23,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fmpolicy.config import ImitationConfig, load_config
+from fmpolicy.config import DataConfig, ImitationConfig, load_config
 from fmpolicy.data import ChunkDataset
 from fmpolicy.errors import FmPolicyError
 from fmpolicy.training.imitation import train_imitation
+
+
+def open_dataset(data: DataConfig, root: str, chunk_size: int) -> ChunkDataset:
+    """One robot's LeRobot v3.0 dataset as the data config selects it (episodes, renaming, cameras)."""
+    episodes = list(data.episodes) or (list(range(data.num_episodes)) if data.num_episodes else None)
+    return ChunkDataset(root, chunk_size, episodes=episodes, rename_map=dict(data.rename_map),
+                        image_keys=list(data.image_keys))
 
 
 def main(argv: list[str] | None = None):
@@ -44,9 +53,7 @@ def main(argv: list[str] | None = None):
                                              if config.data.root else {})
         if not roots:
             raise FmPolicyError("data.root is empty: expected the dataset directory (scripts/collect_demos.py --out)")
-        episodes = range(config.data.num_episodes) if config.data.num_episodes else None
-        datasets = {name: ChunkDataset(root, config.policy.chunk_size, image_keys=list(config.data.image_keys),
-                                       episodes=episodes) for name, root in roots.items()}
+        datasets = {name: open_dataset(config.data, root, config.policy.chunk_size) for name, root in roots.items()}
         return train_imitation(config, datasets, resume=args.resume, overwrite=args.overwrite,
                                allow_changes=[f for f in args.allow_change.split(",") if f])
     except FmPolicyError as e:

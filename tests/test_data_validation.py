@@ -18,7 +18,9 @@ import pytest
 import torch
 
 from fmpolicy.data import ChunkDataset, DatasetWriter
-from fmpolicy.data.format import read_info
+from fmpolicy.data.dataset import read_v3_info as read_info
+from fmpolicy.data.media import encode_png
+from fmpolicy.data.writer import EPISODES_PATH
 from fmpolicy.errors import ConfigError, DatasetError, LockError
 from tests.helpers import load_script
 
@@ -53,21 +55,39 @@ def root(template, tmp_path) -> Path:
     return copy
 
 
-def episode_file(root: Path, ep: int) -> Path:
-    return root / "data" / "chunk-000" / f"episode_{ep:06d}.parquet"
+DATA_FILE = "data/chunk-000/file-000.parquet"  # all three episodes, one after another
 
 
-def replace_column(root: Path, ep: int, column: str, values: pa.Array | list) -> None:
-    path = episode_file(root, ep)
+def row_of(ep: int, frame: int) -> int:
+    return sum(LENGTHS[:ep]) + frame
+
+
+def replace_column(root: Path, column: str, values: pa.Array | list) -> None:
+    path = root / DATA_FILE
     table = pq.read_table(path)
     i = table.column_names.index(column)
     pq.write_table(table.set_column(i, column, values if isinstance(values, pa.Array) else pa.array(values)), path)
 
 
 def set_value(root: Path, ep: int, column: str, frame: int, dim: int, value: float) -> None:
-    rows = pq.read_table(episode_file(root, ep)).column(column).to_pylist()
-    rows[frame][dim] = value
-    replace_column(root, ep, column, pa.array(rows, type=pa.list_(pa.float32())))
+    rows = pq.read_table(root / DATA_FILE).column(column).to_pylist()
+    rows[row_of(ep, frame)][dim] = value
+    replace_column(root, column, pa.array(rows, type=pa.list_(pa.float32())))
+
+
+def set_index_rows(root: Path, column: str, ep: int, values: list[int]) -> None:
+    rows = pq.read_table(root / DATA_FILE).column(column).to_pylist()
+    rows[row_of(ep, 0): row_of(ep, 0) + len(values)] = values
+    replace_column(root, column, pa.array(rows, pa.int64()))
+
+
+def edit_episodes(root: Path, column: str, ep: int, value) -> None:
+    path = root / EPISODES_PATH
+    table = pq.read_table(path)
+    values = table.column(column).to_pylist()
+    values[ep] = value
+    i = table.column_names.index(column)
+    pq.write_table(table.set_column(i, column, pa.array(values, table.schema.field(column).type)), path)
 
 
 def edit_json(path: Path, edit) -> None:
@@ -86,73 +106,86 @@ def open_error(root: Path, *names: str) -> str:
     return message
 
 
-# ---- values in the episode files ---------------------------------------------------------------
+# ---- values in the data files ------------------------------------------------------------------
 
 def test_nan_in_a_state_names_file_episode_frame_and_column(root):
     set_value(root, 1, "observation.state", frame=2, dim=0, value=float("nan"))
-    message = open_error(root, "episode_000001.parquet", "episode 1", "frame 2", "'observation.state'")
+    message = open_error(root, "file-000.parquet", "episode 1", "frame 2", "'observation.state'")
     assert "finite" in message
 
 
 def test_inf_in_an_action_is_refused(root):
     set_value(root, 0, "action", frame=3, dim=1, value=float("-inf"))
-    open_error(root, "episode_000000.parquet", "episode 0", "frame 3", "'action'", "finite")
+    open_error(root, "file-000.parquet", "episode 0", "frame 3", "'action'", "finite")
 
 
 def test_absurd_action_is_refused(root):
     set_value(root, 2, "action", frame=4, dim=0, value=1e7)
-    open_error(root, "episode_000002.parquet", "episode 2", "frame 4", "'action'", "1e+06")
+    open_error(root, "file-000.parquet", "episode 2", "frame 4", "'action'", "1e+06")
 
 
 def test_ragged_rows_whose_total_is_right_are_refused(root):
-    """Rows of 3 and 1 values where 2 are expected: the total is right, and the values used to be
-    silently shifted into the next row."""
-    rows = pq.read_table(episode_file(root, 1)).column("action").to_pylist()
-    rows[1], rows[2] = rows[1] + rows[2][:1], rows[2][1:]  # widths 2, 3, 1, 2, 2
-    replace_column(root, 1, "action", pa.array(rows, type=pa.list_(pa.float32())))
-    open_error(root, "episode_000001.parquet", "episode 1", "frame 1", "'action'", "3 values", "expected 2")
+    """Rows of 3 and 1 values where 2 are expected: the total is right, and reshaping would silently
+    shift values into the next row."""
+    rows = pq.read_table(root / DATA_FILE).column("action").to_pylist()
+    r = row_of(1, 1)
+    rows[r], rows[r + 1] = rows[r] + rows[r + 1][:1], rows[r + 1][1:]  # widths 2, 3, 1, 2, 2
+    replace_column(root, "action", pa.array(rows, type=pa.list_(pa.float32())))
+    open_error(root, "file-000.parquet", "episode 1", "frame 1", "'action'", "3 values", "expected 2")
 
 
-def test_ragged_image_bytes_whose_total_is_right_are_refused(tmp_path):
+def test_an_image_of_the_wrong_size_or_not_a_png_names_the_frame(tmp_path):
     root = tmp_path / "images"
     features = {**FEATURES, "observation.images.top": {"dtype": "uint8", "shape": [3, 2, 2]}}
     with DatasetWriter(root, fps=10, features=features) as writer:
         writer.add_episode({"observation.state": np.zeros((3, 3)), "action": np.zeros((3, 2)),
                             "observation.images.top": np.arange(36, dtype=np.uint8).reshape(3, 3, 2, 2)}, task="t")
-    rows = pq.read_table(episode_file(root, 0)).column("observation.images.top").to_pylist()
-    rows[0], rows[1] = rows[0] + rows[1][:1], rows[1][1:]  # 13 and 11 bytes where 12 are expected
-    replace_column(root, 0, "observation.images.top", pa.array(rows, pa.binary()))
-    open_error(root, "episode_000000.parquet", "episode 0", "frame 0", "'observation.images.top'", "13 bytes")
+    rows = pq.read_table(root / DATA_FILE).column("observation.images.top").to_pylist()
+    rows[1]["bytes"] = encode_png(np.zeros((3, 2, 3), np.uint8))  # 3 pixels wide where info.json says 2
+    rows[2]["bytes"] = b"not a png"
+    replace_column(root, "observation.images.top", pa.array(rows, pq.read_schema(root / DATA_FILE).field(
+        "observation.images.top").type))
+    ds = ChunkDataset(root, chunk_size=2)
+    assert ds[0]["observation.images.top"].shape == (3, 2, 2)
+    with pytest.raises(DatasetError, match=r"file-000.parquet \(episode 0\), frame 1, column "
+                                           r"'observation.images.top': the image is 3x2 \(W x H\): expected 2x2"):
+        ds[1]
+    with pytest.raises(DatasetError, match=r"\(episode 0\), frame 2, column 'observation.images.top': "
+                                           r"the image does not decode"):
+        ds[2]
+    with pytest.raises(DatasetError, match=r"frame 1, column 'observation.images.top'"):
+        ds.all_windows()
 
 
 def test_null_row_is_refused(root):
-    rows = pq.read_table(episode_file(root, 0)).column("observation.state").to_pylist()
-    rows[2] = None
-    replace_column(root, 0, "observation.state", pa.array(rows, type=pa.list_(pa.float32())))
-    open_error(root, "episode_000000.parquet", "episode 0", "frame 2", "'observation.state'")
+    rows = pq.read_table(root / DATA_FILE).column("observation.state").to_pylist()
+    rows[row_of(0, 2)] = None
+    replace_column(root, "observation.state", pa.array(rows, type=pa.list_(pa.float32())))
+    open_error(root, "file-000.parquet", "episode 0", "frame 2", "'observation.state'")
 
 
 def test_frame_index_out_of_order_is_refused(root):
-    replace_column(root, 2, "frame_index", pa.array([0, 1, 2, 2, 4, 5], pa.int64()))
-    open_error(root, "episode_000002.parquet", "episode 2", "frame 3", "'frame_index'")
+    set_index_rows(root, "frame_index", 2, [0, 1, 2, 2, 4, 5])
+    open_error(root, "file-000.parquet", "episode 2", "frame 3", "'frame_index'")
 
 
-def test_episode_file_of_another_episode_is_refused(root):
-    replace_column(root, 1, "episode_index", pa.array([1, 1, 1, 0, 1], pa.int64()))
-    open_error(root, "episode_000001.parquet", "episode 1", "frame 3", "'episode_index'")
+def test_frames_of_another_episode_are_refused(root):
+    """A row of episode 0 among episode 1's (row 7 = episode 1, frame 3): LeRobot's frames of an episode
+    are consecutive rows, so this names the episode whose rows are split and where."""
+    set_index_rows(root, "episode_index", 1, [1, 1, 1, 0, 1])
+    open_error(root, "file-000.parquet", "episode 0", "not consecutive", "rows 0.. and 7..")
 
 
 def test_unknown_task_index_names_the_frame(root):
-    replace_column(root, 0, "task_index", pa.array([0, 0, 7, 0], pa.int64()))
-    open_error(root, "episode_000000.parquet", "episode 0", "frame 2", "'task_index'", "tasks.jsonl")
+    set_index_rows(root, "task_index", 0, [0, 0, 7, 0])
+    open_error(root, "file-000.parquet", "episode 0", "frame 2", "'task_index'", "tasks.parquet")
 
 
-def test_length_disagreeing_with_episodes_jsonl_names_the_episode(root):
-    path = root / "meta" / "episodes.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    rows[2]["length"] = 9
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    open_error(root, "episode_000002.parquet", "episode 2", "episodes.jsonl", "6 frames")
+def test_length_disagreeing_with_the_episodes_table_names_the_episode(root):
+    edit_episodes(root, "length", 2, 9)
+    open_error(root, "meta/episodes", "episode 2", "length 9")
+    edit_episodes(root, "dataset_to_index", 2, row_of(2, 9))
+    open_error(root, "file-000.parquet", "episode 2", "episodes table says 9", "6 frames")
 
 
 # ---- info.json ---------------------------------------------------------------------------------
@@ -185,6 +218,12 @@ def test_unknown_dtype_is_refused(root):
     open_error(root, "info.json", "'action'", "complex64")
 
 
+def test_an_old_format_dataset_is_refused_with_a_pointer_to_the_converter(root):
+    edit_json(root / "meta" / "info.json", lambda info: (info.pop("codebase_version"),
+                                                         info.update(format="fmpolicy-lerobot-v1")))
+    open_error(root, "info.json", "codebase_version", "convert_dataset.py")
+
+
 def test_features_not_a_mapping_is_refused(root):
     edit_json(root / "meta" / "info.json", lambda info: info.update(features=["action"]))
     open_error(root, "info.json", "features")
@@ -196,21 +235,22 @@ def test_read_info_itself_validates(root):
         read_info(root)
 
 
-def test_episodes_jsonl_row_without_length_names_the_line(root):
-    path = root / "meta" / "episodes.jsonl"
-    lines = path.read_text().splitlines()
-    row = json.loads(lines[1])
-    del row["length"]
-    lines[1] = json.dumps(row)
-    path.write_text("\n".join(lines) + "\n")
-    open_error(root, "episodes.jsonl", "line 2", "'length'")
+def test_episodes_table_row_without_length_names_the_episode(root):
+    edit_episodes(root, "length", 1, None)
+    open_error(root, "meta/episodes", "episode 1", "'length' is null")
 
 
 # ---- stats.json --------------------------------------------------------------------------------
 
 def test_stats_missing_a_key_is_refused_on_open(root):
-    edit_json(root / "meta" / "stats.json", lambda stats: stats["action"].pop("q99"))
-    open_error(root, "stats.json", "'action'", "'q99'")
+    edit_json(root / "meta" / "stats.json", lambda stats: stats["action"].pop("std"))
+    open_error(root, "stats.json", "'action'", "'std'")
+
+
+def test_stats_without_quantiles_are_accepted(root):
+    """Older LeRobot data has no quantiles: the dataset opens; the quantile normalizer asks for them."""
+    edit_json(root / "meta" / "stats.json", lambda stats: [stats["action"].pop(q) for q in ("q01", "q99")])
+    assert "q99" not in ChunkDataset(root, chunk_size=4).stats["action"]
 
 
 def test_stats_missing_count_is_refused(root):
@@ -235,9 +275,10 @@ def test_stats_without_a_feature_are_refused(root):
 
 
 def test_stale_stats_are_not_checked_but_recomputed(root):
-    """stats.json older than the episodes (an interrupted collection) is not used, so not checked."""
-    edit_json(root / "meta" / "stats.json", lambda stats: stats["action"].pop("q99"))
-    edit_json(root / "meta" / "info.json", lambda info: info.update(stats_episodes=1))
+    """stats.json older than the episodes (an interrupted collection: its count is not the number of
+    frames) is not used, so not checked."""
+    edit_json(root / "meta" / "stats.json", lambda stats: (stats["action"].pop("mean"),
+                                                          stats["observation.state"].update(count=[1])))
     with pytest.warns(UserWarning, match="stale"):
         assert ChunkDataset(root, chunk_size=4).stats["action"]["q99"].shape == (2,)
 
@@ -313,7 +354,8 @@ def test_orphans_are_removed_only_by_the_lock_holder(tmp_path):
     root = tmp_path / "ds"
     with DatasetWriter(root, fps=10, features=FEATURES) as writer:
         write_episodes(writer, lengths=(3,))
-    orphans = [root / "meta" / ".info.json.k1ll3d.tmp", root / "data" / "chunk-000" / ".episode_000001.parquet.x.tmp"]
+    orphans = [root / "meta" / ".info.json.k1ll3d.tmp", root / "data" / "chunk-000" / ".file-000.parquet.x.tmp",
+               root / "meta" / "episodes" / "chunk-000" / ".file-000.parquet.y.tmp"]
     for p in orphans:
         p.write_bytes(b"partial")
     ChunkDataset(root, chunk_size=2)  # a reader leaves them alone

@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fmpolicy.data.lerobot import LeRobotV3Dataset, read_v3_tasks
+from fmpolicy.data.dataset import LeRobotV3Dataset, read_v3_tasks
 from fmpolicy.errors import DatasetError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "lerobot_v3"

@@ -1,11 +1,13 @@
-"""Demonstration datasets: an on-disk LeRobot-v2-style format (`format`) and training windows (`dataset`).
+"""Demonstration datasets in LeRobot's v3.0 layout: `DatasetWriter` writes them, `ChunkDataset` serves
+training windows from them (and from any LeRobot v3.0 dataset), `collect` fills a writer from an
+environment and a scripted expert. See docs/datasets.md.
 
-See docs/datasets.md. This package never imports `fmpolicy_envs`: collection lives in
-scripts/collect_demos.py.
+This package never imports `fmpolicy_envs`: the environment and the expert are passed in.
 """
 
-from fmpolicy.data.dataset import ChunkDataset
-from fmpolicy.data.format import FORMAT, DatasetWriter, compute_stats
-from fmpolicy.data.lerobot import LeRobotV3Dataset
+from fmpolicy.data.collection import collect, run_seed
+from fmpolicy.data.dataset import CODEBASE_VERSION, ChunkDataset, LeRobotV3Dataset
+from fmpolicy.data.stats import compute_stats
+from fmpolicy.data.writer import DatasetWriter
 
-__all__ = ["FORMAT", "ChunkDataset", "DatasetWriter", "LeRobotV3Dataset", "compute_stats"]
+__all__ = ["CODEBASE_VERSION", "ChunkDataset", "DatasetWriter", "LeRobotV3Dataset", "collect", "compute_stats", "run_seed"]

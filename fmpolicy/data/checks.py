@@ -4,16 +4,14 @@ A bad dataset fails when it is opened, with a `DatasetError` that names the file
 frame and the column, instead of many steps into training as a NaN loss or a batch of the wrong shape.
 
 The column checks take arrays and a `where` that names the rows' origin, and know nothing of the file
-layout, so they serve any parquet-based layout (LeRobot v3 included). `where` is a text (the rows are
-the frames of one episode, e.g. "episode file .../episode_000003.parquet (episode 3)") or a function
-row -> (text, frame) for rows that concatenate many episodes: a reader checks all frames at once, and
+layout. `where` is a text (the rows are the frames of one episode, e.g. "data file
+.../file-000.parquet (episode 3)") or a function row -> (text, frame) for rows that concatenate many episodes: a reader checks all frames at once, and
 only a failure pays for finding its episode. The checks are vectorised, so opening a dataset stays
 about as fast as reading it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -26,9 +24,7 @@ from fmpolicy.errors import DatasetError
 # A state or action value beyond this is taken as corrupt: the raw units of the robots we train on
 # stay far below it, while overflows and uninitialised memory do not.
 MAX_ABS_VALUE = 1e6
-# What meta/stats.json holds per feature: per-dimension lists, and count = [number of samples].
-STAT_KEYS = ("mean", "std", "min", "max", "q01", "q99", "count")
-# dtypes a feature may have in meta/info.json.
+# dtypes of the arrays a writer records (images uint8; LeRobot's info.json then says image / video).
 DTYPES = frozenset({"float32", "int64", "bool", "uint8"})
 # Where checked rows come from: a text, or row -> (text, frame within that episode).
 Where = str | Callable[[int], tuple[str, int]]
@@ -36,10 +32,6 @@ Where = str | Callable[[int], tuple[str, int]]
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
 
 def _at(where: Where, row: int, column: str) -> str:
@@ -76,28 +68,6 @@ def list_column_to_numpy(col: pa.Array | pa.ChunkedArray, width: int, column: st
     if not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
         raise DatasetError(f"{where}, column {column!r} holds {values.type} values: expected numbers")
     return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, width)
-
-
-def binary_offsets(col: pa.Array) -> np.ndarray:
-    """The n + 1 byte offsets of a binary array's values in its data buffer (col.buffers()[2])."""
-    dtype = np.int64 if pa.types.is_large_binary(col.type) else np.int32
-    return np.frombuffer(col.buffers()[1], dtype, count=len(col) + 1, offset=col.offset * np.dtype(dtype).itemsize)
-
-
-def check_binary_widths(col: pa.Array | pa.ChunkedArray, nbytes: int, column: str, where: str) -> None:
-    """Every row of a binary column (an encoded image) holds exactly `nbytes` bytes."""
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
-        raise DatasetError(f"{where}, column {column!r} has arrow type {col.type}: expected binary")
-    if col.null_count:
-        row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-        raise DatasetError(f"{_at(where, row, column)}: the row is null: expected {nbytes} bytes")
-    sizes = np.diff(binary_offsets(col))
-    bad = np.flatnonzero(sizes != nbytes)
-    if bad.size:
-        row = int(bad[0])
-        raise DatasetError(f"{_at(where, row, column)}: has {sizes[row]} bytes: expected {nbytes}")
 
 
 def check_values(x: np.ndarray, column: str, where: Where, limit: float = MAX_ABS_VALUE) -> None:
@@ -142,7 +112,7 @@ def check_shape(shape: Any, where: str) -> list[int]:
 
 
 def check_features(features: Any, where: str) -> dict[str, dict[str, Any]]:
-    """{key: {"dtype", "shape"}} with known dtypes and valid shapes; `observation.state` and `action`
+    """The features a writer is given: {key: {"dtype", "shape"}} with known dtypes and valid shapes; `observation.state` and `action`
     present as float32 vectors; images (`observation.images.*`) uint8 [3, H, W]. Returns a normalised copy."""
     if not isinstance(features, Mapping):
         raise DatasetError(f"{where} features is {type(features).__name__}: "
@@ -164,61 +134,3 @@ def check_features(features: Any, where: str) -> dict[str, dict[str, Any]]:
         if key.startswith(IMAGES_PREFIX) and (ft["dtype"] != "uint8" or len(ft["shape"]) != 3 or ft["shape"][0] != 3):
             raise DatasetError(f"{where} features[{key!r}] is {ft}: an image must be uint8 of shape [3, H, W]")
     return out
-
-
-def check_info(info: Mapping[str, Any], where: str) -> None:
-    """The keys of meta/info.json that readers use: fps, chunks_size, total_episodes, features."""
-    for key in ("fps", "features", "chunks_size", "total_episodes"):
-        if key not in info:
-            raise DatasetError(f"{where} lacks the key {key!r}")
-    fps = info["fps"]
-    if not _is_number(fps) or not math.isfinite(fps) or fps <= 0:
-        raise DatasetError(f"{where}: fps is {fps!r}: expected a finite number > 0")
-    if not _is_int(info["chunks_size"]) or info["chunks_size"] < 1:
-        raise DatasetError(f"{where}: chunks_size is {info['chunks_size']!r}: expected an int >= 1")
-    if not _is_int(info["total_episodes"]) or info["total_episodes"] < 0:
-        raise DatasetError(f"{where}: total_episodes is {info['total_episodes']!r}: expected an int >= 0")
-    check_features(info["features"], where)
-
-
-def check_rows(rows: list[Any], fields: Mapping[str, type], where: str) -> None:
-    """Each line of a .jsonl meta file is an object whose `fields` have the given types."""
-    for n, row in enumerate(rows, 1):
-        if not isinstance(row, dict):
-            raise DatasetError(f"{where} line {n} is {row!r}: expected an object")
-        for key, kind in fields.items():
-            value = row.get(key)
-            ok = _is_int(value) and value >= 0 if kind is int else isinstance(value, kind)
-            if not ok:
-                raise DatasetError(f"{where} line {n}: {key!r} is {value!r}: expected "
-                                   f"{'an int >= 0' if kind is int else kind.__name__}")
-
-
-def check_stats(stats: Any, widths: Mapping[str, int], required: Iterable[str], where: str) -> None:
-    """meta/stats.json: for every feature in `required` (and every other entry present) all of
-    STAT_KEYS, each a list of finite numbers, of length widths[key] (count: length 1)."""
-    if not isinstance(stats, Mapping):
-        raise DatasetError(f"{where} holds {type(stats).__name__}: expected a mapping of feature -> statistics")
-    missing = [k for k in required if k not in stats]
-    if missing:
-        raise DatasetError(f"{where} lacks the statistics of {missing[0]!r} (it has {sorted(stats)})")
-    for key, entry in stats.items():
-        if not isinstance(entry, Mapping):
-            raise DatasetError(f"{where}: the statistics of {key!r} are {type(entry).__name__}: expected a mapping")
-        for name in STAT_KEYS:
-            if name not in entry:
-                raise DatasetError(f"{where}: the statistics of {key!r} lack {name!r} "
-                                   f"(expected all of {list(STAT_KEYS)})")
-            expected = 1 if name == "count" else widths.get(key)
-            try:
-                values = np.asarray(entry[name], dtype=np.float64)
-            except (TypeError, ValueError):
-                values = None
-            if values is None or values.ndim != 1:
-                raise DatasetError(f"{where}: {key!r} {name!r} is {entry[name]!r}: expected a list of numbers")
-            if expected is not None and values.shape[0] != expected:
-                raise DatasetError(f"{where}: {key!r} {name!r} has {values.shape[0]} entries: expected {expected}")
-            bad = np.flatnonzero(~np.isfinite(values))
-            if bad.size:
-                raise DatasetError(f"{where}: {key!r} {name!r}[{int(bad[0])}] is {values[bad[0]]}: "
-                                   "expected a finite number")
