@@ -46,6 +46,10 @@ Sections (`--only`):
 - `rl_update`: one FPO update step (m = 8 stored (t, noise) pairs, CFM losses, ratio, clipped
   surrogate, backward, Adam) against one Gaussian PPO update step on the same minibatch of 1024,
   per-step control at HalfCheetah's widths. Figure: `ratio = fpo / gaussian_ppo` (target <= 2.5).
+- `rl_vl` (not in the default sections): one FPO iteration (rollout of 8 chunks in 32 envs, 4 epochs of
+  4 minibatches) of the image + instruction policy of `configs/point_goals_vl.yaml` with its vision
+  tower and text model frozen, against the same expert reading the state only, on two-goal
+  PointObstacle. Figure: `ratio = vl_frozen / state_only` (target <= 1.3).
 - `train`: CFM training steps (`policy.compute_loss` forward, backward, AdamW step) at batch 64, in
   fp32 and under `torch.autocast(device_type, dtype=torch.bfloat16)`, interleaved. Figures:
   `steps_per_s` and, on the bf16 row, `ratio = bf16 steps/s / fp32 steps/s` (above 1: bf16 is faster).
@@ -78,8 +82,9 @@ from fmpolicy.machine import cpu_model
 from fmpolicy.model.layers import AdaptiveModulation
 from fmpolicy.sampling import sample_ode
 
-SECTIONS = ("chunk", "overhead", "cache", "train", "encoder", "envs", "rl_update", "compile")
-DEFAULT_SECTIONS = SECTIONS[:-1]  # `compile` spends a minute compiling: run it with --only compile
+SECTIONS = ("chunk", "overhead", "cache", "train", "encoder", "envs", "rl_update", "rl_vl", "compile")
+DEFAULT_SECTIONS = SECTIONS[:-2]  # `rl_vl` (a minute of rollouts) and `compile` (a minute compiling): run them
+#   with --only rl_vl / --only compile
 ENV_COUNTS = (1, 64, 1024, 4096)  # environments stepped together in the envs section
 FPO_TARGET = 2.5  # an FPO update (m = 8) costs at most this many Gaussian PPO updates
 STATE_DIM, ACTION_DIM, CHUNK_SIZE = 8, 7, 10
@@ -414,6 +419,63 @@ def bench_rl_update(bench: Bench) -> list[dict]:
                       meets_target=ratio <= FPO_TARGET)]
 
 
+def bench_rl_vl(bench: Bench) -> list[dict]:
+    """One FPO iteration (rollout of n chunks in e envs + the update) of the image + instruction policy of
+    configs/point_goals_vl.yaml (64-pixel camera, tiny BERT; vision tower and text model frozen: their
+    outputs computed once per observation and stored) against the same expert reading the state only,
+    on two-goal PointObstacle (with and without the camera). Figure: `ratio = vl_frozen / state_only`
+    (target <= 1.3, issue 15)."""
+    import fmpolicy_envs  # noqa: F401  (registers fmpolicy/PointObstacle-v0)
+    from fmpolicy.config import config_from_dict
+    from fmpolicy.rl.config import RLRunConfig
+    from fmpolicy.rl.gae import compute_gae
+    from fmpolicy.rl.rollout import RolloutCollector, make_vector_env
+    from fmpolicy.rl.trainer import UpdateBatch, make_actor, parameter_groups, update_policy
+    from fmpolicy.rl.value import ValueNet
+
+    device = bench.device
+    e, n = (8, 2) if bench.args.quick else (32, 8)
+    expert = {"kind": "transformer", "width": 128, "depth": 4, "num_heads": 4}
+    encoder = {"kind": "vision_text", "cameras": ["observation.images.top"], "image_size": 64, "vision_patch_size": 8,
+               "vision_hidden_size": 64, "vision_num_hidden_layers": 2, "text_model": "tiny", "max_text_tokens": 24,
+               "out_dim": 64, "freeze_vision": True, "freeze_text": True}
+    variants = {"vl_frozen": ({**expert, "prefix_dim": 64}, encoder, {"n_goals": 2, "image_size": 64}, "prefix_pooled"),
+                "state_only": (expert, {"kind": "none"}, {"n_goals": 2}, "state")}
+    fns = {}
+    for name, (exp, enc, env_kwargs, value_input) in variants.items():
+        cfg = config_from_dict(RLRunConfig, {
+            "policy": {"state_dim": 2, "action_dim": 2, "chunk_size": 8, "n_action_steps": 4, "expert": exp,
+                       "encoder": enc, "normalization": {"state": "identity", "action": "identity"}},
+            "rl": {"num_envs": e, "num_macro_steps": n, "update_epochs": 4, "num_minibatches": 4, "device": str(device),
+                   "value": {"width": 256, "depth": 2, "input": value_input}, "fpo": {"num_pairs": 8}},
+            "env": {"id": "fmpolicy/PointObstacle-v0", "kwargs": env_kwargs}})
+        torch.manual_seed(bench.args.seed)
+        actor, pc = make_actor(cfg, device)
+        critic = ValueNet(pc.state_dim, cfg.rl.value, pc.expert.prefix_dim, device)
+        params = [p for p in actor.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(parameter_groups(actor, params, list(critic.parameters()), cfg.rl), lr=1e-5)
+        collector = RolloutCollector(make_vector_env(cfg.env.id, e, device, 0, cfg.env.kwargs), actor, critic, 4, 0.99,
+                                     device)
+        collector.reset(0)
+
+        def iteration(actor=actor, critic=critic, optimizer=optimizer, collector=collector, cfg=cfg) -> None:
+            r = collector.collect(n, bench.device_generator)
+            adv, ret = compute_gae(r.rewards, r.values, r.terminated, r.truncated, r.next_value, r.final_values,
+                                   gamma=0.99 ** 4, lam=0.95)
+            flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+            batch = UpdateBatch(obs=r.obs, store={k: flat(v) for k, v in r.store.items()}, chunks=flat(r.chunks),
+                                executed=flat(r.executed), advantages=flat(adv), returns=flat(ret), values=flat(r.values))
+            order = [torch.randperm(e * n, generator=bench.generator).to(device).chunk(4) for _ in range(4)]
+            update_policy(actor, critic, optimizer, batch, order, cfg.rl)
+
+        fns[name] = iteration
+    times = time_interleaved(fns, repeats=3 if bench.args.quick else 5, warmup=1, device=device)
+    ratio = median(times["vl_frozen"]) / median(times["state_only"])
+    return [bench.row("rl_vl", "state_only", times["state_only"], batch=e * n),
+            bench.row("rl_vl", "vl_frozen", times["vl_frozen"], batch=e * n, ratio=ratio, target="<= 1.3",
+                      meets_target=ratio <= 1.3)]
+
+
 def bench_train(bench: Bench) -> list[dict]:
     policy, s, device = bench.policy, bench.sizes, bench.device
     b, p = s.train_batch, s.prefix_tokens
@@ -472,7 +534,7 @@ def bench_compile(bench: Bench) -> list[dict]:
 
 
 RUNNERS = {"compile": bench_compile, "chunk": bench_chunk, "overhead": bench_overhead, "cache": bench_cache, "train": bench_train,
-           "encoder": bench_encoder, "envs": bench_envs, "rl_update": bench_rl_update}
+           "encoder": bench_encoder, "envs": bench_envs, "rl_update": bench_rl_update, "rl_vl": bench_rl_vl}
 
 
 # ---- output ---------------------------------------------------------------------------------------
