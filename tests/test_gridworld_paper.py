@@ -273,3 +273,37 @@ def test_gridworld_modes_measures_a_saved_policy_and_draws_it(tmp_path):
     assert 0 <= r["split_states"] <= 25 and r["two_peaks"] == (r["peaks"] >= 2) and set(r["rows"]) == \
         {"-3", "-2", "-1", "+0", "+1", "+2", "+3"}
     assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "run" / "gridworld_modes.json").is_file()
+
+
+def test_the_ratio_gap_measure_agrees_with_itself_when_the_fresh_pairs_are_the_stored_ones(tmp_path, monkeypatch):
+    """scripts/fpo_ratio_gap.py on a 1-iteration run of the paper config: the update moved the losses
+    (a non-zero log ratio), and with the 'fresh' pairs replaced by the stored ones the two estimates
+    coincide (correlation 1, gap 0): the measure compares like with like."""
+    script = load_script("fpo_ratio_gap")
+    load_script("train_fpo").main(["--config", PAPER, "rl.device=cpu", "rl.num_envs=8", "rl.num_macro_steps=8",
+                                   "rl.total_env_steps=64", "rl.save_every=1", "rl.progress=false",
+                                   f"rl.out_dir={tmp_path / 'run'}"])
+    honest = script.measure(tmp_path / "run", step=1, seed=5)
+    assert honest["chunks"] == 64 and honest["mean_abs_fresh"] > 1e-4 and -1 <= honest["corr"] <= 1
+    from fmpolicy.rl.actors import FlowActor
+
+    stored = {}
+    act = FlowActor.act
+
+    def remember(self, obs, generator=None, inputs=None):
+        chunk, store = act(self, obs, generator, inputs)
+        stored.setdefault("t", []).append(store["t"])
+        stored.setdefault("noise", []).append(store["noise"])
+        return chunk, store
+
+    pairs = FlowActor.sample_pairs
+
+    def fresh_are_stored(self, b, generator):  # the rollout's calls (8 envs) draw; the measure's (64) reuse
+        if b != 64:
+            return pairs(self, b, generator)
+        return torch.cat(stored["t"]), torch.cat(stored["noise"])
+
+    monkeypatch.setattr(FlowActor, "act", remember)
+    monkeypatch.setattr(FlowActor, "sample_pairs", fresh_are_stored)
+    same = script.measure(tmp_path / "run", step=1, seed=5)
+    assert same["corr"] > 0.999 and same["gap"] < 1e-5
