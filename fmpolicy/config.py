@@ -439,9 +439,20 @@ class DataConfig:
     image_keys: tuple[str, ...] = ()  # camera keys to load (after rename_map), e.g. ("observation.images.top",)
     video: bool = False  # scripts/pipeline.py: record cameras as mp4 video instead of PNG images
     cache_encoder: bool = True  # with a frozen encoder backbone: compute its outputs once per frame, not every step
+    # "auto": stream batches from disk through DataLoader workers when a dataset has video cameras or
+    # every window in memory would take more than in_memory_max_gb; true / false force it. Either way
+    # the batches are the same (same sampler), so the result is too (docs/datasets.md, "Large datasets").
+    stream: bool | str = "auto"
+    num_workers: int = 2  # DataLoader worker processes when streaming (0: load in the training process)
+    in_memory_max_gb: float = 2.0  # "auto" streams above this estimated in-memory size (images decoded)
 
     def __post_init__(self) -> None:
         name = type(self).__name__
+        _check(self.stream == "auto" or isinstance(self.stream, bool), name, "stream", self.stream,
+               "'auto', true or false")
+        _check(isinstance(self.num_workers, int) and not isinstance(self.num_workers, bool) and self.num_workers >= 0,
+               name, "num_workers", self.num_workers, "an int >= 0")
+        _number(self, "in_memory_max_gb", "a finite number > 0 (GB)", lambda v: v > 0)
         _check(isinstance(self.num_episodes, int) and self.num_episodes >= 0, name,
                "num_episodes", self.num_episodes, "an int >= 0")
         _check(all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in self.episodes)

@@ -11,6 +11,8 @@ Datasets are LeRobot v3.0 directories (written by scripts/collect_demos.py, or L
 robots in one policy: list them under policy.embodiments and their datasets under data.roots
 ({embodiment name: directory}); every batch mixes their windows. data.episodes (or data.num_episodes)
 selects episodes, data.rename_map renames a dataset's features to ours (LeRobot's `rename_map`).
+Video and large datasets are streamed from disk by data.num_workers DataLoader workers (data.stream:
+auto, true or false; docs/datasets.md, "Large datasets"), with the same batches as in memory.
 
 Dotted overrides map onto the config dataclasses (`fmpolicy.config.ImitationConfig`), e.g.
 `train.steps=500 policy.head=regression train.out_dir=runs/mse`. An unknown key is an error.

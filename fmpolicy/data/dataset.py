@@ -40,7 +40,8 @@ cache of open containers (rebuilt after a fork, so DataLoader workers each open 
 Statistics (`ds.stats`) come from meta/stats.json when its `count` is the dataset's number of frames;
 when it is missing or stale (an interrupted collection, episodes added since) they are computed from
 the loaded states and actions, with a warning. `ds.all_windows(device)` gives every window at once
-(images decoded once, kept uint8), the fast path for small datasets.
+(images decoded once, kept uint8), the fast path for small datasets; `ds.windows(rows)` the same
+for some rows only, what the streaming trainer's DataLoader workers read per batch.
 
 Frames are decoded in fmpolicy/data/media.py (PNG with Pillow, video with PyAV: why PyAV is said there).
 
@@ -633,6 +634,37 @@ class ChunkDataset(Dataset):
             out = {k: v.to(device) for k, v in out.items()}
         out["task"] = [self.tasks[j] for j in self.task_index.tolist()]
         return out
+
+    def windows(self, rows: Sequence[int] | Tensor) -> dict[str, Any]:
+        """The windows starting at frames `rows` as one batch: the same keys, values and dtypes as
+        `all_windows()` indexed with `rows` (images uint8 (b, 3, H, W)), reading only their frames.
+        The streaming trainer's unit of work: a DataLoader worker builds a whole batch with one call,
+        so that state and action windows are gathered with one indexing each, not per item."""
+        t = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        n = len(self)
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
+            bad = int(t[(t < 0) | (t >= n)][0])
+            raise IndexError(f"window {bad} out of range for {n} windows")
+        idx, pad = self._window(t)
+        out: dict[str, Any] = {STATE: self.state[t], ACTION: self.action[idx], "action_is_pad": pad,
+                               "episode_index": self.episode_index[t], "frame_index": self.frame_index[t]}
+        # frames in dataset order: consecutive frames of one episode share a row group or a video file
+        order = sorted(range(len(t)), key=lambda j: int(t[j]))
+        for key in self.image_keys:
+            h, w = image_hw(self.features[key])
+            rgb = np.empty((len(t), h, w, 3), np.uint8)
+            for j in order:
+                rgb[j] = self._rgb(key, int(t[j]))
+            out[key] = torch.from_numpy(rgb).permute(0, 3, 1, 2).contiguous()  # (b, 3, H, W)
+        out["task"] = [self.tasks[int(self.task_index[int(i)])] for i in t]
+        return out
+
+    def in_memory_bytes(self) -> int:
+        """About how many bytes `all_windows()` holds: per window the state, the action chunk, its pad
+        flags, two int64 indices, a task reference and every loaded camera image (uint8, decoded)."""
+        h, per = self.chunk_size, 4 * self.state_dim + 4 * self.chunk_size * self.action_dim + 2 * 8 + 8
+        per += h + sum(3 * math.prod(image_hw(self.features[k])) for k in self.image_keys)
+        return len(self) * per
 
     def _row_group_of(self, file: int, row: int) -> tuple[int, int]:
         bounds = self._row_groups.get_or(("bounds", file), lambda: _row_group_bounds(self._files[file]))

@@ -5,6 +5,11 @@ CUDA, JSON-lines logs (TensorBoard too when asked and installed), atomic checkpo
 `save_every` steps, and `resume=True` continuing from the last checkpoint with the same result as a
 run that was never interrupted (every random stream is seeded and checkpointed). Under torchrun the
 same function runs DistributedDataParallel; only rank 0 writes.
+
+Data: every window in memory (`combine_windows`, images decoded once) for small datasets, or
+streamed from disk by DataLoader workers (`fmpolicy/training/stream.py`) for video and large ones
+(`data.stream`): the same sampler draws the same global batches either way, so the results agree
+bit for bit (docs/datasets.md, "Large datasets").
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from fmpolicy.run.distributed import DistInfo, all_reduce_mean, barrier, init_di
 from fmpolicy.sampling import sample_noise
 from fmpolicy.training.ema import EMA
 from fmpolicy.training.loop import warmup_cosine
+from fmpolicy.training.stream import WindowBatches, should_stream, stream_batches
 
 
 class EpochSampler:
@@ -110,23 +116,28 @@ def cache_encoder_features(policy: FlowPolicy, windows: dict[str, Any], chunk: i
     return out
 
 
-def _slice_batch(batch: dict[str, Any], rows: torch.Tensor, device: torch.device) -> dict[str, Any]:
+def _slice_batch(batch: dict[str, Any], rows: torch.Tensor | None, device: torch.device) -> dict[str, Any]:
+    """Rows `rows` of a batch-like dict (None: all of it, as a streamed batch comes), on `device`,
+    images converted from uint8 to floats in [0, 1] (the same operations either way: a streamed
+    batch equals the in-memory one bit for bit)."""
     out = {}
     for k, v in batch.items():
         if isinstance(v, dict):
             out[k] = _slice_batch(v, rows, device)
         elif isinstance(v, list):
-            out[k] = [v[i] for i in rows.tolist()]
-        elif v.dtype == torch.uint8:  # images stay uint8 in memory; the policy sees floats in [0, 1]
-            out[k] = v[rows.to(v.device)].to(device).float() / 255.0
+            out[k] = list(v) if rows is None else [v[i] for i in rows.tolist()]
         else:
-            out[k] = v[rows.to(v.device)].to(device)
+            v = v if rows is None else v[rows.to(v.device)]
+            if v.dtype == torch.uint8:  # images stay uint8 in memory; the policy sees floats in [0, 1]
+                out[k] = v.to(device, non_blocking=True).float() / 255.0
+            else:
+                out[k] = v.to(device, non_blocking=True)
     return out
 
 
 # settings a resumed run may change: none of them changes the result (everything else must match)
 RESUMABLE_CHANGES = ("policy.device", "train.out_dir", "train.progress", "train.log_every", "train.save_every",
-                     "train.keep_checkpoints", "train.logger")
+                     "train.keep_checkpoints", "train.logger", "data.num_workers")
 
 
 def train_imitation(config: ImitationConfig, datasets, resume: bool = False, overwrite: bool = False,
@@ -182,16 +193,26 @@ def _train(config: ImitationConfig, datasets: dict[str, Any], policy: FlowPolicy
     ema = EMA(policy, tc.ema_decay) if tc.ema_decay > 0 else None
     amp = tc.amp == "bf16" or (tc.amp == "auto" and info.device.type == "cuda")
 
-    # ---- data: every window in memory, global batches sliced per process ----
-    windows = combine_windows(datasets, policy, info.device)
+    # ---- data: every window in memory, or streamed from disk; global batches sliced per process ----
+    stream, why = should_stream(config.data, datasets)
     data_windows = {name: len(dataset) for name, dataset in datasets.items()}  # checked on resume
-    if policy.encoder is not None and policy.encoder.backbone_frozen and config.data.cache_encoder:
-        start_cache = time.perf_counter()
-        windows = cache_encoder_features(policy, windows)
+    n_windows = sum(data_windows.values())
+    windows: dict[str, Any] = {}
+    if stream:
         if info.is_main:
-            print(f"cached the frozen encoder's outputs for {len(windows['action'])} windows "
-                  f"in {time.perf_counter() - start_cache:.1f} s")
-    sampler = EpochSampler(len(windows["action"]), tc.batch_size, tc.seed)
+            print(f"streaming batches with {config.data.num_workers} DataLoader workers ({why})"
+                  + ("; the frozen encoder runs every step (data.cache_encoder applies to in-memory data)"
+                     if policy.encoder is not None and policy.encoder.backbone_frozen and config.data.cache_encoder
+                     else ""))
+    else:
+        windows = combine_windows(datasets, policy, info.device)
+        if policy.encoder is not None and policy.encoder.backbone_frozen and config.data.cache_encoder:
+            start_cache = time.perf_counter()
+            windows = cache_encoder_features(policy, windows)
+            if info.is_main:
+                print(f"cached the frozen encoder's outputs for {len(windows['action'])} windows "
+                      f"in {time.perf_counter() - start_cache:.1f} s")
+    sampler = EpochSampler(n_windows, tc.batch_size, tc.seed)
     rows = local_rows(tc.batch_size, info)
     flow_gen = torch.Generator().manual_seed(tc.seed + 1)  # flow times and noise (CPU: same on every device)
 
@@ -231,12 +252,23 @@ def _train(config: ImitationConfig, datasets: dict[str, Any], policy: FlowPolicy
             run.save_checkpoint(step, _eval_copy(policy, ema), state)
 
     # ---- the loop ----
+    if stream:  # the loader reads ahead from a copy of the sampler, now at the (resumed) start
+        source = WindowBatches(datasets, policy.config.state_dim, policy.config.action_dim,
+                               {name: policy.embodiments.get(name) for name in datasets})
+        batches = stream_batches(source, sampler, rows, tc.steps - start, config.data.num_workers,
+                                 pin_memory=info.device.type == "cuda", seed=tc.seed)
     steps = progress(range(start, tc.steps), tc.progress and info.is_main, "train")
     policy.train()
     tick, loss_sum, loss_n = time.perf_counter(), 0.0, 0
     for step in steps:
         idx = sampler.next()  # (B,) the same global batch on every process
-        batch = _slice_batch(windows, idx[rows], info.device)
+        if stream:
+            read, streamed = next(batches)
+            if not torch.equal(read, idx[rows]):  # the loader's copy of the sampler drifted: a bug, not bad data
+                raise RuntimeError(f"step {step}: the streamed batch holds other windows than the sampler drew")
+            batch = _slice_batch(streamed, None, info.device)
+        else:
+            batch = _slice_batch(windows, idx[rows], info.device)
         b = len(idx)
         t = policy.sample_time(b, flow_gen)[rows]
         noise = sample_noise((b, config.policy.chunk_size, config.policy.expert.max_action_dim), generator=flow_gen)[rows]
@@ -265,6 +297,8 @@ def _train(config: ImitationConfig, datasets: dict[str, Any], policy: FlowPolicy
         if done % tc.save_every == 0 or done == tc.steps:
             checkpoint(done)
 
+    if stream:
+        next(batches, None)  # the loader is spent: this ends its workers now rather than at garbage collection
     logger.close()
     final = _eval_copy(policy, ema)
     if info.is_main:
