@@ -22,12 +22,7 @@ from tests.helpers import load_script
 PAPER = "configs/fpo_gridworld_paper.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny nets run much faster on one thread when the 2 cores are shared
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ---- the raw-t ReLU MLP -----------------------------------------------------------------------------

@@ -25,13 +25,7 @@ from fmpolicy.rl.value import ValueNet
 from tests.helpers import load_script
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # these tiny networks run ~40x faster on one thread when other jobs share the 2 cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def bandit_config(tmp_path, **rl) -> RLRunConfig:

@@ -23,12 +23,7 @@ CAM = "observation.images.top"
 IMAGE = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def save_vl_policy(path, frozen: bool) -> str:
