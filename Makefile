@@ -22,7 +22,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[test,vl,mujoco,serve]"
+	# mujoco 4 splits into mujoco-core / mujoco-studio, whose files survive a downgrade to metaworld's
+	# mujoco==3.3.0 and break `import mujoco`: remove them first (a no-op on a fresh venv)
+	$(PY) -m pip uninstall --quiet --yes mujoco-core mujoco-studio 2>/dev/null || true
+	$(PY) -m pip install --quiet -e ".[test,vl,mujoco,serve,metaworld]"
 	touch $(STAMP)
 
 demo: $(STAMP)

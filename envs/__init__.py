@@ -5,6 +5,8 @@ Importing this package registers `fmpolicy/PointObstacle-v0`, `fmpolicy/ArmReach
 vectorization_mode="vector_entry_point")` or the `*VectorEnv` classes directly), and the two RL test
 beds `fmpolicy/TwoOptimaBandit-v0` and `fmpolicy/TwoGoalGridWorld-v0` (bandit.py, gridworld.py: no
 scripted experts; the batched class is the vector env). See docs/envs.md.
+`fmpolicy/MetaWorld-v0` wraps Meta-World (optional: `pip install -e '.[metaworld]'`; metaworld_env.py,
+imported only when the id is made; docs/benchmarks/metaworld.md).
 This package never imports `fmpolicy`.
 """
 
@@ -29,10 +31,21 @@ TASKS = {
 }
 
 
-def make_expert(env_id: str, seed: int | None = None) -> ModalExpert:
-    """The scripted expert of a registered id; call it as expert(core) -> actions (e, a)."""
+# external benchmarks behind our contract: id -> (module, env class, vector env class); made lazily
+EXTERNAL = {
+    "fmpolicy/MetaWorld-v0": ("metaworld_env", "MetaWorldEnv", "MetaWorldVectorEnv"),
+}
+
+
+def make_expert(env_id: str, seed: int | None = None, **kwargs) -> ModalExpert:
+    """The scripted expert of a registered id; call it as expert(core) -> actions (e, a) (Meta-World:
+    expert(env), and kwargs such as noise_std)."""
+    if env_id == "fmpolicy/MetaWorld-v0":
+        from .metaworld_env import MetaWorldExpert
+
+        return MetaWorldExpert(seed=seed, **kwargs)
     if env_id not in TASKS:
-        raise ValueError(f"unknown env id {env_id!r}; expected one of {sorted(TASKS)}")
+        raise ValueError(f"unknown env id {env_id!r}; expected one of {sorted(TASKS) + sorted(EXTERNAL)}")
     return TASKS[env_id][3](seed=seed)
 
 
@@ -62,11 +75,19 @@ def _register_test_beds() -> None:
                          vector_entry_point=f"{vec_cls.__module__}:{vec_cls.__name__}")
 
 
+def _register_external() -> None:
+    for env_id, (module, env_cls, vec_cls) in EXTERNAL.items():
+        if env_id not in gym.registry:  # string entry points: the optional dependency loads on make
+            gym.register(id=env_id, entry_point=f"{__name__}.{module}:{env_cls}",
+                         vector_entry_point=f"{__name__}.{module}:{vec_cls}")
+
+
 _register()
 _register_test_beds()
+_register_external()
 
 __all__ = [
-    "IMAGE_KEY", "STATE_KEY", "TASKS", "RL_TEST_BEDS", "make_expert",
+    "IMAGE_KEY", "STATE_KEY", "TASKS", "RL_TEST_BEDS", "EXTERNAL", "make_expert",
     "TwoOptimaBandit", "TwoOptimaBanditEnv", "TwoGoalGridWorld", "TwoGoalGridWorldEnv",
     "TorchCore", "ModalExpert", "TorchCoreEnv", "TorchVectorEnv",
     "PointObstacleCore", "PointObstacleExpert", "PointObstacleEnv", "PointObstacleVectorEnv",

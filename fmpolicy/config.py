@@ -311,6 +311,16 @@ def make_expert_config(preset: str, **overrides: Any) -> ExpertConfig:
     return dataclasses.replace(EXPERT_PRESETS[preset], **overrides)
 
 
+def _expand_expert_preset(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """`{preset: cpu, max_state_dim: 48}` (YAML) -> the preset's fields, overridden by the given ones: a
+    preset is named, not copied by hand, and a changed preset changes every config that names it."""
+    preset = data["preset"]
+    if not isinstance(preset, str) or preset not in EXPERT_PRESETS:
+        raise ConfigError(f"{where}.preset = {preset!r} is invalid: expected one of {sorted(EXPERT_PRESETS)}")
+    rest = {k: v for k, v in data.items() if k != "preset"}
+    return {**config_to_dict(EXPERT_PRESETS[preset]), **rest}
+
+
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -358,6 +368,8 @@ def config_from_dict(cls: type[C], data: dict[str, Any] | None, where: str = "")
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}: {data!r}")
+    if cls is ExpertConfig and "preset" in data:
+        data = _expand_expert_preset(data, where)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))

@@ -2,7 +2,9 @@
 
 Works with any `gymnasium.vector.VectorEnv` whose observations are dicts of batched arrays under the
 policy's keys and which resets in the same step (`AutoresetMode.SAME_STEP`, as our torch vector envs
-do): the outcome of an ending episode is read from `info["final_info"]`. Every environment's *first*
+do): the outcome of an ending episode is read from `info["final_info"][success_key]`. Any other
+gymnasium id gets there through `fmpolicy.gym_adapter.make_vector_env` (flat observations mapped to
+`observation.state`, float32). Every environment's *first*
 episode counts; all environments re-plan together every `n_action_steps` steps.
 """
 
@@ -46,6 +48,19 @@ class EvalResult:
     tasks: list[str] = field(default_factory=list)  # the instruction the policy was given, per episode
     return_std: float = 0.0  # standard deviation of the episode returns
     success_reported: bool = True  # False when the env never reported is_success (then successes count 0)
+    episode_success: list[bool] = field(default_factory=list)  # per episode, in the order of `tasks`
+
+    def success_by_task(self) -> dict[str, dict[str, Any]]:
+        """Per instruction (multi-task envs): episodes, successes, rate and Wilson 95% interval."""
+        out: dict[str, dict[str, Any]] = {}
+        for task, ok in zip(self.tasks, self.episode_success):
+            row = out.setdefault(task, {"episodes": 0, "successes": 0})
+            row["episodes"] += 1
+            row["successes"] += int(ok)
+        for row in out.values():
+            row["success_rate"] = row["successes"] / row["episodes"]
+            row["ci95"] = list(wilson_interval(row["successes"], row["episodes"]))
+        return out
 
     def summary(self) -> dict[str, Any]:
         return {"episodes": self.episodes, "successes": self.successes, "success_rate": self.success_rate,
@@ -59,7 +74,8 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
                     flag_keys: tuple[str, ...] = ("collision",), embodiment: str | None = None,
                     task_map: Callable[[list[str]], list[str]] | None = None,
                     act: Callable[[dict], Tensor] | None = None, n_action_steps: int | None = None,
-                    uint8_images: bool = False, max_env_steps: int | None = None) -> EvalResult:
+                    uint8_images: bool = False, max_env_steps: int | None = None,
+                    success_key: str = "is_success") -> EvalResult:
     """Run `episodes` episodes (in rounds of `envs.num_envs`) and count successes.
 
     `record` environments of the first round keep their state trajectories (and, with
@@ -71,7 +87,9 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
     `FlowPolicy`; RL (`fmpolicy.rl.evaluate`) passes `act` (observation -> chunk (e, h, a), e.g. an
     actor's zero-noise chunks) with `n_action_steps`, `uint8_images=True` (its policy sees images as
     in its rollouts) and `max_env_steps` (an error, not a silent stop, when episodes outlast it; by
-    default a round ends after the env's `max_episode_steps`, or 1000).
+    default a round ends after the env's `max_episode_steps`, or 1000). `success_key`: the entry of
+    `info["final_info"]` that says an episode succeeded. Frames are recorded only from envs with a
+    batched renderer (`envs.unwrapped.core.render`); others evaluate without them.
     """
     if act is None:
         policy.eval()
@@ -108,7 +126,8 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
         ret, length = torch.zeros(e), torch.zeros(e)
         flagged = {k: torch.zeros(e, dtype=torch.bool) for k in flag_keys}
         trace = [_state(obs)[:record]] if rnd == 0 and record else None
-        film = [_render(envs, render_size, record)] if trace is not None and render_size else None
+        film = ([_render(envs, render_size, record)] if trace is not None and render_size and _can_render(envs)
+                else None)
         chunk = None
         for step in range(horizon):
             if step % n_exec == 0:
@@ -130,9 +149,9 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
             path.append(np.where(live[:, None].numpy(), _state(reached), np.nan))
             if new.any():
                 final_info = info.get("final_info", {})
-                if "is_success" in final_info:
+                if success_key in final_info:
                     reported = True
-                    success |= torch.as_tensor(final_info["is_success"]).bool().cpu() & new
+                    success |= torch.as_tensor(final_info[success_key]).bool().cpu() & new
                 for k in flag_keys:  # a flag raised on the step that ended the episode (a crash)
                     if k in final_info:
                         seen_flags[k] = True
@@ -167,7 +186,7 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
                       mean_return=float(np.mean(rets)), mean_length=float(np.mean(lens)),
                       flags={key: c / n for key, c in flag_counts.items()}, states=states, frames=frames,
                       final_states=torch.cat(finals).numpy(), paths=_concat_paths(paths), tasks=tasks,
-                      return_std=float(np.std(rets)), success_reported=reported)
+                      return_std=float(np.std(rets)), success_reported=reported, episode_success=list(succ))
 
 
 def _observe(obs, info, task_map=None, uint8_images: bool = False) -> dict:
@@ -206,6 +225,10 @@ def _state(obs) -> np.ndarray:
 def _device(obs) -> torch.device:
     s = obs["observation.state"]
     return s.device if isinstance(s, Tensor) else torch.device("cpu")
+
+
+def _can_render(envs) -> bool:
+    return callable(getattr(getattr(getattr(envs, "unwrapped", envs), "core", None), "render", None))
 
 
 def _render(envs, size: int, record: int) -> np.ndarray:

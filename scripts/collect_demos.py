@@ -1,7 +1,14 @@
 #!/usr/bin/env python
-"""Collect scripted-expert demonstrations of a fmpolicy_envs task into a LeRobot v3.0 dataset
-(docs/datasets.md): a thin wrapper that builds the task's vector env and expert and calls
-`fmpolicy.data.collect`.
+"""Collect expert demonstrations into a LeRobot v3.0 dataset (docs/datasets.md): a thin wrapper that
+builds the vector env and the expert and calls `fmpolicy.data.collect`.
+
+--env: a fmpolicy_envs task (its batched scripted expert), `fmpolicy/MetaWorld-v0` (Meta-World's
+scripted experts, optional --noise-std; --tasks mt10 collects --episodes per task, one task after the
+other, into one dataset with each episode's instruction, and prints the expert's success per task;
+docs/benchmarks/metaworld.md), or any other registered gymnasium id with --expert module:callable
+(observation dict -> actions (e, a); a flat observation is `observation.state`, float32) and success
+read from info[--success-key]. The frame rate is --fps, else the env's metadata["render_fps"]; an env
+without one is an error naming --fps.
 
 The writer is crash-safe (a killed run leaves the finished episodes readable) and locks the dataset
 root for the whole run: a second collection on the same --out exits at once, naming the PID of the
@@ -12,15 +19,18 @@ is written.
 
     python scripts/collect_demos.py --env fmpolicy/PointObstacle-v0 --episodes 200 --num-envs 64 \\
         --out data/point_obstacle --seed 0 [--env-kwargs '{"n_goals": 2}'] [--image-size 32 [--video]]
+    python scripts/collect_demos.py --env fmpolicy/MetaWorld-v0 --tasks mt10 --episodes 10 --num-envs 4 \
+        --out data/mw_mt10 --seed 0 [--cameras corner2 --image-size 64] [--noise-std 0.1] [--env-kwargs '{"state": "full"}']
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from fmpolicy.config import resolve_device
 from fmpolicy.data import DatasetWriter, collect, run_seed
@@ -41,12 +51,21 @@ ROBOT_TYPES = {
     "fmpolicy/PointObstacle-v0": "point_mass_2d",
     "fmpolicy/ArmReach-v0": "planar_arm",
     "fmpolicy/Push-v0": "disk_pusher_2d",
+    "fmpolicy/MetaWorld-v0": "sawyer",
 }
+METAWORLD = "fmpolicy/MetaWorld-v0"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--env", default="fmpolicy/PointObstacle-v0", help="registered fmpolicy_envs task id")
+    p.add_argument("--env", default="fmpolicy/PointObstacle-v0", help="registered gymnasium id (ours or any other)")
+    p.add_argument("--tasks", help="Meta-World: 'mt10' or comma-separated tasks; --episodes per task, one dataset")
+    p.add_argument("--cameras", help="Meta-World: comma-separated cameras (e.g. corner2) recorded at --image-size")
+    p.add_argument("--noise-std", type=float, default=0.0, help="Meta-World: Gaussian noise on the expert's actions")
+    p.add_argument("--expert", help="module:callable, observation dict -> actions (e, a), for ids without our expert")
+    p.add_argument("--success-key", default="is_success", help="ids without our vector env: info entry of success")
+    p.add_argument("--obs-map", default="{}", help='JSON {env key: our key} for dict observations, e.g. '
+                                                   '\'{"agent_pos": "observation.state"}\'')
     p.add_argument("--episodes", type=int, default=200, help="number of episodes the dataset should hold")
     p.add_argument("--num-envs", type=int, default=64, help="environments stepped together")
     p.add_argument("--out", default="data/point_obstacle", help="dataset root (appended to when it exists)")
@@ -73,16 +92,145 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--env-kwargs is not valid JSON: {e}")
     if not isinstance(args.env_kwargs, dict):
         p.error(f"--env-kwargs must be a JSON object, got {args.env_kwargs!r}")
+    try:
+        args.obs_map = json.loads(args.obs_map)
+    except json.JSONDecodeError as e:
+        p.error(f"--obs-map is not valid JSON: {e}")
+    if not isinstance(args.obs_map, dict):
+        p.error(f"--obs-map must be a JSON object, got {args.obs_map!r}")
+    if not (math.isfinite(args.noise_std) and args.noise_std >= 0):
+        p.error(f"--noise-std must be a finite number >= 0, got {args.noise_std}")
+    if args.expert is not None and ":" not in args.expert:
+        p.error(f"--expert must be module:callable, got {args.expert!r}")
     return args
+
+
+def load_callable(spec: str) -> Callable:
+    """`module:attr` -> the object (e.g. an expert function); a clear error when it is not there."""
+    module, _, attr = spec.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"--expert {spec!r} cannot be loaded: {e}") from None
+    if not callable(obj):
+        raise SystemExit(f"--expert {spec!r} is not callable")
+    return obj
+
+
+def features_of(space: Any) -> dict[str, dict[str, Any]]:
+    """Dataset features from a vector env's single observation and action spaces: the state and
+    action as float32, cameras (3, H, W) as uint8."""
+    obs_space, action_space = space
+    if hasattr(obs_space, "spaces"):
+        keys = obs_space.spaces
+        if STATE_KEY not in keys:
+            raise SystemExit(f"the observation has no {STATE_KEY!r} (it has {sorted(keys)})")
+        features = {STATE_KEY: {"dtype": "float32", "shape": [int(math.prod(keys[STATE_KEY].shape))]}}
+        for k, sp in keys.items():
+            if k.startswith("observation.images."):
+                shape = list(sp.shape) if sp.shape[0] == 3 else [3, *sp.shape[:2]]
+                features[k] = {"dtype": "uint8", "shape": shape}
+    else:  # a flat Box observation is the state
+        features = {STATE_KEY: {"dtype": "float32", "shape": [int(math.prod(obs_space.shape))]}}
+    features["action"] = {"dtype": "float32", "shape": [int(math.prod(action_space.shape))]}
+    return features
+
+
+def collect_generic(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """Meta-World and any other gymnasium id: one vector env per task, one dataset for all of them."""
+    import fmpolicy_envs
+
+    from fmpolicy.gym_adapter import env_fps, make_vector_env
+
+    kwargs = dict(args.env_kwargs)
+    is_mw = args.env == METAWORLD
+    if is_mw:
+        from fmpolicy_envs.metaworld_env import task_names
+
+        if args.cameras:
+            kwargs["cameras"] = [c for c in args.cameras.split(",") if c]
+        if kwargs.get("cameras"):  # --env-kwargs '{"cameras": [...]}' (scripts/pipeline.py) works too
+            kwargs["image_size"] = args.image_size or kwargs.get("image_size", 64)
+        task_set = args.tasks or kwargs.pop("tasks", None)
+        try:  # one task after the other, each into the same dataset
+            tasks: list[Any] = list(task_names(tasks=task_set) if task_set else
+                                    task_names(task=kwargs.get("task", "reach-v3")))
+        except ValueError as e:
+            raise SystemExit(f"--tasks: {e}") from None
+        kwargs.pop("task", None)
+        kwargs.pop("tasks", None)
+    else:
+        if args.tasks or args.cameras:
+            raise SystemExit("--tasks and --cameras are Meta-World options (--env fmpolicy/MetaWorld-v0)")
+        if not args.expert:
+            raise SystemExit(f"--env {args.env!r} has no scripted expert of ours: pass --expert module:callable")
+        tasks = [None]
+
+    def make(task: Any):
+        return make_vector_env(args.env, args.num_envs, seed=args.seed, device=device,
+                               kwargs={**kwargs, **({"task": task} if task else {})}, success_key=args.success_key,
+                               obs_map=args.obs_map)
+
+    env = make(tasks[0])
+    try:
+        fps = env_fps(env, args.fps, flag="--fps")
+    except ValueError as e:
+        env.close()
+        raise SystemExit(f"collect_demos.py: error: {e}") from None
+    features = features_of((env.single_observation_space, env.single_action_space))
+    image_keys = [k for k in features if k.startswith("observation.images.")]
+    env_info = {"id": args.env, "kwargs": kwargs, "tasks": [t for t in tasks if t], "image_size": args.image_size,
+                "max_episode_steps": getattr(env, "max_episode_steps", None),
+                "expert": "MetaWorldExpert" if is_mw else args.expert, "noise_std": args.noise_std}
+    per_task: dict[str, float] = {}
+    totals = {"new_episodes": 0, "new_frames": 0, "attempts": 0, "seconds": 0.0, "successes": 0.0}
+    with DatasetWriter(args.out, fps=fps, features=features, robot_type=ROBOT_TYPES.get(args.env),
+                       env_info=env_info, video=args.video) as writer:
+        for k, task in enumerate(tasks):
+            if k:
+                env.close()
+                env = make(task)
+            target = (k + 1) * args.episodes  # tasks fill the dataset one after the other: resumable
+            seed = run_seed(args.seed, max(0, min(writer.num_episodes - k * args.episodes, args.episodes)))
+            if is_mw:
+                expert, expert_input = fmpolicy_envs.make_expert(args.env, seed=seed + 1, noise_std=args.noise_std), "core"
+            else:
+                expert, expert_input = load_callable(args.expert), "obs"
+            try:
+                summary = collect(env, expert, writer, target, seed=seed, task=DEFAULT_TASKS.get(args.env, "complete the task"),
+                                  image_key=image_keys, only_success=args.only_success, progress=not args.no_progress,
+                                  expert_input=expert_input, success_key=args.success_key,
+                                  finalize=k == len(tasks) - 1, desc=task or "episodes")
+            except ExpertFailing as e:
+                raise SystemExit(f"{e} on {args.env} {task or ''}") from None
+            for name in ("new_episodes", "new_frames", "attempts", "seconds"):
+                totals[name] += summary[name]
+            totals["successes"] += summary["success_rate"] * summary["attempts"] if summary["attempts"] else 0
+            per_task.update(summary["success_by_task"])
+            if summary["attempts"]:
+                print(f"  {task or args.env}: expert success {100 * summary['success_rate']:.1f}% of "
+                      f"{summary['attempts']} episodes, {summary['seconds']:.1f} s")
+        episodes, frames = writer.num_episodes, writer.num_frames
+    env.close()
+    rate = totals["successes"] / max(totals["attempts"], 1)
+    print(f"{args.out}: {episodes} episodes, {frames} frames (+{totals['new_episodes']} episodes, "
+          f"+{totals['new_frames']} frames this run); expert success {100 * rate:.1f}% of {totals['attempts']}; "
+          f"{totals['seconds']:.1f} s")
+    return {"episodes": episodes, "frames": frames, "success_rate": rate, "success_by_task": per_task, **totals}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = str(resolve_device(args.device, field="--device"))  # ConfigError: unknown, or CUDA without CUDA
+    import gymnasium as gym
+
     import fmpolicy_envs  # noqa: F401  (registers the ids; fmpolicy itself never imports it)
 
     if args.env not in fmpolicy_envs.TASKS:
-        raise SystemExit(f"unknown --env {args.env!r}; expected one of {sorted(fmpolicy_envs.TASKS)}")
+        if args.env not in gym.registry:
+            raise SystemExit(f"unknown --env {args.env!r}: expected one of {sorted(fmpolicy_envs.TASKS)}, "
+                             f"{METAWORLD!r} or another registered gymnasium id")
+        return collect_generic(args, device)
     vec_cls = fmpolicy_envs.TASKS[args.env][1]
 
     # ---- environment, features, writer ----

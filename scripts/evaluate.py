@@ -1,8 +1,16 @@
 #!/usr/bin/env python
-"""Evaluate a saved policy in a vectorized fmpolicy_envs task: success rate with a 95% interval.
+"""Evaluate a saved policy in a vectorized environment: success rate with a 95% interval.
 
     python scripts/evaluate.py --policy runs/point_obstacle_flow/policy --env fmpolicy/PointObstacle-v0 \
         --episodes 200 [--env-kwargs '{"n_links": 3}'] [--out runs/point_obstacle_flow/eval]
+    python scripts/evaluate.py --policy runs/mw/policy --env fmpolicy/MetaWorld-v0 --env-kwargs '{"tasks": "mt10"}' \
+        --num-envs 10 --episodes 500 --seed 10000        # held-out goal variations (>= 10000)
+    python scripts/evaluate.py --policy runs/pend/policy --env InvertedPendulum-v5 --success-key is_success
+
+--env is any registered gymnasium id: ours through their vector entry points, any other through
+gymnasium's sync (or --vectorization async: one process per env) vector env with same-step autoreset, a
+flat observation read as `observation.state` (cast to float32) and success read from
+`info[--success-key]` (`fmpolicy.gym_adapter`); `--obs-map` maps dict observation keys to ours.
 
 Writes `<out>/eval.json` (success rate, Wilson 95% interval, mean return and length, collision
 rate; on PointObstacle the fractions of episodes that went round the obstacle above and below),
@@ -27,13 +35,13 @@ from fmpolicy.evaluation import EvalResult, evaluate_policy
 from fmpolicy.io import atomic_write, atomic_write_json
 
 
-def make_envs(env_id: str, num_envs: int, device: str, seed: int, kwargs: dict):
-    import gymnasium as gym
+def make_envs(env_id: str, num_envs: int, device: str, seed: int, kwargs: dict, success_key: str = "is_success",
+              obs_map: dict | None = None, vectorization: str = "sync"):
+    import fmpolicy_envs  # noqa: F401  (registers our ids)
+    from fmpolicy.gym_adapter import make_vector_env
 
-    import fmpolicy_envs  # noqa: F401  (registers the ids)
-
-    return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point", device=device,
-                        seed=seed, **kwargs)
+    return make_vector_env(env_id, num_envs, seed=seed, device=device, kwargs=kwargs, success_key=success_key,
+                           obs_map=obs_map, vectorization=vectorization)
 
 
 def swap_words(a: str, b: str):
@@ -51,7 +59,7 @@ def instruction_followed(result: EvalResult, envs) -> float | None:
     path counts, not its end. None for tasks without named goals."""
     from fmpolicy_envs import core_point
 
-    core = envs.unwrapped.core
+    core = getattr(envs.unwrapped, "core", None)
     if not result.tasks or not hasattr(core, "goal_centres") or len(core.goal_centres) < 2:
         return None
     centres = core.goal_centres.cpu().numpy()
@@ -115,7 +123,12 @@ def save_strip(frames: np.ndarray, path: Path, columns: int = 8) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", required=True, help="directory written by save_pretrained (e.g. <run>/policy)")
-    p.add_argument("--env", required=True, help="registered fmpolicy_envs id")
+    p.add_argument("--env", required=True, help="registered gymnasium id (ours, Meta-World's adapter, or any other)")
+    p.add_argument("--success-key", default="is_success", help="the info entry that says an episode succeeded")
+    p.add_argument("--obs-map", default="{}", help='JSON {env key: our key} for dict observations, e.g. '
+                                                   '\'{"agent_pos": "observation.state"}\'')
+    p.add_argument("--vectorization", default="sync", choices=("sync", "async"),
+                   help="for ids without our vector env: environments in this process or one process each")
     p.add_argument("--env-kwargs", default="{}", help="JSON task options, e.g. '{\"n_links\": 3}'")
     p.add_argument("--episodes", type=int, default=200)
     p.add_argument("--num-envs", type=int, default=100, help="environments stepped together")
@@ -131,21 +144,26 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     try:
         kwargs = json.loads(args.env_kwargs)
+        obs_map = json.loads(args.obs_map)
         device = str(resolve_device(args.device, "--device"))  # no CUDA for "cuda": a message, not a traceback
         policy = FlowPolicy.from_pretrained(args.policy, device=device)
-        envs = make_envs(args.env, min(args.num_envs, args.episodes), device, args.seed, kwargs)
+        envs = make_envs(args.env, min(args.num_envs, args.episodes), device, args.seed, kwargs,
+                         success_key=args.success_key, obs_map=obs_map, vectorization=args.vectorization)
         gen = torch.Generator(device).manual_seed(args.seed)
         task_map = swap_words(*args.swap_instruction.split(",")) if args.swap_instruction else None
         result = evaluate_policy(policy, envs, args.episodes, seed=args.seed, record=args.record,
                                  render_size=args.render_size, generator=gen, embodiment=args.embodiment,
                                  task_map=task_map)
-    except (FmPolicyError, json.JSONDecodeError) as e:
+    except (FmPolicyError, json.JSONDecodeError, ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
     out = Path(args.out) if args.out else Path(args.policy).parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     summary = {"policy": str(args.policy), "env": args.env, "env_kwargs": kwargs, "seed": args.seed,
                "embodiment": args.embodiment,
                "head": policy.config.head, **result.summary()}
+    by_task = result.success_by_task()
+    if len(by_task) > 1:
+        summary["success_by_task"] = by_task
     sides = obstacle_sides(result, args.env)
     if sides is not None:
         summary.update(sides)
@@ -168,6 +186,10 @@ def main(argv: list[str] | None = None) -> dict:
     if followed is not None:
         line += f"; reached the goal the given instruction names: {100 * followed:.1f}%"
     print(line)
+    if len(by_task) > 1:
+        for task, row in by_task.items():
+            print(f"  {row['success_rate'] * 100:5.1f}% [{100 * row['ci95'][0]:.1f}, {100 * row['ci95'][1]:.1f}] "
+                  f"of {row['episodes']:4d}  {task}")
     return summary
 
 

@@ -14,7 +14,9 @@ Steps (each is also a script of its own):
    (`--resume` continues killed runs).
 3. `evaluate.py`: success rate with a 95% interval over `--eval-episodes` episodes per robot, plots in
    `<out>/<head>/eval*`.
-The table goes to stdout and `<out>/results.json`.
+The table goes to stdout and `<out>/results.json`. `env.id` may be any id `collect_demos.py` takes
+(ours, `fmpolicy/MetaWorld-v0` with `env.kwargs: {tasks: mt10, state: full}`; multi-task envs add one
+row per instruction).
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
         coll = f"{100 * r['collision_rate']:.1f}%" if "collision_rate" in r else "-"
         print(f"{r['head']:<11} {r['robot']:<10} {r['train_minutes']:>9.1f} {100 * r['success_rate']:>7.1f}% "
               f"{f'[{100 * lo:.1f}, {100 * hi:.1f}]':>15} {coll:>10}")
+        for task, row in r.get("success_by_task", {}).items():  # multi-task envs (Meta-World MT10)
+            print(f"{'':<11} {'':<10} {'':>9} {100 * row['success_rate']:>7.1f}%   {task}")
     atomic_write_json(out / "results.json", results)
     print(f"\nresults: {out / 'results.json'}; plots: {out}/<policy>/eval_<robot>/")
     return {"results": results}

@@ -1,0 +1,513 @@
+"""Meta-World (PyPI `metaworld` 3.1.x, MuJoCo) behind our environment contract: dict observations with
+LeRobot's keys, the instruction in `info["task"]`, success as `info["is_success"]`, goal variations
+fixed by an integer seed, and a same-step-autoreset vector env that `fmpolicy.evaluation.evaluate_policy`
+and `fmpolicy.data.collect` drive unchanged. See docs/benchmarks/metaworld.md.
+
+Registered ids (importing `fmpolicy_envs` registers them; this module and `metaworld` are imported
+only when one is made): `fmpolicy/MetaWorld-v0` (`gymnasium.make(..., task="reach")` or
+`tasks=[...]` / `tasks="mt10"`; `gymnasium.make_vec(..., vectorization_mode="vector_entry_point")` gives
+`MetaWorldVectorEnv`).
+
+## Goal variations: one integer per episode, a split by range
+Meta-World draws the object and goal positions of an episode (its `rand_vec`) from a random stream,
+and `reset()` on the same env with the same seed draws a *different* goal: only a fresh env reproduces
+one. Here every episode has a **variation** v, an int: the positions are drawn from
+`numpy.random.default_rng(v)` (rejection loops of the task included), so the same v gives the same goal
+on any env instance, in any order, and the task of a multi-task env is `tasks[v % len(tasks)]`.
+`reset(seed=v)` plays variation v; `reset()` plays the previous variation + `variation_stride`
+(1 for one env; the vector env uses `num_envs`, so env i of `reset(seed=s)` plays s + i, s + i + e, ...:
+every episode of a run has a distinct variation in [s, s + episodes run)).
+**Split**: variations in [0, 10_000) are for demonstrations and training (`DEMO_VARIATIONS`), those
+>= 10_000 are held out for evaluation (`EVAL_VARIATION_START`, the default `--seed` of
+scripts/evaluate.py). A demonstration run with `--seed 0` and fewer than 10_000 episodes stays inside
+its range.
+
+## Observation (a `spaces.Dict`)
+- `"observation.state"`: float32. `state="proprio"` (default): hand xyz + gripper opening (4), what a
+  real robot measures; `state="full"`: Meta-World's 39-d vector (hand, gripper, objects' poses, the
+  previous frame of those, the goal position). Meta-World returns float64; the cast to float32 is ours
+  and explicit (positions are within +-2 m: float32 keeps them to ~1e-7 m).
+- `"observation.images.<camera>"` for each of `cameras`: (3, N, N) float32 in [0, 1], N = `image_size`,
+  rendered by `mujoco.Renderer` with shadows and reflections off (the default 4096 shadow map costs
+  most of a frame); cameras whose up axis points down in the world (Meta-World's `corner` cameras)
+  are turned 180 degrees so that the image is the right way up.
+Actions: Box(-1, 1, (4,)) float32 (hand xyz velocity, gripper effort), clipped.
+
+## Info
+`"task"`: the instruction (INSTRUCTIONS, one short sentence per task; Meta-World has no language),
+`"task_name"`: Meta-World's name, `"variation"`: the episode's variation, `"is_success"`: bool from
+Meta-World's `info["success"]` (kept too, with its other entries). `terminate_on_success=True` (default)
+ends the episode at the first success (`terminated`); otherwise only the time limit ends it (`truncated`
+after `max_episode_steps`, 500 as Meta-World).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import weakref
+
+# mujoco reads MUJOCO_GL when it is first imported: headless machines need EGL (or OSMesa) to render.
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import gymnasium as gym  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from gymnasium import spaces  # noqa: E402
+from gymnasium.vector import AutoresetMode  # noqa: E402
+from gymnasium.vector.utils import batch_space  # noqa: E402
+
+STATE_KEY = "observation.state"
+IMAGE_PREFIX = "observation.images."
+
+MT10 = ("reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3", "drawer-close-v3",
+        "button-press-topdown-v3", "peg-insert-side-v3", "window-open-v3", "window-close-v3")
+# one short instruction per task (Meta-World has none); tasks outside MT10 get "<name with spaces>"
+INSTRUCTIONS = {
+    "reach-v3": "reach the red goal with the gripper",
+    "push-v3": "push the puck to the goal",
+    "pick-place-v3": "pick up the puck and place it at the goal",
+    "door-open-v3": "open the door",
+    "drawer-open-v3": "open the drawer",
+    "drawer-close-v3": "close the drawer",
+    "button-press-topdown-v3": "press the button from the top",
+    "peg-insert-side-v3": "insert the peg into the hole from the side",
+    "window-open-v3": "slide the window open",
+    "window-close-v3": "slide the window closed",
+}
+TASK_SETS = {"mt10": MT10}
+DEMO_VARIATIONS = range(0, 10_000)  # goal variations for demonstrations / training
+EVAL_VARIATION_START = 10_000  # variations >= this are held out for evaluation
+STATE_MODES = {"proprio": 4, "full": 39}
+MAX_EPISODE_STEPS = 500
+CONTROL_FPS = 80  # Meta-World: frame_skip 5 x timestep 0.0025 s = 12.5 ms per step
+
+
+_LIVE_ENVS: "weakref.WeakSet[MetaWorldEnv]" = weakref.WeakSet()
+_EXIT_HOOK: list[bool] = []
+
+
+def _close_renderers() -> None:
+    """Free GL contexts before mujoco's EGL display goes away at exit (else each prints an EGLError).
+    Registered when the first renderer is made, i.e. after mujoco's own exit hook: so it runs first."""
+    for env in list(_LIVE_ENVS):
+        for r in env._renderers.values():
+            try:
+                r.close()
+            except Exception:  # at exit a failed free changes nothing
+                pass
+        env._renderers.clear()
+
+
+def _require_metaworld():
+    try:
+        import metaworld  # noqa: F401
+        from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
+    except ImportError as e:  # an optional dependency: say how to get it
+        raise ImportError("Meta-World is not installed: pip install -e '.[metaworld]' (metaworld 3.1.x, "
+                          f"mujoco 3.3.0): {e}") from e
+    return ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
+
+
+def task_names(task: str | None = None, tasks: str | Sequence[str] | None = None) -> tuple[str, ...]:
+    """The Meta-World names of `task` or `tasks` ("reach" and "reach-v3" both work; "mt10" is MT10)."""
+    if (task is None) == (tasks is None):
+        raise ValueError(f"give exactly one of task= and tasks=, got task={task!r}, tasks={tasks!r}")
+    if tasks is None:
+        items: Sequence[str] = [task]  # type: ignore[list-item]
+    elif isinstance(tasks, str):
+        items = TASK_SETS[tasks.lower()] if tasks.lower() in TASK_SETS else tasks.split(",")
+    else:
+        items = list(tasks)
+    known = _require_metaworld()
+    names = []
+    for t in items:
+        if not isinstance(t, str):
+            raise ValueError(f"task = {t!r} is invalid: expected a Meta-World task name such as 'reach-v3'")
+        name = t.strip() if t.strip().endswith("-v3") else f"{t.strip()}-v3"
+        if f"{name}-goal-observable" not in known:
+            raise ValueError(f"task = {t!r} is unknown: expected a Meta-World v3 task, e.g. {list(MT10[:3])}, "
+                             f"or tasks='mt10'")
+        names.append(name)
+    if not names:
+        raise ValueError(f"tasks = {tasks!r} is empty: expected at least one task")
+    return tuple(names)
+
+
+def instruction(name: str) -> str:
+    return INSTRUCTIONS.get(name, name.removesuffix("-v3").replace("-", " "))
+
+
+class MetaWorldEnv(gym.Env):
+    """One Meta-World environment (one or several tasks) with our observation dict and goal variations.
+
+    Args:
+        task / tasks: one task ("reach" or "reach-v3"), or several (a list, comma-separated, or "mt10");
+            the episode's task is tasks[variation % len(tasks)].
+        state: "proprio" (hand xyz + gripper, 4) or "full" (Meta-World's 39-d observation).
+        cameras: camera names to render into `observation.images.<name>` (e.g. ("corner2",)); () for none.
+        image_size: side N of the (3, N, N) camera images.
+        terminate_on_success: end the episode at the first success.
+        max_episode_steps: time limit (truncation).
+        variation_stride: the step from one variation to the next on `reset()` without a seed.
+        render_mode: None or "rgb_array" (`render()` -> uint8 (H, W, 3) of `render_camera`).
+        render_size, render_camera: size and camera of `render()`.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": CONTROL_FPS}
+
+    def __init__(self, task: str | None = None, tasks: str | Sequence[str] | None = None, state: str = "proprio",
+                 cameras: Sequence[str] = (), image_size: int = 64, terminate_on_success: bool = True,
+                 max_episode_steps: int = MAX_EPISODE_STEPS, variation_stride: int = 1,
+                 render_mode: str | None = None, render_size: int = 128, render_camera: str = "corner2"):
+        if task is None and tasks is None:
+            task = "reach-v3"
+        self.tasks = task_names(task, tasks)
+        if state not in STATE_MODES:
+            raise ValueError(f"state = {state!r} is invalid: expected one of {list(STATE_MODES)}")
+        if isinstance(cameras, str):
+            cameras = (cameras,)
+        if not (isinstance(image_size, int) and 1 <= image_size <= 1024):
+            raise ValueError(f"image_size = {image_size!r} is invalid: expected an int in 1..1024")
+        if not (isinstance(max_episode_steps, int) and max_episode_steps > 0):
+            raise ValueError(f"max_episode_steps = {max_episode_steps!r} is invalid: expected an int > 0")
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode = {render_mode!r} is invalid: expected None or 'rgb_array'")
+        self.state_mode, self.cameras, self.image_size = state, tuple(cameras), image_size
+        self.terminate_on_success, self.max_episode_steps = bool(terminate_on_success), max_episode_steps
+        self.variation_stride = int(variation_stride)
+        self.render_mode, self.render_size, self.render_camera = render_mode, render_size, render_camera
+        obs_spaces: dict[str, spaces.Space] = {
+            STATE_KEY: spaces.Box(-np.inf, np.inf, (STATE_MODES[state],), np.float32)}
+        for cam in self.cameras:
+            obs_spaces[IMAGE_PREFIX + cam] = spaces.Box(0.0, 1.0, (3, image_size, image_size), np.float32)
+        self.observation_space = spaces.Dict(obs_spaces)
+        self.action_space = spaces.Box(-1.0, 1.0, (4,), np.float32)
+        self._inner: dict[str, Any] = {}  # task name -> Meta-World env (0.6 s to make: made once, reused)
+        self._renderers: dict[tuple[str, int], Any] = {}
+        self._flip: dict[tuple[str, str], bool] = {}
+        self.variation: int | None = None
+        self.task_name = self.tasks[0]
+        self.raw_obs = np.zeros(39)  # Meta-World's float64 observation (the scripted experts read it)
+        self.elapsed_steps = 0
+        _LIVE_ENVS.add(self)
+        if self.cameras:  # fail at construction, not in the first step, when the camera is unknown
+            self._check_cameras(self._env(self.tasks[0]))
+
+    # ---- Meta-World envs, renderers ----
+    def _env(self, name: str):
+        if name not in self._inner:
+            env = _require_metaworld()[f"{name}-goal-observable"]()
+            env._freeze_rand_vec = False  # positions drawn from env.np_random, which reset() seeds per variation
+            env.seeded_rand_vec = True
+            env.max_path_length = max(self.max_episode_steps, MAX_EPISODE_STEPS)  # our limit, not its own
+            self._inner[name] = env
+        return self._inner[name]
+
+    def _check_cameras(self, env) -> None:
+        import mujoco
+
+        for cam in self.cameras + ((self.render_camera,) if self.render_mode else ()):
+            if mujoco.mj_name2id(env.model, mujoco.mjtObj.mjOBJ_CAMERA, cam) < 0:
+                names = [env.model.camera(i).name for i in range(env.model.ncam)]
+                raise ValueError(f"camera = {cam!r} is unknown: expected one of {names}")
+
+    def _render(self, camera: str, size: int) -> np.ndarray:
+        """uint8 (size, size, 3), right way up."""
+        import mujoco
+
+        env = self._inner[self.task_name]
+        key = (self.task_name, size)
+        if key not in self._renderers:
+            try:
+                renderer = mujoco.Renderer(env.model, size, size)
+            except Exception as e:  # no GL context: name the switch
+                raise RuntimeError(f"cannot render Meta-World cameras ({e}); set MUJOCO_GL=egl (or osmesa) "
+                                   "before mujoco is first imported") from e
+            if not _EXIT_HOOK:
+                atexit.register(_close_renderers)
+                _EXIT_HOOK.append(True)
+            renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0  # the shadow map costs most of a frame
+            renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+            self._renderers[key] = renderer
+        renderer = self._renderers[key]
+        renderer.update_scene(env.data, camera=camera)
+        image = renderer.render()
+        flip = self._flip.get((self.task_name, camera))
+        if flip is None:  # a fixed camera whose up axis (its y) points down in the world is upside down
+            cam = env.model.camera(camera)
+            flip = int(cam.mode[0]) == 0 and float(env.data.cam(camera).xmat.reshape(3, 3)[2, 1]) < 0
+            self._flip[(self.task_name, camera)] = flip
+        return np.ascontiguousarray(image[::-1, ::-1]) if flip else image
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        state = self.raw_obs[:STATE_MODES[self.state_mode]].astype(np.float32)  # float64 -> float32, explicit
+        obs = {STATE_KEY: state}
+        for cam in self.cameras:
+            obs[IMAGE_PREFIX + cam] = self._render(cam, self.image_size).transpose(2, 0, 1).astype(np.float32) / 255.0
+        return obs
+
+    @property
+    def goal(self) -> np.ndarray:
+        """The episode's goal position (xyz, m)."""
+        return np.array(self._inner[self.task_name]._target_pos, dtype=np.float64)
+
+    # ---- gymnasium API ----
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        variation = (options or {}).get("variation", seed)
+        if variation is None:
+            variation = (int(self.np_random.integers(2**31)) if self.variation is None
+                         else self.variation + self.variation_stride)
+        if isinstance(variation, bool) or not isinstance(variation, (int, np.integer)) or variation < 0:
+            raise ValueError(f"variation (reset seed) = {variation!r} is invalid: expected an int >= 0")
+        self.variation = int(variation)
+        self.task_name = self.tasks[self.variation % len(self.tasks)]
+        env = self._env(self.task_name)
+        env.np_random = np.random.default_rng(self.variation)  # the variation fixes every random draw of reset
+        raw, _ = env.reset()
+        self.raw_obs = np.asarray(raw, dtype=np.float64)
+        self.elapsed_steps = 0
+        return self._obs(), {"task": instruction(self.task_name), "task_name": self.task_name,
+                             "variation": self.variation, "is_success": False}
+
+    def step(self, action):
+        if self.variation is None:
+            raise RuntimeError("call reset() before step()")
+        action = np.clip(np.asarray(action, dtype=np.float32).reshape(4), -1.0, 1.0)
+        raw, reward, _, _, mw_info = self._inner[self.task_name].step(action)
+        self.raw_obs = np.asarray(raw, dtype=np.float64)
+        self.elapsed_steps += 1
+        success = bool(mw_info.get("success", 0.0))
+        terminated = success and self.terminate_on_success
+        truncated = self.elapsed_steps >= self.max_episode_steps and not terminated
+        info = {**mw_info, "task": instruction(self.task_name), "task_name": self.task_name,
+                "variation": self.variation, "is_success": success}
+        return self._obs(), float(reward), terminated, truncated, info
+
+    def render(self):
+        if self.render_mode != "rgb_array":
+            return None
+        return self._render(self.render_camera, self.render_size)
+
+    def close(self):
+        for r in self._renderers.values():
+            r.close()
+        self._renderers.clear()
+        for env in self._inner.values():
+            env.close()
+        self._inner.clear()
+
+
+class MetaWorldVectorEnv(gym.vector.VectorEnv):
+    """`num_envs` `MetaWorldEnv`s with same-step autoreset, torch tensors out (the contract of our torch
+    vector envs, docs/envs.md): obs dict (e, ...) float32, reward (e,) float32, terminated / truncated (e,)
+    bool; info: "is_success" (e,) bool, "task" (e instructions), "task_name", "variation" (e,) long,
+    "elapsed_steps", "final_obs", "final_info" ("is_success", "episode_return", "episode_length", "task",
+    "variation"), "_final_obs", "_final_info".
+
+    processes: False steps the envs one after the other in this process; True runs each in its own
+    process (gymnasium's `AsyncVectorEnv`, same-step autoreset): MuJoCo then steps on several cores.
+    `reset(seed=s)` gives env i variation s + i; each env then steps its variation by `num_envs`, so a
+    run never repeats one. With several tasks, a `num_envs` that is a multiple of the number of tasks
+    keeps each env on one task (each makes one Meta-World env per task it meets, 0.6 s each).
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": ["rgb_array"], "render_fps": CONTROL_FPS}
+
+    def __init__(self, num_envs: int = 8, seed: int | None = None, device: torch.device | str = "cpu",
+                 processes: bool = False, **kwargs: Any):
+        if not (isinstance(num_envs, int) and num_envs >= 1):
+            raise ValueError(f"num_envs = {num_envs!r} is invalid: expected an int >= 1")
+        self.num_envs = num_envs
+        self.device = torch.device(device)
+        self.processes = bool(processes)
+        first = MetaWorldEnv(**kwargs, variation_stride=num_envs)  # checks the options here, not in a worker
+        if self.processes:
+            from functools import partial
+
+            first.close()
+            self.envs = []
+            self._async = gym.vector.AsyncVectorEnv(
+                [partial(MetaWorldEnv, **kwargs, variation_stride=num_envs) for _ in range(num_envs)],
+                autoreset_mode=AutoresetMode.SAME_STEP, context="spawn")
+        else:
+            self.envs = [first] + [MetaWorldEnv(**kwargs, variation_stride=num_envs) for _ in range(num_envs - 1)]
+            self._async = None
+        self.tasks, self.max_episode_steps = first.tasks, first.max_episode_steps
+        self.render_mode = first.render_mode
+        self.single_observation_space = first.observation_space
+        self.single_action_space = first.action_space
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self._seed = seed
+        self._started = False
+        self._returns = np.zeros(num_envs)
+        self._lengths = np.zeros(num_envs, dtype=np.int64)
+        self._infos: list[dict[str, Any]] = [{} for _ in range(num_envs)]
+
+    @property
+    def raw_obs(self) -> np.ndarray:
+        """(e, 39) float64: Meta-World's observations (the scripted experts read them)."""
+        if self._async is not None:
+            return np.stack(self._async.get_attr("raw_obs"))
+        return np.stack([env.raw_obs for env in self.envs])
+
+    @property
+    def task_names(self) -> list[str]:
+        if self._async is not None:
+            return list(self._async.get_attr("task_name"))
+        return [env.task_name for env in self.envs]
+
+    def _tensor(self, x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(x), dtype=dtype).to(self.device)
+
+    def _stack(self, obs: list[dict[str, np.ndarray]] | dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        if isinstance(obs, dict):  # already batched (AsyncVectorEnv)
+            return {k: self._tensor(v) for k, v in obs.items()}
+        return {k: torch.from_numpy(np.stack([o[k] for o in obs])).to(self.device) for k in obs[0]}
+
+    def _info(self) -> dict[str, Any]:
+        return {"is_success": self._tensor([bool(i.get("is_success", False)) for i in self._infos], torch.bool),
+                "task": [i["task"] for i in self._infos], "task_name": [i["task_name"] for i in self._infos],
+                "variation": self._tensor([i["variation"] for i in self._infos], torch.long),
+                "elapsed_steps": self._tensor(self._lengths.copy(), torch.long)}
+
+    def _set_infos(self, info: dict[str, Any], mask: np.ndarray | None = None) -> None:
+        """Per-env info dicts from a merged (AsyncVectorEnv) info, where `mask` (default: all)."""
+        for i in range(self.num_envs):
+            if mask is None or mask[i]:
+                self._infos[i] = {k: info[k][i] for k in ("task", "task_name", "variation", "is_success")}
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        seed = self._seed if seed is None and not self._started else seed
+        self._started, self._seed = True, None
+        self._returns[:] = 0
+        self._lengths[:] = 0
+        if self._async is not None:
+            obs, info = self._async.reset(seed=seed)
+            self._set_infos(info)
+            return self._stack(obs), self._info()
+        obs = []
+        for i, env in enumerate(self.envs):
+            o, self._infos[i] = env.reset(seed=None if seed is None else seed + i)
+            obs.append(o)
+        return self._stack(obs), self._info()
+
+    def step(self, actions):
+        actions = np.asarray(torch.as_tensor(actions).detach().cpu().numpy() if isinstance(actions, torch.Tensor)
+                             else actions, dtype=np.float32)
+        if self._async is not None:
+            return self._step_async(actions)
+        obs, final_obs, rewards = [], [], np.zeros(self.num_envs, dtype=np.float32)
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        final = {"is_success": [], "task": [], "variation": []}
+        for i, env in enumerate(self.envs):
+            o, r, terminated[i], truncated[i], info = env.step(actions[i])
+            rewards[i] = r
+            final_obs.append(o)
+            for k in final:
+                final[k].append(info[k])
+            self._infos[i] = info
+            if terminated[i] or truncated[i]:
+                o, self._infos[i] = env.reset()
+            obs.append(o)
+        return self._finish(self._stack(obs), self._stack(final_obs), rewards, terminated, truncated, final)
+
+    def _step_async(self, actions: np.ndarray):
+        obs, rewards, terminated, truncated, info = self._async.step(actions)
+        done = terminated | truncated
+        final = {k: [info[k][i] for i in range(self.num_envs)] for k in ("is_success", "task", "variation")}
+        if done.any():  # the done envs' entries describe their new episodes: the ended ones are in final_info
+            fi = info["final_info"]
+            for k in final:
+                for i in np.flatnonzero(done):
+                    final[k][i] = fi[k][i]
+        self._set_infos(info)
+        batched = self._stack(obs)
+        if done.any():
+            reached = [info["final_obs"][i] if done[i] else {k: v[i] for k, v in obs.items()}
+                       for i in range(self.num_envs)]
+            final_obs = self._stack(reached)
+        else:
+            final_obs = {k: v.clone() for k, v in batched.items()}
+        return self._finish(batched, final_obs, np.asarray(rewards, np.float32), terminated, truncated, final)
+
+    def _finish(self, obs, final_obs, rewards, terminated, truncated, final):
+        done_np = np.asarray(terminated) | np.asarray(truncated)
+        self._returns += rewards
+        self._lengths += 1
+        final_info = {"is_success": self._tensor([bool(x) for x in final["is_success"]], torch.bool),
+                      "episode_return": self._tensor(self._returns.copy(), torch.float32),
+                      "episode_length": self._tensor(self._lengths.copy(), torch.long),
+                      "task": list(final["task"]), "variation": self._tensor(final["variation"], torch.long)}
+        self._returns[done_np] = 0
+        self._lengths[done_np] = 0
+        done = self._tensor(done_np, torch.bool)
+        info = self._info()
+        info["final_obs"], info["_final_obs"] = final_obs, done
+        info["final_info"], info["_final_info"] = final_info, done.clone()
+        return (obs, self._tensor(rewards, torch.float32), self._tensor(terminated, torch.bool),
+                self._tensor(truncated, torch.bool), info)
+
+    def render(self):
+        if self.render_mode != "rgb_array":
+            return None
+        if self._async is not None:
+            return torch.from_numpy(np.stack(self._async.call("render")))
+        return torch.from_numpy(np.stack([env.render() for env in self.envs]))
+
+    def close_extras(self, **kwargs: Any) -> None:
+        if self._async is not None:
+            self._async.close()
+        for env in self.envs:
+            env.close()
+
+
+class MetaWorldExpert:
+    """Meta-World's scripted policy (`metaworld.policies`) of each env's current task, as our expert
+    callable: `expert(env)` -> actions, (e, 4) float32 torch for a `MetaWorldVectorEnv`, (4,) float32 numpy
+    for a `MetaWorldEnv` (either may be wrapped). The policies read Meta-World's full 39-d observation
+    (`env.raw_obs`), whatever the env's `state` mode.
+
+    noise_std: Gaussian action noise (diversity, or a weaker expert), then clipped to [-1, 1].
+    seed: the noise generator's seed.
+    """
+
+    mode = None  # no discrete modes (collect records a mode per episode only when the expert has one)
+
+    def __init__(self, noise_std: float = 0.0, seed: int | None = None):
+        if not (isinstance(noise_std, (int, float)) and np.isfinite(noise_std) and noise_std >= 0):
+            raise ValueError(f"noise_std = {noise_std!r} is invalid: expected a finite number >= 0")
+        self.noise_std = float(noise_std)
+        self.rng = np.random.default_rng(seed)
+        self._policies: dict[str, Any] = {}
+
+    def _policy(self, name: str):
+        if name not in self._policies:
+            from metaworld.policies import ENV_POLICY_MAP
+
+            self._policies[name] = ENV_POLICY_MAP[name]()
+        return self._policies[name]
+
+    def act(self, raw_obs: np.ndarray, names: Sequence[str]) -> np.ndarray:
+        import warnings
+
+        with warnings.catch_warnings():  # "Constant(s) may be too high": Meta-World's own policies, clipped below
+            warnings.simplefilter("ignore", UserWarning)
+            actions = np.stack([self._policy(n).get_action(o) for o, n in zip(raw_obs, names)]).astype(np.float32)
+        if self.noise_std:
+            actions = actions + self.rng.normal(0.0, self.noise_std, actions.shape).astype(np.float32)
+        return np.clip(actions, -1.0, 1.0)
+
+    def __call__(self, env) -> Any:
+        env = getattr(env, "unwrapped", env)
+        if isinstance(env, MetaWorldVectorEnv):
+            return torch.from_numpy(self.act(env.raw_obs, env.task_names)).to(env.device)
+        if isinstance(env, MetaWorldEnv):
+            return self.act(env.raw_obs[None], [env.task_name])[0]
+        raise TypeError(f"MetaWorldExpert needs a MetaWorldEnv or MetaWorldVectorEnv, got {type(env).__name__}")

@@ -1,0 +1,259 @@
+"""The Meta-World adapter (envs/metaworld_env.py): spaces and keys, goal variations fixed by seed,
+success, images the right way up, the scripted expert, and our tools on it (collect -> ChunkDataset,
+evaluate_policy). Each test uses one or two tasks and few steps; all skip when metaworld is absent."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # before anything imports mujoco: headless rendering
+
+import gymnasium as gym  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+try:
+    import metaworld  # noqa: F401
+except ImportError as e:  # not installed (or not importable): these tests have nothing to run on
+    pytest.skip(f"Meta-World is not importable ({e}); pip install -e '.[metaworld]'", allow_module_level=True)
+
+import fmpolicy_envs  # noqa: E402
+from fmpolicy_envs import metaworld_env as mw  # noqa: E402
+
+ENV_ID = "fmpolicy/MetaWorld-v0"
+STATE = "observation.state"
+
+
+@pytest.fixture(scope="module")
+def reach():
+    """One reach env, reused (making one costs ~0.6 s)."""
+    env = gym.make(ENV_ID, task="reach")
+    yield env
+    env.close()
+
+
+def test_spaces_keys_and_info(reach):
+    obs, info = reach.reset(seed=0)
+    assert set(obs) == {STATE}
+    assert obs[STATE].dtype == np.float32 and obs[STATE].shape == (4,)
+    assert reach.observation_space[STATE].shape == (4,)
+    assert reach.action_space.shape == (4,) and reach.action_space.dtype == np.float32
+    assert info["task"] == mw.INSTRUCTIONS["reach-v3"] and info["variation"] == 0 and info["is_success"] is False
+    # proprio = the first 4 entries of Meta-World's 39-d observation, cast to float32
+    np.testing.assert_allclose(obs[STATE], reach.unwrapped.raw_obs[:4].astype(np.float32))
+    obs, reward, terminated, truncated, info = reach.step(np.zeros(4, np.float32))
+    assert isinstance(reward, float) and terminated is False and truncated is False
+    assert {"is_success", "success", "task", "task_name"} <= set(info)
+
+    full = gym.make(ENV_ID, task="push", state="full")
+    obs, _ = full.reset(seed=0)
+    assert obs[STATE].shape == (39,) and obs[STATE].dtype == np.float32
+    np.testing.assert_allclose(obs[STATE][-3:], full.unwrapped.goal, atol=1e-6)  # the goal is the last 3
+    full.close()
+
+
+def test_every_mt10_task_has_an_instruction():
+    assert set(mw.MT10) == set(mw.INSTRUCTIONS)
+    assert mw.task_names(tasks="mt10") == mw.MT10
+    assert mw.task_names(task="door-open") == ("door-open-v3",)
+
+
+@pytest.mark.parametrize("kwargs, field", [({"task": "fly-v3"}, "task"), ({"state": "joints"}, "state"),
+                                          ({"cameras": ("nowhere",)}, "camera"), ({"image_size": 0}, "image_size"),
+                                          ({"task": "reach", "tasks": "mt10"}, "task")])
+def test_bad_options_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        mw.MetaWorldEnv(**kwargs)
+
+
+def test_variation_fixes_the_goal(reach):
+    """Same seed -> same goal, on the same env (unlike Meta-World's own reset) and on a fresh one;
+    reset() without a seed moves to the next variation, with another goal."""
+    reach.reset(seed=3)
+    g3 = reach.unwrapped.goal
+    reach.reset()
+    assert reach.unwrapped.variation == 4
+    g4 = reach.unwrapped.goal
+    assert np.linalg.norm(g3 - g4) > 1e-3
+    reach.reset(seed=3)
+    np.testing.assert_allclose(reach.unwrapped.goal, g3, atol=1e-12)
+    fresh = mw.MetaWorldEnv(task="reach")
+    fresh.reset(seed=3)
+    np.testing.assert_allclose(fresh.goal, g3, atol=1e-12)
+    # the held-out range gives goals unseen in a few demonstration variations
+    goals = []
+    for v in (0, 1, 2, mw.EVAL_VARIATION_START):
+        fresh.reset(seed=v)
+        goals.append(fresh.goal)
+    assert min(np.linalg.norm(goals[-1] - g) for g in goals[:-1]) > 1e-3
+    fresh.close()
+
+
+def test_expert_succeeds_on_reach_and_success_terminates(reach):
+    expert = mw.MetaWorldExpert(seed=0)
+    for seed in (0, 1):
+        reach.reset(seed=seed)
+        for step in range(500):
+            obs, reward, terminated, truncated, info = reach.step(expert(reach))
+            if terminated or truncated:
+                break
+        assert terminated and not truncated and info["is_success"] is True, f"variation {seed}: no success"
+        assert step < 150  # the scripted reach needs ~45 steps
+
+
+def test_without_early_termination_the_time_limit_ends_it():
+    env = mw.MetaWorldEnv(task="reach", terminate_on_success=False, max_episode_steps=60)
+    env.reset(seed=0)
+    expert = mw.MetaWorldExpert()
+    successes = []
+    for _ in range(60):
+        _, _, terminated, truncated, info = env.step(expert(env))
+        successes.append(info["is_success"])
+        assert not terminated
+    assert truncated and any(successes)
+    env.close()
+
+
+def test_images_shape_and_right_way_up():
+    """Corner cameras are mounted upside down in Meta-World's model; ours come out with the wooden
+    table in the lower part of the image and the grey wall above it."""
+    env = mw.MetaWorldEnv(task="reach", cameras=("corner", "corner2"), image_size=32)
+    obs, _ = env.reset(seed=0)
+    for cam in ("corner", "corner2"):
+        img = obs[f"observation.images.{cam}"]
+        assert img.shape == (3, 32, 32) and img.dtype == np.float32
+        assert 0.0 <= img.min() and img.max() <= 1.0 and img.std() > 0.05
+        r, g, b = img * 255
+        wood = (r - b > 25) & (r - g > 10) & (r < 200) & (g > 50)  # the table top's brown
+        rows = np.nonzero(wood)[0]
+        assert len(rows) > 20, f"{cam}: no table visible"
+        assert rows.mean() > 0.55 * 32, f"{cam}: the table is in the upper half (upside down?)"
+    env.close()
+
+
+def test_vector_env_same_step_autoreset():
+    envs = gym.make_vec(ENV_ID, num_envs=2, vectorization_mode="vector_entry_point", tasks="reach,push",
+                        max_episode_steps=5)
+    obs, info = envs.reset(seed=10)
+    assert obs[STATE].shape == (2, 4) and obs[STATE].dtype == torch.float32
+    assert info["task"] == [mw.INSTRUCTIONS["reach-v3"], mw.INSTRUCTIONS["push-v3"]]
+    assert info["variation"].tolist() == [10, 11]
+    for _ in range(5):
+        obs, reward, terminated, truncated, info = envs.step(torch.zeros(2, 4))
+    assert truncated.all() and info["_final_info"].all()
+    assert info["final_info"]["episode_length"].tolist() == [5, 5]
+    assert info["variation"].tolist() == [12, 13]  # the next episodes, already reset, stride num_envs
+    assert info["elapsed_steps"].tolist() == [0, 0]
+    assert not torch.equal(info["final_obs"][STATE], obs[STATE])
+    envs.close()
+
+
+def test_make_expert_with_noise():
+    expert = fmpolicy_envs.make_expert(ENV_ID, seed=0, noise_std=0.3)
+    env = mw.MetaWorldEnv(task="reach")
+    env.reset(seed=0)
+    clean = mw.MetaWorldExpert()(env)
+    noisy = expert(env)
+    assert noisy.shape == (4,) and np.abs(noisy).max() <= 1.0
+    assert np.abs(noisy - clean).max() > 1e-3
+    with pytest.raises(ValueError, match="noise_std"):
+        mw.MetaWorldExpert(noise_std=-1)
+    env.close()
+
+
+def test_collect_to_chunk_dataset_and_evaluate_policy(tmp_path):
+    """Scripted reach demonstrations -> LeRobot v3 dataset -> ChunkDataset -> a tiny policy evaluated
+    by evaluate_policy on the same vector env (2 episodes each; nothing here is about learning)."""
+    from fmpolicy import FlowPolicy, PolicyConfig, make_expert_config
+    from fmpolicy.data import ChunkDataset, DatasetWriter, collect
+    from fmpolicy.evaluation import evaluate_policy
+
+    envs = gym.make_vec(ENV_ID, num_envs=2, vectorization_mode="vector_entry_point", task="reach",
+                        cameras=("corner2",), image_size=16)
+    cam = "observation.images.corner2"
+    features = {STATE: {"dtype": "float32", "shape": [4]}, "action": {"dtype": "float32", "shape": [4]},
+                cam: {"dtype": "uint8", "shape": [3, 16, 16]}}
+    with DatasetWriter(tmp_path / "mw", fps=envs.metadata["render_fps"], features=features) as writer:
+        summary = collect(envs, mw.MetaWorldExpert(seed=0), writer, 2, seed=0, image_key=cam)
+    assert summary["episodes"] == 2 and summary["success_rate"] == 1.0
+    assert summary["success_by_task"] == {mw.INSTRUCTIONS["reach-v3"]: 1.0}
+    ds = ChunkDataset(tmp_path / "mw", chunk_size=4)
+    item = ds[0]
+    assert item[STATE].shape == (4,) and item[STATE].dtype == torch.float32
+    assert item[cam].shape == (3, 16, 16) and 0.0 <= float(item[cam].min()) and float(item[cam].max()) <= 1.0
+    assert item["task"] == mw.INSTRUCTIONS["reach-v3"]
+    assert len(ds) == summary["frames"] and 20 < len(ds) < 400  # two reach episodes of ~45 steps
+
+    cfg = PolicyConfig(state_dim=4, action_dim=4, chunk_size=4, n_action_steps=4,
+                       expert=make_expert_config("tiny"), device="cpu")
+    policy = FlowPolicy(cfg).fit_normalization(ds.state, ds.action)
+    envs_eval = gym.make_vec(ENV_ID, num_envs=2, vectorization_mode="vector_entry_point", task="reach",
+                             max_episode_steps=8)
+    result = evaluate_policy(policy, envs_eval, 2, seed=mw.EVAL_VARIATION_START, generator=torch.Generator().manual_seed(0))
+    assert result.episodes == 2 and result.success_reported and result.mean_length == 8
+    assert result.tasks == [mw.INSTRUCTIONS["reach-v3"]] * 2
+    assert set(result.success_by_task()) == {mw.INSTRUCTIONS["reach-v3"]}
+    envs.close()
+    envs_eval.close()
+
+
+def test_collect_demos_script_two_tasks_one_dataset(tmp_path, capsys):
+    from fmpolicy.data import ChunkDataset
+
+    from .helpers import load_script
+
+    out = tmp_path / "mt"
+    summary = load_script("collect_demos").main(
+        ["--env", ENV_ID, "--tasks", "reach,drawer-close", "--episodes", "1", "--num-envs", "1", "--out", str(out),
+         "--no-progress"])
+    printed = capsys.readouterr().out
+    assert "reach-v3: expert success 100.0%" in printed and "drawer-close-v3: expert success" in printed
+    assert summary["episodes"] == 2
+    ds = ChunkDataset(out, chunk_size=4)
+    tasks = {ds[i]["task"] for i in (0, len(ds) - 1)}
+    assert tasks == {mw.INSTRUCTIONS["reach-v3"], mw.INSTRUCTIONS["drawer-close-v3"]}
+    import json
+
+    info = json.loads((out / "meta" / "info.json").read_text())
+    assert info["fps"] == mw.CONTROL_FPS and info["robot_type"] == "sawyer"
+
+
+def test_process_vector_env_matches_the_in_process_one():
+    """Same variations, observations, rewards and autoreset whether the envs run here or in processes."""
+    kwargs = dict(num_envs=2, tasks="reach,push", max_episode_steps=3)
+    here = mw.MetaWorldVectorEnv(**kwargs)
+    procs = mw.MetaWorldVectorEnv(processes=True, **kwargs)
+    try:
+        a, ia = here.reset(seed=7)
+        b, ib = procs.reset(seed=7)
+        assert ia["task"] == ib["task"] and torch.equal(ia["variation"], ib["variation"])
+        torch.testing.assert_close(a[STATE], b[STATE])
+        expert = mw.MetaWorldExpert()
+        for _ in range(4):
+            act = expert(here)
+            torch.testing.assert_close(act, expert(procs))
+            a, ra, ta, tra, ia = here.step(act)
+            b, rb, tb, trb, ib = procs.step(act)
+            torch.testing.assert_close(a[STATE], b[STATE])
+            torch.testing.assert_close(ia["final_obs"][STATE], ib["final_obs"][STATE])
+            torch.testing.assert_close(ra, rb)
+            assert torch.equal(tra, trb) and torch.equal(ia["variation"], ib["variation"])
+            for k in ("is_success", "episode_length", "variation"):
+                assert torch.equal(ia["final_info"][k], ib["final_info"][k]), k
+        assert ia["variation"].tolist() == [9, 10]  # the second episodes after a 3-step limit
+    finally:
+        here.close()
+        procs.close()
+
+
+def test_evaluate_policy_counts_expert_successes():
+    """The scripted expert as `act` (chunks of one action): every reach episode counts as a success."""
+    from fmpolicy.evaluation import evaluate_policy
+
+    envs = mw.MetaWorldVectorEnv(num_envs=2, task="reach", max_episode_steps=150)
+    expert = mw.MetaWorldExpert()
+    result = evaluate_policy(None, envs, 2, seed=mw.EVAL_VARIATION_START, act=lambda obs: expert(envs)[:, None],
+                             n_action_steps=1)
+    assert result.successes == 2 and result.success_reported and 20 < result.mean_length < 150
+    envs.close()
