@@ -30,24 +30,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fmpolicy import FlowPolicy
+from fmpolicy.batch import STATE
+from fmpolicy.config import PolicyConfig
+from fmpolicy.io import atomic_write, atomic_write_json
+from fmpolicy.rl.actors import FlowActor
+from fmpolicy_envs.bandit import OPTIMA, TwoOptimaBandit, mode_fractions
+from fmpolicy.rl.config import RLRunConfig, load_rl_config
+from fmpolicy.rl.objectives import compute_policy_surrogate, normalize_advantages
+from fmpolicy.scripting import load_script
 
-import rl_compare  # noqa: E402
-
-from fmpolicy import FlowPolicy  # noqa: E402
-from fmpolicy.batch import STATE  # noqa: E402
-from fmpolicy.config import PolicyConfig  # noqa: E402
-from fmpolicy.io import atomic_write, atomic_write_json  # noqa: E402
-from fmpolicy.rl.actors import FlowActor  # noqa: E402
-from fmpolicy_envs.bandit import OPTIMA, TwoOptimaBandit, mode_fractions  # noqa: E402
-from fmpolicy.rl.config import RLRunConfig, load_rl_config  # noqa: E402
-from fmpolicy.rl.objectives import compute_policy_surrogate, normalize_advantages  # noqa: E402
+rl_compare = load_script("rl_compare", Path(__file__).resolve().parent)
 
 CONFIG = "configs/fpo_bandit_finetune.yaml"
 METHODS = {  # name -> (policy type, overrides on top of the config)

@@ -24,20 +24,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fmpolicy.config import ImitationConfig, load_config
+from fmpolicy.io import atomic_write, atomic_write_json
+from fmpolicy.rl.config import load_rl_config
+from fmpolicy.scripting import load_script
 
-import evaluate  # noqa: E402
-import pipeline  # noqa: E402
-import train  # noqa: E402
-import train_fpo  # noqa: E402
-
-from fmpolicy.config import ImitationConfig, load_config  # noqa: E402
-from fmpolicy.io import atomic_write, atomic_write_json  # noqa: E402
-from fmpolicy.rl.config import load_rl_config  # noqa: E402
+HERE = Path(__file__).resolve().parent
+evaluate, pipeline, train, train_fpo = (load_script(n, HERE) for n in ("evaluate", "pipeline", "train", "train_fpo"))
 
 BC_CONFIG = "configs/point_obstacle_few.yaml"
 FPO_CONFIG = "configs/fpo_point_finetune.yaml"

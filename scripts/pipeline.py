@@ -22,27 +22,18 @@ row per instruction).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 from fmpolicy.config import ImitationConfig, load_config
 from fmpolicy.io import atomic_write_json
+from fmpolicy.scripting import load_script
 
 
-def sibling(name: str) -> ModuleType:
-    """The script `scripts/<name>.py` as a module, loaded from its file: scripts are not a package, and
-    changing `sys.path` would let any module named like a script shadow a library module."""
-    spec = importlib.util.spec_from_file_location(f"fmpolicy_scripts.{name}", Path(__file__).resolve().parent / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-collect_demos, evaluate, train = sibling("collect_demos"), sibling("evaluate"), sibling("train")
+HERE = Path(__file__).resolve().parent
+collect_demos, evaluate, train = (load_script(n, HERE) for n in ("collect_demos", "evaluate", "train"))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -44,11 +44,8 @@ def in_float64(*items):
 
 def load_script(name: str):
     """Import `scripts/<name>.py` as a module (scripts are not a package), to call its `main(argv)`."""
-    import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from fmpolicy.scripting import load_script as load
+
+    return load(name, Path(__file__).resolve().parents[1] / "scripts")

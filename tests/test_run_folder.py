@@ -323,3 +323,20 @@ def test_a_run_saved_before_a_config_field_existed_resumes_with_its_default(tmp_
     (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     with pytest.raises(SystemExit, match=r"rl\.clip: saved 0\.3"):
         rl.main([*RL_TINY, f"rl.out_dir={out}", "rl.total_env_steps=96", "--resume"])
+
+
+def test_scripts_load_each_other_without_touching_sys_path():
+    import sys
+    from pathlib import Path
+
+    from fmpolicy.scripting import load_script
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    before = list(sys.path)
+    pipeline = load_script("pipeline", scripts)
+    assert sys.path == before and callable(pipeline.main) and callable(pipeline.train.main)
+    assert "train" not in sys.modules or not hasattr(sys.modules["train"], "main")  # nothing shadows a name
+    for name in ("bandit_modes", "finetune_experiment"):
+        assert "sys.path" not in (scripts / f"{name}.py").read_text()
+    with pytest.raises(FileNotFoundError, match="no script 'nope'"):
+        load_script("nope", scripts)
