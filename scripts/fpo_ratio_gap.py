@@ -42,9 +42,13 @@ from fmpolicy.rl.trainer import UpdateBatch, make_actor, parameter_groups, updat
 from fmpolicy.rl.value import ValueNet
 
 
-def measure(run: Path, step: int, seed: int) -> dict:
-    config = config_from_dict(RLRunConfig, {**yaml.safe_load((run / "config.yaml").read_text()),
-                                            "init_from": ""})
+def measure(run: Path, step: int, seed: int, init_from: str | None = None) -> dict:
+    """One run's measure (see the module doc). The actor is built as the run built it (from its
+    `init_from`, or `init_from` given here when that folder moved), then takes the checkpoint's weights."""
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    if init_from is not None:
+        saved["init_from"] = init_from
+    config = config_from_dict(RLRunConfig, saved)
     rc = config.rl
     device = torch.device("cpu")
     state = torch.load(run / "checkpoints" / f"step_{step:08d}" / "training_state.pt", weights_only=False)
@@ -98,8 +102,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--step", type=int, default=175, help="the checkpoint to start from")
     p.add_argument("--seed", type=int, default=123, help="seed of the fresh rollout and pairs")
     p.add_argument("--json", type=Path, help="write the measures here")
+    p.add_argument("--init-from", help="the policy the runs started from, when it is no longer where their "
+                                       "config.yaml says")
     args = p.parse_args(argv)
-    rows = [measure(run, args.step, args.seed) for run in args.runs]
+    rows = [measure(run, args.step, args.seed, args.init_from) for run in args.runs]
     print("| run | time input | mean abs log ratio, stored pairs (unclamped) | fresh pairs | corr | gap |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
