@@ -120,7 +120,7 @@ def test_the_prefix_pooled_critic_refuses_to_run_without_the_policys_prefix():
 
 
 def test_fpo_losses_count_only_the_executed_chunk_steps_as_imitation_counts_unpadded_ones(tmp_path):
-    config = vl_config(tmp_path, save_vl_policy(tmp_path / "policy", True))
+    config = vl_config(tmp_path, save_vl_policy(tmp_path / "policy", True), fpo={"num_pairs": 4, "mask_unexecuted": True})
     actor, pc = make_actor(config, torch.device("cpu"))
     critic = ValueNet(pc.state_dim, ValueConfig(width=8, depth=1))
     envs = make_vector_env(config.env.id, 6, torch.device("cpu"), 0, config.env.kwargs)

@@ -57,9 +57,11 @@ class FPOConfig:
     action_noise_std: float = 0.0  # std of a Gaussian added to sampled chunks (extra exploration), 0 = off
     time_sampling: str = "uniform"  # t_i of the pairs: "uniform" U(0, 1), or "policy" (policy.flow's schedule)
     clip_actions: bool = False  # store (and execute) sampled chunks clipped to [-1, 1]: see FlowActor.act
-    mask_unexecuted: bool = True  # the CFM losses of the ratio count only the chunk steps the rollout executed
-    #   (the first n_action_steps, and none past an episode's end), as imitation masks action_is_pad;
-    #   false: every step of the chunk counts (before issue 15)
+    mask_unexecuted: bool = False  # true: the CFM losses of the ratio count only the chunk steps the rollout
+    #   executed (the first n_action_steps, none past an episode's end), as imitation masks action_is_pad.
+    #   Off by default: measured, it breaks fine-tuning (PointObstacle from 10 demos: 38.5% against 91-99%
+    #   with every step counted): nothing then holds the unexecuted steps' velocity, which drifts, and the
+    #   network reads those steps' x_t when it predicts the executed ones (docs/rl.md)
     ref_coef: float = 0.0  # weight of the reference regulariser (FlowActor.regularizer): the CFM loss of
     #   chunks sampled from a frozen copy of the starting policy (random init or the imitation
     #   checkpoint) at the rollout's observations; keeps mass wherever the start had it. 0 = off
