@@ -86,7 +86,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_update_as_one_process_on_the_union_of_their_minibatches(tmp_path):
+# Rendering settings that an earlier test (Meta-World's) leaves in the environment: with MUJOCO_GL=egl
+# inherited, the gloo processes started from inside pytest abort at exit ("terminate called without an
+# active exception"; not seen outside pytest). These processes render nothing.
+RENDER_ENV = ("MUJOCO_GL", "PYOPENGL_PLATFORM")
+
+
+def test_two_processes_update_as_one_process_on_the_union_of_their_minibatches(tmp_path, monkeypatch):
+    for name in RENDER_ENV:
+        monkeypatch.delenv(name, raising=False)
     out = tmp_path / "ddp.pt"
     mp.spawn(_rank, args=(2, _free_port(), str(out)), nprocs=2, join=True)
     ddp = torch.load(out)
@@ -116,7 +124,8 @@ def test_two_processes_update_as_one_process_on_the_union_of_their_minibatches(t
 
 
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**{k: v for k, v in os.environ.items() if k not in RENDER_ENV}, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                            str(ROOT / "scripts" / "train_fpo.py"), *args], env=env, capture_output=True, text=True,
                           timeout=600)
