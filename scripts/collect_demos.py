@@ -86,18 +86,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--image-size must be in 1..{MAX_IMAGE_SIZE} pixels, got {args.image_size}")
     if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
         p.error(f"--fps must be a finite number > 0, got {args.fps}")
-    try:
-        args.env_kwargs = json.loads(args.env_kwargs)
-    except json.JSONDecodeError as e:
-        p.error(f"--env-kwargs is not valid JSON: {e}")
-    if not isinstance(args.env_kwargs, dict):
-        p.error(f"--env-kwargs must be a JSON object, got {args.env_kwargs!r}")
-    try:
-        args.obs_map = json.loads(args.obs_map)
-    except json.JSONDecodeError as e:
-        p.error(f"--obs-map is not valid JSON: {e}")
-    if not isinstance(args.obs_map, dict):
-        p.error(f"--obs-map must be a JSON object, got {args.obs_map!r}")
+    for flag in ("env_kwargs", "obs_map"):  # JSON objects given on the command line
+        name = "--" + flag.replace("_", "-")
+        try:
+            value = json.loads(getattr(args, flag))
+        except json.JSONDecodeError as e:
+            p.error(f"{name} is not valid JSON: {e}")
+        if not isinstance(value, dict):
+            p.error(f"{name} must be a JSON object, got {value!r}")
+        setattr(args, flag, value)
     if not (math.isfinite(args.noise_std) and args.noise_std >= 0):
         p.error(f"--noise-std must be a finite number >= 0, got {args.noise_std}")
     if args.expert is not None and ":" not in args.expert:

@@ -430,7 +430,8 @@ def test_collect_demos_fails_while_another_process_writes(tmp_path):
 # ---- collect_demos.py options ------------------------------------------------------------------
 
 @pytest.mark.parametrize("option", ["--image-size=0", "--image-size=-3", "--image-size=5000",
-                                    "--fps=0", "--fps=-1", "--fps=nan", "--fps=inf"])
+                                    "--fps=0", "--fps=-1", "--fps=nan", "--fps=inf", "--env-kwargs={bad",
+                                    "--env-kwargs=[1, 2]", "--obs-map=nope", "--obs-map=3"])
 def test_collect_demos_rejects_bad_options_before_writing(tmp_path, capsys, option):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
