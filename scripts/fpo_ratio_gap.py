@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -84,10 +85,10 @@ def measure(run: Path, step: int, seed: int, init_from: str | None = None) -> di
         old = before.policy.compute_cfm_losses(batch.obs, batch.chunks, t, noise)
         new = actor.policy.compute_cfm_losses(batch.obs, batch.chunks, t, noise)
         fresh = compute_fpo_log_ratio(old, new, "mean")
-        unclamped_stored = compute_fpo_log_ratio(
-            actor._per_pair(batch.store["loss_old"], batch.executed),
-            actor._per_pair(actor._losses(batch.obs, batch.chunks, batch.store["t"], batch.store["noise"], None),
-                            batch.executed), "mean")
+        unclamped = copy.copy(actor)  # the same weights, FPO's clamps off
+        unclamped.fpo = dataclasses.replace(actor.fpo, clamp_old=None, clamp_log_ratio=None, clamp_pair_log_ratio=None,
+                                            ratio_mode="mean")
+        unclamped_stored, _ = unclamped.log_ratio(batch.obs, batch.chunks, batch.store, None, batch.executed)
     s, f, u = stored.numpy(), fresh.numpy(), unclamped_stored.numpy()
     return {"run": str(run), "step": step, "time_input": pc.expert.time_input,
             "time_periods": [pc.expert.time_min_period, pc.expert.time_max_period],

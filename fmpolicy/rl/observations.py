@@ -97,16 +97,7 @@ def take(obs: Obs, idx: Tensor) -> Obs:
     return out
 
 
-def batch_size(obs: Obs) -> int:
-    return int(obs[STATE].shape[0])
-
-
 def to_device(obs: Obs, device: torch.device) -> Obs:
     return {k: v.to(device) if isinstance(v, Tensor) else to_device(v, device) if isinstance(v, Mapping) else v
             for k, v in obs.items()}
 
-
-def nbytes(obs: Obs) -> int:
-    """Bytes held by the tensors of `obs` (the buffer's memory, for the benchmark)."""
-    return sum(v.numel() * v.element_size() if isinstance(v, Tensor) else nbytes(v) if isinstance(v, Mapping) else 0
-               for v in obs.values())
