@@ -76,6 +76,10 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     if rank == 0:
         torch.save({"actor": actor.state_dict(), "critic": critic.state_dict()}, out)
     dist.destroy_process_group()
+    # leave without the interpreter's teardown: now and then (1 run in 5 of the full suite, 2 threads) a
+    # spawned gloo process aborted there ("terminate called without an active exception") after its work
+    # was done and saved; what the test checks is written above
+    os._exit(0)
 
 
 def _free_port() -> int:
