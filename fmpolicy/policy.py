@@ -28,7 +28,7 @@ from fmpolicy.flow import compute_cfm_loss, compute_masked_mse, interpolate, mak
 from fmpolicy.io import atomic_directory
 from fmpolicy.model import ExpertCache, make_velocity_net
 from fmpolicy.normalize import Normalizer
-from fmpolicy.sampling import SampleResult, sample_noise, sample_ode
+from fmpolicy.sampling import NFE_PER_STEP, SampleResult, sample_noise, sample_ode
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -54,6 +54,7 @@ class FlowPolicy(nn.Module):
         # per-robot normalizers and padding masks (one "default" embodiment unless configured)
         self.embodiments = Embodiments(config)
         self._queue: deque[Tensor] = deque()
+        self._graphs = None  # a fmpolicy.cuda_graphs.GraphedSolver once enable_cuda_graphs() is called
         self.to(resolve_device(config.device, "PolicyConfig.device"))
 
     @property
@@ -170,6 +171,36 @@ class FlowPolicy(nn.Module):
         compile_kwargs.setdefault("dynamic", False)
         self.net.velocity = torch.compile(type(self.net).velocity.__get__(self.net), **compile_kwargs)
         return self
+
+    def enable_cuda_graphs(self, max_graphs: int = 8) -> "FlowPolicy":
+        """Replay fixed-grid sampling (euler, midpoint, rk4) from CUDA graphs from now on; returns the policy.
+
+        The whole solve, every step from the noise to the chunk, is captured once per batch size (and
+        prefix length) and then replayed as one launch (`fmpolicy.cuda_graphs`): at batch 1 the kernel
+        launches, not the arithmetic, set a GPU's latency. The first call at each new size warms up and
+        captures (a few solves' time); at most `max_graphs` graphs are kept. Used in eval mode only (in
+        train mode, and for dopri5, trajectories or RTC, sampling runs eagerly as before). Chunks agree
+        with eager sampling to float rounding. Combine with `compile_velocity()` to capture the compiled
+        step. Weights updated in place are seen; `.to()` drops the graphs. CUDA only.
+        """
+        from fmpolicy.cuda_graphs import GraphedSolver
+
+        if self.device.type != "cuda":
+            raise ConfigError(f"enable_cuda_graphs: the policy is on device {str(self.device)!r}: CUDA graphs "
+                              "need a CUDA device (PolicyConfig.device 'cuda' or 'auto' on a machine with one)")
+        self._graphs = GraphedSolver(self.net, max_graphs)
+        return self
+
+    def disable_cuda_graphs(self) -> "FlowPolicy":
+        """Sample eagerly again and free the captured graphs; returns the policy."""
+        self._graphs = None
+        return self
+
+    def _apply(self, *args: Any, **kwargs: Any) -> "FlowPolicy":
+        # .to() / .cuda() / .half() may move the weights: a captured graph would read their old memory
+        if getattr(self, "_graphs", None) is not None:
+            self._graphs.clear()
+        return super()._apply(*args, **kwargs)
 
     def velocity_fn(self, cache: ExpertCache):
         """A callable `v(x_t, t)` over padded, normalized chunks for `sample_ode`, reusing `cache`."""
@@ -298,6 +329,10 @@ class FlowPolicy(nn.Module):
         else:
             noise = keys.read_noise(noise, self._chunk_shape(b), "b h max_action_dim", self.device, self.dtype)
         s = sampler or self.config.sampler
+        if self._graphs is not None and s.method in NFE_PER_STEP and not return_trajectory and not self.training:
+            valid = cache.action_valid if cache.action_valid is not None else self.action_valid
+            x1 = self._graphs.solve(cache, valid, noise, s.method, s.num_steps)
+            return SampleResult(x1=x1, nfe=NFE_PER_STEP[s.method] * s.num_steps, embodiment=cache.embodiment)
         result = sample_ode(self.velocity_fn(cache), noise, method=s.method, num_steps=s.num_steps,
                             atol=s.atol, rtol=s.rtol, return_trajectory=return_trajectory)
         result.embodiment = cache.embodiment

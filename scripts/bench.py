@@ -20,6 +20,13 @@ Sections (`--only`):
   `compile_s`), interleaved; `speedup` = eager / compiled, `max_abs_diff` between their chunks. Then the
   `cache` section's pair at batch 1 with both sides compiled (`cache_cached_compiled` /
   `cache_uncached_compiled`: the prefix cache's speed-up with compile on, target >= 2).
+- `cuda_graph` (not in the default run; CUDA only): the 10-step chunk with eager sampling against
+  `policy.enable_cuda_graphs()` (the whole solve replayed from one CUDA graph; capture timed apart as
+  `capture_s`), and against compile + graphs, interleaved, at batch 1 and 64; then the same at batch 1
+  for a pi0-sized action expert (width 1024, 18 blocks, 8 heads, chunk 50, 32-wide padded actions,
+  304 prefix tokens of width 2048: one 224-px view's 256 image tokens and 48 text tokens; fp32; the
+  vision-language backbone that makes those tokens is not run). Figures: `speedup` = eager / graphs,
+  `max_abs_diff` between their chunks.
 - `chunk`: one `policy.predict_action_chunk(obs)` at batch 1 and 64, with 1, 5 and 10 Euler steps:
   the latency a controller sees, including input checks, the one prefix pass, the ODE solve
   (torchdiffeq) and unnormalization.
@@ -84,9 +91,9 @@ from fmpolicy.machine import cpu_model
 from fmpolicy.model.layers import AdaptiveModulation
 from fmpolicy.sampling import sample_ode
 
-SECTIONS = ("chunk", "overhead", "cache", "train", "encoder", "envs", "rl_update", "rl_vl", "compile")
-DEFAULT_SECTIONS = SECTIONS[:-2]  # `rl_vl` (a minute of rollouts) and `compile` (a minute compiling): run them
-#   with --only rl_vl / --only compile
+SECTIONS = ("chunk", "overhead", "cache", "train", "encoder", "envs", "rl_update", "rl_vl", "compile", "cuda_graph")
+DEFAULT_SECTIONS = SECTIONS[:-3]  # `rl_vl` (a minute of rollouts), `compile` (a minute compiling) and
+#   `cuda_graph` (CUDA only): run them with --only rl_vl / --only compile / --only cuda_graph
 ENV_COUNTS = (1, 64, 1024, 4096)  # environments stepped together in the envs section
 FPO_TARGET = 2.5  # an FPO update (m = 8) costs at most this many Gaussian PPO updates
 STATE_DIM, ACTION_DIM, CHUNK_SIZE = 8, 7, 10
@@ -157,17 +164,19 @@ def median(xs: list[float]) -> float:
 # ---- setup ----------------------------------------------------------------------------------------
 
 
-def make_policy(preset: str, device: torch.device, seed: int) -> FlowPolicy:
-    """The benchmark policy: prefix tokens of the expert's width, identity normalization.
+def make_policy(preset: str, device: torch.device, seed: int, chunk_size: int = CHUNK_SIZE,
+                **expert: Any) -> FlowPolicy:
+    """The benchmark policy: prefix tokens of the expert's width, identity normalization (`expert`:
+    fields of the preset replaced).
 
     The zero-initialised modulation layers get small random weights, so that time, state and prefix
     reach the output (see the module docstring); the cost of a call does not change.
     """
     torch.manual_seed(seed)
-    width = EXPERT_PRESETS[preset].width
+    expert = {"prefix_dim": EXPERT_PRESETS[preset].width, **expert}
     config = PolicyConfig(
-        state_dim=STATE_DIM, action_dim=ACTION_DIM, chunk_size=CHUNK_SIZE, n_action_steps=CHUNK_SIZE // 2,
-        expert=make_expert_config(preset, prefix_dim=width),
+        state_dim=STATE_DIM, action_dim=ACTION_DIM, chunk_size=chunk_size, n_action_steps=chunk_size // 2,
+        expert=make_expert_config(preset, **expert),
         sampler=SamplerConfig(method="euler", num_steps=10),
         normalization=NormalizationConfig(state="identity", action="identity"),
         device=str(device))
@@ -570,7 +579,63 @@ def bench_cache_compiled(bench: Bench, compiled: FlowPolicy) -> list[dict]:
                       meets_target=speedup >= CACHE_TARGET and diff < DIFF_LIMIT)]
 
 
-RUNNERS = {"compile": bench_compile, "chunk": bench_chunk, "overhead": bench_overhead, "cache": bench_cache, "train": bench_train,
+# pi0's action expert (Gemma 300M: width 1024, 18 layers, 8 heads, MLP 4096), chunk 50, 32-wide padded
+# actions, and the prefix of one 224-px view (256 SigLIP tokens) + 48 text tokens at the VLM's width 2048
+PI0_EXPERT = dict(width=1024, depth=18, num_heads=8, mlp_ratio=4.0, max_state_dim=32, max_action_dim=32,
+                  prefix_dim=2048)
+PI0_CHUNK, PI0_PREFIX = 50, 304
+
+
+@torch.no_grad()
+def bench_cuda_graph(bench: Bench) -> list[dict]:
+    """Eager sampling against `enable_cuda_graphs()` (and compile + graphs), interleaved, on CUDA."""
+    import copy
+
+    if bench.device.type != "cuda":
+        print("[cuda_graph] skipped: CUDA graphs need --device cuda", file=sys.stderr)
+        return []
+    s = bench.sizes
+    rows = []
+    cases = [("bench", bench.policy, s.batches, s.prefix_tokens)]
+    if not bench.args.quick:
+        pi0 = make_policy("base", bench.device, bench.args.seed, chunk_size=PI0_CHUNK, **PI0_EXPERT)
+        cases.append(("pi0_sized", pi0, (1,), PI0_PREFIX))
+    for name, policy, batches, p in cases:
+        graphed = copy.deepcopy(policy).enable_cuda_graphs()
+        both = copy.deepcopy(policy).compile_velocity().enable_cuda_graphs()
+        for batch in batches:
+            obs = make_obs(policy, batch, p, bench.generator)
+            noise = policy.sample_noise(batch, bench.device_generator)
+            chunk = {"eager": lambda: policy.predict_action_chunk(obs, noise=noise),
+                     "graphs": lambda: graphed.predict_action_chunk(obs, noise=noise),
+                     "compile_graphs": lambda: both.predict_action_chunk(obs, noise=noise)}
+            first, failed = {}, {}
+            for key in ("graphs", "compile_graphs"):  # capture (and compile) before timing
+                synchronize(bench.device)
+                start = time.perf_counter()
+                try:
+                    chunk[key]()
+                except Exception as error:  # noqa: BLE001 - a row that says why, and the other rows still measured
+                    failed[key] = f"{type(error).__name__}: {error}"[:300]
+                    del chunk[key]
+                    continue
+                synchronize(bench.device)
+                first[key] = time.perf_counter() - start
+            eager = chunk["eager"]()
+            diffs = {key: float((chunk[key]() - eager).abs().max()) for key in first}
+            times = bench.time(chunk, batch)
+            common = dict(batch=batch, steps=policy.config.sampler.num_steps, p=p, expert=name,
+                          chunk_size=policy.config.chunk_size)
+            rows.append(bench.row("cuda_graph", "eager", times["eager"], **common))
+            for key in first:
+                rows.append(bench.row("cuda_graph", key, times[key], **common, capture_s=first[key],
+                                      speedup=median(times["eager"]) / median(times[key]), max_abs_diff=diffs[key]))
+            for key, error in failed.items():
+                rows.append({"section": "cuda_graph", "name": key, **common, "error": error, "machine": bench.machine})
+    return rows
+
+
+RUNNERS = {"cuda_graph": bench_cuda_graph, "compile": bench_compile, "chunk": bench_chunk, "overhead": bench_overhead, "cache": bench_cache, "train": bench_train,
            "encoder": bench_encoder, "envs": bench_envs, "rl_update": bench_rl_update, "rl_vl": bench_rl_vl}
 
 
