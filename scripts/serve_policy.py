@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("--steps", type=int, default=None, help="integration steps (default: the policy's own)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the expert step (the first request at each batch size compiles)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the fixed-grid solve from CUDA graphs (CUDA only; one capture per batch size)")
     p.add_argument("--max-batch", type=int, default=16,
                    help="most rows in one policy call when requests wait together (1: no batching)")
     p.add_argument("--batch-window-ms", type=float, default=0.0,
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None):
         policy = FlowPolicy.from_pretrained(args.policy, device=args.device)
         if args.compile:
             policy.compile_velocity()
+        if args.cuda_graphs:  # one graph per batch size the batcher forms: keep them all
+            policy.enable_cuda_graphs(max_graphs=max(8, args.max_batch))
         sampler = None
         if args.steps is not None:
             sampler = SamplerConfig(**{**vars(policy.config.sampler), "num_steps": args.steps})

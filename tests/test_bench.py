@@ -48,3 +48,22 @@ def test_bench_quick_json():
     assert set(train) == {"fp32", "bf16"}
     assert all(math.isfinite(r["steps_per_s"]) and r["steps_per_s"] > 0 for r in train.values())
     assert math.isfinite(train["bf16"]["ratio"]) and train["bf16"]["ratio"] > 0
+
+
+def test_profile_sampling_reports_where_a_chunk_spends_its_time_and_refuses_graphs_without_cuda():
+    from fmpolicy.scripting import load_script
+
+    profile = load_script("profile_sampling", SCRIPT.parent)
+    policy, obs = profile.make_case("bench", profile.torch.device("cpu"), 2, seed=0)
+    result = profile.profile_variant(policy, obs, chunks=2, warmup=1, top=5)
+    assert result["wall_ms"] > 0 and result["device_ms"] is None  # no GPU kernels to sum on CPU
+    assert 0 < len(result["top"]) <= 5
+    times = [row["ms_per_chunk"] for row in result["top"]]
+    assert times == sorted(times, reverse=True) and times[0] > 0
+    # the expert's matrix products are among the operators a chunk runs
+    assert any("addmm" in row["name"] or "linear" in row["name"] for row in result["top"])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    bad = subprocess.run([sys.executable, str(SCRIPT.parent / "profile_sampling.py"), "--device", "cpu",
+                          "--variants", "eager,graphs"], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=SCRIPT.parents[1])
+    assert bad.returncode == 2 and "--variants ['graphs'] invalid on cpu" in bad.stderr
