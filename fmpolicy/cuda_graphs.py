@@ -123,8 +123,13 @@ class GraphedSolver:
         inputs = [None if t is None else t.clone() for t in tensors]
         x0, valid, cache = _unflatten(inputs, layers)
 
+        compute = next(self.net.parameters()).dtype  # the expert may compute in bf16 on float32 chunks
+
+        def velocity(x: Tensor, t: Tensor) -> Tensor:
+            return self.net.velocity(x.to(compute), t, cache, valid).to(x.dtype)
+
         def run() -> Tensor:
-            return solve_fixed_grid(lambda x, t: self.net.velocity(x, t, cache, valid), x0, method, num_steps)
+            return solve_fixed_grid(velocity, x0, method, num_steps)
 
         self.captures += 1
         if self.backend == "eager":

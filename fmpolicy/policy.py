@@ -35,6 +35,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # config.json fields without which the saved weights cannot be rebuilt as they were trained (every
 # PolicyConfig field of format version 1 that shapes the network or says what its outputs mean)
+LOW_PRECISION = (torch.bfloat16, torch.float16)  # expert compute types with float32 inputs and integration
 REQUIRED_CONFIG_FIELDS = ("state_dim", "action_dim", "chunk_size", "n_action_steps", "head", "expert", "normalization")
 
 
@@ -63,7 +64,15 @@ class FlowPolicy(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The float dtype of the network's weights (float32 unless converted): noise and t must have it."""
+        """The float dtype of noise, t and the integration: the network's weights' (float32 unless the
+        policy was converted, e.g. to float64), but float32 when the expert computes in a 16-bit type
+        (`set_compute_dtype`). Noise and t given to the policy must have it."""
+        d = self.compute_dtype
+        return torch.float32 if d in LOW_PRECISION else d
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The float dtype the action expert computes in (its weights')."""
         return next(self.net.parameters()).dtype
 
     @property
@@ -134,7 +143,9 @@ class FlowPolicy(nn.Module):
         idx = self.embodiments.index(obs, state.shape[0])
         keys.check_width(state, keys.STATE, (self.embodiments.width(idx, "state"), cfg.state_dim), "state_dim")
         prefix, prefix_mask = keys.read_prefix(obs, state.shape[0], cfg.expert.prefix_dim, self.device)
-        cache = self.net.encode(self.pad_state(state, idx), self.embodiments.state_valid(idx), prefix, prefix_mask)
+        d = self.compute_dtype  # a no-op unless the expert computes in another type than its inputs
+        cache = self.net.encode(self.pad_state(state, idx).to(d), self.embodiments.state_valid(idx),
+                                None if prefix is None else prefix.to(d), prefix_mask)
         cache.embodiment, cache.action_valid = idx, self.embodiments.action_valid(idx)
         if prefix is not None:
             cache.prefix_pooled = pool_prefix(prefix, prefix_mask)
@@ -202,10 +213,36 @@ class FlowPolicy(nn.Module):
             self._graphs.clear()
         return super()._apply(*args, **kwargs)
 
+    def set_compute_dtype(self, dtype: torch.dtype) -> "FlowPolicy":
+        """Run the action expert in `dtype` from now on; returns the policy.
+
+        `torch.bfloat16` (or float16) is for inference on GPUs: matrix products on the tensor cores, half
+        the weight traffic. Only the expert's weights are converted; the normalizers, the noise, t (and
+        the time features, which need float32 to resolve pi0's 0.004 period), the integration and the
+        returned chunks stay float32, and an encoder stays as it is (its prefix tokens are converted).
+        Chunks differ from float32 ones by bf16 rounding (~1e-2 relative). `torch.float32` converts the
+        weights back (their bf16 rounding stays: reload the checkpoint for the exact float32 policy).
+        Not for training (use `torch.autocast` there) nor for saving.
+        """
+        if dtype not in (torch.float32, *LOW_PRECISION):
+            raise ConfigError(f"set_compute_dtype: dtype = {dtype} is not supported: expected torch.float32, "
+                              "torch.bfloat16 or torch.float16")
+        self.net.to(dtype)
+        if self._graphs is not None:  # captured with the old weights' memory
+            self._graphs.clear()
+        return self
+
+    def _velocity(self, x_t: Tensor, t: Tensor, cache: ExpertCache, valid: Tensor | None) -> Tensor:
+        """The expert's velocity in its compute type, returned in x_t's (a no-op when they agree)."""
+        d = self.compute_dtype
+        if x_t.dtype == d:
+            return self.net.velocity(x_t, t, cache, valid)
+        return self.net.velocity(x_t.to(d), t, cache, valid).to(x_t.dtype)
+
     def velocity_fn(self, cache: ExpertCache):
         """A callable `v(x_t, t)` over padded, normalized chunks for `sample_ode`, reusing `cache`."""
         valid = cache.action_valid if cache.action_valid is not None else self.action_valid
-        return lambda x_t, t: self.net.velocity(x_t, t, cache, valid)
+        return lambda x_t, t: self._velocity(x_t, t, cache, valid)
 
     def _chunk_shape(self, batch_size: int) -> tuple[int, int, int]:
         return batch_size, self.config.chunk_size, self.config.expert.max_action_dim
@@ -249,7 +286,7 @@ class FlowPolicy(nn.Module):
                 noise = sample_noise(target.shape, generator=generator, device=self.device)
             else:
                 noise = keys.read_noise(noise, tuple(target.shape), "b h max_action_dim", self.device, self.dtype)
-            v = self.net.velocity(interpolate(target, noise, t), t, cache, cache.action_valid)
+            v = self._velocity(interpolate(target, noise, t), t, cache, cache.action_valid)
             per_sample = compute_cfm_loss(v, target, noise, valid)
         return per_sample.mean(), {"per_sample": per_sample.detach()}
 
@@ -296,7 +333,7 @@ class FlowPolicy(nn.Module):
         target = _zero_non_finite_padding(self.pad_action(action, cache.embodiment), valid)
         target, valid = target.repeat_interleave(m, 0), valid.repeat_interleave(m, 0)  # (b*m, h, A)
         cache = cache.repeat_interleave(m)
-        v = self.net.velocity(interpolate(target, noise, t), t, cache, cache.action_valid)
+        v = self._velocity(interpolate(target, noise, t), t, cache, cache.action_valid)
         if per_step:  # every step's own masked mean over its action entries
             return compute_cfm_loss(v.flatten(0, 1)[:, None], target.flatten(0, 1)[:, None],
                                     noise.flatten(0, 1)[:, None], valid.flatten(0, 1)[:, None]).reshape(b, m, h)
@@ -305,8 +342,8 @@ class FlowPolicy(nn.Module):
     def _regress(self, cache: ExpertCache) -> Tensor:
         """Regression head: one pass at x = 0, t = 0 gives the normalized chunk directly."""
         b = cache.batch_size
-        zeros = torch.zeros(self._chunk_shape(b), device=self.device)
-        return self.net.velocity(zeros, torch.zeros(b, device=self.device), cache, cache.action_valid)
+        zeros = torch.zeros(self._chunk_shape(b), device=self.device, dtype=self.dtype)
+        return self._velocity(zeros, torch.zeros(b, device=self.device, dtype=self.dtype), cache, cache.action_valid)
 
     # ---- sampling ----------------------------------------------------------------------------------
 

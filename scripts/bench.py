@@ -22,9 +22,10 @@ Sections (`--only`):
   `cache_uncached_compiled`: the prefix cache's speed-up with compile on, target >= 2).
 - `cuda_graph` (not in the default run; CUDA only): the 10-step chunk with eager sampling against
   `policy.enable_cuda_graphs()` (the whole solve replayed from one CUDA graph; capture timed apart as
-  `capture_s`), and against compile + graphs, interleaved, at batch 1 and 64; then the same at batch 1
+  `capture_s`), against compile + graphs, and both again with the expert in bf16
+  (`set_compute_dtype(torch.bfloat16)`), interleaved, at batch 1 and 64; then the same at batch 1
   for a pi0-sized action expert (width 1024, 18 blocks, 8 heads, chunk 50, 32-wide padded actions,
-  304 prefix tokens of width 2048: one 224-px view's 256 image tokens and 48 text tokens; fp32; the
+  304 prefix tokens of width 2048: one 224-px view's 256 image tokens and 48 text tokens; the
   vision-language backbone that makes those tokens is not run). Figures: `speedup` = eager / graphs,
   `max_abs_diff` between their chunks.
 - `chunk`: one `policy.predict_action_chunk(obs)` at batch 1 and 64, with 1, 5 and 10 Euler steps:
@@ -603,14 +604,18 @@ def bench_cuda_graph(bench: Bench) -> list[dict]:
     for name, policy, batches, p in cases:
         graphed = copy.deepcopy(policy).enable_cuda_graphs()
         both = copy.deepcopy(policy).compile_velocity().enable_cuda_graphs()
+        half = copy.deepcopy(policy).set_compute_dtype(torch.bfloat16).enable_cuda_graphs()
+        half_both = copy.deepcopy(policy).set_compute_dtype(torch.bfloat16).compile_velocity().enable_cuda_graphs()
         for batch in batches:
             obs = make_obs(policy, batch, p, bench.generator)
             noise = policy.sample_noise(batch, bench.device_generator)
             chunk = {"eager": lambda: policy.predict_action_chunk(obs, noise=noise),
                      "graphs": lambda: graphed.predict_action_chunk(obs, noise=noise),
-                     "compile_graphs": lambda: both.predict_action_chunk(obs, noise=noise)}
+                     "compile_graphs": lambda: both.predict_action_chunk(obs, noise=noise),
+                     "bf16_graphs": lambda: half.predict_action_chunk(obs, noise=noise),
+                     "bf16_compile_graphs": lambda: half_both.predict_action_chunk(obs, noise=noise)}
             first, failed = {}, {}
-            for key in ("graphs", "compile_graphs"):  # capture (and compile) before timing
+            for key in list(chunk)[1:]:  # capture (and compile) before timing
                 synchronize(bench.device)
                 start = time.perf_counter()
                 try:
