@@ -14,15 +14,18 @@ arrives. What the robot executes then (`ChunkQueue.aggregation`, `run_with_laten
   action for it; "ensemble" is ACT's temporal ensembling, weights exp(-m i) with i = 0 the oldest chunk.
 - "rtc" (mode only): "latest", with the new chunk sampled by real-time chunking (`fmpolicy.rtc`): its
   first d positions inpainted to the actions being executed meanwhile, so the switch is smooth.
+  On a robot: `AsyncChunkRunner(client.infer_chunk, ..., inference_delay=d)` against a policy server.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -75,32 +78,61 @@ class ChunkQueue:
 
 class AsyncChunkRunner:
     """One action per control step from a chunk `predict` function (`policy.predict_action_chunk`, or a
-    remote client's), asking for the next chunk on a worker thread while the current one runs.
+    remote client's `PolicyClient.infer_chunk`), asking for the next chunk on a worker thread while the
+    current one runs.
 
     `act(obs)` returns the action for this step. When at most `threshold` of the current chunk's
     `n_action_steps` are left, it starts `predict(obs)` in the background; the chunk is merged when it
     arrives (positions already in the past are skipped; overlapping ones combined by `aggregation`).
     If the queue runs dry first, `act` waits for the chunk (a late inference stalls the robot, it never
     makes it act on nothing).
+
+    Chunks may be (b, h, a) or (h, a), torch or numpy: `act` returns the action in the same form, (b, a)
+    or (a,). `delays` holds, for the latest chunks, the control steps from each request to its merge.
+
+    Real-time chunking (`inference_delay` = d, an int; needs `aggregation="latest"`): every request
+    after the first is `predict(obs, leftover, d)`, with `leftover` the current chunk's actions from the
+    request's step on ((n, a) or (b, n, a), the form `predict` returns), of which about d are executed
+    while the request runs (d <= n); the first request is `predict(obs)`. `PolicyClient.infer_chunk`
+    takes exactly these arguments and sends them as the server's RTC fields, so the new chunk continues
+    what the robot is doing (in process: `sample_chunk_rtc(policy, obs, leftover, d)`). Set d to the
+    control steps an inference takes (`delays` shows them), and `threshold` >= d so that the chunk
+    arrives before the current one's `n_action_steps` are used up.
     """
 
-    def __init__(self, predict: Callable[[Any], Tensor], n_action_steps: int, threshold: int = 1,
-                 aggregation: str = "latest", ensemble_m: float = 0.01):
+    def __init__(self, predict: Callable[..., Any], n_action_steps: int, threshold: int = 1,
+                 aggregation: str = "latest", ensemble_m: float = 0.01, inference_delay: int | None = None):
         if not 0 <= threshold < n_action_steps:
             raise InputError(f"threshold = {threshold}: expected 0 <= threshold < n_action_steps = {n_action_steps}")
+        if inference_delay is not None:
+            if isinstance(inference_delay, bool) or not isinstance(inference_delay, int) or inference_delay < 0:
+                raise InputError(f"inference_delay = {inference_delay!r}: expected None (no real-time chunking) or "
+                                 "an int >= 0 (control steps an inference takes)")
+            if aggregation != "latest":
+                raise InputError(f"aggregation = {aggregation!r} with inference_delay = {inference_delay}: real-time "
+                                 "chunking continues the executed chunk, expected aggregation='latest'")
         self.predict, self.s, self.threshold = predict, int(n_action_steps), int(threshold)
+        self.inference_delay = inference_delay
         self.queue = ChunkQueue(aggregation, ensemble_m)
         self.step, self.last_start = 0, 0
+        self.delays: deque[int] = deque(maxlen=100)
+        self.requested_at: int | None = None  # the control step of the request in flight, None when none is
+        self._numpy, self._unbatched = False, False  # the form of predict's chunks (act answers in it)
         self._worker: threading.Thread | None = None
-        self._result: tuple[int, Tensor] | None = None
+        self._result: tuple[int, Any] | None = None
         self._error: BaseException | None = None
 
     def _request(self, obs: Any) -> None:
-        start = self.step
+        start = self.requested_at = self.step
+        args: tuple = (obs,)
+        if self.inference_delay is not None and self.queue.chunks:
+            leftover = self.queue.leftover(start)  # (b, n, a)
+            if leftover.shape[1] > 0:
+                args = (obs, self._as_returned(leftover), min(self.inference_delay, leftover.shape[1]))
 
         def run() -> None:
             try:
-                self._result = (start, self.predict(obs))
+                self._result = (start, self.predict(*args))
             except BaseException as e:  # noqa: BLE001 (re-raised in act)
                 self._error = e
 
@@ -111,15 +143,30 @@ class AsyncChunkRunner:
         if self._worker is None or (self._worker.is_alive() and not wait):
             return
         self._worker.join()
-        self._worker = None
+        self._worker, self.requested_at = None, None
         if self._error is not None:
             error, self._error = self._error, None
             raise error
         start, chunk = self._result
-        self.queue.add(chunk, start)
+        self.queue.add(self._as_tensor(chunk), start)
         self.last_start = start
+        self.delays.append(self.step - start)
 
-    def act(self, obs: Any) -> Tensor:
+    def _as_tensor(self, chunk: Any) -> Tensor:
+        """predict's chunk -> (b, h, a) tensor, remembering its form."""
+        self._numpy = isinstance(chunk, np.ndarray)
+        x = torch.as_tensor(chunk)
+        if x.dim() not in (2, 3):
+            raise InputError(f"predict returned a chunk of shape {tuple(x.shape)}: expected (b, h, a) or (h, a)")
+        self._unbatched = x.dim() == 2
+        return x[None] if self._unbatched else x
+
+    def _as_returned(self, x: Tensor) -> Any:
+        """(b, ...) tensor -> the form of predict's chunks (numpy or torch, with or without the batch axis)."""
+        x = x[0] if self._unbatched else x
+        return x.numpy() if self._numpy else x
+
+    def act(self, obs: Any) -> Any:
         if not self.queue.chunks and self._worker is None:  # the first chunk: nothing to run meanwhile
             self._request(obs)
             self._collect(wait=True)
@@ -131,13 +178,18 @@ class AsyncChunkRunner:
             self._collect(wait=True)
         action = self.queue.action(self.step)
         self.step += 1
-        return action
+        return self._as_returned(action)
+
+    def wait(self) -> None:
+        """Block until the chunk in flight (if any) has arrived, and merge it now."""
+        self._collect(wait=True)
 
     def reset(self) -> None:
         if self._worker is not None:
             self._worker.join()
-        self._worker, self._result, self._error = None, None, None
+        self._worker, self._result, self._error, self.requested_at = None, None, None, None
         self.queue.reset()
+        self.delays.clear()
         self.step, self.last_start = 0, 0
 
 
