@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from fmpolicy import FlowPolicy, SamplerConfig
 from fmpolicy.errors import FmPolicyError
 
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("--steps", type=int, default=None, help="integration steps (default: the policy's own)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the expert step (the first request at each batch size compiles)")
+    p.add_argument("--bf16", action="store_true",
+                   help="run the action expert in bfloat16 (inputs, integration and actions stay float32)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay the fixed-grid solve from CUDA graphs (CUDA only; one capture per batch size)")
     p.add_argument("--max-batch", type=int, default=16,
@@ -63,6 +67,8 @@ def main(argv: list[str] | None = None):
                               batch_window_ms=args.batch_window_ms,
                               rtc_max_guidance_weight=args.rtc_max_guidance_weight, rtc_schedule=args.rtc_schedule)
         policy = FlowPolicy.from_pretrained(args.policy, device=args.device)
+        if args.bf16:
+            policy.set_compute_dtype(torch.bfloat16)
         if args.compile:
             policy.compile_velocity()
         if args.cuda_graphs:  # one graph per batch size the batcher forms: keep them all

@@ -179,7 +179,7 @@ def test_the_serve_script_serves_a_saved_policy_and_refuses_a_bad_one(policy, tm
         proc.terminate()
         proc.wait(30)
     graphs = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve_policy.py"), "--policy", str(tmp_path / "policy"),
-                             "--device", "cpu", "--cuda-graphs"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+                             "--device", "cpu", "--bf16", "--cuda-graphs"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert graphs.returncode != 0 and "Traceback" not in graphs.stderr and "CUDA graphs need a CUDA device" in graphs.stderr
     (tmp_path / "policy" / "model.safetensors").write_bytes(b"junk")
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve_policy.py"), "--policy", str(tmp_path / "policy")],
