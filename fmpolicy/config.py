@@ -80,13 +80,18 @@ class ExpertConfig:
     prefix_dim: int = 0  # width of prefix tokens (observation.prefix); 0 = no prefix input
     time_embed_dim: int = 128  # width of the sinusoidal time features before the time MLP
     dropout: float = 0.0  # dropout inside attention and feed-forward layers (training only)
-    time_input: str = "sinusoidal"  # MLP only: t as time_embed_dim sinusoidal features, or "raw" (t itself, one input)
+    # how t enters: "sinusoidal" (time_embed_dim features; the transformer's only choice) or "raw" (t itself,
+    # one input; MLP only). Default (None): "raw" for the MLP, which keeps FPO's modes (docs/rl.md,
+    # "Which time input keeps the modes"), "sinusoidal" for the transformer
+    time_input: str | None = None
     activation: str = "silu"  # MLP only: hidden activation, "silu" or "relu" (the FPO paper's GridWorld net)
     time_min_period: float = 4e-3  # shortest period of the sinusoidal time features (pi0's 0.004)
     time_max_period: float = 4.0  # longest period (pi0's 4)
 
     def __post_init__(self) -> None:
         _choice(self, "kind", EXPERT_KINDS)
+        if self.time_input is None:  # resolved here, so that a saved config names what the weights were built for
+            object.__setattr__(self, "time_input", "raw" if self.kind == "mlp" else "sinusoidal")
         _choice(self, "time_input", EXPERT_TIME_INPUTS)
         _choice(self, "activation", EXPERT_ACTIVATIONS)
         _positive_ints(self, "width", "depth", "num_heads", "max_state_dim", "max_action_dim", "time_embed_dim")
@@ -556,6 +561,23 @@ def _parse_value(raw: str) -> Any:
     return value
 
 
+def saved_policy_dict(policy: Any) -> Any:
+    """A policy config as an older fmpolicy saved it, with the defaults it was built with where those
+    have changed since: an MLP expert saved without `time_input` read sinusoidal time features (raw t is
+    the default since issue 14). For `FlowPolicy.from_pretrained` and for resuming a run."""
+    expert = policy.get("expert") if isinstance(policy, dict) else None
+    if isinstance(expert, dict) and expert.get("kind") == "mlp" and "time_input" not in expert:
+        return {**policy, "expert": {**expert, "time_input": "sinusoidal"}}
+    return policy
+
+
+def saved_run_dict(run: Any) -> Any:
+    """A run's saved config.yaml (`policy` section and the rest) with `saved_policy_dict` applied."""
+    if isinstance(run, dict) and "policy" in run:
+        return {**run, "policy": saved_policy_dict(run["policy"])}
+    return run
+
+
 def load_config(cls: type[C], path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> C:
     """Read a YAML file (or nothing) into `cls`, with dotted overrides applied first."""
     import yaml
@@ -569,4 +591,47 @@ def load_config(cls: type[C], path: str | None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    return config_from_dict(cls, apply_overrides(data, overrides), where=f"{path or cls.__name__}")
+    data = apply_overrides(data, overrides)
+    if cls is ImitationConfig:
+        data = _widths_from_dataset(data, path or cls.__name__)
+    return config_from_dict(cls, data, where=f"{path or cls.__name__}")
+
+
+def _widths_from_dataset(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """`policy.state_dim` / `action_dim` and `policy.expert.max_state_dim` / `max_action_dim` given as
+    "auto": the widths of the dataset in `data.root` (its meta/info.json; the padded widths then equal
+    the robot's own, the smallest that fit). Other values are left as they are."""
+    policy = data.get("policy")
+    if not isinstance(policy, dict):
+        return data
+    expert = policy.get("expert") if isinstance(policy.get("expert"), dict) else None
+    auto = [f"policy.{k}" for k in ("state_dim", "action_dim") if policy.get(k) == "auto"]
+    auto += [f"policy.expert.{k}" for k in ("max_state_dim", "max_action_dim") if expert and expert.get(k) == "auto"]
+    if not auto:
+        return data
+    source = data.get("data") if isinstance(data.get("data"), dict) else {}
+    root = source.get("root")
+    if not root or source.get("roots"):
+        raise ConfigError(f"{where}: {auto} = 'auto' take the widths from one dataset: expected data.root to be set "
+                          f"(got root={root!r}{', and data.roots' if source.get('roots') else ''}); with several "
+                          "robots give the widths")
+    from fmpolicy.data.dataset import read_v3_info  # the data package imports this module
+
+    try:
+        features = read_v3_info(root)["features"]
+    except Exception as e:  # noqa: BLE001 - a DatasetError or an OSError, reported as the config's problem
+        raise ConfigError(f"{where}: {auto} = 'auto' need the dataset's meta/info.json: {e}") from e
+    rename = source.get("rename_map") or {}
+    widths = {}
+    for ours, field_name in (("observation.state", "state_dim"), ("action", "action_dim")):
+        key = next((k for k, v in rename.items() if v == ours), ours)
+        if key not in features:
+            raise ConfigError(f"{where}: {auto} = 'auto', but the dataset {root} has no feature {key!r} "
+                              f"(it has {sorted(features)}); expected one named by data.rename_map")
+        widths[field_name] = int(features[key]["shape"][0])
+    policy = {**policy, **{k: widths[k] for k in ("state_dim", "action_dim") if policy.get(k) == "auto"}}
+    if expert is not None:
+        own = {"max_state_dim": policy.get("state_dim", widths["state_dim"]),
+               "max_action_dim": policy.get("action_dim", widths["action_dim"])}
+        policy["expert"] = {**expert, **{k: own[k] for k in own if expert.get(k) == "auto"}}
+    return {**data, "policy": policy}

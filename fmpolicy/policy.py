@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fmpolicy import batch as keys
-from fmpolicy.config import PolicyConfig, SamplerConfig, config_from_dict, config_to_dict, resolve_device
+from fmpolicy.config import (PolicyConfig, SamplerConfig, config_from_dict, config_to_dict, resolve_device,
+                             saved_policy_dict)
 from fmpolicy.embodiment import Embodiments
 from fmpolicy.errors import CheckpointError, ConfigError, InputError
 from fmpolicy.flow import compute_cfm_loss, compute_masked_mse, interpolate, make_valid_mask, sample_time
@@ -467,6 +468,7 @@ class FlowPolicy(nn.Module):
         if missing:
             raise CheckpointError(f"{config_path}: the config lacks the field(s) {missing}: the weights cannot "
                                   "be rebuilt without them; expected the full config save_pretrained writes")
+        data = saved_policy_dict(data)  # defaults that have changed since an older fmpolicy saved it
         if device is not None:
             data = {**data, "device": device}
         saved_lora = int((data.get("encoder") or {}).get("lora_rank", 0) or 0)

@@ -62,11 +62,16 @@ def test_a_raw_time_policy_round_trips_through_save_and_load(tmp_path):
     assert torch.equal(policy.predict_action_chunk(obs, noise=noise), loaded.predict_action_chunk(obs, noise=noise))
 
 
-def test_expert_configs_without_the_new_fields_keep_sinusoidal_time_and_silu():
-    old = config_from_dict(ExpertConfig, {"kind": "mlp", "width": 32, "depth": 2, "time_embed_dim": 8})
-    assert (old.time_input, old.activation) == ("sinusoidal", "silu")
-    net = MLPVelocityNet(old, chunk_size=1)
-    assert net.net[0].in_features == 32 + 2 * 32 + 8 and isinstance(net.net[1], nn.SiLU)
+def test_mlp_configs_without_the_new_fields_get_raw_time_and_silu_and_sinusoidal_when_asked():
+    # raw t is the MLP's default since issue 14 (it keeps FPO's modes); saved checkpoints without the
+    # field load as sinusoidal (tests/test_policy.py); the activation default is unchanged
+    new = config_from_dict(ExpertConfig, {"kind": "mlp", "width": 32, "depth": 2, "time_embed_dim": 8})
+    assert (new.time_input, new.activation) == ("raw", "silu")
+    net = MLPVelocityNet(new, chunk_size=1)
+    assert net.net[0].in_features == 32 + 2 * 32 + 1 and isinstance(net.net[1], nn.SiLU)
+    old = config_from_dict(ExpertConfig, {"kind": "mlp", "width": 32, "depth": 2, "time_embed_dim": 8,
+                                          "time_input": "sinusoidal"})
+    assert MLPVelocityNet(old, chunk_size=1).net[0].in_features == 32 + 2 * 32 + 8
 
 
 def test_sinusoidal_features_span_exactly_the_configured_periods():
@@ -80,7 +85,8 @@ def test_sinusoidal_features_span_exactly_the_configured_periods():
 
 @pytest.mark.parametrize("kind", ["mlp", "transformer"])
 def test_both_experts_use_the_configured_time_periods(kind):
-    base = dict(kind=kind, width=16, depth=1, num_heads=2, time_embed_dim=8, max_state_dim=2, max_action_dim=2)
+    base = dict(kind=kind, width=16, depth=1, num_heads=2, time_embed_dim=8, max_state_dim=2, max_action_dim=2,
+                time_input="sinusoidal")  # the MLP's default is raw t, which has no periods
     nets = {}
     for periods in [(4e-3, 4.0), (0.5, 4.0)]:
         torch.manual_seed(0)  # the same weights: only the time features differ

@@ -437,3 +437,25 @@ def test_train_script_rejects_bad_optimiser_numbers_before_creating_the_run_fold
     with pytest.raises(SystemExit, match=r"^error: .*" + pattern):
         train.main(argv)
     assert not out.exists()
+
+
+def test_policy_widths_can_be_taken_from_the_dataset(tmp_path):
+    root = Path(__file__).parent / "fixtures" / "lerobot_v3" / "png"  # observation.state (3,), action (2,)
+    yaml_path = tmp_path / "c.yaml"
+    yaml_path.write_text(f"data: {{root: {root}}}\npolicy:\n  state_dim: auto\n  action_dim: auto\n"
+                         "  expert: {preset: cpu, max_state_dim: auto, max_action_dim: auto}\n")
+    cfg = load_config(ImitationConfig, str(yaml_path))
+    assert (cfg.policy.state_dim, cfg.policy.action_dim) == (3, 2)
+    assert (cfg.policy.expert.max_state_dim, cfg.policy.expert.max_action_dim) == (3, 2)
+    assert cfg.policy.expert.width == 128  # the rest of the preset is kept
+    # the padded widths alone, with the robot's widths given
+    cfg = load_config(ImitationConfig, None, [f"data.root={root}", "policy.state_dim=3", "policy.action_dim=2",
+                                              "policy.expert.max_state_dim=auto"])
+    assert cfg.policy.expert.max_state_dim == 3 and cfg.policy.expert.max_action_dim == 32
+    with pytest.raises(ConfigError, match=r"'auto' take the widths from one dataset: expected data.root"):
+        load_config(ImitationConfig, None, ["policy.state_dim=auto"])
+    with pytest.raises(ConfigError, match="has no feature 'observation.joints'"):
+        load_config(ImitationConfig, None, [f"data.root={root}", "policy.state_dim=auto",
+                                            "data.rename_map={observation.joints: observation.state}"])
+    with pytest.raises(ConfigError, match="meta/info.json"):
+        load_config(ImitationConfig, None, [f"data.root={tmp_path}", "policy.action_dim=auto"])

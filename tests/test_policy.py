@@ -280,3 +280,28 @@ def test_embodiment_errors_are_clear():
         policy.predict_action_chunk({"observation.state": torch.zeros(2, 7), "embodiment": "arm2"})
     with pytest.raises(ConfigError, match=r"state_dim = 6.*widest embodiment's state_dim = 8"):
         PolicyConfig(state_dim=6, action_dim=4, embodiments=policy.config.embodiments)
+
+
+def test_the_time_input_default_follows_the_expert_and_old_mlp_checkpoints_load_as_trained(tmp_path):
+    from fmpolicy import ExpertConfig
+
+    assert ExpertConfig(kind="mlp").time_input == "raw"  # keeps FPO's modes (docs/rl.md, issue 14)
+    assert ExpertConfig().time_input == "sinusoidal" and make_expert_config("mlp").time_input == "raw"
+    with pytest.raises(ConfigError, match="time_input"):
+        ExpertConfig(time_input="raw")  # the transformer's time MLP takes sinusoidal features only
+    # a policy saved before the field existed has no `time_input` in its config: it was sinusoidal
+    cfg = PolicyConfig(state_dim=S, action_dim=A, chunk_size=H, n_action_steps=4, device="cpu",
+                       expert=make_expert_config("mlp", prefix_dim=DP, time_input="sinusoidal"),
+                       normalization=NormalizationConfig(state="identity", action="identity"))
+    policy = FlowPolicy(cfg)
+    randomized(policy.net, 0)
+    policy.eval()
+    policy.save_pretrained(tmp_path / "p")
+    path = tmp_path / "p" / "config.json"
+    meta = json.loads(path.read_text())
+    del meta["config"]["expert"]["time_input"]
+    path.write_text(json.dumps(meta))
+    again = FlowPolicy.from_pretrained(tmp_path / "p", device="cpu").eval()
+    assert again.config.expert.time_input == "sinusoidal"
+    obs, noise = make_obs(2), policy.sample_noise(2, torch.Generator().manual_seed(0))
+    assert torch.equal(again.predict_action_chunk(obs, noise=noise), policy.predict_action_chunk(obs, noise=noise))

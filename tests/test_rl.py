@@ -606,7 +606,7 @@ def test_entropy_of_a_transformer_expert_backpropagates_through_attention(tmp_pa
     # is not implemented"), so FlowActor.entropy runs attention on the math kernel
     config = bandit_config(tmp_path, ent_coef=0.01)
     expert = dataclasses.replace(config.policy.expert, kind="transformer", width=32, depth=1, num_heads=2,
-                                 time_embed_dim=16)
+                                 time_embed_dim=16, time_input="sinusoidal")
     config = dataclasses.replace(config, policy=dataclasses.replace(config.policy, expert=expert, chunk_size=4))
     torch.manual_seed(0)
     actor, _ = make_actor(config, torch.device("cpu"))

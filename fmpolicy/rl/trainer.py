@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from fmpolicy.batch import STATE
-from fmpolicy.config import config_from_dict, config_to_dict
+from fmpolicy.config import config_from_dict, config_to_dict, saved_run_dict
 from fmpolicy.errors import ConfigError
 from fmpolicy.io import atomic_write
 from fmpolicy.policy import FlowPolicy
@@ -250,7 +250,7 @@ def train_rl(config: RLRunConfig, resume: bool = False, overwrite: bool = False,
             if run.last_checkpoint is not None:
                 may_change = RESUMABLE_CHANGES + (() if config.rl.anneal_lr else ("rl.total_env_steps",))
                 run.check_resume(config_to_dict(config), may_change, allow_changes,
-                                 complete=lambda saved: config_to_dict(config_from_dict(RLRunConfig, saved)))
+                                 complete=lambda saved: config_to_dict(config_from_dict(RLRunConfig, saved_run_dict(saved))))
             barrier(info)
         result = _train_rl(config, run, info)
     shutdown(info)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fmpolicy.batch import ENCODER_FEATURES
-from fmpolicy.config import ImitationConfig, config_from_dict, config_to_dict
+from fmpolicy.config import ImitationConfig, config_from_dict, config_to_dict, saved_run_dict
 from fmpolicy.errors import CheckpointError, ConfigError
 from fmpolicy.policy import FlowPolicy
 from fmpolicy.run import RunFolder, open_run, progress, rng_state, seed_everything, set_rng_state
@@ -166,7 +166,7 @@ def train_imitation(config: ImitationConfig, datasets, resume: bool = False, ove
         if info.is_main:
             if run.last_checkpoint is not None:
                 run.check_resume(config_to_dict(config), RESUMABLE_CHANGES, allow_changes,
-                                 complete=lambda saved: config_to_dict(config_from_dict(ImitationConfig, saved)))
+                                 complete=lambda saved: config_to_dict(config_from_dict(ImitationConfig, saved_run_dict(saved))))
             barrier(info)
         policy = _train(config, datasets, policy, info, run)
     shutdown(info)
