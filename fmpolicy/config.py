@@ -155,7 +155,7 @@ class NormalizationConfig:
         _positive(self, "min_scale")
 
 
-ENCODER_KINDS = ("none", "vision_text", "vlm")
+ENCODER_KINDS = ("none", "vision_text", "vlm", "task")
 IMAGES_PREFIX = "observation.images."
 TEXT_MODELS = ("tiny", "minilm")  # or a local folder for `from_pretrained`
 
@@ -164,8 +164,12 @@ TEXT_MODELS = ("tiny", "minilm")  # or a local folder for `from_pretrained`
 class EncoderConfig:
     """The prefix encoder: a SigLIP vision tower + a text encoder, or a whole (PaliGemma) VLM."""
 
-    kind: str = "none"  # "none" (no encoder), "vision_text" (vision tower + text model) or "vlm" (PaliGemma)
-    cameras: tuple[str, ...] = ("observation.images.top",)  # batch keys of the cameras, in token order
+    # "none" (no encoder), "vision_text" (vision tower + text model), "vlm" (PaliGemma) or "task" (a learned
+    # embedding of the instruction, one of `tasks`: a multi-task policy without images or a text model)
+    kind: str = "none"
+    cameras: tuple[str, ...] = ("observation.images.top",)  # batch keys of the cameras, in token order (kind="task": none)
+    tasks: tuple[str, ...] = ()  # kind="task": the instructions it knows, in embedding order ("auto" in a YAML
+    #   training config: the dataset's meta/tasks.parquet)
     image_size: int = 64  # the encoder's input size: images must be image_size x image_size (see resize_images)
     resize_images: bool = False  # True: images of another size are resized (bilinear, antialiased); False: an error
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalization (SigLIP: 0.5)
@@ -198,6 +202,14 @@ class EncoderConfig:
                        "vision_num_attention_heads", "vision_intermediate_size", "vision_patch_size",
                        "text_hidden_size", "text_num_hidden_layers", "text_num_attention_heads",
                        "text_intermediate_size", "max_text_tokens", "out_dim")
+        if self.kind == "task":  # reads no camera: the instruction alone
+            object.__setattr__(self, "cameras", ())
+            tasks = self.tasks
+            _check(isinstance(tasks, tuple) and len(tasks) > 0 and all(isinstance(t, str) and t.strip() for t in tasks),
+                   name, "tasks", tasks, "a non-empty tuple of non-empty instructions with kind='task'")
+            _check(len(set(tasks)) == len(tasks), name, "tasks", tasks, "distinct instructions")
+        else:
+            _check(self.tasks == (), name, "tasks", self.tasks, "() unless kind='task'")
         cams = self.cameras
         _check(isinstance(cams, tuple) and all(isinstance(c, str) and c.startswith(IMAGES_PREFIX)
                                                 and len(c) > len(IMAGES_PREFIX) for c in cams),
@@ -205,7 +217,7 @@ class EncoderConfig:
         _check(len(set(cams)) == len(cams), name, "cameras", cams, "distinct camera keys")
         _check(not any(c.endswith("_is_pad") for c in cams), name, "cameras", cams,
                "camera keys not ending in '_is_pad' (that suffix marks per-sample padding flags)")
-        if self.kind != "none":
+        if self.kind not in ("none", "task"):
             _check(len(cams) > 0, name, "cameras", cams, f"at least one camera for kind={self.kind!r}")
         _check(isinstance(self.resize_images, bool), name, "resize_images", self.resize_images, "true or false")
         _check(self.image_size % self.vision_patch_size == 0, name, "image_size", self.image_size,
@@ -600,13 +612,16 @@ def load_config(cls: type[C], path: str | None, overrides: list[str] | tuple[str
 def _widths_from_dataset(data: dict[str, Any], where: str) -> dict[str, Any]:
     """`policy.state_dim` / `action_dim` and `policy.expert.max_state_dim` / `max_action_dim` given as
     "auto": the widths of the dataset in `data.root` (its meta/info.json; the padded widths then equal
-    the robot's own, the smallest that fit). Other values are left as they are."""
+    the robot's own, the smallest that fit); `policy.encoder.tasks: auto`: its tasks (meta/tasks.parquet,
+    in task_index order). Other values are left as they are."""
     policy = data.get("policy")
     if not isinstance(policy, dict):
         return data
     expert = policy.get("expert") if isinstance(policy.get("expert"), dict) else None
+    encoder = policy.get("encoder") if isinstance(policy.get("encoder"), dict) else None
     auto = [f"policy.{k}" for k in ("state_dim", "action_dim") if policy.get(k) == "auto"]
     auto += [f"policy.expert.{k}" for k in ("max_state_dim", "max_action_dim") if expert and expert.get(k) == "auto"]
+    auto += ["policy.encoder.tasks"] if encoder and encoder.get("tasks") == "auto" else []
     if not auto:
         return data
     source = data.get("data") if isinstance(data.get("data"), dict) else {}
@@ -615,13 +630,18 @@ def _widths_from_dataset(data: dict[str, Any], where: str) -> dict[str, Any]:
         raise ConfigError(f"{where}: {auto} = 'auto' take the widths from one dataset: expected data.root to be set "
                           f"(got root={root!r}{', and data.roots' if source.get('roots') else ''}); with several "
                           "robots give the widths")
-    from fmpolicy.data.dataset import read_v3_info  # the data package imports this module
+    from fmpolicy.data.dataset import read_v3_info, read_v3_tasks  # the data package imports this module
 
     try:
         features = read_v3_info(root)["features"]
+        if "policy.encoder.tasks" in auto:
+            policy = {**policy, "encoder": {**encoder, "tasks": list(read_v3_tasks(root))}}
     except Exception as e:  # noqa: BLE001 - a DatasetError or an OSError, reported as the config's problem
-        raise ConfigError(f"{where}: {auto} = 'auto' need the dataset's meta/info.json: {e}") from e
+        raise ConfigError(f"{where}: {auto} = 'auto' need the dataset's meta/info.json and meta/tasks.parquet: "
+                          f"{e}") from e
     rename = source.get("rename_map") or {}
+    if auto == ["policy.encoder.tasks"]:
+        return {**data, "policy": policy}
     widths = {}
     for ours, field_name in (("observation.state", "state_dim"), ("action", "action_dim")):
         key = next((k for k, v in rename.items() if v == ours), ours)

@@ -4,8 +4,9 @@
     prefix, mask = encoder(batch)  # batch: observation.images.<cam> (b, 3, H, W) in [0, 1], task (b strings)
     batch = encoder.encode_batch(batch)  # adds observation.prefix / observation.prefix_mask for FlowPolicy
 
-Kinds: "vision_text" (SigLIP vision tower + a text encoder, `VisionTextEncoder`) and "vlm" (a whole
-PaliGemma, `VLMEncoder`). See docs/encoders.md.
+Kinds: "vision_text" (SigLIP vision tower + a text encoder, `VisionTextEncoder`), "vlm" (a whole
+PaliGemma, `VLMEncoder`) and "task" (a learned embedding of an instruction from a fixed list,
+`TaskEncoder`: multi-task policies without images). See docs/encoders.md.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def make_encoder(config: EncoderConfig) -> PrefixEncoder | None:
         from fmpolicy.encoders.vision_text import VisionTextEncoder
 
         return VisionTextEncoder(config)
+    if config.kind == "task":
+        from fmpolicy.encoders.task import TaskEncoder
+
+        return TaskEncoder(config)
     from fmpolicy.encoders.vlm import VLMEncoder
 
     return VLMEncoder(config)
