@@ -217,7 +217,7 @@ class EncoderConfig:
         _check(len(set(cams)) == len(cams), name, "cameras", cams, "distinct camera keys")
         _check(not any(c.endswith("_is_pad") for c in cams), name, "cameras", cams,
                "camera keys not ending in '_is_pad' (that suffix marks per-sample padding flags)")
-        if self.kind not in ("none", "task"):
+        if self.kind == "vlm":  # vision_text may read the instruction alone (cameras: [])
             _check(len(cams) > 0, name, "cameras", cams, f"at least one camera for kind={self.kind!r}")
         _check(isinstance(self.resize_images, bool), name, "resize_images", self.resize_images, "true or false")
         _check(self.image_size % self.vision_patch_size == 0, name, "image_size", self.image_size,

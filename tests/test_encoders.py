@@ -64,7 +64,6 @@ def test_config_validates_and_round_trips():
         (dict(kind="clip"), r"kind = 'clip'.*one of"),
         (dict(cameras=("top",)), r"cameras.*observation\.images\."),
         (dict(cameras=(TOP, TOP)), r"cameras.*distinct"),
-        (dict(cameras=()), r"cameras.*at least one camera"),
         (dict(image_size=30), r"image_size = 30.*multiple of vision_patch_size=8"),
         (dict(vision_num_attention_heads=5), r"vision_num_attention_heads = 5.*divisor"),
         (dict(out_dim=0), r"out_dim = 0.*positive int"),
@@ -75,6 +74,8 @@ def test_config_validates_and_round_trips():
     for overrides, pattern in bad:
         with pytest.raises(ConfigError, match=pattern):
             tiny_config(**overrides)
+    with pytest.raises(ConfigError, match=r"cameras.*at least one camera for kind='vlm'"):
+        tiny_config("vlm", cameras=())
     with pytest.raises(ConfigError, match="unknown key"):
         config_from_dict(EncoderConfig, {"kind": "vlm", "camera": [TOP]})
     assert make_encoder(EncoderConfig()) is None  # kind "none"
@@ -382,3 +383,14 @@ def test_task_optional_when_not_required():
     assert torch.equal(mask[:, 2 * N_PATCH:], text_mask_of(["", ""]))  # BOS + EOS only
     with pytest.raises(InputError):
         build()(batch)
+
+
+def test_a_vision_text_encoder_without_cameras_reads_the_instruction_alone():
+    # the instruction through the text model, no image tokens (a policy on the state + its instruction,
+    # Meta-World's MT10 from the state, say): p = max_text_tokens, and the words change the prefix
+    encoder = build(cameras=())
+    prefix, mask = encoder({"task": ["open the drawer", "close the window"]})
+    assert prefix.shape == (2, encoder.config.max_text_tokens, encoder.config.out_dim) == (2, encoder.num_tokens, prefix.shape[2])
+    assert mask.any(1).all() and (prefix[0] - prefix[1]).abs().max() > 1e-3
+    with pytest.raises(InputError, match="observation.images.top"):  # a camera it was not built for is refused
+        encoder({"task": ["a"], TOP: torch.rand(1, 3, 16, 16)})
