@@ -51,6 +51,8 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fmpolicy.batch import STATE
+from fmpolicy.embodiment import EMBODIMENT
+from fmpolicy.errors import ConfigError
 from fmpolicy.config import config_to_dict
 from fmpolicy.io import atomic_directory
 from fmpolicy.policy import FlowPolicy
@@ -67,9 +69,16 @@ LOG_2PI_E = math.log(2 * math.pi * math.e)  # the entropy of N(0, 1) is 0.5 * LO
 class FlowActor(nn.Module):
     """FPO's actor around a `FlowPolicy` (shapes: b batch, h chunk, a action, A padded action, m pairs)."""
 
-    def __init__(self, policy: FlowPolicy, fpo: FPOConfig, keep_noise: bool = False):
+    def __init__(self, policy: FlowPolicy, fpo: FPOConfig, keep_noise: bool = False, embodiment: str = ""):
         super().__init__()
         self.policy, self.fpo, self.keep_noise = policy.eval(), fpo, keep_noise  # dropout off (module doc)
+        names = policy.embodiments.names
+        if embodiment and embodiment not in names:
+            raise ConfigError(f"rl.embodiment = {embodiment!r} is not one of the policy's embodiments {names}")
+        if not embodiment and len(names) > 1:
+            raise ConfigError(f"rl.embodiment is '': the policy serves {names}; name the robot these envs are")
+        # observations of these envs are this robot: named in every observation the policy reads
+        self.embodiment = embodiment or None
         # the starting policy, frozen (its weights are in the actor's state dict, so a resumed run keeps it)
         self.reference = copy.deepcopy(policy).requires_grad_(False).eval() if fpo.ref_coef > 0 else None
 
@@ -83,8 +92,15 @@ class FlowActor(nn.Module):
     def storable(self, obs: Mapping[str, Any]) -> dict[str, Any]:
         """`obs` as the buffer keeps it: a frozen encoder backbone's outputs instead of images and
         instruction (computed here, once), else `obs` itself."""
+        obs = self._named(obs)
         features = self.policy.frozen_features(obs)
         return dict(obs) if features is None else features
+
+    def _named(self, obs: Mapping[str, Any]) -> Mapping[str, Any]:
+        """`obs` with this run's robot named (`rl.embodiment`), where the policy serves several."""
+        if self.embodiment is None or EMBODIMENT in obs:
+            return obs
+        return {**obs, EMBODIMENT: [self.embodiment] * obs[STATE].shape[0]}
 
     def prepare(self, obs: Mapping[str, Any]) -> ExpertCache:
         """The policy's per-observation cache (`FlowPolicy.encode`), differentiable when grad is on."""
@@ -220,7 +236,7 @@ class FlowActor(nn.Module):
         """Chunks (b, h, a) from zero initial noise (the flow's 'mode'), or from random noise."""
         b = obs[STATE].shape[0]
         noise = self.policy.sample_noise(b, generator)
-        return self.policy.predict_action_chunk(obs, noise=torch.zeros_like(noise) if zero_noise else noise)
+        return self.policy.predict_action_chunk(self._named(obs), noise=torch.zeros_like(noise) if zero_noise else noise)
 
     def save_pretrained(self, directory) -> Path:
         return self.policy.save_pretrained(directory)

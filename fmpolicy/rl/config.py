@@ -172,6 +172,9 @@ class RLConfig:
     critic_warmup_iterations: int = 0  # first iterations train only the critic (for a BC-initialised actor)
     total_env_steps: int = 100_000  # stop after this many env steps (iterations = steps / (e * n * k))
     seed: int = 0  # seeds weights, env resets, flow noise/pairs, minibatch order
+    # the robot these envs are, by its embodiment name, when the flow policy serves several (a mixed-arm
+    # policy fine-tuned on one arm); "" = the policy's only one
+    embodiment: str = ""
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N": envs, nets and buffers
     out_dir: str = "runs/fpo"  # checkpoints, log.jsonl, learning_curve.png, final policy
     save_every: int = 10  # iterations between checkpoints (the last is always saved)
@@ -198,6 +201,7 @@ class RLConfig:
         _number(self, "gamma", "a number in (0, 1]", lambda v: 0.0 < v <= 1.0)
         _number(self, "gae_lambda", "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0)
         _positive(self, "lr", "reward_scale", "adam_eps")
+        _check(isinstance(self.embodiment, str), name, "embodiment", self.embodiment, "a str (an embodiment name, or '')")
         _check(isinstance(self.anneal_lr, bool), name, "anneal_lr", self.anneal_lr, "true or false")
         _number(self, "clip", "a number in (0, 1)", lambda v: 0.0 < v < 1.0)
         _non_negative(self, "vf_coef", "ent_coef", "max_grad_norm")

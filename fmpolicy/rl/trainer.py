@@ -96,7 +96,7 @@ def make_actor(config: RLRunConfig, device: torch.device):
         policy = FlowPolicy(dataclasses.replace(pc, device=str(device)))
     if policy.config.head != "flow":
         raise ConfigError(f"policy.head = {policy.config.head!r}: FPO needs a 'flow' policy")
-    return FlowActor(policy, rc.fpo, keep_noise=rc.ent_coef > 0), policy.config
+    return FlowActor(policy, rc.fpo, keep_noise=rc.ent_coef > 0, embodiment=rc.embodiment), policy.config
 
 
 def parameter_groups(actor, actor_params: list[nn.Parameter], critic_params: list[nn.Parameter], rc) -> list[dict]:
@@ -271,7 +271,14 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
     if k > policy_config.chunk_size:
         raise ConfigError(f"rl.n_action_steps = {k} is invalid: expected at most the policy's chunk_size "
                           f"= {policy_config.chunk_size}")
-    critic = ValueNet(policy_config.state_dim, rc.value, policy_config.expert.prefix_dim, device)
+    # the envs are one robot: with rl.embodiment, that one's widths (not the widest robot's), which the
+    # critic reads and the envs must have
+    robot = next((e for e in policy_config.embodiment_list() if e.name == rc.embodiment and rc.policy_type == "flow"),
+                 None)
+    state_width, action_width, where = ((robot.state_dim, robot.action_dim, f"embodiment {robot.name!r}'s ")
+                                        if robot is not None else (policy_config.state_dim, policy_config.action_dim,
+                                                                   "policy."))
+    critic = ValueNet(state_width, rc.value, policy_config.expert.prefix_dim, device)
     actor_params = [p for p in actor.parameters() if p.requires_grad]  # not FPO's frozen reference policy
     critic_params = list(critic.parameters())
     # one Adam for both nets: its state is per parameter and the gradients are clipped per net, so this is
@@ -282,8 +289,8 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
     # ---- environments and the rollout collector ----
     envs = make_vector_env(config.env.id, rc.num_envs, device, rank_seed, config.env.kwargs)
     env_action_dim = int(np.prod(envs.single_action_space.shape))
-    if env_action_dim != policy_config.action_dim:
-        raise ConfigError(f"policy.action_dim = {policy_config.action_dim} does not match {config.env.id}'s "
+    if env_action_dim != action_width:
+        raise ConfigError(f"{where}action_dim = {action_width} does not match {config.env.id}'s "
                           f"action space {envs.single_action_space.shape}")
     collector = RolloutCollector(envs, actor, critic, k, rc.gamma, device)
     rollout_gen = torch.Generator(device=device).manual_seed(rank_seed + 1)  # flow noise, pairs, Gaussian samples
@@ -318,8 +325,8 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
     else:
         collector.reset(seed=rank_seed)
     state_dim = collector.obs[STATE].shape[-1]
-    if state_dim != policy_config.state_dim:
-        raise ConfigError(f"policy.state_dim = {policy_config.state_dim} does not match {config.env.id}'s "
+    if state_dim != state_width:
+        raise ConfigError(f"{where}state_dim = {state_width} does not match {config.env.id}'s "
                           f"observation.state width {state_dim}")
     run.write_config(config_to_dict(config))
     logger = run.logger()
