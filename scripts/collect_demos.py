@@ -12,7 +12,8 @@ without one is an error naming --fps.
 
 The writer is crash-safe (a killed run leaves the finished episodes readable) and locks the dataset
 root for the whole run: a second collection on the same --out exits at once, naming the PID of the
-first. Re-running with the same --out resumes: it appends until --episodes episodes exist, with a
+first. Re-running with the same --out resumes: it appends until --episodes episodes exist (a dataset
+that already holds more is an error: a run would otherwise train on more than it says), with a
 different seed for the new episodes. At the end it computes the statistics (meta/stats.json) and
 prints a summary. Bad options (--image-size, --fps, --device cuda without CUDA) fail before anything
 is written.
@@ -183,6 +184,8 @@ def collect_generic(args: argparse.Namespace, device: str) -> dict[str, Any]:
     totals = {"new_episodes": 0, "new_frames": 0, "attempts": 0, "seconds": 0.0, "successes": 0.0}
     with DatasetWriter(args.out, fps=fps, features=features, robot_type=ROBOT_TYPES.get(args.env),
                        env_info=env_info, video=args.video) as writer:
+        _refuse_more_than_asked(args.out, writer.num_episodes, len(tasks) * args.episodes,
+                                f"{args.episodes} per task x {len(tasks)} tasks" if len(tasks) > 1 else None)
         for k, task in enumerate(tasks):
             if k:
                 env.close()
@@ -216,6 +219,15 @@ def collect_generic(args: argparse.Namespace, device: str) -> dict[str, Any]:
     return {"episodes": episodes, "frames": frames, "success_rate": rate, "success_by_task": per_task, **totals}
 
 
+def _refuse_more_than_asked(out: str, existing: int, wanted: int, how: str | None = None) -> None:
+    """A dataset holding more episodes than asked for would be trained on whole, so that a run that says
+    "N demonstrations" would use more: an error, before anything is touched."""
+    if existing > wanted:
+        raise SystemExit(f"{out} already holds {existing} episodes, more than the {wanted} asked for "
+                         f"({how or f'--episodes {wanted}'}): training on it would use all {existing}. Write to "
+                         "another --out, or remove that dataset first")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = str(resolve_device(args.device, field="--device"))  # ConfigError: unknown, or CUDA without CUDA
@@ -246,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with DatasetWriter(args.out, fps=fps, features=features, robot_type=ROBOT_TYPES.get(args.env),
                        env_info=env_info, video=args.video) as writer:
         existing = writer.num_episodes
+        _refuse_more_than_asked(args.out, existing, args.episodes)
         seed = run_seed(args.seed, existing)
         expert = fmpolicy_envs.make_expert(args.env, seed=seed + 1)
         try:

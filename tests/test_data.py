@@ -180,6 +180,10 @@ def test_resume_appends_consecutive_episodes(tmp_path):
     stats = json.loads((out / "meta" / "stats.json").read_text())
     assert info["total_episodes"] == 6 and info["total_frames"] == len(index) == stats["action"]["count"][0]
     assert collect(out, 6)["new_episodes"] == 0  # complete: nothing to do
+    # asking for fewer than it holds is refused: a run saying "3 demonstrations" would train on 6
+    with pytest.raises(SystemExit, match=r"already holds 6 episodes, more than the 3 asked for"):
+        collect(out, 3)
+    assert [e["episode_index"] for e in read_episodes(out)] == list(range(6))  # untouched
     assert no_temporaries(out)
 
 
