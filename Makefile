@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 OPENPI_VENV ?= .venv-openpi
 OPENPI_STAMP := $(OPENPI_VENV)/.installed
 
-.PHONY: setup demo toy test bench gpu-check clean
+.PHONY: setup demo toy test bench gpu-check gpu-check-system clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,15 @@ bench: $(STAMP)
 # (an existing .venv with the CPU wheel must be removed first: make clean). Exits 2 without CUDA.
 gpu-check: $(STAMP)
 	$(PY) scripts/gpu_check.py
+
+# the same on a machine whose own python already has a CUDA torch and no network to build .venv from
+# (the lent GPU machines): runs from the source tree; gymnasium, einops, torchdiffeq, safetensors, pyyaml,
+# pyarrow and transformers must be importable there (docs/benchmarks/h200-2026-11-30 carried gymnasium
+# as a wheel). GPU_PYTHON picks the interpreter.
+GPU_PYTHON ?= python3
+gpu-check-system:
+	mkdir -p .gpu_path && ln -sfn ../envs .gpu_path/fmpolicy_envs
+	PYTHONPATH=$(CURDIR):$(CURDIR)/.gpu_path$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) $(OPENPI_VENV) build *.egg-info
