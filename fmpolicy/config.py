@@ -605,11 +605,11 @@ def load_config(cls: type[C], path: str | None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     data = apply_overrides(data, overrides)
     if cls is ImitationConfig:
-        data = _widths_from_dataset(data, path or cls.__name__)
+        data = _auto_from_dataset(data, path or cls.__name__)
     return config_from_dict(cls, data, where=f"{path or cls.__name__}")
 
 
-def _widths_from_dataset(data: dict[str, Any], where: str) -> dict[str, Any]:
+def _auto_from_dataset(data: dict[str, Any], where: str) -> dict[str, Any]:
     """`policy.state_dim` / `action_dim` and `policy.expert.max_state_dim` / `max_action_dim` given as
     "auto": the widths of the dataset in `data.root` (its meta/info.json; the padded widths then equal
     the robot's own, the smallest that fit); `policy.encoder.tasks: auto`: its tasks (meta/tasks.parquet,

@@ -273,11 +273,11 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
                           f"= {policy_config.chunk_size}")
     # the envs are one robot: with rl.embodiment, that one's widths (not the widest robot's), which the
     # critic reads and the envs must have
-    robot = next((e for e in policy_config.embodiment_list() if e.name == rc.embodiment and rc.policy_type == "flow"),
-                 None)
-    state_width, action_width, where = ((robot.state_dim, robot.action_dim, f"embodiment {robot.name!r}'s ")
-                                        if robot is not None else (policy_config.state_dim, policy_config.action_dim,
-                                                                   "policy."))
+    robot = next((e for e in policy_config.embodiment_list() if e.name == rc.embodiment), None)
+    if rc.embodiment and robot is not None:
+        state_width, action_width, where = robot.state_dim, robot.action_dim, f"embodiment {robot.name!r}'s "
+    else:
+        state_width, action_width, where = policy_config.state_dim, policy_config.action_dim, "policy."
     critic = ValueNet(state_width, rc.value, policy_config.expert.prefix_dim, device)
     actor_params = [p for p in actor.parameters() if p.requires_grad]  # not FPO's frozen reference policy
     critic_params = list(critic.parameters())
