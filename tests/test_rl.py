@@ -239,17 +239,20 @@ def test_rollouts_and_updates_run_end_to_end_on_cuda(tmp_path, policy_type):
 # ---- resume ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("policy_type", ["flow", "gaussian"])
-def test_resume_equals_an_uninterrupted_run(tmp_path, policy_type):
+@pytest.mark.parametrize("policy_type,extra", [("flow", []), ("gaussian", []), ("flow", ["rl.desired_kl=1e-3"])])
+def test_resume_equals_an_uninterrupted_run(tmp_path, policy_type, extra):
     script = load_script("train_fpo")
     args = ["rl.policy_type=" + policy_type, "rl.num_envs=32", "rl.num_macro_steps=2", "rl.progress=false",
-            "rl.device=cpu", "rl.save_every=1", "policy.expert.width=32", "rl.value.width=16"]
+            "rl.device=cpu", "rl.save_every=1", "policy.expert.width=32", "rl.value.width=16", *extra]
     full = script.main(["--config", "configs/fpo_bandit.yaml", f"rl.out_dir={tmp_path / 'a'}",
                         "rl.total_env_steps=256", *args])
     script.main(["--config", "configs/fpo_bandit.yaml", f"rl.out_dir={tmp_path / 'b'}", "rl.total_env_steps=128", *args])
     resumed = script.main(["--config", "configs/fpo_bandit.yaml", f"rl.out_dir={tmp_path / 'b'}",
                            "rl.total_env_steps=256", "--resume", *args])
     assert len(resumed.history) == len(full.history) == 4
+    if extra:  # the adapted lr moved, and the checkpoint (Adam's param groups) carried it over the resume
+        assert len({h["lr"] for h in full.history}) == 4
+        assert [h["lr"] for h in resumed.history] == [h["lr"] for h in full.history]
     for (name, a), (_, b) in zip(full.actor.state_dict().items(), resumed.actor.state_dict().items()):
         assert torch.equal(a, b), name
     for a, b in zip(full.critic.parameters(), resumed.critic.parameters()):
@@ -343,11 +346,17 @@ def test_mujoco_inverted_pendulum_terminates_through_the_adapter_and_trains_with
 @pytest.mark.parametrize("field,value,match", [
     ("clip", 0.0, "RLConfig.clip"), ("policy_type", "sac", "policy_type"), ("gamma", 1.5, "gamma"),
     ("num_envs", 0, "num_envs"), ("critic_warmup_iterations", -1, "critic_warmup_iterations"),
-    ("ent_coef", -0.01, "ent_coef = -0.01"),
+    ("ent_coef", -0.01, "ent_coef = -0.01"), ("desired_kl", 0.0, "desired_kl"), ("target_kl", -1.0, "target_kl"),
+    ("lr_min", 0.1, "lr_min"),
 ])
 def test_bad_rl_config_values_raise_clear_errors(field, value, match):
     with pytest.raises(ConfigError, match=match):
         RLConfig(**{field: value})
+
+
+def test_the_lr_is_either_annealed_or_adapted_to_the_kl():
+    with pytest.raises(ConfigError, match="desired_kl.*anneal_lr"):
+        RLConfig(anneal_lr=True, desired_kl=0.01)
 
 
 def test_bad_nested_and_yaml_values_raise_clear_errors(tmp_path):
@@ -462,6 +471,36 @@ def test_annealed_learning_rate_falls_linearly_to_zero_and_is_logged(tmp_path):
     assert [h["lr"] for h in history] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
     flat = train_rl(bandit_config(tmp_path / "b", num_envs=32, total_env_steps=32 * 2, lr=1e-3)).history
     assert [h["lr"] for h in flat] == [1e-3, 1e-3]
+
+
+@pytest.mark.parametrize("desired_kl,lr_min,expected", [
+    (1e3, 1e-6, 1e-4 * 1.5**3),  # the KL always under half the target: x1.5 after each of minibatches 2-4
+    (1e-12, 1e-6, 1e-4 / 1.5**3),  # always over twice the target: / 1.5
+    (1e-12, 5e-5, 5e-5),  # ... down to lr_min
+])
+def test_adaptive_lr_follows_the_kl_of_each_minibatch_and_leaves_the_critic_alone(tmp_path, desired_kl, lr_min,
+                                                                                  expected):
+    # one epoch of 4 minibatches per iteration: the first minibatch (the policy has not moved: KL 0) is not
+    # counted, so 3 adaptations an iteration
+    history = train_rl(bandit_config(tmp_path, num_envs=32, total_env_steps=32 * 2, update_epochs=1, lr=1e-4,
+                                     desired_kl=desired_kl, lr_min=lr_min)).history
+    assert history[0]["lr"] == pytest.approx(expected, rel=1e-9)
+    assert history[1]["lr"] == pytest.approx(max(lr_min, 1e-4 * (expected / 1e-4) ** 2), rel=1e-9)
+    assert [h["lr_critic"] for h in history] == [1e-4, 1e-4]
+
+
+def test_adaptive_lr_settles_where_the_kl_meets_the_target(tmp_path):
+    # from a far too small lr the schedule raises it until the KL per minibatch is near desired_kl
+    history = train_rl(bandit_config(tmp_path, num_envs=64, total_env_steps=64 * 12, lr=1e-6, desired_kl=1e-3)).history
+    assert history[-1]["lr"] > 1e-4
+    assert 1e-4 < np.median([h["approx_kl"] for h in history[-6:]]) < 1e-2
+
+
+def test_target_kl_stops_the_epochs_early_and_the_log_says_how_many_steps_ran(tmp_path):
+    full = train_rl(bandit_config(tmp_path / "a", num_envs=32, total_env_steps=32 * 2)).history
+    assert [h["updates"] for h in full] == [16, 16]  # 4 epochs x 4 minibatches
+    stopped = train_rl(bandit_config(tmp_path / "b", num_envs=32, total_env_steps=32 * 2, target_kl=1e-12)).history
+    assert [h["updates"] for h in stopped] == [4, 4]  # the first epoch only: its last minibatch's KL is > 0
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------

@@ -157,6 +157,16 @@ class RLConfig:
     #   One Adam over actor and critic equals two separate ones exactly (its state is per parameter, and
     #   the gradients are clipped per network): tests/test_gridworld_paper.py
     anneal_lr: bool = False  # decay the learning rate linearly from lr to 0 over the run (CleanRL's default)
+    # adaptive step size (rsl_rl's "adaptive" schedule, legged_gym's default): after each minibatch whose
+    # approximate KL to the rollout policy exceeds 2x desired_kl the policy's lrs (expert and encoder, not
+    # the critic's) are divided by 1.5, below desired_kl / 2 multiplied by 1.5, kept within [lr_min, lr_max].
+    # One setting for networks whose KL per step differs 100x at the same lr (the MLP vs the transformer
+    # expert under FPO, docs/rl.md); null = off (the lr is rl.lr, or annealed)
+    desired_kl: float | None = None
+    lr_min: float = 1e-6  # bounds of the adaptive lr (desired_kl)
+    lr_max: float = 1e-2
+    target_kl: float | None = None  # stop the update's epochs early once the last minibatch's approximate KL
+    #   exceeds this (CleanRL's target_kl); null = every epoch runs
     clip: float = 0.05  # PPO clip range c: ratios outside [1 - c, 1 + c] get no further push
     surrogate: str = "clip"  # policy loss: "clip" (PPO) or "aspo" (PPO clip for A >= 0, SPO penalty for A < 0)
     normalize_advantages: bool = True  # standardise advantages (over normalize_advantages_over)
@@ -203,6 +213,11 @@ class RLConfig:
         _positive(self, "lr", "reward_scale", "adam_eps")
         _check(isinstance(self.embodiment, str), name, "embodiment", self.embodiment, "a str (an embodiment name, or '')")
         _check(isinstance(self.anneal_lr, bool), name, "anneal_lr", self.anneal_lr, "true or false")
+        _positive_or_none(self, "desired_kl", "target_kl")
+        _positive(self, "lr_min", "lr_max")
+        _check(self.lr_min <= self.lr_max, name, "lr_min", self.lr_min, f"at most lr_max = {self.lr_max}")
+        _check(not (self.anneal_lr and self.desired_kl is not None), name, "desired_kl", self.desired_kl,
+               "null with anneal_lr: true (the lr is either annealed or adapted to the KL, not both)")
         _number(self, "clip", "a number in (0, 1)", lambda v: 0.0 < v < 1.0)
         _non_negative(self, "vf_coef", "ent_coef", "max_grad_norm")
         _positive_or_none(self, "value_clip")

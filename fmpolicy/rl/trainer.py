@@ -49,8 +49,8 @@ from fmpolicy.rl.objectives import (compute_policy_surrogate, compute_value_loss
 from fmpolicy.rl.rollout import RolloutCollector, make_vector_env
 from fmpolicy.rl.value import ValueNet
 from fmpolicy.run import RunFolder, open_run, progress, rng_state, seed_everything, set_rng_state
-from fmpolicy.run.distributed import (DistInfo, all_finite, average_gradients, barrier, gather_objects,
-                                      init_distributed, reduce_max, shutdown)
+from fmpolicy.run.distributed import (DistInfo, all_finite, all_reduce_mean, average_gradients, barrier,
+                                      gather_objects, init_distributed, reduce_max, shutdown)
 
 RANK_SEED_STRIDE = 1_000_003  # process r of a torchrun seeds its envs and rollout noise with seed + r * this
 RATIO_CHECK_TOL = 1e-6  # the least deviation of the first ratio from 1 that stops the run (see ratio_check_tolerance)
@@ -175,7 +175,10 @@ def update_policy(actor, critic, optimizer, batch: UpdateBatch, minibatches: lis
         b_adv = normalize_advantages(b_adv, info)
     sums: dict[str, torch.Tensor] = {}  # per-minibatch diagnostics, summed on the device (one sync at the end)
     first_dev = math.nan
+    updates = 0
     for epoch, chunks in enumerate(minibatches):
+        if epoch > 0 and rc.target_kl is not None and float(all_reduce_mean(approx_kl, info)) > rc.target_kl:
+            break  # CleanRL's early stop: the last minibatch moved the policy past target_kl
         for mb_index, mb in enumerate(chunks):
             obs_mb, store_mb = observations.take(batch.obs, mb), _slice(batch.store, mb)
             inputs = actor.prepare(obs_mb)  # the policy's encoder / prefix cache: once for every term below
@@ -190,6 +193,9 @@ def update_policy(actor, critic, optimizer, batch: UpdateBatch, minibatches: lis
                         f"{first_dev:.3g} (> {tol:.3g}): the stored rollout data do not reproduce the "
                         "rollout policy (dropout or another random layer in train mode, weights changed "
                         "between rollout and update, or pairs / log-probs not stored with their samples)")
+            approx_kl = ((ratio.detach() - 1.0) - log_ratio.detach()).mean()  # k3 estimator (CleanRL's approx_kl)
+            if rc.desired_kl is not None and not warmup and not (epoch == 0 and mb_index == 0):
+                adapt_lr(optimizer, float(all_reduce_mean(approx_kl, info)), rc)  # before the step, as rsl_rl
             adv = b_adv[mb]
             if per_minibatch:
                 adv = normalize_advantages(adv, info)
@@ -220,17 +226,33 @@ def update_policy(actor, critic, optimizer, batch: UpdateBatch, minibatches: lis
                 raise FloatingPointError(f"iteration {iteration}, epoch {epoch}, minibatch {mb_index}: "
                                          "non-finite gradient: stopping before the weights change")
             optimizer.step()
+            updates += 1
 
             r = ratio.detach()
             mb_stats = {"policy_loss": pg_loss, "value_loss": v_loss, "grad_norm": grad_norm,
                         "value_grad_norm": value_grad_norm,
                         "clip_fraction": ((r - 1.0).abs() > rc.clip).float().mean(),
-                        "approx_kl": ((r - 1.0) - r.log()).mean(), **actor_stats}
+                        "approx_kl": approx_kl, **actor_stats}
             for key, v in mb_stats.items():
                 sums[key] = sums.get(key, 0.0) + v.detach()
             sums["ratio_min"] = torch.minimum(sums.get("ratio_min", r.min()), r.min())
             sums["ratio_max"] = torch.maximum(sums.get("ratio_max", r.max()), r.max())
+    sums["updates"] = torch.tensor(float(updates))  # minibatch steps taken (fewer when target_kl stopped early)
     return sums, first_dev
+
+
+def adapt_lr(optimizer: torch.optim.Optimizer, kl: float, rc) -> None:
+    """rsl_rl's adaptive schedule on the policy's parameter groups (the critic's lr stays): divide by 1.5
+    when the KL is over 2x `rc.desired_kl`, multiply by 1.5 under half of it, within [lr_min, lr_max]."""
+    if kl > 2.0 * rc.desired_kl:
+        factor = 1.0 / 1.5
+    elif kl < 0.5 * rc.desired_kl:
+        factor = 1.5
+    else:
+        return
+    for group in optimizer.param_groups:
+        if group["name"] != "critic":
+            group["lr"] = min(rc.lr_max, max(rc.lr_min, group["lr"] * factor))
 
 
 def train_rl(config: RLRunConfig, resume: bool = False, overwrite: bool = False,
@@ -397,11 +419,12 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
         # -- diagnostics (episodes: of every process; the rest: process 0's rollout) --
         ep_returns, ep_successes = (sum(x, []) for x in zip(*gather_objects(
             (rollout.episode_returns, rollout.episode_successes), info)))
-        n_updates = rc.update_epochs * rc.num_minibatches
+        n_updates = int(sums.pop("updates"))
         done = iteration + 1
         record: dict[str, Any] = {
             "iteration": done, "env_steps": done * steps_per_iteration, "critic_warmup": warmup,
             **{key: float(v) / (1 if key.startswith("ratio_m") else n_updates) for key, v in sums.items()},
+            "updates": n_updates,
             "ratio_first_max_dev": first_dev,
             "explained_variance": explained_variance(b_values, b_ret),
             "macro_reward_mean": float(rollout.rewards.mean()),

@@ -62,7 +62,8 @@ def local_rows(global_batch_size: int, info: DistInfo) -> slice:
 
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Mean of a tensor over processes (for logging)."""
+    """Mean of a tensor over processes (for logging, and for the KL that adapts the lr or stops the epochs:
+    every process must decide alike)."""
     if info.enabled:
         value = value.detach().clone()
         dist.all_reduce(value)
