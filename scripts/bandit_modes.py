@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--demos", type=int, default=2000)
     p.add_argument("--spread", type=float, default=0.25, help="std of the demonstrations around each optimum")
     p.add_argument("--bc-steps", type=int, default=3000)
+    p.add_argument("--bc-seed", type=int, default=0, help="seed of the imitation policy's weights and CFM noise")
     p.add_argument("--probe-iterations", type=int, default=100, help="0: no noise probe")
     p.add_argument("--probe-seeds", default="0,1,2")
     p.add_argument("overrides", nargs="*", help="overrides for every run, e.g. rl.total_env_steps=25600")
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- 1-2. demonstrations and imitation ----
     demos = two_mode_demos(args.demos, args.spread, seed=0)
     if not (imitation / "config.json").is_file():
-        fit_imitation(config.policy, demos, args.bc_steps, seed=0).save_pretrained(imitation)
+        fit_imitation(config.policy, demos, args.bc_steps, seed=args.bc_seed).save_pretrained(imitation)
     policy = FlowPolicy.from_pretrained(imitation)
     with torch.no_grad():
         flow_actions = policy.predict_action_chunk({STATE: torch.zeros(4000, 1)},
