@@ -590,8 +590,9 @@ def saved_run_dict(run: Any) -> Any:
     return run
 
 
-def load_config(cls: type[C], path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> C:
-    """Read a YAML file (or nothing) into `cls`, with dotted overrides applied first."""
+def read_config_dict(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """A YAML config file (or nothing) with the dotted overrides applied, as a plain dict: nothing taken
+    from datasets or checked yet (`load_config` does both)."""
     import yaml
 
     data: dict[str, Any] = {}
@@ -603,10 +604,27 @@ def load_config(cls: type[C], path: str | None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    data = apply_overrides(data, overrides)
+    return apply_overrides(data, overrides)
+
+
+def load_config(cls: type[C], path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> C:
+    """Read a YAML file (or nothing) into `cls`, with dotted overrides applied first."""
+    data = read_config_dict(path, overrides)
     if cls is ImitationConfig:
         data = _auto_from_dataset(data, path or cls.__name__)
     return config_from_dict(cls, data, where=f"{path or cls.__name__}")
+
+
+def dataset_auto_fields(data: dict[str, Any]) -> list[str]:
+    """The fields of a config dict that are "auto" and taken from the dataset (widths, the task list)."""
+    policy = data.get("policy")
+    if not isinstance(policy, dict):
+        return []
+    expert = policy.get("expert") if isinstance(policy.get("expert"), dict) else {}
+    encoder = policy.get("encoder") if isinstance(policy.get("encoder"), dict) else {}
+    auto = [f"policy.{k}" for k in ("state_dim", "action_dim") if policy.get(k) == "auto"]
+    auto += [f"policy.expert.{k}" for k in ("max_state_dim", "max_action_dim") if expert.get(k) == "auto"]
+    return auto + (["policy.encoder.tasks"] if encoder.get("tasks") == "auto" else [])
 
 
 def _auto_from_dataset(data: dict[str, Any], where: str) -> dict[str, Any]:
@@ -614,16 +632,12 @@ def _auto_from_dataset(data: dict[str, Any], where: str) -> dict[str, Any]:
     "auto": the widths of the dataset in `data.root` (its meta/info.json; the padded widths then equal
     the robot's own, the smallest that fit); `policy.encoder.tasks: auto`: its tasks (meta/tasks.parquet,
     in task_index order). Other values are left as they are."""
-    policy = data.get("policy")
-    if not isinstance(policy, dict):
-        return data
-    expert = policy.get("expert") if isinstance(policy.get("expert"), dict) else None
-    encoder = policy.get("encoder") if isinstance(policy.get("encoder"), dict) else None
-    auto = [f"policy.{k}" for k in ("state_dim", "action_dim") if policy.get(k) == "auto"]
-    auto += [f"policy.expert.{k}" for k in ("max_state_dim", "max_action_dim") if expert and expert.get(k) == "auto"]
-    auto += ["policy.encoder.tasks"] if encoder and encoder.get("tasks") == "auto" else []
+    auto = dataset_auto_fields(data)
     if not auto:
         return data
+    policy = data["policy"]
+    expert = policy.get("expert") if isinstance(policy.get("expert"), dict) else None
+    encoder = policy.get("encoder") if isinstance(policy.get("encoder"), dict) else None
     source = data.get("data") if isinstance(data.get("data"), dict) else {}
     root = source.get("root")
     if not root or source.get("roots"):

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from fmpolicy.config import ImitationConfig, load_config
+from fmpolicy.config import ImitationConfig, dataset_auto_fields, load_config, read_config_dict
 from fmpolicy.io import atomic_write_json
 from fmpolicy.scripting import load_script
 
@@ -50,13 +50,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("overrides", nargs="*", help="dotted overrides for training, e.g. train.steps=500")
     args = p.parse_args(argv)
 
-    config = load_config(ImitationConfig, args.config, args.overrides)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    env = config.env
+    # widths given as "auto" come from the datasets this script is about to collect: such a config is
+    # checked in full once they exist (step 2); any other is checked now, before the collection
+    plan = read_config_dict(args.config, args.overrides)
+    if not dataset_auto_fields(plan):
+        load_config(ImitationConfig, args.config, args.overrides)
+    env = plan.get("env") or {}
     if not env.get("id"):
         sys.exit(f"error: {args.config} has no env.id: the pipeline needs the task to collect and evaluate")
     # one (embodiment, env kwargs) per robot: several when the config lists embodiments
-    robots = env.get("robots") or {config.policy.embodiment_list()[0].name: env.get("kwargs", {})}
+    embodiments = (plan.get("policy") or {}).get("embodiments") or [{"name": "default"}]
+    robots = env.get("robots") or {embodiments[0]["name"]: env.get("kwargs", {})}
+    video = bool((plan.get("data") or {}).get("video", False))
 
     # ---- 1. demonstrations ----
     roots = {}
@@ -64,12 +70,13 @@ def main(argv: list[str] | None = None) -> dict:
         root = out / "data" / name
         task_kwargs = {k: v for k, v in kwargs.items() if k != "image_size"}  # the camera is collect's own flag
         camera = ["--image-size", str(kwargs["image_size"])] if kwargs.get("image_size") else []
-        camera += ["--video"] if camera and config.data.video else []
+        camera += ["--video"] if camera and video else []
         collect_demos.main(["--env", env["id"], "--episodes", str(args.demos), "--num-envs", str(min(64, args.demos)),
                             "--out", str(root), "--seed", str(args.seed + 100 * i), "--env-kwargs",
                             json.dumps(task_kwargs), *camera, "--no-progress"])
         roots[name] = str(root)
     data_override = ([f"data.roots={json.dumps(roots)}"] if len(roots) > 1 else [f"data.root={next(iter(roots.values()))}"])
+    load_config(ImitationConfig, args.config, [*args.overrides, *data_override])  # "auto" widths resolve now
 
     # ---- 2. training, 3. evaluation ----
     results = []
