@@ -501,6 +501,8 @@ def test_target_kl_stops_the_epochs_early_and_the_log_says_how_many_steps_ran(tm
     assert [h["updates"] for h in full] == [16, 16]  # 4 epochs x 4 minibatches
     stopped = train_rl(bandit_config(tmp_path / "b", num_envs=32, total_env_steps=32 * 2, target_kl=1e-12)).history
     assert [h["updates"] for h in stopped] == [4, 4]  # the first epoch only: its last minibatch's KL is > 0
+    for h in full:  # the iteration's time, split into collecting and updating
+        assert 0 < h["rollout_s"] and 0 < h["update_s"] and h["rollout_s"] + h["update_s"] <= h["seconds"]
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------

@@ -395,6 +395,7 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
 
         # -- rollout: n macro-steps in e envs with the current policy --
         rollout = collector.collect(rc.num_macro_steps, rollout_gen)
+        rollout_s = _seconds_since(tick, device)
 
         # -- advantages: GAE over macro-steps, discount gamma^k per macro-step --
         advantages, returns = compute_gae(rollout.rewards * rc.reward_scale, rollout.values, rollout.terminated,
@@ -412,8 +413,10 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
         warmup = iteration < rc.critic_warmup_iterations
         minibatches = [torch.randperm(batch_size, generator=minibatch_gen).to(device).chunk(rc.num_minibatches)
                        for _ in range(rc.update_epochs)]
+        update_tick = time.perf_counter()
         sums, first_dev = update_policy(actor, critic, optimizer, batch, minibatches, rc, warmup=warmup,
                                         iteration=iteration, info=info)
+        update_s = _seconds_since(update_tick, device)
         b_values, b_ret, b_chunks, b_obs = batch.values, batch.returns, batch.chunks, batch.obs
 
         # -- diagnostics (episodes: of every process; the rest: process 0's rollout) --
@@ -431,7 +434,7 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
             "episode_return": float(np.mean(ep_returns)) if ep_returns else None,
             "episodes": len(ep_returns),
             "success_rate": float(np.mean(ep_successes)) if ep_successes else None,
-            "seconds": time.perf_counter() - tick,
+            "seconds": time.perf_counter() - tick, "rollout_s": rollout_s, "update_s": update_s,
             **{("lr" if g["name"] == "actor" else f"lr_{g['name']}"): g["lr"] for g in optimizer.param_groups},
         }
         if eval_envs is not None and (done % rc.eval_every == 0 or done == num_iterations):
@@ -452,6 +455,13 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
         actor.save_pretrained(out / "policy")
         plot_learning_curve(history, out / "learning_curve.png", title=f"{rc.policy_type} on {config.env.id}")
     return RLResult(actor=actor, critic=critic, history=history)
+
+
+def _seconds_since(tick: float, device: torch.device) -> float:
+    """Wall seconds since `tick`, after the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - tick
 
 
 def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
