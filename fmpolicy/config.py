@@ -80,9 +80,9 @@ class ExpertConfig:
     prefix_dim: int = 0  # width of prefix tokens (observation.prefix); 0 = no prefix input
     time_embed_dim: int = 128  # width of the sinusoidal time features before the time MLP
     dropout: float = 0.0  # dropout inside attention and feed-forward layers (training only)
-    # how t enters: "sinusoidal" (time_embed_dim features; the transformer's only choice) or "raw" (t itself,
-    # one input; MLP only). Default (None): "raw" for the MLP, which keeps FPO's modes (docs/rl.md,
-    # "Which time input keeps the modes"), "sinusoidal" for the transformer
+    # how t enters: "sinusoidal" (time_embed_dim features) or "raw" (t itself, one input: into the MLP's first
+    # layer, or the transformer's time MLP). Default (None): "raw" for the MLP, which keeps FPO's modes
+    # (docs/rl.md, "Which time input keeps the modes"), "sinusoidal" for the transformer
     time_input: str | None = None
     activation: str = "silu"  # MLP only: hidden activation, "silu" or "relu" (the FPO paper's GridWorld net)
     time_min_period: float = 4e-3  # shortest period of the sinusoidal time features (pi0's 0.004)
@@ -103,8 +103,7 @@ class ExpertConfig:
                f"at most time_max_period={self.time_max_period}")
         _check(isinstance(self.prefix_dim, int) and self.prefix_dim >= 0, name, "prefix_dim", self.prefix_dim, "an int >= 0")
         _number(self, "dropout", "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
-        if self.kind != "mlp":  # the transformer has its own time MLP and SwiGLU layers: refuse, not ignore
-            _check(self.time_input == "sinusoidal", name, "time_input", self.time_input, "'sinusoidal' with kind='transformer'")
+        if self.kind != "mlp":  # the transformer has its own SwiGLU layers: refuse, not ignore
             _check(self.activation == "silu", name, "activation", self.activation, "'silu' with kind='transformer'")
 
 

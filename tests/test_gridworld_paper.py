@@ -118,7 +118,6 @@ def test_bad_time_periods_raise_clear_errors(fields, match):
 @pytest.mark.parametrize("fields,match", [
     ({"kind": "mlp", "time_input": "fourier"}, r"ExpertConfig.time_input = 'fourier'"),
     ({"kind": "mlp", "activation": "gelu"}, r"ExpertConfig.activation = 'gelu'"),
-    ({"kind": "transformer", "time_input": "raw"}, r"ExpertConfig.time_input = 'raw'.*transformer"),
     ({"kind": "transformer", "activation": "relu"}, r"ExpertConfig.activation = 'relu'.*transformer"),
 ])
 def test_bad_expert_time_input_or_activation_raise_clear_errors(fields, match):

@@ -13,10 +13,11 @@ from fmpolicy.training import train_steps
 STEPS, BATCH = 400, 128
 
 
-def train_on_toy(head: str, toy: ToyChunks, data: dict, seed: int = 0) -> FlowPolicy:
+def train_on_toy(head: str, toy: ToyChunks, data: dict, seed: int = 0, time_input: str = "sinusoidal") -> FlowPolicy:
     torch.manual_seed(seed)
     cfg = PolicyConfig(state_dim=toy.state_dim, action_dim=toy.action_dim, chunk_size=toy.chunk_size,
-                       n_action_steps=4, head=head, expert=make_expert_config("tiny"), device="cpu")
+                       n_action_steps=4, head=head, expert=make_expert_config("tiny", time_input=time_input),
+                       device="cpu")
     policy = FlowPolicy(cfg).fit_normalization(data["observation.state"], data["action"])
     g = torch.Generator().manual_seed(seed)
     n = data["action"].shape[0]
@@ -31,11 +32,13 @@ def train_on_toy(head: str, toy: ToyChunks, data: dict, seed: int = 0) -> FlowPo
 
 
 @pytest.mark.slow
-def test_flow_policy_samples_every_mode_where_regression_averages():
+@pytest.mark.parametrize("time_input", ["sinusoidal", "raw"])  # the transformer's time MLP fed features or t itself
+def test_flow_policy_samples_every_mode_where_regression_averages(time_input):
     toy = ToyChunks(weights=(0.5, 0.3, 0.2))
     data = toy.sample(20000, torch.Generator().manual_seed(0))
-    flow = train_on_toy("flow", toy, data)
-    regression = train_on_toy("regression", toy, data)
+    flow = train_on_toy("flow", toy, data, time_input=time_input)
+    assert flow.net.time_embed.mlp[0].in_features == (1 if time_input == "raw" else flow.config.expert.time_embed_dim)
+    regression = train_on_toy("regression", toy, data, time_input=time_input)
 
     n = 1000
     probe = toy.sample(3, torch.Generator().manual_seed(1))["observation.state"]

@@ -287,8 +287,7 @@ def test_the_time_input_default_follows_the_expert_and_old_mlp_checkpoints_load_
 
     assert ExpertConfig(kind="mlp").time_input == "raw"  # keeps FPO's modes (docs/rl.md, issue 14)
     assert ExpertConfig().time_input == "sinusoidal" and make_expert_config("mlp").time_input == "raw"
-    with pytest.raises(ConfigError, match="time_input"):
-        ExpertConfig(time_input="raw")  # the transformer's time MLP takes sinusoidal features only
+    assert ExpertConfig(time_input="raw").time_input == "raw"  # the transformer's time MLP can take t itself
     # a policy saved before the field existed has no `time_input` in its config: it was sinusoidal
     cfg = PolicyConfig(state_dim=S, action_dim=A, chunk_size=H, n_action_steps=4, device="cpu",
                        expert=make_expert_config("mlp", prefix_dim=DP, time_input="sinusoidal"),

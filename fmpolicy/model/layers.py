@@ -22,16 +22,20 @@ def sinusoidal_time_features(t: Tensor, dim: int, min_period: float = 4e-3, max_
 
 
 class TimeEmbedding(nn.Module):
-    """t (b,) -> (b, width): sinusoidal features through a two-layer SiLU MLP."""
+    """t (b,) -> (b, width): sinusoidal features (`raw=False`) or t itself, one input (`raw=True`: the
+    embedding is then a smooth function of t), through a two-layer SiLU MLP."""
 
-    def __init__(self, feature_dim: int, width: int, min_period: float = 4e-3, max_period: float = 4.0):
+    def __init__(self, feature_dim: int, width: int, min_period: float = 4e-3, max_period: float = 4.0,
+                 raw: bool = False):
         super().__init__()
-        self.feature_dim = feature_dim
+        self.raw = raw
+        self.feature_dim = 1 if raw else feature_dim
         self.periods = (min_period, max_period)
-        self.mlp = nn.Sequential(nn.Linear(feature_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.mlp = nn.Sequential(nn.Linear(self.feature_dim, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t: Tensor) -> Tensor:
-        feats = sinusoidal_time_features(t, self.feature_dim, *self.periods).to(self.mlp[0].weight.dtype)
+        dtype = self.mlp[0].weight.dtype
+        feats = t.to(dtype)[:, None] if self.raw else sinusoidal_time_features(t, self.feature_dim, *self.periods).to(dtype)
         return self.mlp(feats)
 
 

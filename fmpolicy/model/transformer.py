@@ -96,7 +96,8 @@ class ActionExpert(nn.Module):
         self.state_in = nn.Linear(2 * config.max_state_dim, d)
         self.action_in = nn.Linear(config.max_action_dim, d)
         self.position = nn.Parameter(torch.randn(chunk_size, d) * 0.02)
-        self.time_embed = TimeEmbedding(config.time_embed_dim, d, config.time_min_period, config.time_max_period)
+        self.time_embed = TimeEmbedding(config.time_embed_dim, d, config.time_min_period, config.time_max_period,
+                                        raw=config.time_input == "raw")
         self.prefix_in = nn.Linear(config.prefix_dim, d) if config.prefix_dim else None
         self.blocks = nn.ModuleList(ExpertBlock(config) for _ in range(config.depth))
         self.final_norm = RMSNorm(d, affine=False)
