@@ -474,18 +474,26 @@ class MetaWorldExpert:
     for a `MetaWorldEnv` (either may be wrapped). The policies read Meta-World's full 39-d observation
     (`env.raw_obs`), whatever the env's `state` mode.
 
-    noise_std: Gaussian action noise (diversity, or a weaker expert), then clipped to [-1, 1].
+    noise_std: Gaussian action noise, then clipped to [-1, 1]; the env executes the noisy actions.
+    record: which actions a collection records (`label`): "executed" (the noisy ones: a weaker expert) or
+        "clean" (the expert's own, without the noise: DART, Laskey et al. 2017: the states drift off the
+        expert's path and each is labelled with the expert's correction, so that a policy learns to recover).
     seed: the noise generator's seed.
     """
 
     mode = None  # no discrete modes (collect records a mode per episode only when the expert has one)
+    RECORD = ("executed", "clean")
 
-    def __init__(self, noise_std: float = 0.0, seed: int | None = None):
+    def __init__(self, noise_std: float = 0.0, seed: int | None = None, record: str = "executed"):
         if not (isinstance(noise_std, (int, float)) and np.isfinite(noise_std) and noise_std >= 0):
             raise ValueError(f"noise_std = {noise_std!r} is invalid: expected a finite number >= 0")
+        if record not in self.RECORD:
+            raise ValueError(f"record = {record!r} is invalid: expected one of {self.RECORD}")
         self.noise_std = float(noise_std)
+        self.record = record
         self.rng = np.random.default_rng(seed)
         self._policies: dict[str, Any] = {}
+        self.label = None  # the last call's actions to record when they differ from those returned (record="clean")
 
     def _policy(self, name: str):
         if name not in self._policies:
@@ -499,15 +507,21 @@ class MetaWorldExpert:
 
         with warnings.catch_warnings():  # "Constant(s) may be too high": Meta-World's own policies, clipped below
             warnings.simplefilter("ignore", UserWarning)
-            actions = np.stack([self._policy(n).get_action(o) for o, n in zip(raw_obs, names)]).astype(np.float32)
+            raw = np.stack([self._policy(n).get_action(o) for o, n in zip(raw_obs, names)]).astype(np.float32)
+        actions = raw
         if self.noise_std:
-            actions = actions + self.rng.normal(0.0, self.noise_std, actions.shape).astype(np.float32)
+            actions = raw + self.rng.normal(0.0, self.noise_std, raw.shape).astype(np.float32)
+        self.label = np.clip(raw, -1.0, 1.0) if self.record == "clean" else None
         return np.clip(actions, -1.0, 1.0)
 
     def __call__(self, env) -> Any:
         env = getattr(env, "unwrapped", env)
         if isinstance(env, MetaWorldVectorEnv):
-            return torch.from_numpy(self.act(env.raw_obs, env.task_names)).to(env.device)
+            actions = torch.from_numpy(self.act(env.raw_obs, env.task_names)).to(env.device)
+            self.label = None if self.label is None else torch.from_numpy(self.label).to(env.device)
+            return actions
         if isinstance(env, MetaWorldEnv):
-            return self.act(env.raw_obs[None], [env.task_name])[0]
+            actions = self.act(env.raw_obs[None], [env.task_name])[0]
+            self.label = None if self.label is None else self.label[0]
+            return actions
         raise TypeError(f"MetaWorldExpert needs a MetaWorldEnv or MetaWorldVectorEnv, got {type(env).__name__}")

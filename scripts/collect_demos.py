@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tasks", help="Meta-World: 'mt10' or comma-separated tasks; --episodes per task, one dataset")
     p.add_argument("--cameras", help="Meta-World: comma-separated cameras (e.g. corner2) recorded at --image-size")
     p.add_argument("--noise-std", type=float, default=0.0, help="Meta-World: Gaussian noise on the expert's actions")
+    p.add_argument("--noise-record", choices=("executed", "clean"), default="executed",
+                   help="Meta-World with --noise-std: record the noisy executed actions (a weaker expert) or the "
+                        "expert's clean ones (DART: noisy states, corrective labels)")
     p.add_argument("--expert", help="module:callable, observation dict -> actions (e, a), for ids without our expert")
     p.add_argument("--success-key", default="is_success", help="ids without our vector env: info entry of success")
     p.add_argument("--obs-map", default="{}", help='JSON {env key: our key} for dict observations, e.g. '
@@ -179,7 +182,8 @@ def collect_generic(args: argparse.Namespace, device: str) -> dict[str, Any]:
     image_keys = [k for k in features if k.startswith("observation.images.")]
     env_info = {"id": args.env, "kwargs": kwargs, "tasks": [t for t in tasks if t], "image_size": args.image_size,
                 "max_episode_steps": getattr(env, "max_episode_steps", None),
-                "expert": "MetaWorldExpert" if is_mw else args.expert, "noise_std": args.noise_std}
+                "expert": "MetaWorldExpert" if is_mw else args.expert, "noise_std": args.noise_std,
+                "noise_record": args.noise_record}
     per_task: dict[str, float] = {}
     totals = {"new_episodes": 0, "new_frames": 0, "attempts": 0, "seconds": 0.0, "successes": 0.0}
     with DatasetWriter(args.out, fps=fps, features=features, robot_type=ROBOT_TYPES.get(args.env),
@@ -193,7 +197,9 @@ def collect_generic(args: argparse.Namespace, device: str) -> dict[str, Any]:
             target = (k + 1) * args.episodes  # tasks fill the dataset one after the other: resumable
             seed = run_seed(args.seed, max(0, min(writer.num_episodes - k * args.episodes, args.episodes)))
             if is_mw:
-                expert, expert_input = fmpolicy_envs.make_expert(args.env, seed=seed + 1, noise_std=args.noise_std), "core"
+                expert = fmpolicy_envs.make_expert(args.env, seed=seed + 1, noise_std=args.noise_std,
+                                                   record=args.noise_record)
+                expert_input = "core"
             else:
                 expert, expert_input = load_callable(args.expert), "obs"
             try:

@@ -162,6 +162,33 @@ def test_make_expert_with_noise():
     env.close()
 
 
+@pytest.mark.filterwarnings("ignore:Constant")  # Meta-World's own policies, clipped here as in the expert
+def test_dart_collection_executes_the_noise_and_records_the_experts_own_actions(tmp_path):
+    """--noise-record clean: the states come from the noisy rollout, each action in the dataset is what the
+    clean expert does in that state (so the data teach recoveries); executed: the noisy actions."""
+    from fmpolicy.data import ChunkDataset, DatasetWriter, collect
+
+    features = {STATE: {"dtype": "float32", "shape": [39]}, "action": {"dtype": "float32", "shape": [4]}}
+    recorded = {}
+    for record in ("clean", "executed"):
+        envs = gym.make_vec(ENV_ID, num_envs=1, vectorization_mode="vector_entry_point", task="reach", state="full",
+                            max_episode_steps=30)
+        with DatasetWriter(tmp_path / record, fps=envs.metadata["render_fps"], features=features) as writer:
+            collect(envs, mw.MetaWorldExpert(noise_std=0.5, seed=0, record=record), writer, 1, seed=0)
+        envs.close()
+        ds = ChunkDataset(tmp_path / record, chunk_size=1)
+        recorded[record] = (ds.state, ds.action)
+    # the same seeds: the same noisy rollout (states) either way
+    torch.testing.assert_close(recorded["clean"][0], recorded["executed"][0])
+    states, clean_actions = recorded["clean"]
+    policy = mw.MetaWorldExpert()._policy("reach-v3")  # the expert reads the full 39-d observation
+    expert_actions = torch.tensor(np.clip(np.stack([policy.get_action(s.double().numpy()) for s in states]), -1, 1))
+    torch.testing.assert_close(clean_actions, expert_actions.float(), atol=1e-4, rtol=0)
+    assert (recorded["executed"][1] - expert_actions.float()).abs().max() > 0.1  # the noise, recorded
+    with pytest.raises(ValueError, match="record"):
+        mw.MetaWorldExpert(record="noisy")
+
+
 def test_collect_to_chunk_dataset_and_evaluate_policy(tmp_path):
     """Scripted reach demonstrations -> LeRobot v3 dataset -> ChunkDataset -> a tiny policy evaluated
     by evaluate_policy on the same vector env (2 episodes each; nothing here is about learning)."""

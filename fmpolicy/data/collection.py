@@ -13,7 +13,9 @@ The environment and the expert are passed in (this package never imports `fmpoli
 - `expert`: with `expert_input="core"` (our scripted experts), a callable on the env's batched simulator
   (`env.core`, or the env itself) returning the actions (e, a); with `expert_input="obs"`, any callable
   observation dict -> actions (e, a) (a scripted controller, a noisy or replayed one, a policy). Its
-  optional `mode` attribute (e,) (e.g. above / below the obstacle) is recorded per episode.
+  optional `mode` attribute (e,) (e.g. above / below the obstacle) is recorded per episode; its optional
+  `label` attribute (e, a), when not None after a call, is the action recorded in place of the executed
+  one (DART: execute the expert's action plus noise, record the expert's own).
 
 States and actions are written as float32: a float64 observation (Meta-World's, MuJoCo's) is cast here,
 explicitly, because the dataset features and the policy are float32.
@@ -104,14 +106,16 @@ def collect(env: Any, expert: Any, writer: DatasetWriter, episodes: int, *, seed
     bar = tqdm(total=episodes, initial=existing, unit="ep", desc=desc, disable=not progress)
     while written < episodes:
         # ---- act ----
-        action = expert(core) if expert_input == "core" else expert(obs)  # (e, a)
+        action = expert(core) if expert_input == "core" else expert(obs)  # (e, a), executed
+        label = getattr(expert, "label", None)  # recorded instead, when the expert gives one
         mode = _numpy(expert.mode) if getattr(expert, "mode", None) is not None else None
         state_np = _numpy(obs[STATE_KEY]).astype(np.float32)  # float64 observations: cast here, explicitly
         images_np = {k: _uint8_image(obs[k]) for k in image_keys}
         obs, reward, terminated, truncated, info = env.step(action)
 
         # ---- record ----
-        action_np, reward_np = _numpy(action).astype(np.float32), _numpy(reward).astype(np.float32)
+        action_np = _numpy(action if label is None else label).astype(np.float32)
+        reward_np = _numpy(reward).astype(np.float32)
         done_np = _numpy(terminated) | _numpy(truncated)
         final_info = info.get("final_info", {})
         if success_key not in final_info:
