@@ -176,6 +176,7 @@ def update_policy(actor, critic, optimizer, batch: UpdateBatch, minibatches: lis
     sums: dict[str, torch.Tensor] = {}  # per-minibatch diagnostics, summed on the device (one sync at the end)
     first_dev = math.nan
     updates = 0
+    approx_kl = torch.zeros(())  # of the last minibatch (target_kl reads it after each epoch)
     for epoch, chunks in enumerate(minibatches):
         if epoch > 0 and rc.target_kl is not None and float(all_reduce_mean(approx_kl, info)) > rc.target_kl:
             break  # CleanRL's early stop: the last minibatch moved the policy past target_kl
