@@ -79,6 +79,7 @@ INSTRUCTIONS = {
     "window-close-v3": "slide the window closed",
 }
 TASK_SETS = {"mt10": MT10}
+REWARDS = ("dense", "success")  # MetaWorldEnv(reward=...)
 DEMO_VARIATIONS = range(0, 10_000)  # goal variations for demonstrations / training
 EVAL_VARIATION_START = 10_000  # variations >= this are held out for evaluation
 STATE_MODES = {"proprio": 4, "full": 39}
@@ -152,6 +153,10 @@ class MetaWorldEnv(gym.Env):
         image_size: side N of the (3, N, N) camera images.
         terminate_on_success: end the episode at the first success.
         max_episode_steps: time limit (truncation).
+        reward: "dense" (Meta-World's shaped reward, up to 10 a step) or "success" (1 in every step that
+            ends with the task solved, else 0). For RL the dense reward can be nearly blind to success: on
+            reach an episode hovering 2-6 cm off the goal (a failure) earns about what a success does
+            (docs/benchmarks/metaworld.md), so FPO on it raised neither return nor success.
         variation_stride: the step from one variation to the next on `reset()` without a seed.
         render_mode: None or "rgb_array" (`render()` -> uint8 (H, W, 3) of `render_camera`).
         render_size, render_camera: size and camera of `render()`.
@@ -162,7 +167,8 @@ class MetaWorldEnv(gym.Env):
     def __init__(self, task: str | None = None, tasks: str | Sequence[str] | None = None, state: str = "proprio",
                  cameras: Sequence[str] = (), image_size: int = 64, terminate_on_success: bool = True,
                  max_episode_steps: int = MAX_EPISODE_STEPS, variation_stride: int = 1,
-                 render_mode: str | None = None, render_size: int = 128, render_camera: str = "corner2"):
+                 render_mode: str | None = None, render_size: int = 128, render_camera: str = "corner2",
+                 reward: str = "dense"):
         if task is None and tasks is None:
             task = "reach-v3"
         self.tasks = task_names(task, tasks)
@@ -174,6 +180,9 @@ class MetaWorldEnv(gym.Env):
             raise ValueError(f"image_size = {image_size!r} is invalid: expected an int in 1..1024")
         if not (isinstance(max_episode_steps, int) and max_episode_steps > 0):
             raise ValueError(f"max_episode_steps = {max_episode_steps!r} is invalid: expected an int > 0")
+        if reward not in REWARDS:
+            raise ValueError(f"reward = {reward!r} is invalid: expected one of {list(REWARDS)}")
+        self.reward_mode = reward
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode = {render_mode!r} is invalid: expected None or 'rgb_array'")
         self.state_mode, self.cameras, self.image_size = state, tuple(cameras), image_size
@@ -282,6 +291,8 @@ class MetaWorldEnv(gym.Env):
         self.raw_obs = np.asarray(raw, dtype=np.float64)
         self.elapsed_steps += 1
         success = bool(mw_info.get("success", 0.0))
+        if self.reward_mode == "success":
+            reward = float(success)
         terminated = success and self.terminate_on_success
         truncated = self.elapsed_steps >= self.max_episode_steps and not terminated
         info = {**mw_info, "task": instruction(self.task_name), "task_name": self.task_name,

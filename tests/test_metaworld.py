@@ -61,7 +61,7 @@ def test_every_mt10_task_has_an_instruction():
 
 @pytest.mark.parametrize("kwargs, field", [({"task": "fly-v3"}, "task"), ({"state": "joints"}, "state"),
                                           ({"cameras": ("nowhere",)}, "camera"), ({"image_size": 0}, "image_size"),
-                                          ({"task": "reach", "tasks": "mt10"}, "task")])
+                                          ({"task": "reach", "tasks": "mt10"}, "task"), ({"reward": "sparse"}, "reward")])
 def test_bad_options_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         mw.MetaWorldEnv(**kwargs)
@@ -113,6 +113,24 @@ def test_without_early_termination_the_time_limit_ends_it():
         assert not terminated
     assert truncated and any(successes)
     env.close()
+
+
+def test_success_reward_pays_exactly_the_steps_that_end_solved():
+    dense = mw.MetaWorldEnv(task="reach", terminate_on_success=False, max_episode_steps=80)
+    sparse = mw.MetaWorldEnv(task="reach", terminate_on_success=False, max_episode_steps=80, reward="success")
+    dense.reset(seed=3)
+    sparse.reset(seed=3)
+    expert = mw.MetaWorldExpert()
+    for _ in range(80):  # the same goal and actions: the same states; only the reward differs
+        action = expert(dense)
+        obs_d, r_dense, *_ = dense.step(action)
+        obs_s, r_success, _, _, info = sparse.step(action)
+        np.testing.assert_array_equal(obs_d[STATE], obs_s[STATE])
+        assert r_success == float(info["is_success"])
+        assert r_dense > 0 and r_dense != r_success
+    assert info["is_success"]  # the expert got there: both rewards were seen
+    dense.close()
+    sparse.close()
 
 
 def test_images_shape_and_right_way_up():
