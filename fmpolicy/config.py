@@ -25,6 +25,7 @@ NORM_MODES = ("identity", "mean_std", "min_max", "quantile")
 EXPERT_KINDS = ("transformer", "mlp")
 HEADS = ("flow", "regression")
 EXPERT_TIME_INPUTS = ("sinusoidal", "raw")
+DEFAULT_EMBODIMENT = "default"  # the one robot of a policy that configures no embodiments
 EXPERT_ACTIVATIONS = ("silu", "relu")
 
 
@@ -252,7 +253,7 @@ class EncoderConfig:
 class EmbodimentConfig:
     """One robot shape served by a policy: its name and its own state and action widths."""
 
-    name: str = "default"  # what batches put under the key "embodiment"
+    name: str = DEFAULT_EMBODIMENT  # what batches put under the key "embodiment"
     state_dim: int = 2  # width of this robot's observation.state
     action_dim: int = 2  # width of this robot's action
 
@@ -306,7 +307,7 @@ class PolicyConfig:
 
     def embodiment_list(self) -> tuple[EmbodimentConfig, ...]:
         """The embodiments this policy serves (one "default" when none are configured)."""
-        return self.embodiments or (EmbodimentConfig("default", self.state_dim, self.action_dim),)
+        return self.embodiments or (EmbodimentConfig(DEFAULT_EMBODIMENT, self.state_dim, self.action_dim),)
 
 
 # Named presets for the expert. "cpu" answers a 10-step chunk at batch 1 in a few ms on 2 CPU cores;

@@ -27,7 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from fmpolicy.config import ImitationConfig, dataset_auto_fields, load_config, read_config_dict
+from fmpolicy.config import (DEFAULT_EMBODIMENT, DataConfig, ImitationConfig, dataset_auto_fields, load_config,
+                             read_config_dict)
 from fmpolicy.io import atomic_write_json
 from fmpolicy.scripting import load_script
 
@@ -60,9 +61,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not env.get("id"):
         sys.exit(f"error: {args.config} has no env.id: the pipeline needs the task to collect and evaluate")
     # one (embodiment, env kwargs) per robot: several when the config lists embodiments
-    embodiments = (plan.get("policy") or {}).get("embodiments") or [{"name": "default"}]
+    embodiments = (plan.get("policy") or {}).get("embodiments") or [{"name": DEFAULT_EMBODIMENT}]
     robots = env.get("robots") or {embodiments[0]["name"]: env.get("kwargs", {})}
-    video = bool((plan.get("data") or {}).get("video", False))
+    video = bool((plan.get("data") or {}).get("video", DataConfig.video))
 
     # ---- 1. demonstrations ----
     roots = {}
