@@ -422,6 +422,31 @@ def test_init_from_an_imitation_checkpoint_with_a_critic_only_warmup(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_states_far_outside_the_imitation_data_are_logged_and_warned_once(tmp_path, capsys):
+    """A start whose state normalizer saw a near-constant dimension (spread 0.01 around 5): the bandit's
+    state (0) lies 500 of its standard deviations out; the log says how far, and one warning names it."""
+    config = bandit_config(tmp_path, critic_warmup_iterations=1, total_env_steps=128 * 2)
+    torch.manual_seed(0)
+    saved, _ = make_actor(config, torch.device("cpu"))
+    saved.policy.save_pretrained(tmp_path / "plain")
+    normalizer = saved.policy.embodiments.state[0]
+    normalizer.offset.fill_(5.0)
+    normalizer.scale.fill_(0.01)
+    saved.policy.save_pretrained(tmp_path / "narrow")
+    capsys.readouterr()
+    runs = {}
+    for name in ("plain", "narrow"):
+        rl = dataclasses.replace(config.rl, out_dir=str(tmp_path / f"run_{name}"))
+        runs[name] = train_rl(RLRunConfig(policy=config.policy, rl=rl, env=config.env,
+                                          init_from=str(tmp_path / name))).history
+        runs[name + "_out"] = capsys.readouterr().out
+    # the plain bandit's state is a constant 0: identity normalizer -> 0; the narrow one -> |0 - 5| / 0.01
+    assert [h["state_z_max"] for h in runs["plain"] if "state_z_max" in h] == [0.0, 0.0]
+    assert [h["state_z_max"] for h in runs["narrow"] if "state_z_max" in h] == pytest.approx([500.0, 500.0], rel=1e-5)
+    assert runs["narrow_out"].count("warning: at iteration 1 observation.state entries [0]") == 1
+    assert "warning" not in runs["plain_out"]
+
+
 def test_flow_actor_stores_the_executed_clipped_chunk_so_cfm_losses_stay_bounded(tmp_path):
     from fmpolicy.rl.config import FPOConfig
 

@@ -106,6 +106,15 @@ class FlowActor(nn.Module):
         """The policy's per-observation cache (`FlowPolicy.encode`), differentiable when grad is on."""
         return self.policy.encode(obs)
 
+    @torch.no_grad()
+    def state_z(self, obs: Mapping[str, Any]) -> Tensor:
+        """max |normalized state| over the batch, per padded state entry (S,): how many of the imitation
+        data's standard deviations (the policy's state normalizer) the states RL reaches lie out."""
+        obs = self._named(obs)
+        idx = self.policy.embodiments.index(obs, obs[STATE].shape[0])
+        z = self.policy.pad_state(obs[STATE].to(self.device, self.policy.dtype), idx)
+        return z.abs().amax(0)
+
     @staticmethod
     def critic_features(inputs: ExpertCache | None) -> Tensor | None:
         """The masked mean of the policy's prefix tokens (b, d_prefix), detached, or None without a prefix."""
@@ -301,6 +310,11 @@ class GaussianActor(nn.Module):
 
     def prepare(self, obs: Mapping[str, Any]) -> None:
         return None  # the mean MLP reads the state directly
+
+    @staticmethod
+    def state_z(obs: Mapping[str, Any]) -> None:
+        """(FlowActor.state_z) No state normalizer here."""
+        return None
 
     @staticmethod
     def critic_features(inputs: None) -> None:

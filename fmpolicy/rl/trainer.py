@@ -388,6 +388,7 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
         history.append({"iteration": 0, "env_steps": 0, **evaluate(), "elapsed_s": elapsed()})
         logger.log(0, history[-1])
     iterations = progress(range(start, num_iterations), rc.progress, "rl")
+    warned_far_states = False
     for iteration in iterations:
         tick = time.perf_counter()
         if rc.anneal_lr:  # linear decay to 0 over the run (CleanRL's anneal_lr); a function of the iteration
@@ -441,6 +442,17 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
         if eval_envs is not None and (done % rc.eval_every == 0 or done == num_iterations):
             record.update(evaluate())
         record["elapsed_s"] = elapsed()  # wall time since the run began, evaluations included
+        z = actor.state_z(b_obs)
+        if z is not None:
+            record["state_z_max"] = float(z.max())
+            far = [i for i, v in enumerate(z.tolist()) if v > STATE_Z_WARN]
+            if far and not warned_far_states and info.is_main:
+                print(f"warning: at iteration {done} observation.state entries {far} reached up to "
+                      f"{float(z.max()):.0f} standard deviations of the imitation data (the policy's state "
+                      "normalizer): inputs the network never saw. A dimension that barely varied in the "
+                      "demonstrations (an object's orientation) does this; train the start with a larger "
+                      "policy.normalization.min_scale (docs/benchmarks/metaworld.md, 'A normaliser trap')")
+                warned_far_states = True
         if hasattr(envs, "action_stats"):  # env-specific diagnostics of the executed actions (the bandit's modes)
             record.update(envs.action_stats(b_chunks[:, 0], b_obs[STATE]))
         history.append(record)
@@ -456,6 +468,12 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
         actor.save_pretrained(out / "policy")
         plot_learning_curve(history, out / "learning_curve.png", title=f"{rc.policy_type} on {config.env.id}")
     return RLResult(actor=actor, critic=critic, history=history)
+
+
+# |normalized state| beyond this in a rollout: warned once a run. Meta-World (docs/benchmarks/metaworld.md):
+# reach's gripper entries reach 31 and FPO still lifts it; push from 3 demonstrations reached 705 (the
+# object's orientation) and broke FPO (KL per update 80-480); with min_scale 0.05 that start stays under 5.
+STATE_Z_WARN = 100.0
 
 
 def _seconds_since(tick: float, device: torch.device) -> float:
