@@ -34,6 +34,7 @@ from fmpolicy import FlowPolicy
 from fmpolicy.io import atomic_write_json
 from fmpolicy.rl.observations import Obs, from_env
 from fmpolicy.rl.rollout import make_vector_env
+from fmpolicy.sampling import sample_noise
 
 T_GRID = (0.05, 0.3, 0.5, 0.7, 0.9, 0.97, 0.99)
 
@@ -83,8 +84,8 @@ def loss_profile(policy: FlowPolicy, batches: Sequence[Obs], seed: int, ts: Sequ
         chunk = policy.predict_action_chunk(obs, generator=generator)
         b = chunk.shape[0]
         for t in ts:
-            noise = torch.randn((b, pairs, cfg.chunk_size, cfg.expert.max_action_dim), generator=generator,
-                                device=policy.device, dtype=policy.dtype)
+            noise = sample_noise((b, pairs, cfg.chunk_size, cfg.expert.max_action_dim), generator=generator,
+                                 device=policy.device, dtype=policy.dtype)
             tt = torch.full((b, pairs), t, device=policy.device, dtype=policy.dtype)
             sums[t] += policy.compute_cfm_losses(obs, chunk, tt, noise).mean().item() / len(batches)
     return {f"{t:g}": v for t, v in sums.items()}

@@ -60,6 +60,10 @@ RATIO_CHECK_TOL = 1e-6  # the least deviation of the first ratio from 1 that sto
 RESUMABLE_CHANGES = ("rl.progress", "rl.save_every", "rl.log_every", "rl.keep_checkpoints", "rl.out_dir",
                      "rl.device", "policy.device", "rl.eval_every", "rl.eval_episodes")
 EVAL_SEED_OFFSET = 10_000  # evaluation envs start from seed + this: states the rollouts' seeds do not give
+# |normalized state| beyond this in a rollout: warned once a run. Meta-World (docs/benchmarks/metaworld.md):
+# reach's gripper entries reach 31 and FPO still lifts it; push from 3 demonstrations reached 705 (the
+# object's orientation) and broke FPO (KL per update 80-480); with min_scale 0.05 that start stays under 5.
+STATE_Z_WARN = 100.0
 
 
 class RatioCheckError(RuntimeError):
@@ -445,14 +449,8 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
         z = actor.state_z(b_obs)
         if z is not None:
             record["state_z_max"] = float(z.max())
-            far = [i for i, v in enumerate(z.tolist()) if v > STATE_Z_WARN]
-            if far and not warned_far_states and info.is_main:
-                print(f"warning: at iteration {done} observation.state entries {far} reached up to "
-                      f"{float(z.max()):.0f} standard deviations of the imitation data (the policy's state "
-                      "normalizer): inputs the network never saw. A dimension that barely varied in the "
-                      "demonstrations (an object's orientation) does this; train the start with a larger "
-                      "policy.normalization.min_scale (docs/benchmarks/metaworld.md, 'A normaliser trap')")
-                warned_far_states = True
+            if not warned_far_states and info.is_main:
+                warned_far_states = _warn_far_states(z, done)
         if hasattr(envs, "action_stats"):  # env-specific diagnostics of the executed actions (the bandit's modes)
             record.update(envs.action_stats(b_chunks[:, 0], b_obs[STATE]))
         history.append(record)
@@ -470,10 +468,18 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
     return RLResult(actor=actor, critic=critic, history=history)
 
 
-# |normalized state| beyond this in a rollout: warned once a run. Meta-World (docs/benchmarks/metaworld.md):
-# reach's gripper entries reach 31 and FPO still lifts it; push from 3 demonstrations reached 705 (the
-# object's orientation) and broke FPO (KL per update 80-480); with min_scale 0.05 that start stays under 5.
-STATE_Z_WARN = 100.0
+
+def _warn_far_states(z: torch.Tensor, iteration: int) -> bool:
+    """Print one warning when some state entry's |normalized value| (`FlowActor.state_z`) is over
+    STATE_Z_WARN; True when it did."""
+    far = [i for i, v in enumerate(z.tolist()) if v > STATE_Z_WARN]
+    if far:
+        print(f"warning: at iteration {iteration} observation.state entries {far} reached up to "
+              f"{float(z.max()):.0f} standard deviations of the imitation data (the policy's state "
+              "normalizer): inputs the network never saw. A dimension that barely varied in the "
+              "demonstrations (an object's orientation) does this; train the start with a larger "
+              "policy.normalization.min_scale (docs/benchmarks/metaworld.md, 'A normaliser trap')")
+    return bool(far)
 
 
 def _seconds_since(tick: float, device: torch.device) -> float:
