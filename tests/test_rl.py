@@ -185,6 +185,61 @@ def test_gae_on_a_truncated_rollout_bootstraps_from_the_final_observation():
     torch.testing.assert_close(adv[:, 0], torch.tensor([d0 + g**2 * lam * d1, d1]))
 
 
+class EpisodeCounterEnv(CounterEnv):
+    """CounterEnv whose state is 10 * (episodes begun) + steps taken, and which records the actions it gets."""
+
+    def __init__(self, num_envs: int = 1, horizon: int = 3):
+        super().__init__(num_envs, horizon)
+        self.episode, self.received = torch.zeros(num_envs), []
+
+    def _obs(self):
+        return {"observation.state": (10.0 * self.episode + self.count)[:, None].clone()}
+
+    def step(self, actions):
+        self.received.append(torch.as_tensor(actions)[:, 0].clone())
+        self.count += 1
+        truncated = self.count >= self.horizon
+        final = self._obs()
+        self.count = torch.where(truncated, 0.0, self.count)
+        self.episode += truncated.float()
+        info = {"final_obs": final, "_final_obs": truncated, "final_info": {}, "_final_info": truncated}
+        return self._obs(), torch.ones(self.num_envs), torch.zeros_like(truncated), truncated, info
+
+
+class PlanningActor(ZeroActor):
+    """Every action of a chunk is the state the chunk was planned at (h = 3)."""
+
+    def act(self, obs, generator=None, inputs=None):
+        s = obs["observation.state"][:, :1]
+        return s[:, None, :].expand(-1, 3, 1).clone(), {"x": s[:, 0].clone()}
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_an_episode_ending_inside_a_chunk_starts_the_next_from_a_fresh_chunk(fresh):
+    # 2 envs, horizon 2 for env 0 only (env 1's is 3), k = 3: env 0's episode ends after the first two
+    # steps of macro-step 0, env 1's at its last step
+    env = EpisodeCounterEnv(num_envs=2, horizon=2)
+    env.horizon = torch.tensor([2.0, 3.0])
+    collector = RolloutCollector(env, PlanningActor(), KnownValue(), 3, 0.9, torch.device("cpu"),
+                                 fresh_chunk_after_reset=fresh)
+    collector.reset(0)
+    r = collector.collect(2, None)
+    received = torch.stack(env.received)  # (steps, envs)
+    # env 0 (episodes of 2 steps): two steps of the chunk planned at s = 0, then its third step runs in
+    # the new episode (s = 10): from a chunk planned there, or the old chunk's last action; macro-step 1
+    # (planned at s = 11) ends that episode after one step, and the next (s = 20) plays the rest
+    expected = [0.0, 0.0, 10.0, 11.0, 20.0, 20.0] if fresh else [0.0, 0.0, 0.0, 11.0, 11.0, 11.0]
+    assert received[:, 0].tolist() == expected
+    assert received[:, 1].tolist() == [0.0, 0.0, 0.0, 10.0, 10.0, 10.0]  # ended at the chunk's end: no re-plan
+    # what is stored is one chunk per macro-step, planned at the macro-step's observation, and the new
+    # episode's step played inside macro-step 0 is neither executed nor rewarded there
+    assert r.chunks.shape == (2, 2, 3, 1)
+    torch.testing.assert_close(r.obs["observation.state"].reshape(2, 2), torch.tensor([[0.0, 0.0], [11.0, 10.0]]))
+    assert r.executed[0, 0].tolist() == [True, True, False]
+    torch.testing.assert_close(r.rewards[0], torch.tensor([1.0 + 0.9, 1.0 + 0.9 + 0.81]))
+    assert r.episode_returns == [2.0, 3.0, 2.0, 2.0, 3.0]  # the statistics count every step of an episode
+
+
 # ---- learning on the bandit --------------------------------------------------------------------------
 
 

@@ -180,6 +180,10 @@ class RLConfig:
     max_grad_norm: float = 0.5  # gradient-norm clip, applied to the actor and the critic separately (0 = off)
     reward_scale: float = 1.0  # rewards are multiplied by this for learning (logged returns stay raw)
     critic_warmup_iterations: int = 0  # first iterations train only the critic (for a BC-initialised actor)
+    # an env whose episode ends inside a macro-step plays the rest of it from a fresh chunk of its new
+    # episode (as deployed), not the old chunk's remaining actions (false: the behaviour before
+    # 2026-11-30, which cut Meta-World pick-place's rollout success from 34% to 11%; docs/rl.md)
+    fresh_chunk_after_reset: bool = True
     total_env_steps: int = 100_000  # stop after this many env steps (iterations = steps / (e * n * k))
     seed: int = 0  # seeds weights, env resets, flow noise/pairs, minibatch order
     # the robot these envs are, by its embodiment name, when the flow policy serves several (a mixed-arm
@@ -213,6 +217,8 @@ class RLConfig:
         _positive(self, "lr", "reward_scale", "adam_eps")
         _check(isinstance(self.embodiment, str), name, "embodiment", self.embodiment, "a str (an embodiment name, or '')")
         _check(isinstance(self.anneal_lr, bool), name, "anneal_lr", self.anneal_lr, "true or false")
+        _check(isinstance(self.fresh_chunk_after_reset, bool), name, "fresh_chunk_after_reset",
+               self.fresh_chunk_after_reset, "true or false")
         _positive_or_none(self, "desired_kl", "target_kl")
         _positive(self, "lr_min", "lr_max")
         _check(self.lr_min <= self.lr_max, name, "lr_min", self.lr_min, f"at most lr_max = {self.lr_max}")

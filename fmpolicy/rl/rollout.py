@@ -172,11 +172,20 @@ class RolloutCollector:
     travels with them, camera images are rounded to uint8. Per macro-step the actor's per-observation
     work (`actor.prepare`: the policy's encoder and prefix cache) runs once and serves the chunk, its old
     CFM losses and the critic.
+
+    An env whose episode ends inside a macro-step (same-step autoreset) plays the macro-step's remaining
+    steps from a fresh chunk the actor samples at its new episode's first observation
+    (`fresh_chunk_after_reset`, default), as a deployed policy starts every episode; those steps are not
+    stored for learning (their rewards still count in the episode statistics). With False it plays the
+    old chunk's remaining actions, which start the new episode with actions planned for another one
+    (Meta-World pick-place: success 34% -> 11% with the same policy; docs/rl.md, "Episodes that end inside a chunk").
     """
 
-    def __init__(self, envs, actor, critic, n_action_steps: int, gamma: float, device: torch.device):
+    def __init__(self, envs, actor, critic, n_action_steps: int, gamma: float, device: torch.device,
+                 fresh_chunk_after_reset: bool = True):
         self.envs, self.actor, self.critic = envs, actor, critic
         self.k, self.gamma, self.device = n_action_steps, gamma, torch.device(device)
+        self.fresh_chunk_after_reset = fresh_chunk_after_reset
         self.num_envs = envs.num_envs
         self.obs: dict[str, Any] | None = None
         self.running_return = torch.zeros(self.num_envs, device=self.device)
@@ -205,6 +214,15 @@ class RolloutCollector:
         inputs = self.actor.prepare(stored)
         return stored, inputs, self.critic(stored, self.actor.critic_features(inputs))
 
+    def _replan(self, plan: Tensor, obs: dict[str, Any], done: Tensor, j: int, generator) -> Tensor:
+        """`plan` with steps j.. of the `done` envs replaced by a fresh chunk sampled at `obs` (their new
+        episodes' first observations)."""
+        idx = torch.nonzero(done).squeeze(1)
+        fresh, _ = self.actor.act(self.actor.storable(observations.take(obs, idx)), generator)
+        plan = plan.clone()
+        plan[idx, j:] = fresh[:, :plan.shape[1] - j].to(plan.dtype)
+        return plan
+
     @torch.no_grad()
     def collect(self, num_macro_steps: int, generator: torch.Generator | None) -> Rollout:
         """Run n = `num_macro_steps` macro-steps in every env; returns the stacked `Rollout`."""
@@ -227,8 +245,9 @@ class RolloutCollector:
             steps_done = torch.full((e,), k, dtype=torch.long, device=self.device)  # j: steps until the episode ended
             final_obs = self.obs
             next_obs = self.obs
+            plan = chunk[:, :k]  # the actions each env plays in this macro-step
             for j in range(k):
-                env_obs, r, term, trunc, info = self.envs.step(chunk[:, j])
+                env_obs, r, term, trunc, info = self.envs.step(plan[:, j])
                 next_obs = observations.from_env(env_obs, info, self.device, uint8_images=True)
                 r, term, trunc = r.to(self.device).float(), term.to(self.device), trunc.to(self.device)
                 reward += active * (gamma**j) * r
@@ -249,6 +268,8 @@ class RolloutCollector:
                         ep_successes += torch.as_tensor(success, device=self.device)[done].float().tolist()
                 self.running_return = torch.where(done, 0.0, self.running_return)
                 active &= ~done
+                if self.fresh_chunk_after_reset and j < k - 1 and bool(done.any()):
+                    plan = self._replan(plan, next_obs, done, j + 1, generator)
             self.obs = next_obs
             executed = torch.arange(chunk.shape[1], device=self.device)[None, :] < steps_done[:, None]  # (e, h)
             # V(reached obs) with the exact discount of a truncation after j steps (see the module doc);

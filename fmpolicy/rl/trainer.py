@@ -319,7 +319,7 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
     if env_action_dim != action_width:
         raise ConfigError(f"{where}action_dim = {action_width} does not match {config.env.id}'s "
                           f"action space {envs.single_action_space.shape}")
-    collector = RolloutCollector(envs, actor, critic, k, rc.gamma, device)
+    collector = RolloutCollector(envs, actor, critic, k, rc.gamma, device, rc.fresh_chunk_after_reset)
     rollout_gen = torch.Generator(device=device).manual_seed(rank_seed + 1)  # flow noise, pairs, Gaussian samples
     minibatch_gen = torch.Generator().manual_seed(rc.seed + 2)  # minibatch order
     batch_size = rc.num_envs * rc.num_macro_steps  # chunks per rollout (of this process)
