@@ -240,6 +240,48 @@ def test_an_episode_ending_inside_a_chunk_starts_the_next_from_a_fresh_chunk(fre
     assert r.episode_returns == [2.0, 3.0, 2.0, 2.0, 3.0]  # the statistics count every step of an episode
 
 
+def test_summing_the_cfm_loss_over_chunk_steps_scales_each_log_ratio_by_the_steps_counted(tmp_path):
+    # FPO++'s reduction (fpo.loss_reduction = "sum_steps"): each step's mean over its action entries,
+    # summed over the chunk's steps; with mask_unexecuted over the executed steps only. In float64: the
+    # claims are exact up to rounding
+    from fmpolicy.config import PolicyConfig
+    from fmpolicy.policy import FlowPolicy
+    from fmpolicy.rl.config import FPOConfig
+    from tests.helpers import in_float64, randomized
+
+    h = 4
+    pc = config_from_dict(PolicyConfig, {
+        "state_dim": 3, "action_dim": 2, "chunk_size": h, "n_action_steps": 2,
+        "expert": {"kind": "mlp", "width": 32, "depth": 2, "max_state_dim": 3, "max_action_dim": 2},
+        "normalization": {"state": "identity", "action": "identity"}})
+    policy = in_float64(randomized(FlowPolicy(pc), seed=3, scale=0.2))
+    g = torch.Generator().manual_seed(0)
+    obs = {"observation.state": torch.randn(6, 3, generator=g, dtype=torch.float64)}
+    executed = torch.tensor([[True, True, False, False]] * 3 + [[True, False, False, False]] * 3)
+    actors = {(red, mask): FlowActor(policy, FPOConfig(num_pairs=5, ratio_mode="per_pair", loss_reduction=red,
+                                                       mask_unexecuted=mask))
+              for red in ("mean", "sum_steps") for mask in (False, True)}
+    chunk = torch.randn(6, h, 2, generator=g, dtype=torch.float64)  # any chunk: the claims hold for every one
+    stores = {key: {**dict(zip(("t", "noise"), (x.double() for x in a.sample_pairs(6, torch.Generator().manual_seed(2)))))}
+              for key, a in actors.items()}
+    for key, a in actors.items():
+        stores[key]["loss_old"] = a._losses(obs, chunk, stores[key]["t"], stores[key]["noise"], None)
+    ratios = {key: a.log_ratio(obs, chunk, stores[key], executed=executed)[0] for key, a in actors.items()}
+    for r in ratios.values():  # before any update: exactly 1
+        torch.testing.assert_close(r, torch.zeros_like(r), atol=1e-12, rtol=0)
+    with torch.no_grad():  # move the weights
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    ratios = {key: a.log_ratio(obs, chunk, stores[key], executed=executed)[0] for key, a in actors.items()}
+    assert ratios["mean", False].abs().min() > 1e-6  # the weights moved every pair's loss
+    torch.testing.assert_close(ratios["sum_steps", False], h * ratios["mean", False])
+    steps = executed.sum(1, keepdim=True).double()  # (6, 1): 2 or 1 executed steps
+    torch.testing.assert_close(ratios["sum_steps", True], steps * ratios["mean", True])
+    assert not torch.allclose(ratios["mean", True], ratios["mean", False])  # the mask changes which steps count
+    with pytest.raises(ConfigError, match="loss_reduction"):
+        FPOConfig(loss_reduction="sum")
+
+
 # ---- learning on the bandit --------------------------------------------------------------------------
 
 

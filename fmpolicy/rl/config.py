@@ -28,6 +28,7 @@ from fmpolicy.config import (  # noqa: F401
 
 POLICY_TYPES = ("flow", "gaussian")
 RATIO_MODES = ("mean", "per_pair")
+LOSS_REDUCTIONS = ("mean", "sum_steps")  # FPOConfig.loss_reduction
 FPO_TIME_SAMPLINGS = ("uniform", "policy")
 SQUASHES = ("tanh", "clip")
 SURROGATES = ("clip", "aspo")
@@ -49,6 +50,12 @@ class FPOConfig:
 
     num_pairs: int = 8  # m: (t, noise) pairs drawn per action at rollout time, reused by every update
     ratio_mode: str = "mean"  # "mean": one ratio exp(mean_i(l_old_i - l_new_i)) per action; "per_pair"
+    # one pair's CFM loss l_i from the chunk's squared errors: "mean" over all its entries (the imitation
+    # loss), or "sum_steps": each step's mean over its action entries, summed over the chunk's steps (the
+    # executed ones with mask_unexecuted), as FPO++'s code (fpo-control, chunk-level PPO). The sum makes
+    # the log ratio h times larger for a chunk of h steps, so the same clip is h times tighter (FPO++'s
+    # manipulation clips 0.01-0.03 on chunks of 16: about 0.001-0.002 on the mean; docs/rl.md)
+    loss_reduction: str = "mean"
     clamp_old: float | None = None  # cap on the per-pair CFM losses (old and new), null = off
     clamp_log_ratio: float | None = None  # bound on |log_ratio| before exp (straight-through), null = off
     clamp_pair_log_ratio: float | None = None  # bound on each pair's l_old_i - l_new_i before the mean, null = off
@@ -73,6 +80,7 @@ class FPOConfig:
         _check(isinstance(self.mask_unexecuted, bool), type(self).__name__, "mask_unexecuted", self.mask_unexecuted,
                "true or false")
         _choice(self, "ratio_mode", RATIO_MODES)
+        _choice(self, "loss_reduction", LOSS_REDUCTIONS)
         _choice(self, "time_sampling", FPO_TIME_SAMPLINGS)
         _positive_or_none(self, "clamp_old", "clamp_log_ratio", "clamp_pair_log_ratio")
         _non_negative(self, "ref_coef", "action_noise_std")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fmpolicy.rl.config import LOSS_REDUCTIONS
 from fmpolicy.run.distributed import DistInfo, global_mean_std
 
 
@@ -27,15 +28,20 @@ def hard_clamp(x: Tensor, lo: float | None, hi: float | None) -> Tensor:
     return x.clamp(lo, hi)
 
 
-def executed_step_mean(per_step: Tensor, executed: Tensor | None) -> Tensor:
-    """Per-pair CFM losses (b, m) from per-step ones (b, m, h): the mean over the steps `executed`
-    (b, h) bool marks (all of them when None). Each step's loss is already the mean over its action
-    entries, which every step has the same number of, so this equals the masked mean over the
-    executed entries. A chunk with no executed step (impossible in a rollout) gets 0."""
+def executed_step_mean(per_step: Tensor, executed: Tensor | None, reduction: str = "mean") -> Tensor:
+    """Per-pair CFM losses (b, m) from per-step ones (b, m, h): the mean (`reduction` "mean") or the
+    sum ("sum_steps") over the steps `executed` (b, h) bool marks (all of them when None). Each step's
+    loss is already the mean over its action entries, which every step has the same number of, so the
+    mean equals the masked mean over the executed entries. A chunk with no executed step (impossible
+    in a rollout) gets 0."""
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"CFM loss reduction {reduction!r} is unknown: expected one of {list(LOSS_REDUCTIONS)}")
     if executed is None:
-        return per_step.mean(-1)
-    w = executed.to(per_step.dtype)[:, None, :]  # (b, 1, h)
+        return per_step.mean(-1) if reduction == "mean" else per_step.sum(-1)
     masked = torch.where(executed[:, None, :], per_step, torch.zeros((), dtype=per_step.dtype, device=per_step.device))
+    if reduction == "sum_steps":
+        return masked.sum(-1)
+    w = executed.to(per_step.dtype)[:, None, :]  # (b, 1, h)
     return masked.sum(-1) / w.sum(-1).clamp_min(1.0)
 
 
