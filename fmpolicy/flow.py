@@ -118,29 +118,43 @@ def make_valid_mask(action_is_pad: Tensor | None, batch_size: int, chunk_size: i
     return mask
 
 
-def compute_masked_mse(v_pred: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
+def squared_error(diff: Tensor, huber_delta: float | None = None) -> Tensor:
+    """diff^2 entrywise, or with `huber_delta` d the Huber error that equals it for |diff| <= d and grows
+    linearly beyond (2 d |diff| - d^2: value and slope continuous; FPO++'s CFM loss, which keeps
+    torch.nn.functional.huber_loss's 0.5 out so that it matches the squared error below d)."""
+    if huber_delta is None:
+        return diff.pow(2)
+    a = diff.abs()
+    return torch.where(a <= huber_delta, diff.pow(2), 2.0 * huber_delta * a - huber_delta**2)
+
+
+def compute_masked_mse(v_pred: Tensor, target: Tensor, valid: Tensor | None = None,
+                       huber_delta: float | None = None) -> Tensor:
     """Per-sample mean squared error over valid entries. (b, ...) x2, mask (b, ...) -> (b,)
+    (`huber_delta`: the mean Huber error, `squared_error`).
 
     A sample with no valid entry gets 0 (and no gradient), never NaN. Masked entries may hold anything,
     NaN and inf included: the loss stays finite and their gradient is exactly 0.
     """
     if valid is None:
-        return (v_pred - target).pow(2).flatten(1).mean(1)
+        return squared_error(v_pred - target, huber_delta).flatten(1).mean(1)
     # select with `where` before squaring, not multiply by the mask after: 0 * NaN is NaN, and a NaN
     # squared before the mask would send 0 * NaN back to v_pred's gradient. `where` passes a masked
     # entry exactly 0 forward and exactly 0 back.
     valid = valid.bool()
     diff = torch.where(valid, v_pred - target, torch.zeros((), dtype=v_pred.dtype, device=v_pred.device))
-    total = diff.pow(2).flatten(1).sum(1)
+    total = squared_error(diff, huber_delta).flatten(1).sum(1)
     count = valid.flatten(1).sum(1).to(total.dtype)
     return total / count.clamp_min(1.0)
 
 
-def compute_cfm_loss(v_pred: Tensor, action: Tensor, noise: Tensor, valid: Tensor | None = None) -> Tensor:
-    """CFM loss per sample: masked mean of `|v_pred - (action - noise)|^2`. -> (b,)
+def compute_cfm_loss(v_pred: Tensor, action: Tensor, noise: Tensor, valid: Tensor | None = None,
+                     huber_delta: float | None = None) -> Tensor:
+    """CFM loss per sample: masked mean of `|v_pred - (action - noise)|^2` (or its Huber error,
+    `huber_delta`). -> (b,)
 
     v_pred, action, noise: (b, h, a); valid: (b, h, a) bool or None.
     `v_pred` is the network's velocity at `interpolate(action, noise, t)`; the caller ran the network.
     For FPO's per-(sample, t, noise) values, fold the m pairs into the batch axis: (b*m, h, a) -> (b*m,).
     """
-    return compute_masked_mse(v_pred, target_velocity(action, noise), valid)
+    return compute_masked_mse(v_pred, target_velocity(action, noise), valid, huber_delta)

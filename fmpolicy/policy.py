@@ -305,7 +305,7 @@ class FlowPolicy(nn.Module):
 
     def compute_cfm_losses(self, obs: Mapping[str, Any], action: Tensor, t: Tensor, noise: Tensor,
                            action_is_pad: Tensor | None = None, cache: ExpertCache | None = None,
-                           per_step: bool = False) -> Tensor:
+                           per_step: bool = False, huber_delta: float | None = None) -> Tensor:
         """CFM loss for each of m explicit (t, noise) pairs per sample, as FPO needs. -> (b, m)
         (`per_step`: (b, m, h), the loss of each chunk step apart, 0 at padded steps: FPO masks the
         steps a rollout did not execute after the fact)
@@ -316,7 +316,7 @@ class FlowPolicy(nn.Module):
         steps that count in no loss (FPO: the chunk steps never executed). The observation is encoded
         once and shared by the m pairs (`cache`: that encoding, when the caller has it). The action is
         not checked for NaN (a diverging RL run reports its non-finite losses itself); padded steps may
-        hold anything.
+        hold anything. `huber_delta`: the Huber error instead of the squared error (`flow.squared_error`).
         """
         keys.check_tensor(t, "t", (None, None), "b m", self.dtype)
         cache = self.encode(obs) if cache is None else cache
@@ -336,9 +336,9 @@ class FlowPolicy(nn.Module):
         cache = cache.repeat_interleave(m)
         v = self._velocity(interpolate(target, noise, t), t, cache, cache.action_valid)
         if per_step:  # every step's own masked mean over its action entries
-            return compute_cfm_loss(v.flatten(0, 1)[:, None], target.flatten(0, 1)[:, None],
-                                    noise.flatten(0, 1)[:, None], valid.flatten(0, 1)[:, None]).reshape(b, m, h)
-        return compute_cfm_loss(v, target, noise, valid).reshape(b, m)
+            return compute_cfm_loss(v.flatten(0, 1)[:, None], target.flatten(0, 1)[:, None], noise.flatten(0, 1)[:, None],
+                                    valid.flatten(0, 1)[:, None], huber_delta).reshape(b, m, h)
+        return compute_cfm_loss(v, target, noise, valid, huber_delta).reshape(b, m)
 
     def _regress(self, cache: ExpertCache) -> Tensor:
         """Regression head: one pass at x = 0, t = 0 gives the normalized chunk directly."""

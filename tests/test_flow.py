@@ -44,6 +44,24 @@ def test_loss_equals_hand_computation():
     assert compute_cfm_loss(v, action, noise).item() == pytest.approx(full)
 
 
+def test_the_huber_cfm_loss_is_the_squared_error_below_delta_and_linear_beyond():
+    # FPO++'s Huber error (fpo.huber_delta): e^2 for |e| <= d, 2 d |e| - d^2 beyond; one sample, 4 entries,
+    # the last one masked
+    action, noise = torch.zeros(1, 2, 2), torch.zeros(1, 2, 2)
+    v = torch.tensor([[[0.3, -0.5], [-2.0, 9.0]]], requires_grad=True)
+    valid = torch.tensor([[[True, True], [True, False]]])
+    d = 0.5
+    expected = (0.3**2 + 0.5**2 + (2 * d * 2.0 - d**2)) / 3
+    loss = compute_cfm_loss(v, action, noise, valid, huber_delta=d)
+    assert loss.item() == pytest.approx(expected)
+    (grad,) = torch.autograd.grad(loss.sum(), v)
+    # slope 2e inside, 2d sign(e) outside (the far entry pulls no harder than one at the threshold); masked: 0
+    torch.testing.assert_close(grad, torch.tensor([[[0.6, -1.0], [-1.0, 0.0]]]) / 3)
+    # a delta above every error gives the squared error exactly
+    torch.testing.assert_close(compute_cfm_loss(v, action, noise, valid, huber_delta=100.0),
+                               compute_cfm_loss(v, action, noise, valid))
+
+
 def test_masked_entries_change_neither_loss_nor_gradient():
     g = torch.Generator().manual_seed(1)
     b, h, a, amax = 4, 5, 3, 6

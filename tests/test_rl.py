@@ -261,6 +261,9 @@ def test_summing_the_cfm_loss_over_chunk_steps_scales_each_log_ratio_by_the_step
     actors = {(red, mask): FlowActor(policy, FPOConfig(num_pairs=5, ratio_mode="per_pair", loss_reduction=red,
                                                        mask_unexecuted=mask))
               for red in ("mean", "sum_steps") for mask in (False, True)}
+    for delta in (1e6, 0.05):  # FPO++'s Huber error in the pairs' losses (fpo.huber_delta)
+        actors["sum_steps", delta] = FlowActor(policy, FPOConfig(num_pairs=5, ratio_mode="per_pair",
+                                                                 loss_reduction="sum_steps", huber_delta=delta))
     chunk = torch.randn(6, h, 2, generator=g, dtype=torch.float64)  # any chunk: the claims hold for every one
     stores = {key: {**dict(zip(("t", "noise"), (x.double() for x in a.sample_pairs(6, torch.Generator().manual_seed(2)))))}
               for key, a in actors.items()}
@@ -278,6 +281,9 @@ def test_summing_the_cfm_loss_over_chunk_steps_scales_each_log_ratio_by_the_step
     steps = executed.sum(1, keepdim=True).double()  # (6, 1): 2 or 1 executed steps
     torch.testing.assert_close(ratios["sum_steps", True], steps * ratios["mean", True])
     assert not torch.allclose(ratios["mean", True], ratios["mean", False])  # the mask changes which steps count
+    # a Huber delta above every error gives the squared error's ratios; a small one others
+    torch.testing.assert_close(ratios["sum_steps", 1e6], ratios["sum_steps", False])
+    assert (ratios["sum_steps", 0.05] - ratios["sum_steps", False]).abs().max() > 1e-3
     with pytest.raises(ConfigError, match="loss_reduction"):
         FPOConfig(loss_reduction="sum")
 

@@ -140,7 +140,8 @@ class FlowActor(nn.Module):
     def _losses(self, obs: Mapping[str, Any], chunk: Tensor, t: Tensor, noise: Tensor,
                 inputs: ExpertCache | None) -> Tensor:
         """CFM losses at the pairs: per step (b, m, h) when unexecuted steps are masked, else (b, m)."""
-        return self.policy.compute_cfm_losses(obs, chunk, t, noise, cache=inputs, per_step=self._per_step)
+        return self.policy.compute_cfm_losses(obs, chunk, t, noise, cache=inputs, per_step=self._per_step,
+                                              huber_delta=self.fpo.huber_delta)
 
     @property
     def _per_step(self) -> bool:

@@ -56,6 +56,10 @@ class FPOConfig:
     # the log ratio h times larger for a chunk of h steps, so the same clip is h times tighter (FPO++'s
     # manipulation clips 0.01-0.03 on chunks of 16: about 0.001-0.002 on the mean; docs/rl.md)
     loss_reduction: str = "mean"
+    # the Huber error with this delta instead of the squared error in the pairs' CFM losses (equal below
+    # delta, linear beyond: a far-off chunk entry moves the ratio less), as FPO++'s manipulation runs
+    # (delta 0.1-1 in normalized action units); null = the squared error, as imitation trains
+    huber_delta: float | None = None
     clamp_old: float | None = None  # cap on the per-pair CFM losses (old and new), null = off
     clamp_log_ratio: float | None = None  # bound on |log_ratio| before exp (straight-through), null = off
     clamp_pair_log_ratio: float | None = None  # bound on each pair's l_old_i - l_new_i before the mean, null = off
@@ -82,7 +86,7 @@ class FPOConfig:
         _choice(self, "ratio_mode", RATIO_MODES)
         _choice(self, "loss_reduction", LOSS_REDUCTIONS)
         _choice(self, "time_sampling", FPO_TIME_SAMPLINGS)
-        _positive_or_none(self, "clamp_old", "clamp_log_ratio", "clamp_pair_log_ratio")
+        _positive_or_none(self, "clamp_old", "clamp_log_ratio", "clamp_pair_log_ratio", "huber_delta")
         _non_negative(self, "ref_coef", "action_noise_std")
 
 
