@@ -52,6 +52,18 @@ def test_fpo_ratio_is_exactly_one_when_the_policy_has_not_moved():
         assert torch.equal(log_ratio.exp().detach(), torch.ones_like(log_ratio))
 
 
+def test_a_pair_above_the_old_loss_cap_gets_no_gradient_the_clip_could_not_stop():
+    # per-pair ratios; pair 0 below the cap of 2, pair 1 above it (old 5, new 6: its ratio reads 1)
+    old = torch.tensor([[1.0, 5.0]])
+    new = torch.tensor([[1.0, 6.0]], requires_grad=True)
+    log_ratio = compute_fpo_log_ratio(old, new, mode="per_pair", clamp_old=2.0)
+    assert torch.equal(log_ratio.detach(), torch.tensor([[0.0, 0.0]]))
+    # a negative advantage on both: PPO's surrogate would push both losses up; the capped pair's ratio
+    # never leaves the clip range, so only a zero gradient keeps its loss from growing without bound
+    compute_clipped_surrogate(log_ratio.exp(), torch.tensor([[-1.0, -1.0]]), 0.05).sum().backward()
+    assert new.grad[0, 0] != 0 and new.grad[0, 1] == 0
+
+
 def test_fpo_ratio_rises_where_the_new_loss_falls():
     old = torch.tensor([[1.0, 2.0], [1.0, 1.0]])
     new = torch.tensor([[0.5, 1.5], [1.2, 1.4]], requires_grad=True)

@@ -60,7 +60,7 @@ class FPOConfig:
     # delta, linear beyond: a far-off chunk entry moves the ratio less), as FPO++'s manipulation runs
     # (delta 0.1-1 in normalized action units); null = the squared error, as imitation trains
     huber_delta: float | None = None
-    clamp_old: float | None = None  # cap on the per-pair CFM losses (old and new), null = off
+    clamp_old: float | None = None  # cap on the per-pair CFM losses (old and new; no gradient above it), null = off
     clamp_log_ratio: float | None = None  # bound on |log_ratio| before exp (straight-through), null = off
     clamp_pair_log_ratio: float | None = None  # bound on each pair's l_old_i - l_new_i before the mean, null = off
     hard_clamps: bool = False  # the two log-ratio clamps zero the gradient outside their bounds (torch.clamp, as

@@ -59,7 +59,11 @@ def compute_fpo_log_ratio(
     mode "mean": log_ratio = mean_i(l_old_i - l_new_i), one ratio per action (the default);
     "per_pair": one ratio per (t, noise) pair. `clamp_old` caps the per-pair losses (a rare huge old
     loss would otherwise make one ratio explode); the same cap applies to the new losses, so that an
-    unchanged policy still has a ratio of exactly 1. `clamp_pair_log_ratio` bounds each pair's
+    unchanged policy still has a ratio of exactly 1, and it is a hard cap there (no gradient above it):
+    passed straight through, a pair whose old and new losses are both above the cap would read a ratio
+    of exactly 1 whatever its loss did, so the PPO clip would never stop it, and a negative advantage
+    would raise its loss without bound (measured: the image + instruction policy's CFM losses grew from
+    3 to 3,800 and its success fell to 0; docs/rl.md). `clamp_pair_log_ratio` bounds each pair's
     difference l_old_i - l_new_i (before the mean), `clamp_log_ratio` bounds |log_ratio| before exp.
     These clamps are straight-through (they bound values and keep the gradient) unless `hard_clamps`:
     then they are torch.clamp, with a zero gradient outside the bounds. The FPO paper's GridWorld code
@@ -67,7 +71,7 @@ def compute_fpo_log_ratio(
     """
     if clamp_old is not None:
         loss_old = loss_old.clamp(max=clamp_old)
-        loss_new = straight_through_clamp(loss_new, None, clamp_old)
+        loss_new = hard_clamp(loss_new, None, clamp_old)
     diff = loss_old.detach() - loss_new
     clamp = hard_clamp if hard_clamps else straight_through_clamp
     if clamp_pair_log_ratio is not None:
