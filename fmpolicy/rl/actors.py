@@ -58,7 +58,7 @@ from fmpolicy.io import atomic_directory
 from fmpolicy.policy import FlowPolicy
 from fmpolicy.rl.config import FPOConfig, GaussianConfig
 from fmpolicy.model import ExpertCache
-from fmpolicy.rl.objectives import compute_fpo_log_ratio, executed_step_mean
+from fmpolicy.rl.objectives import compute_fpo_log_ratio, reduce_chunk_steps
 from fmpolicy.sampling import integrate_divergence, sample_noise
 
 
@@ -151,7 +151,7 @@ class FlowActor(nn.Module):
     def _per_pair(self, losses: Tensor, executed: Tensor | None) -> Tensor:
         if not self._per_step:
             return losses
-        return executed_step_mean(losses, executed if self.fpo.mask_unexecuted else None, self.fpo.loss_reduction)
+        return reduce_chunk_steps(losses, executed if self.fpo.mask_unexecuted else None, self.fpo.loss_reduction)
 
     @torch.no_grad()
     def act(self, obs: Mapping[str, Any], generator: torch.Generator | None = None,

@@ -28,7 +28,7 @@ def hard_clamp(x: Tensor, lo: float | None, hi: float | None) -> Tensor:
     return x.clamp(lo, hi)
 
 
-def executed_step_mean(per_step: Tensor, executed: Tensor | None, reduction: str = "mean") -> Tensor:
+def reduce_chunk_steps(per_step: Tensor, executed: Tensor | None, reduction: str = "mean") -> Tensor:
     """Per-pair CFM losses (b, m) from per-step ones (b, m, h): the mean (`reduction` "mean") or the
     sum ("sum_steps") over the steps `executed` (b, h) bool marks (all of them when None). Each step's
     loss is already the mean over its action entries, which every step has the same number of, so the
