@@ -4,6 +4,7 @@ collector, learning on the two-optima bandit, resume, the tanh log-prob, config 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import gymnasium as gym
@@ -523,6 +524,37 @@ def test_init_from_an_imitation_checkpoint_with_a_critic_only_warmup(tmp_path):
     warm = train_rl(config2)  # warm-up only: the actor is exactly the imitation policy
     for a, b in zip(before, warm.actor.parameters()):
         assert torch.equal(a, b)
+
+
+def test_the_policy_of_the_best_evaluation_is_kept(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import fmpolicy.rl.trainer as trainer
+
+    # scripted zero-noise evaluations (success, return) at iterations 0-6: the best is iteration 3, the
+    # first of two equal successes, whose return is the lower one: success decides before return
+    script = iter([(0.1, 5.0), (0.3, 1.0), (0.3, 2.0), (0.5, 1.0), (0.5, 0.5), (0.4, 9.0), (0.1, 9.0)])
+
+    def fake_evaluate(actor, envs, n_action_steps, zero_noise, seed, generator=None):
+        success, ret = next(script) if zero_noise else (0.0, 0.0)
+        return {"return": ret, "success": success, "length": 1.0}
+
+    monkeypatch.setattr(trainer, "evaluate_actor", fake_evaluate)
+    config = bandit_config(tmp_path, total_env_steps=128 * 6, eval_every=1, save_every=1, keep_checkpoints=10)
+    train_rl(config)
+    out = tmp_path / "run"
+    assert json.loads((out / "best_policy.json").read_text()) == {"iteration": 3, "eval_success": 0.5, "eval_return": 1.0}
+    # the weights are that iteration's (its checkpoint's policy), not the last iteration's
+    kept = load_file(str(out / "best_policy" / "model.safetensors"))
+    at_3 = load_file(str(out / "checkpoints" / "step_00000003" / "policy" / "model.safetensors"))
+    final = load_file(str(out / "policy" / "model.safetensors"))
+    assert kept.keys() == at_3.keys() and all(torch.equal(kept[k], at_3[k]) for k in kept)
+    assert any(not torch.equal(kept[k], final[k]) for k in kept)
+    # off: nothing written
+    script = iter([(0.1, 5.0), (0.3, 1.0)])
+    off = dataclasses.replace(config.rl, keep_best=False, out_dir=str(tmp_path / "off"), total_env_steps=128)
+    train_rl(dataclasses.replace(config, rl=off))
+    assert not (tmp_path / "off" / "best_policy").exists() and not (tmp_path / "off" / "best_policy.json").exists()
 
 
 def test_states_far_outside_the_imitation_data_are_logged_and_warned_once(tmp_path, capsys):

@@ -209,6 +209,12 @@ class RLConfig:
     progress: bool = True  # show a progress bar
     eval_every: int = 0  # iterations between evaluations (and one before the first update); 0 = off
     eval_episodes: int = 64  # one episode in each of this many fresh envs, same start states every time
+    # with evaluations on: save the policy of the best zero-noise evaluation so far (by its success rate, then
+    # its return; the start's included) to <out_dir>/best_policy, and its iteration and figures to
+    # <out_dir>/best_policy.json. FPO can lose a policy's gains later in a run
+    # (Meta-World reach collapsed after every rollout succeeded, docs/benchmarks/metaworld.md); FPO++ keeps
+    # its best checkpoint by the zero-noise evaluation too
+    keep_best: bool = True
     fpo: FPOConfig = field(default_factory=FPOConfig)
     gaussian: GaussianConfig = field(default_factory=GaussianConfig)
     value: ValueConfig = field(default_factory=ValueConfig)
@@ -231,6 +237,7 @@ class RLConfig:
         _check(isinstance(self.anneal_lr, bool), name, "anneal_lr", self.anneal_lr, "true or false")
         _check(isinstance(self.fresh_chunk_after_reset, bool), name, "fresh_chunk_after_reset",
                self.fresh_chunk_after_reset, "true or false")
+        _check(isinstance(self.keep_best, bool), name, "keep_best", self.keep_best, "true or false")
         _positive_or_none(self, "desired_kl", "target_kl")
         _positive(self, "lr_min", "lr_max")
         _check(self.lr_min <= self.lr_max, name, "lr_min", self.lr_min, f"at most lr_max = {self.lr_max}")

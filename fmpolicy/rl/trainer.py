@@ -37,7 +37,7 @@ from torch import nn
 from fmpolicy.batch import STATE
 from fmpolicy.config import config_from_dict, config_to_dict, saved_run_dict
 from fmpolicy.errors import ConfigError
-from fmpolicy.io import atomic_write
+from fmpolicy.io import atomic_write, atomic_write_json
 from fmpolicy.policy import FlowPolicy
 from fmpolicy.rl import observations
 from fmpolicy.rl.actors import FlowActor, GaussianActor
@@ -57,7 +57,7 @@ RATIO_CHECK_TOL = 1e-6  # the least deviation of the first ratio from 1 that sto
 # config fields a resumed run may change: none of them changes the trained weights (everything else
 # must match the checkpoint's config). The run's length may change too when the lr is not annealed
 # over it (then the first iterations are the same whatever the length).
-RESUMABLE_CHANGES = ("rl.progress", "rl.save_every", "rl.log_every", "rl.keep_checkpoints", "rl.out_dir",
+RESUMABLE_CHANGES = ("rl.progress", "rl.save_every", "rl.log_every", "rl.keep_checkpoints", "rl.out_dir", "rl.keep_best",
                      "rl.device", "policy.device", "rl.eval_every", "rl.eval_episodes")
 EVAL_SEED_OFFSET = 10_000  # evaluation envs start from seed + this: states the rollouts' seeds do not give
 # |normalized state| beyond this in a rollout: warned once a run. Meta-World (docs/benchmarks/metaworld.md):
@@ -384,6 +384,20 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
                  "rng": rng_state(), "ranks": ranks, "history": history}
         run.save_checkpoint(iteration, actor, state)
 
+    # the best zero-noise evaluation so far (a resumed run recomputes it from its history)
+    best_score = max((s for s in map(_eval_score, history) if s is not None), default=None)
+
+    def keep_if_best(record: dict[str, Any]) -> None:
+        nonlocal best_score
+        score = _eval_score(record)
+        if not rc.keep_best or score is None or (best_score is not None and score <= best_score):
+            return
+        best_score = score
+        actor.save_pretrained(out / "best_policy")
+        atomic_write_json(out / "best_policy.json", {"iteration": record["iteration"],
+                                                     "eval_success": record.get("eval_success"),
+                                                     "eval_return": record["eval_return"]})
+
     # ---- the loop ----
     run_start = time.perf_counter()
     elapsed_before = history[-1].get("elapsed_s", 0.0) if history else 0.0  # a resumed run counts on
@@ -391,6 +405,7 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
     if eval_envs is not None and start == 0:
         history.append({"iteration": 0, "env_steps": 0, **evaluate(), "elapsed_s": elapsed()})
         logger.log(0, history[-1])
+        keep_if_best(history[-1])
     iterations = progress(range(start, num_iterations), rc.progress, "rl")
     warned_far_states = False
     for iteration in iterations:
@@ -454,6 +469,7 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
         if hasattr(envs, "action_stats"):  # env-specific diagnostics of the executed actions (the bandit's modes)
             record.update(envs.action_stats(b_chunks[:, 0], b_obs[STATE]))
         history.append(record)
+        keep_if_best(record)
         if done % rc.log_every == 0 or done == num_iterations:
             logger.log(done, record)
         if hasattr(iterations, "set_postfix"):
@@ -467,6 +483,15 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
         plot_learning_curve(history, out / "learning_curve.png", title=f"{rc.policy_type} on {config.env.id}")
     return RLResult(actor=actor, critic=critic, history=history)
 
+
+
+def _eval_score(record: dict[str, Any]) -> tuple[float, float] | None:
+    """A log record's zero-noise evaluation as (success rate, return), compared in that order (a missing
+    success counts as -inf), None without an evaluation."""
+    if record.get("eval_return") is None:
+        return None
+    success = record.get("eval_success")
+    return (-math.inf if success is None else float(success), float(record["eval_return"]))
 
 
 def _warn_far_states(z: torch.Tensor, iteration: int) -> bool:
