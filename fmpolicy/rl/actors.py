@@ -140,24 +140,21 @@ class FlowActor(nn.Module):
     def _losses(self, obs: Mapping[str, Any], chunk: Tensor, t: Tensor, noise: Tensor,
                 inputs: ExpertCache | None) -> Tensor:
         """CFM losses at the pairs: per step (b, m, h) when unexecuted steps are masked, else (b, m)."""
-        return self.policy.compute_cfm_losses(obs, chunk, t, noise, cache=inputs, per_step=self._per_step,
+        return self.policy.compute_cfm_losses(obs, chunk, t, noise, cache=inputs, per_step=self.fpo.mask_unexecuted,
                                               huber_delta=self.fpo.huber_delta)
 
-    @property
-    def _per_step(self) -> bool:
-        """Whether the stored and new CFM losses are kept per chunk step (b, m, h) and reduced later."""
-        return self.fpo.mask_unexecuted or self.fpo.loss_reduction != "mean"
-
     def _per_pair(self, losses: Tensor, executed: Tensor | None) -> Tensor:
-        if not self._per_step:
-            return losses
-        return reduce_chunk_steps(losses, executed if self.fpo.mask_unexecuted else None, self.fpo.loss_reduction)
+        if self.fpo.mask_unexecuted:
+            return reduce_chunk_steps(losses, executed, self.fpo.loss_reduction)
+        # every step has the same valid entries, so the sum of the steps' means is h x the chunk's mean:
+        # no per-step losses to store for "sum_steps" unless steps are masked
+        return losses * self.policy.config.chunk_size if self.fpo.loss_reduction == "sum_steps" else losses
 
     @torch.no_grad()
     def act(self, obs: Mapping[str, Any], generator: torch.Generator | None = None,
             inputs: ExpertCache | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Sample chunks (b, h, a) and the store {"t" (b, m), "noise" (b, m, h, a), "loss_old" (b, m) or,
-        with `fpo.mask_unexecuted` or `fpo.loss_reduction` "sum_steps", (b, m, h) per step}. `inputs`: `prepare(obs)`, when the caller has it
+        with `fpo.mask_unexecuted`, (b, m, h) per step}. `inputs`: `prepare(obs)`, when the caller has it
         (the observation is then encoded once for the chunk and its old losses)."""
         b = obs[STATE].shape[0]
         inputs = self.prepare(obs) if inputs is None else inputs
