@@ -333,7 +333,7 @@ class FlowPolicy(nn.Module):
         valid = self._valid_mask(is_pad, cache)
         target = _zero_non_finite_padding(self.pad_action(action, cache.embodiment), valid)
         target, valid = target.repeat_interleave(m, 0), valid.repeat_interleave(m, 0)  # (b*m, h, A)
-        cache = cache.repeat_interleave(m)
+        cache = cache.repeat_interleave(m, share_prefix=True)
         v = self._velocity(interpolate(target, noise, t), t, cache, cache.action_valid)
         if per_step:  # every step's own masked mean over its action entries
             return compute_cfm_loss(v.flatten(0, 1)[:, None], target.flatten(0, 1)[:, None], noise.flatten(0, 1)[:, None],

@@ -63,6 +63,55 @@ def test_cache_repeat_matches_repeated_inputs(net):
         torch.testing.assert_close(net.velocity(xs, ts, cache, av), repeated)
 
 
+def test_a_shared_prefix_gives_what_its_copies_give_forward_and_backward(net):
+    # FPO's update: the m pairs of an observation attend to one copy of its prefix keys/values
+    # (`share_prefix`, transformer.shared_prefix_attention) instead of m copies; same values and gradients
+    net, x_t, t, state, prefix, mask, sv, av = in_float64(net, *make_inputs())
+    m, b = 4, x_t.shape[0]
+    xs, ts = x_t.repeat_interleave(m, 0) * torch.linspace(0.5, 1.5, m * b)[:, None, None].double(), t.repeat_interleave(m, 0)
+    results = {}
+    for share in (False, True):
+        net.zero_grad()
+        cache = net.encode(state, sv, prefix, mask).repeat_interleave(m, share_prefix=share)
+        if share and cache.prefix_kv is not None:
+            assert cache.prefix_kv[0][0].shape[0] == b and cache.attn_mask.shape[0] == b  # not copied
+        v = net.velocity(xs, ts, cache, av)
+        (v * torch.cos(v)).sum().backward()
+        results[share] = (v.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(results[True][0], results[False][0])
+    assert results[True][1].keys() == results[False][1].keys()
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, msg=name)
+    if isinstance(net, ActionExpert):  # the prefix reaches the output: the comparison is not vacuous
+        assert results[True][1]["blocks.0.prefix_kv.weight"].abs().max() > 1e-3
+
+
+def test_shared_prefix_attention_keeps_each_samples_own_suffix_and_mask():
+    # the g samples of a group see their own suffix tokens, never each other's; masked prefix keys stay masked
+    from fmpolicy.model.transformer import shared_prefix_attention
+
+    g_ = torch.Generator().manual_seed(0)
+    b, grp, n, q, p, e = 2, 3, 2, 4, 5, 8
+    qs, ks, vs = (torch.randn(b * grp, n, q, e, generator=g_, dtype=torch.float64) for _ in range(3))
+    pk, pv = (torch.randn(b, n, p, e, generator=g_, dtype=torch.float64) for _ in range(2))
+    for mask_batch in (b, 1):
+        mask = torch.rand(mask_batch, 1, q, p + q, generator=g_) > 0.4
+        mask[..., torch.arange(q), p + torch.arange(q)] = True  # every query sees itself
+        out = shared_prefix_attention(qs, ks, vs, (pk, pv), mask)
+        full = mask.repeat_interleave(grp, 0) if mask_batch > 1 else mask
+        expect = torch.nn.functional.scaled_dot_product_attention(
+            qs, torch.cat([pk.repeat_interleave(grp, 0), ks], 2), torch.cat([pv.repeat_interleave(grp, 0), vs], 2),
+            attn_mask=full)
+        torch.testing.assert_close(out, expect)
+    vs2 = vs.clone()
+    vs2[1] += 100.0  # another sample's values of the same group: sample 0 must not see them
+    out2 = shared_prefix_attention(qs, ks, vs2, (pk, pv), mask)
+    torch.testing.assert_close(out2[0], out[0])
+    assert (out2[1] - out[1]).abs().max() > 1.0
+    with pytest.raises(ValueError, match="do not split into groups"):
+        shared_prefix_attention(qs[:5], ks[:5], vs[:5], (pk, pv), mask)
+
+
 def test_padded_entries_and_masked_prefix_tokens_change_nothing(net):
     x_t, t, state, prefix, mask, sv, av = make_inputs()
     with torch.no_grad():

@@ -33,14 +33,21 @@ class ExpertCache:
                 return f.shape[0]
         raise ValueError("empty ExpertCache")
 
-    def repeat_interleave(self, m: int) -> "ExpertCache":
-        """Repeat every sample m times along the batch axis (b -> b*m), e.g. for FPO's m (t, noise) pairs."""
+    def repeat_interleave(self, m: int, share_prefix: bool = False) -> "ExpertCache":
+        """Repeat every sample m times along the batch axis (b -> b*m), e.g. for FPO's m (t, noise) pairs.
+
+        `share_prefix`: keep the prefix keys/values and the attention mask at batch b; the transformer
+        then lets each group of m consecutive samples attend to their one prefix
+        (`shared_prefix_attention`) instead of to m copies of it (same result to float rounding;
+        no copies to make, nor to sum the gradient of)."""
 
         def rep(x: Tensor | None) -> Tensor | None:
             return None if x is None else x.repeat_interleave(m, 0)
 
-        kv = None if self.prefix_kv is None else [(rep(k), rep(v)) for k, v in self.prefix_kv]
+        shared = share_prefix and self.prefix_kv is not None
+        kv = self.prefix_kv if shared or self.prefix_kv is None else [(rep(k), rep(v)) for k, v in self.prefix_kv]
         # a mask of batch 1 is shared by every sample (it broadcasts) and stays as it is
-        mask = self.attn_mask if self.attn_mask is None or self.attn_mask.shape[0] == 1 else rep(self.attn_mask)
+        keep_mask = shared or self.attn_mask is None or self.attn_mask.shape[0] == 1
+        mask = self.attn_mask if keep_mask else rep(self.attn_mask)
         return replace(self, state_token=rep(self.state_token), prefix_kv=kv, attn_mask=mask, cond=rep(self.cond),
                        prefix_pooled=rep(self.prefix_pooled), embodiment=rep(self.embodiment), action_valid=rep(self.action_valid))
