@@ -289,6 +289,87 @@ def test_summing_the_cfm_loss_over_chunk_steps_scales_each_log_ratio_by_the_step
         FPOConfig(loss_reduction="sum")
 
 
+def test_normalizer_samples_subtract_the_fresh_chunks_mean_log_ratio(tmp_path):
+    # fpo.normalizer_samples = k: k fresh chunks per observation, stored by the rollout with their own pairs
+    from fmpolicy.rl.config import FPOConfig
+
+    config = bandit_config(tmp_path, fpo={"normalizer_samples": 3, "ratio_mode": "per_pair"})
+    actor, obs, chunks, store = collect_batch(config)
+    b = chunks.shape[0]
+    assert store["norm_chunk"].shape == (b, 3, 1, 2) and store["norm_loss_old"].shape == (b, 3, 8)
+    assert not torch.equal(store["norm_chunk"][:, 0], store["norm_chunk"][:, 1])  # fresh samples each
+    log_ratio, _ = actor.log_ratio(obs, chunks, store)
+    tol = 8 * torch.finfo(torch.float32).eps * max(1.0, float(store["loss_old"].abs().max()))
+    assert (log_ratio.exp() - 1).abs().max() <= tol  # before any update: 1, as without them
+    with torch.no_grad():  # move the weights
+        g = torch.Generator().manual_seed(5)
+        for p in actor.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    log_ratio, stats = actor.log_ratio(obs, chunks, store)
+    plain, _ = FlowActor(actor.policy, FPOConfig(ratio_mode="per_pair")).log_ratio(obs, chunks, store)
+    with torch.no_grad():  # the fresh chunks' own log ratios, by hand: (b, 3) pairs' means
+        new = actor.policy.compute_cfm_losses({"observation.state": obs["observation.state"].repeat_interleave(3, 0)},
+                                              store["norm_chunk"].flatten(0, 1), store["norm_t"].flatten(0, 1),
+                                              store["norm_noise"].flatten(0, 1))
+        fresh = (store["norm_loss_old"].flatten(0, 1) - new).mean(1).reshape(b, 3).mean(1)
+    assert fresh.abs().min() > 1e-6  # the move changed them: the subtraction below is not vacuous
+    torch.testing.assert_close(log_ratio, plain - fresh[:, None], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(stats["normalizer_shift"], fresh.mean(), atol=1e-6, rtol=1e-4)
+    # a chunk given as its own fresh sample, with its own pairs, cancels: nothing is left of its ratio
+    own = {**store, "norm_chunk": chunks[:, None], "norm_t": store["t"][:, None], "norm_noise": store["noise"][:, None],
+           "norm_loss_old": store["loss_old"][:, None]}
+    mean_actor = FlowActor(actor.policy, FPOConfig(normalizer_samples=1))
+    torch.testing.assert_close(mean_actor.log_ratio(obs, chunks, own)[0], torch.zeros(b), atol=1e-6, rtol=0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="normalizer_samples"):
+            FPOConfig(normalizer_samples=bad)
+
+
+def _spread_after_constant_advantages(advantage: float, normalizer_samples: int, iterations: int = 20) -> float:
+    """The flow's sample spread (mean std of its 2-D actions, from scratch about 1) after `iterations` FPO
+    updates in which every action gets the same advantage (not standardised)."""
+    from fmpolicy.rl.trainer import UpdateBatch, parameter_groups, update_policy
+
+    b = 128
+    cfg = config_from_dict(RLRunConfig, {
+        "policy": {"state_dim": 1, "action_dim": 2, "chunk_size": 1, "n_action_steps": 1,
+                   "expert": {"kind": "mlp", "width": 64, "depth": 2, "time_embed_dim": 32, "max_state_dim": 1,
+                              "max_action_dim": 2},
+                   "normalization": {"state": "identity", "action": "identity"}},
+        "rl": {"num_envs": b, "num_macro_steps": 1, "update_epochs": 4, "num_minibatches": 2, "lr": 1e-3, "clip": 0.2,
+               "normalize_advantages": False, "vf_coef": 0.0, "device": "cpu", "value": {"width": 8, "depth": 1},
+               "fpo": {"num_pairs": 8, "normalizer_samples": normalizer_samples}},
+        "env": {"id": "fmpolicy/TwoOptimaBandit-v0"}})
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    actor, _ = make_actor(cfg, torch.device("cpu"))
+    critic = ValueNet(1, cfg.rl.value)
+    opt = torch.optim.Adam(parameter_groups(actor, list(actor.parameters()), list(critic.parameters()), cfg.rl), lr=1e-3)
+    obs = {"observation.state": torch.zeros(b, 1)}
+    for _ in range(iterations):
+        with torch.no_grad():
+            chunk, store = actor.act(obs, g)
+        batch = UpdateBatch(obs=obs, store=store, chunks=chunk, executed=torch.ones(b, 1, dtype=torch.bool),
+                            advantages=torch.full((b,), advantage), returns=torch.zeros(b), values=torch.zeros(b))
+        update_policy(actor, critic, opt, batch, [torch.randperm(b, generator=g).chunk(2) for _ in range(4)], cfg.rl)
+    with torch.no_grad():
+        samples = actor.policy.predict_action_chunk({"observation.state": torch.zeros(2000, 1)}, generator=g)
+    return float(samples.reshape(-1, 2).std(0).mean())
+
+
+def test_a_constant_advantage_reshapes_the_flow_unless_normalizer_samples_correct_the_ratio():
+    # A constant advantage carries no information: the exact policy gradient is 0 in expectation (the score
+    # has mean 0 under the policy). FPO's -L is a log density only up to a normaliser that the update moves:
+    # plain FPO sharpens the flow for A > 0 and spreads it for A < 0 (measured from ~1.0: 0.30 and 2.6 in
+    # 20 iterations); the fresh samples' log ratio estimates that normaliser's change (0.71 and 1.31 with k = 2)
+    start = 1.0  # the untrained flow's samples are about N(0, I)
+    for advantage in (1.0, -1.0):
+        plain = math.log(_spread_after_constant_advantages(advantage, 0) / start)
+        corrected = math.log(_spread_after_constant_advantages(advantage, 2) / start)
+        assert abs(plain) > 0.6, (advantage, plain)  # x0.55 or x1.8 at least
+        assert abs(corrected) < 0.5 * abs(plain), (advantage, plain, corrected)
+
+
 # ---- learning on the bandit --------------------------------------------------------------------------
 
 

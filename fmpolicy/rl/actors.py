@@ -170,6 +170,8 @@ class FlowActor(nn.Module):
             chunk = chunk.clamp(-1.0, 1.0)
         t, noise = self.sample_pairs(b, generator)
         store = {"t": t, "noise": noise, "loss_old": self._losses(obs, chunk, t, noise, inputs)}
+        if self.fpo.normalizer_samples:
+            store.update(self._normalizer_samples(obs, inputs, b, generator))
         if self.keep_noise:  # for `entropy`: the initial noise, and a Hutchinson probe where the chunk is large
             store["x0"] = x0
             if self._counted_entries() > ENTROPY_EXACT_MAX_DIM:
@@ -180,16 +182,54 @@ class FlowActor(nn.Module):
             store["ref_t"], store["ref_noise"] = (x[:, :1] for x in self.sample_pairs(b, generator))
         return chunk, store
 
+    def _normalizer_samples(self, obs: Mapping[str, Any], inputs: ExpertCache, b: int,
+                            generator: torch.Generator | None) -> dict[str, Tensor]:
+        """k = `fpo.normalizer_samples` fresh chunks per observation, sampled as the executed one is, with
+        their own pairs and old losses: {"norm_chunk" (b, k, h, a), "norm_t" (b, k, m), "norm_noise"
+        (b, k, m, h, a), "norm_loss_old" (b, k, m) or (b, k, m, h)}."""
+        k = self.fpo.normalizer_samples
+        rep = inputs.repeat_interleave(k)
+        chunk = self.policy.predict_action_chunk(obs, noise=self.policy.sample_noise(b * k, generator), cache=rep)
+        if self.fpo.action_noise_std > 0:
+            chunk = chunk + self.fpo.action_noise_std * sample_noise(chunk.shape, generator=generator, device=self.device)
+        if self.fpo.clip_actions:
+            chunk = chunk.clamp(-1.0, 1.0)
+        t, noise = self.sample_pairs(b * k, generator)
+        loss = self._losses(obs, chunk, t, noise, rep)
+        return {name: x.reshape(b, k, *x.shape[1:])
+                for name, x in (("norm_chunk", chunk), ("norm_t", t), ("norm_noise", noise), ("norm_loss_old", loss))}
+
+    def _normalizer_shift(self, obs: Mapping[str, Any], store: Mapping[str, Tensor], inputs: ExpertCache | None,
+                          executed: Tensor | None) -> Tensor:
+        """(b,) the mean log ratio (mode "mean") of the stored fresh chunks: how much the update lowered
+        the CFM losses of the policy's typical actions at each observation (the change of -L's normaliser)."""
+        b, k = store["norm_chunk"].shape[:2]
+        rep = (self.prepare(obs) if inputs is None else inputs).repeat_interleave(k)
+        flat = {name: store[name].flatten(0, 1) for name in ("norm_chunk", "norm_t", "norm_noise", "norm_loss_old")}
+        ex = None if executed is None else executed.repeat_interleave(k, 0)
+        new = self._per_pair(self._losses(obs, flat["norm_chunk"], flat["norm_t"], flat["norm_noise"], rep), ex)
+        old = self._per_pair(flat["norm_loss_old"], ex)
+        diff = compute_fpo_log_ratio(old, new, "mean", self.fpo.clamp_old, None, self.fpo.clamp_pair_log_ratio,
+                                     self.fpo.hard_clamps)  # (b k,)
+        return diff.reshape(b, k).mean(1)
+
     def log_ratio(self, obs: Mapping[str, Any], chunk: Tensor, store: Mapping[str, Tensor],
                   inputs: ExpertCache | None = None, executed: Tensor | None = None) -> tuple[Tensor, dict]:
         """log ratio (b,) (mode "mean") or (b, m) ("per_pair") from the new losses at the stored pairs,
-        over the `executed` (b, h) chunk steps (all of them when None or `fpo.mask_unexecuted` is off)."""
+        over the `executed` (b, h) chunk steps (all of them when None or `fpo.mask_unexecuted` is off);
+        with `fpo.normalizer_samples`, less the fresh chunks' mean log ratio at the same observation."""
+        if self.fpo.normalizer_samples and inputs is None:
+            inputs = self.prepare(obs)  # once for the chunk and its fresh samples
         loss_new = self._per_pair(self._losses(obs, chunk, store["t"], store["noise"], inputs), executed)
         loss_old = self._per_pair(store["loss_old"], executed)
+        shift = self._normalizer_shift(obs, store, inputs, executed) if self.fpo.normalizer_samples else None
         log_ratio = compute_fpo_log_ratio(loss_old, loss_new, self.fpo.ratio_mode,
                                           self.fpo.clamp_old, self.fpo.clamp_log_ratio,
-                                          self.fpo.clamp_pair_log_ratio, self.fpo.hard_clamps)
-        return log_ratio, {"cfm_loss_old": loss_old.mean().detach(), "cfm_loss_new": loss_new.mean().detach()}
+                                          self.fpo.clamp_pair_log_ratio, self.fpo.hard_clamps, shift)
+        stats = {"cfm_loss_old": loss_old.mean().detach(), "cfm_loss_new": loss_new.mean().detach()}
+        if shift is not None:
+            stats["normalizer_shift"] = shift.mean().detach()  # > 0: the update lowered typical actions' losses
+        return log_ratio, stats
 
     def ratio_reference(self, store: Mapping[str, Tensor]) -> Tensor:
         return store["loss_old"]

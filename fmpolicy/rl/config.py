@@ -73,6 +73,15 @@ class FPOConfig:
     #   Off by default: measured, it breaks fine-tuning (PointObstacle from 10 demos: 38.5% against 91-99%
     #   with every step counted): nothing then holds the unexecuted steps' velocity, which drifts, and the
     #   network reads those steps' x_t when it predicts the executed ones (docs/rl.md)
+    # fresh chunks per observation, sampled at rollout time with their own (t, noise) pairs, whose CFM-loss
+    # change estimates how the policy's update moves the CFM losses of its typical actions at that
+    # observation; subtracted from every log ratio (0 = off). -L is a log density only up to a normaliser
+    # that the update moves, so without it E over the policy's own actions of the ratio is not 1: a
+    # constant advantage sharpens the flow (A > 0) or spreads it without bound (A < 0) where a true
+    # likelihood ratio does nothing, and critic errors act that way state by state (docs/rl.md,
+    # "FPO's missing normaliser"). Costs k more chunk samples per rollout step and k x m more CFM losses
+    # per update row.
+    normalizer_samples: int = 0
     ref_coef: float = 0.0  # weight of the reference regulariser (FlowActor.regularizer): the CFM loss of
     #   chunks sampled from a frozen copy of the starting policy (random init or the imitation
     #   checkpoint) at the rollout's observations; keeps mass wherever the start had it. 0 = off
@@ -88,6 +97,9 @@ class FPOConfig:
         _choice(self, "time_sampling", FPO_TIME_SAMPLINGS)
         _positive_or_none(self, "clamp_old", "clamp_log_ratio", "clamp_pair_log_ratio", "huber_delta")
         _non_negative(self, "ref_coef", "action_noise_std")
+        _check(isinstance(self.normalizer_samples, int) and not isinstance(self.normalizer_samples, bool)
+               and self.normalizer_samples >= 0, type(self).__name__, "normalizer_samples", self.normalizer_samples,
+               "an integer >= 0 (0 = off)")
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ def compute_fpo_log_ratio(
     clamp_log_ratio: float | None = None,
     clamp_pair_log_ratio: float | None = None,
     hard_clamps: bool = False,
+    shift: Tensor | None = None,
 ) -> Tensor:
     """log ratio from per-pair CFM losses (b, m) -> (b,) (mode "mean") or (b, m) (mode "per_pair").
 
@@ -68,6 +69,8 @@ def compute_fpo_log_ratio(
     These clamps are straight-through (they bound values and keep the gradient) unless `hard_clamps`:
     then they are torch.clamp, with a zero gradient outside the bounds. The FPO paper's GridWorld code
     clamps hard, both at 3 (gridworld/models/fpo.py: `clamp(cfm_difference, -3, 3)`, then the mean).
+    `shift` (b,): subtracted from every log ratio before `clamp_log_ratio` (`fpo.normalizer_samples`:
+    the same difference at fresh samples of the policy, the change of its normaliser).
     """
     if clamp_old is not None:
         loss_old = loss_old.clamp(max=clamp_old)
@@ -82,6 +85,8 @@ def compute_fpo_log_ratio(
         log_ratio = diff
     else:
         raise ValueError(f"FPO ratio mode {mode!r} is unknown: expected 'mean' or 'per_pair'")
+    if shift is not None:
+        log_ratio = log_ratio - (shift if log_ratio.dim() == 1 else shift[:, None])
     if clamp_log_ratio is not None:
         log_ratio = clamp(log_ratio, -clamp_log_ratio, clamp_log_ratio)
     return log_ratio
