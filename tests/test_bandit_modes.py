@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import torch
 
 from fmpolicy_envs.bandit import TwoOptimaBandit
@@ -46,3 +48,19 @@ def test_fpo_with_the_pull_keeps_both_modes_while_it_raises_the_return(tmp_path)
     # the run started from the imitation policy with the pull on
     cfg = (tmp_path / "fpo_ref_s0" / "config.yaml").read_text()
     assert f"init_from: {tmp_path / 'imitation'}" in cfg and "ref_coef: 0.1" in cfg
+
+
+def test_the_advantage_probe_reports_a_two_mode_start_and_the_update_statistics(capsys):
+    torch.set_num_threads(1)
+    script = load_script("fpo_advantage_probe")
+    summary = script.main(["--iterations", "10", "--bc-steps", "1500", "rl.clip=0.2"])
+    start, end = summary["start"], summary["end"]
+    assert min(start["near+"], start["near-"]) > 0.35  # the flow imitated both modes (.44 / .49)
+    assert end["iteration"] == 10 and 0.0 <= end["clip_fraction"] <= 1.0 and end["approx_kl"] >= 0.0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x.get("iteration") for x in lines[:-1]] == [0, 10] and lines[-1]["summary"]
+    gauss = script.main(["--policy", "gaussian", "--iterations", "10", "--advantages", "positive",
+                         "rl.normalize_advantages=false"])
+    assert abs(gauss["start"]["std"][0] - 0.1) < 0.01  # the Gaussian's start: std 0.1
+    with pytest.raises(SystemExit, match="rl.<field>"):
+        script.main(["clip=0.2"])
