@@ -9,7 +9,8 @@
    iterations (its own evaluations every `rl.eval_every` iterations, on fixed start states)
    -> `<out>/fpo/policy`. Its wall time T is measured, evaluations included. Then the same with the
    pull towards the imitation policy (`rl.fpo.ref_coef=<--pull>`, 0 = skip) -> `<out>/fpo_pull/policy`:
-   the demonstrations go round the obstacle both ways, and FPO alone keeps only one of them.
+   the demonstrations go round the obstacle both ways; without the config's `fpo.normalizer_samples`
+   FPO alone kept only one of them (docs/rl.md).
 3. Continued imitation: the imitation run resumed from its last checkpoint on the same demonstrations
    for as many more steps as fit in T (at the steps/s the first run measured) -> `<out>/bc/flow`.
 4. All the policies evaluated by `evaluate.py` on the same `--eval-episodes` episodes (seed 10000,
