@@ -51,7 +51,7 @@ def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_kv: tuple[Te
     repeated g times, without the g copies. The g samples' queries form one sequence of g*q tokens
     attending to [prefix, the g suffixes], with a block-diagonal mask over the suffixes (each sample
     sees its own); the backward pass then sums the prefix's gradient inside the attention instead of
-    over g copies (FPO's update, m = 8, 88 prefix tokens: 2.2x faster a layer on one CPU thread).
+    over g copies (what `scripts/bench.py --only rl_vl` measures: docs/rl.md, "Cost").
     """
     pk, pv = prefix_kv
     b, p, g = pk.shape[0], pk.shape[2], q.shape[0] // pk.shape[0]

@@ -79,8 +79,8 @@ class FPOConfig:
     # that the update moves, so without it E over the policy's own actions of the ratio is not 1: a
     # constant advantage sharpens the flow (A > 0) or spreads it without bound (A < 0) where a true
     # likelihood ratio does nothing, and critic errors act that way state by state (docs/rl.md,
-    # "FPO's missing normaliser"). Costs k more chunk samples per rollout step and k x m more CFM losses
-    # per update row.
+    # "Advantages without information"). Costs k more chunk samples per rollout step and k x m more CFM
+    # losses per update row.
     normalizer_samples: int = 0
     ref_coef: float = 0.0  # weight of the reference regulariser (FlowActor.regularizer): the CFM loss of
     #   chunks sampled from a frozen copy of the starting policy (random init or the imitation
