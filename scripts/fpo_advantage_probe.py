@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from fmpolicy.config import config_from_dict
+from fmpolicy.config import apply_overrides, config_from_dict
 from fmpolicy.rl.config import RLRunConfig
 from fmpolicy.rl.trainer import UpdateBatch, make_actor, parameter_groups, update_policy
 from fmpolicy.rl.value import ValueNet
@@ -35,28 +35,12 @@ from fmpolicy.rl.value import ValueNet
 MODES = torch.tensor([[0.5, 0.0], [-0.5, 0.0]])
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    """["rl.clip=0.005", "rl.fpo.num_pairs=32"] -> the nested dict of the rl section."""
-    rl: dict = {}
+def check_overrides(pairs: list[str]) -> list[str]:
+    """The probe builds everything but the update: only rl.<field>=<value> overrides make sense."""
     for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.startswith("rl."):
+        if "=" not in pair or not pair.startswith("rl."):
             raise SystemExit(f"override {pair!r}: expected rl.<field>=<value>")
-        d, path = rl, key.removeprefix("rl.").split(".")
-        for part in path[:-1]:
-            d = d.setdefault(part, {})
-        try:
-            d[path[-1]] = json.loads(value)
-        except json.JSONDecodeError:
-            d[path[-1]] = value
-    return rl
-
-
-def merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    return pairs
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -74,18 +58,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     b = args.batch
-    rl = merge({"policy_type": args.policy, "num_envs": b, "num_macro_steps": 1, "update_epochs": 4,
-                "num_minibatches": 4, "lr": 3e-4, "clip": 0.05, "max_grad_norm": 0.5, "vf_coef": 0.0, "device": "cpu",
-                "fpo": {"num_pairs": 8, "ratio_mode": "mean", "time_sampling": "uniform", "clamp_log_ratio": 10.0},
-                "gaussian": {"squash": "clip", "init_log_std": math.log(0.1)}, "value": {"width": 16, "depth": 1}},
-               parse_overrides(args.overrides))
-    cfg = config_from_dict(RLRunConfig, {
+    rl = {"policy_type": args.policy, "num_envs": b, "num_macro_steps": 1, "update_epochs": 4,
+          "num_minibatches": 4, "lr": 3e-4, "clip": 0.05, "max_grad_norm": 0.5, "vf_coef": 0.0, "device": "cpu",
+          "fpo": {"num_pairs": 8, "ratio_mode": "mean", "time_sampling": "uniform", "clamp_log_ratio": 10.0},
+          "gaussian": {"squash": "clip", "init_log_std": math.log(0.1)}, "value": {"width": 16, "depth": 1}}
+    cfg = config_from_dict(RLRunConfig, apply_overrides({
         "policy": {"state_dim": 1, "action_dim": 2, "chunk_size": 1, "n_action_steps": 1,
                    "expert": {"kind": "mlp", "width": 128, "depth": 3, "time_input": args.time_input,
                               "max_state_dim": 1, "max_action_dim": 2},
                    "normalization": {"state": "identity", "action": "identity"},
                    "sampler": {"method": "euler", "num_steps": 10}},
-        "rl": rl, "env": {"id": "fmpolicy/TwoOptimaBandit-v0"}})
+        "rl": rl, "env": {"id": "fmpolicy/TwoOptimaBandit-v0"}}, check_overrides(args.overrides)))
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     actor, _ = make_actor(cfg, torch.device("cpu"))

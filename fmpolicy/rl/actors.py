@@ -159,15 +159,7 @@ class FlowActor(nn.Module):
         b = obs[STATE].shape[0]
         inputs = self.prepare(obs) if inputs is None else inputs
         x0 = self.policy.sample_noise(b, generator)
-        chunk = self.policy.predict_action_chunk(obs, noise=x0, cache=inputs)
-        if self.fpo.action_noise_std > 0:
-            chunk = chunk + self.fpo.action_noise_std * sample_noise(chunk.shape, generator=generator, device=self.device)
-        if self.fpo.clip_actions:
-            # the envs clip actions to [-1, 1] anyway; storing the executed (clipped) chunk keeps the CFM
-            # losses bounded. Unclipped, nothing stops the flow's samples from growing: on HalfCheetah the
-            # stored actions and their losses grew to ~1e8 and the run ended on a non-finite gradient.
-            # Off by default: on the bandit the point masses it puts on the box's faces slow learning.
-            chunk = chunk.clamp(-1.0, 1.0)
+        chunk = self._sample(obs, x0, inputs, generator)
         t, noise = self.sample_pairs(b, generator)
         store = {"t": t, "noise": noise, "loss_old": self._losses(obs, chunk, t, noise, inputs)}
         if self.fpo.normalizer_samples:
@@ -182,6 +174,21 @@ class FlowActor(nn.Module):
             store["ref_t"], store["ref_noise"] = (x[:, :1] for x in self.sample_pairs(b, generator))
         return chunk, store
 
+    def _sample(self, obs: Mapping[str, Any], x0: Tensor, inputs: ExpertCache,
+                generator: torch.Generator | None) -> Tensor:
+        """The chunks (b, h, a) a rollout executes from initial noise x0: the flow's, plus
+        `fpo.action_noise_std` and clipped with `fpo.clip_actions`."""
+        chunk = self.policy.predict_action_chunk(obs, noise=x0, cache=inputs)
+        if self.fpo.action_noise_std > 0:
+            chunk = chunk + self.fpo.action_noise_std * sample_noise(chunk.shape, generator=generator, device=self.device)
+        if self.fpo.clip_actions:
+            # the envs clip actions to [-1, 1] anyway; storing the executed (clipped) chunk keeps the CFM
+            # losses bounded. Unclipped, nothing stops the flow's samples from growing: on HalfCheetah the
+            # stored actions and their losses grew to ~1e8 and the run ended on a non-finite gradient.
+            # Off by default: on the bandit the point masses it puts on the box's faces slow learning.
+            chunk = chunk.clamp(-1.0, 1.0)
+        return chunk
+
     def _normalizer_samples(self, obs: Mapping[str, Any], inputs: ExpertCache, b: int,
                             generator: torch.Generator | None) -> dict[str, Tensor]:
         """k = `fpo.normalizer_samples` fresh chunks per observation, sampled as the executed one is, with
@@ -189,11 +196,7 @@ class FlowActor(nn.Module):
         (b, k, m, h, a), "norm_loss_old" (b, k, m) or (b, k, m, h)}."""
         k = self.fpo.normalizer_samples
         rep = inputs.repeat_interleave(k)
-        chunk = self.policy.predict_action_chunk(obs, noise=self.policy.sample_noise(b * k, generator), cache=rep)
-        if self.fpo.action_noise_std > 0:
-            chunk = chunk + self.fpo.action_noise_std * sample_noise(chunk.shape, generator=generator, device=self.device)
-        if self.fpo.clip_actions:
-            chunk = chunk.clamp(-1.0, 1.0)
+        chunk = self._sample(obs, self.policy.sample_noise(b * k, generator), rep, generator)
         t, noise = self.sample_pairs(b * k, generator)
         loss = self._losses(obs, chunk, t, noise, rep)
         return {name: x.reshape(b, k, *x.shape[1:])
