@@ -222,6 +222,38 @@ def test_a_batch_window_gathers_requests_that_arrive_while_the_policy_is_idle(ga
     assert wrapper.calls == [("plain", 2)]  # the full batch ends the window at once
 
 
+def test_the_window_closes_once_every_connected_client_has_a_request_waiting(gated):
+    # max_batch has room for all of them: only the count of connected clients can end this window early
+    srv, wrapper, clients = gated(3, max_batch=16, batch_window_ms=60_000)
+    wrapper.gate.set()
+    rng = np.random.default_rng(6)
+    for ws in clients.ws:
+        ws.send(packb(client_obs(rng)))
+    for ws in clients.ws:
+        timing = unpackb(ws.recv(timeout=30))["server_timing"]  # a 60 s window would time out here
+        assert timing["batch_requests"] == 3
+    assert wrapper.calls == [("plain", 3)]
+
+
+def test_a_connected_client_without_a_request_keeps_the_window_open_until_it_ends(gated):
+    srv, wrapper, clients = gated(3, max_batch=16, batch_window_ms=1_500)
+    wrapper.gate.set()
+    rng = np.random.default_rng(7)
+    for ws in clients.ws[:2]:  # the third client stays silent: its request could still come
+        ws.send(packb(client_obs(rng)))
+    for ws in clients.ws[:2]:
+        timing = unpackb(ws.recv(timeout=30))["server_timing"]
+        assert timing["batch_requests"] == 2
+        assert timing["queue_ms"] >= 1_000  # the window ran (a lower bound on a wait: robust to load)
+    clients.ws[2].close()  # once it is gone, the two requests no longer wait for it
+    wait_for(lambda: srv._connections == 2, "the server to see the third client leave")
+    clients.ws[0].send(packb(client_obs(rng)))
+    clients.ws[1].send(packb(client_obs(rng)))
+    for ws in clients.ws[:2]:
+        assert unpackb(ws.recv(timeout=30))["server_timing"]["queue_ms"] < 1_000
+    assert [n for _, n in wrapper.calls] == [2, 2]
+
+
 def test_rtc_over_the_protocol_is_the_library_call_and_plain_requests_are_unchanged(policy):
     srv = PolicyServer(policy, ServerConfig(port=0)).start()
     rng = np.random.default_rng(6)

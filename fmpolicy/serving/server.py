@@ -23,8 +23,10 @@ Batching: each request is checked on its own as it arrives (a bad one gets its e
 happens to it). Requests that wait while the policy is busy are stacked into one `predict_action_chunk`
 call of at most `max_batch` rows when they are compatible; with `ServerConfig.batch_window_ms` > 0 the
 oldest waiting request also waits up to that long past the moment the policy could take it (the
-policy being idle then), for more requests to join, unless `max_batch` rows are already there (clients
-that each wait for their reply before sending again otherwise settle into taking turns). Compatible:
+policy being idle then), for more requests to join, unless `max_batch` rows are already there or every
+connected client has a request waiting (a connection sends its next request only after its reply, so
+none can join then); clients that each wait for their reply before sending again otherwise settle into
+taking turns. Compatible:
 the same state width, the same cameras at the same image size, a task in all or none of them, and the
 same RTC settings (different tasks, robots and seeds batch fine: the policy takes them per row).
 Incompatible ones run in separate calls, oldest first. Each row gets its own noise (from the request's `seed` when it sends one, otherwise from
@@ -97,7 +99,8 @@ class ServerConfig:
     api_key: str | None = None  # when set, clients must send "Authorization: Api-Key <key>"
     key_map: dict = field(default_factory=lambda: dict(DEFAULT_KEY_MAP))  # client key -> our key
     max_batch: int = 16  # most rows in one predict_action_chunk call; 1 = no batching across requests
-    batch_window_ms: float = 0.0  # how long the oldest waiting request waits for others; 0 = batch what waits
+    batch_window_ms: float = 0.0  # how long the oldest waiting request waits for others (at most: the window
+    #   closes as soon as every connected client has a request waiting); 0 = batch what waits
     rtc_max_guidance_weight: float = 5.0  # RTC's beta (requests with prev_chunk_left_over)
     rtc_schedule: str = "exp"  # RTC's prefix weights over the execution horizon: "exp" or "linear"
 
@@ -264,6 +267,7 @@ class PolicyServer:
         self.rows = 0
         self._lock = threading.Lock()  # one inference at a time
         self._pending: deque[Request] = deque()  # checked requests waiting for the policy (event loop only)
+        self._connections = 0  # open client connections (event loop only): each has at most one request out
         self._wakeup: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -409,6 +413,12 @@ class PolicyServer:
         head = self._pending[0]
         return sum(r.rows for r in self._pending if r.key == head.key)
 
+    def _window_open(self) -> bool:
+        """More requests can still join the oldest one's call: it has room, and some connected client has
+        none waiting (a connection sends its next request only after the reply to its last)."""
+        waiting = sum(not r.future.done() for r in self._pending)
+        return self._compatible_rows() < self.config.max_batch and waiting < self._connections
+
     async def _batcher(self) -> None:
         window = self.config.batch_window_ms / 1000
         free_since = time.perf_counter()  # when the policy last finished a call
@@ -421,7 +431,7 @@ class PolicyServer:
                 await self._wakeup.wait()
             if window > 0:  # the oldest request waits at most `window` past the moment the policy could take it
                 deadline = max(self._pending[0].arrived, free_since) + window
-                while self._compatible_rows() < self.config.max_batch and time.perf_counter() < deadline:
+                while self._window_open() and time.perf_counter() < deadline:
                     self._wakeup.clear()
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), deadline - time.perf_counter())
@@ -445,10 +455,14 @@ class PolicyServer:
     async def _handle(self, websocket) -> None:
         from websockets.exceptions import ConnectionClosed
 
+        self._connections += 1
         try:
             await self._serve_connection(websocket)
         except ConnectionClosed:  # the client went away (closed, or its process ended): nothing to answer
             pass
+        finally:
+            self._connections -= 1
+            self._wakeup.set()  # a batch window may have been waiting for this client
 
     async def _serve_connection(self, websocket) -> None:
         await websocket.send(packb(self.metadata))
