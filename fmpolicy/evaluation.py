@@ -75,7 +75,7 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
                     task_map: Callable[[list[str]], list[str]] | None = None,
                     act: Callable[[dict], Tensor] | None = None, n_action_steps: int | None = None,
                     uint8_images: bool = False, max_env_steps: int | None = None,
-                    success_key: str = "is_success") -> EvalResult:
+                    success_key: str = "is_success", zero_noise: bool = False) -> EvalResult:
     """Run `episodes` episodes (in rounds of `envs.num_envs`) and count successes.
 
     `record` environments of the first round keep their state trajectories (and, with
@@ -89,7 +89,9 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
     in its rollouts) and `max_env_steps` (an error, not a silent stop, when episodes outlast it; by
     default a round ends after the env's `max_episode_steps`, or 1000). `success_key`: the entry of
     `info["final_info"]` that says an episode succeeded. Frames are recorded only from envs with a
-    batched renderer (`envs.unwrapped.core.render`); others evaluate without them.
+    batched renderer (`envs.unwrapped.core.render`); others evaluate without them. `zero_noise`: a
+    `FlowPolicy` samples every chunk from initial noise 0 (the flow's deterministic chunk, as RL's
+    evaluations do) instead of random noise from `generator`.
     """
     if act is None:
         policy.eval()
@@ -98,10 +100,14 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
         def act(query):
             if embodiment is not None:
                 query = {**query, "embodiment": embodiment}
+            if zero_noise:
+                return policy.predict_action_chunk(query, noise=torch.zeros_like(policy.sample_noise(e)))
             return policy.predict_action_chunk(query, generator=generator)
     else:
         if n_action_steps is None:
             raise ValueError("evaluate_policy(act=...) needs n_action_steps")
+        if zero_noise:
+            raise ValueError("evaluate_policy(act=..., zero_noise=True): `act` chooses its own noise")
         n_exec = n_action_steps
     e = envs.num_envs
     horizon = int(max_env_steps or getattr(envs, "max_episode_steps", 1000))

@@ -7,6 +7,9 @@
         --num-envs 10 --episodes 500 --seed 10000        # held-out goal variations (>= 10000)
     python scripts/evaluate.py --policy runs/pend/policy --env InvertedPendulum-v5 --success-key is_success
 
+`--noise zero` samples every chunk from initial noise 0 (the flow's deterministic chunk, as RL's own
+evaluations do) instead of random noise; the summary records which.
+
 --env is any registered gymnasium id: ours through their vector entry points, any other through
 gymnasium's sync (or --vectorization async: one process per env) vector env with same-step autoreset, a
 flat observation read as `observation.state` (cast to float32) and success read from
@@ -140,6 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--swap-instruction", metavar="A,B",
                    help="swap two words in every instruction (e.g. red,blue) and report how often the robot "
                         "reaches the goal the *given* instruction names (two-goal PointObstacle)")
+    p.add_argument("--noise", default="random", choices=("random", "zero"),
+                   help="initial noise of each chunk: random (drawn from --seed's generator) or zero (the flow's "
+                        "deterministic chunk, as RL's own evaluations sample)")
     p.add_argument("--out", help="output folder (default: <policy>/../eval)")
     args = p.parse_args(argv)
     try:
@@ -153,13 +159,13 @@ def main(argv: list[str] | None = None) -> dict:
         task_map = swap_words(*args.swap_instruction.split(",")) if args.swap_instruction else None
         result = evaluate_policy(policy, envs, args.episodes, seed=args.seed, record=args.record,
                                  render_size=args.render_size, generator=gen, embodiment=args.embodiment,
-                                 task_map=task_map)
+                                 task_map=task_map, zero_noise=args.noise == "zero")
     except (FmPolicyError, json.JSONDecodeError, ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
     out = Path(args.out) if args.out else Path(args.policy).parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     summary = {"policy": str(args.policy), "env": args.env, "env_kwargs": kwargs, "seed": args.seed,
-               "embodiment": args.embodiment,
+               "embodiment": args.embodiment, "noise": args.noise,
                "head": policy.config.head, **result.summary()}
     by_task = result.success_by_task()
     if len(by_task) > 1:
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     atomic_write_json(out / "eval.json", summary)
     lo, hi = result.ci95
     line = (f"{args.env} {kwargs or ''} {policy.config.head}: success {100 * result.success_rate:.1f}% "
-            f"[{100 * lo:.1f}, {100 * hi:.1f}] over {result.episodes} episodes")
+            f"[{100 * lo:.1f}, {100 * hi:.1f}] over {result.episodes} episodes" + (", zero noise" if args.noise == "zero" else ""))
     title = f"{args.env} {json.dumps(kwargs) if kwargs else ''}\n{policy.config.head}: success {100 * result.success_rate:.1f}% " \
             f"[{100 * lo:.1f}, {100 * hi:.1f}], {result.episodes} episodes"
     plot_trajectories(result, out / "trajectories.png", title, args.env)

@@ -262,3 +262,31 @@ def test_a_frozen_encoder_is_cached_once_per_frame_with_the_same_result(tmp_path
     assert head and frozen
     assert any(not torch.allclose(a[f"encoder.{n}"], init[f"encoder.{n}"]) for n in head)  # the projections learn
     assert all(torch.equal(a[f"encoder.{n}"], init[f"encoder.{n}"]) for n in frozen)  # the towers do not
+
+
+def test_zero_noise_evaluation_samples_the_flows_deterministic_chunks():
+    import fmpolicy_envs
+    from fmpolicy import FlowPolicy, NormalizationConfig, PolicyConfig, make_expert_config
+    from fmpolicy.evaluation import evaluate_policy
+
+    from .helpers import randomized
+
+    cfg = PolicyConfig(state_dim=4, action_dim=2, chunk_size=8, n_action_steps=4, device="cpu",
+                       expert=make_expert_config("tiny"),
+                       normalization=NormalizationConfig(state="identity", action="identity"))
+    policy = FlowPolicy(cfg)
+    randomized(policy.net, 0, scale=0.1)
+
+    def run(**kwargs):
+        envs = fmpolicy_envs.PointObstacleVectorEnv(num_envs=4, seed=0)
+        return evaluate_policy(policy.eval(), envs, episodes=4, seed=0, **kwargs).final_states
+
+    zero = [run(zero_noise=True, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    np.testing.assert_array_equal(zero[0], zero[1])  # the generator is not used
+    by_hand = run(act=lambda q: policy.predict_action_chunk(q, noise=torch.zeros(4, 8, policy.config.expert.max_action_dim)),
+                  n_action_steps=4)
+    np.testing.assert_allclose(zero[0], by_hand, atol=1e-6)
+    noisy = [run(generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    assert np.abs(noisy[0] - noisy[1]).max() > 1e-3  # random noise does move the episodes
+    with pytest.raises(ValueError, match="zero_noise"):
+        run(act=lambda q: None, n_action_steps=4, zero_noise=True)
