@@ -101,7 +101,7 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
             if embodiment is not None:
                 query = {**query, "embodiment": embodiment}
             if zero_noise:
-                return policy.predict_action_chunk(query, noise=torch.zeros_like(policy.sample_noise(e)))
+                return policy.predict_action_chunk(query, noise=policy.zero_noise(e))
             return policy.predict_action_chunk(query, generator=generator)
     else:
         if n_action_steps is None:

@@ -352,6 +352,10 @@ class FlowPolicy(nn.Module):
         """Initial noise x0 (b, h, A) for `predict_action_chunk(noise=...)`."""
         return sample_noise(self._chunk_shape(batch_size), generator=generator, device=self.device)
 
+    def zero_noise(self, batch_size: int) -> Tensor:
+        """Initial noise 0 (b, h, A): `predict_action_chunk(noise=...)` then gives the flow's deterministic chunk."""
+        return torch.zeros(self._chunk_shape(batch_size), device=self.device)
+
     @torch.no_grad()
     def sample_chunk(self, obs: Mapping[str, Any], noise: Tensor | None = None,
                      generator: torch.Generator | None = None, sampler: SamplerConfig | None = None,
