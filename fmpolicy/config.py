@@ -456,6 +456,9 @@ AMP_MODES = ("auto", "bf16", "none")
 LOGGERS = ("jsonl", "tensorboard")
 
 
+BALANCE_MODES = ("windows", "episodes", "tasks")  # DataConfig.balance
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which demonstrations to train on."""
@@ -468,6 +471,10 @@ class DataConfig:
     image_keys: tuple[str, ...] = ()  # camera keys to load (after rename_map), e.g. ("observation.images.top",)
     video: bool = False  # scripts/pipeline.py: record cameras as mp4 video instead of PNG images
     cache_encoder: bool = True  # with a frozen encoder backbone: compute its outputs once per frame, not every step
+    # how windows are drawn: "windows" (every window equally often: a fresh permutation each epoch), or with
+    # replacement so that every "episodes" (each episode) or "tasks" (each task string) is drawn equally often
+    # whatever its length: short tasks in a multi-task dataset get their share (docs/datasets.md, "Balancing")
+    balance: str = "windows"
     # "auto": stream batches from disk through DataLoader workers when a dataset has video cameras or
     # every window in memory would take more than in_memory_max_gb; true / false force it. Either way
     # the batches are the same (same sampler), so the result is too (docs/datasets.md, "Large datasets").
@@ -479,6 +486,7 @@ class DataConfig:
         name = type(self).__name__
         _check(self.stream == "auto" or isinstance(self.stream, bool), name, "stream", self.stream,
                "'auto', true or false")
+        _check(self.balance in BALANCE_MODES, name, "balance", self.balance, f"one of {BALANCE_MODES}")
         _check(isinstance(self.num_workers, int) and not isinstance(self.num_workers, bool) and self.num_workers >= 0,
                name, "num_workers", self.num_workers, "an int >= 0")
         _number(self, "in_memory_max_gb", "a finite number > 0 (GB)", lambda v: v > 0)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from fmpolicy.config import DataConfig, ImitationConfig, load_config
 from fmpolicy.data import ChunkDataset
 from fmpolicy.errors import ConfigError
-from fmpolicy.training.imitation import EpochSampler, _slice_batch, combine_windows
+from fmpolicy.training.imitation import EpochSampler, _slice_batch, combine_windows, make_sampler, window_groups
 from fmpolicy.training.stream import WindowBatches, should_stream, stream_batches
 from tests.helpers import load_script
 
@@ -101,6 +101,27 @@ def test_streamed_batches_are_the_in_memory_batches_for_every_rank(workers):
         assert next(batches, None) is None
         seen = set(read.tolist())
     assert {0, 1} <= set(windows["embodiment"].tolist()) and seen
+
+
+@pytest.mark.parametrize("balance", ["episodes", "tasks"])
+def test_streamed_batches_follow_a_balanced_sampler_too(balance):
+    # data.balance: the loader's copy of the sampler draws the windows the trainer's draws
+    datasets = {"a": ChunkDataset(FIXTURES / "png", chunk_size=4),
+                "b": ChunkDataset(FIXTURES / "video_h264", chunk_size=4, episodes=[1, 3, 4])}
+    windows = combine_windows(datasets, _policy_like(5, 3, ["a", "b"]), torch.device("cpu"))
+    sampler = make_sampler(datasets, balance, 8, seed=3)
+    groups = window_groups(datasets, balance)
+    assert len(groups) == len(windows["action"]) and groups.max() >= 1
+    batches = stream_batches(WindowBatches(datasets, 5, 3, {"a": 0, "b": 1}), sampler, slice(None), steps=5,
+                             num_workers=0)
+    for _ in range(5):
+        idx = sampler.next()
+        read, streamed = next(batches)
+        assert torch.equal(read, idx)
+        _assert_same_batch(_slice_batch(streamed, None, torch.device("cpu")),
+                           _slice_batch(windows, idx, torch.device("cpu")))
+    if balance == "episodes":  # every window of an episode maps to it: the frame's own episode_index
+        assert torch.equal(groups[: len(datasets["a"])].unique(), datasets["a"].episode_index.unique() * 2)
 
 
 def test_streamed_training_equals_in_memory_training_and_resumes_bit_for_bit(video_data, tmp_path, capsys):

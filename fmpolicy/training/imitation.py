@@ -60,8 +60,63 @@ class EpochSampler:
         return {"generator": self.generator.get_state(), "perm": self.perm, "pos": self.pos}
 
     def load_state_dict(self, state: dict) -> None:
+        if "perm" not in state:
+            raise CheckpointError("the checkpoint balanced episodes or tasks (data.balance); this run draws every "
+                                  "window equally: the result would differ from an uninterrupted run")
         self.generator.set_state(state["generator"])
         self.perm, self.pos = state["perm"], state["pos"]
+
+
+class BalancedSampler:
+    """Global batches of window indices drawn with replacement so that every group of windows (an
+    episode, or a task) is drawn equally often whatever its size: window i's chance is
+    1 / (number of groups * windows in its group). Resumable: its state is its generator's."""
+
+    def __init__(self, groups: torch.Tensor, batch_size: int, seed: int):
+        groups = torch.unique(groups, return_inverse=True)[1]  # 0 .. G-1
+        counts = torch.bincount(groups)
+        self.groups = int(len(counts))
+        self.weights = (1.0 / counts.double())[groups] / len(counts)  # sums to 1
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self) -> torch.Tensor:
+        return torch.multinomial(self.weights, self.batch_size, replacement=True, generator=self.generator)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "balanced_groups": self.groups}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "balanced_groups" not in state:
+            raise CheckpointError(f"the checkpoint drew every window equally (data.balance: windows); this run "
+                                  f"balances {self.groups} groups: the result would differ from an uninterrupted run")
+        if state["balanced_groups"] != self.groups:
+            raise CheckpointError(f"the checkpoint balanced {state['balanced_groups']} groups; this run balances "
+                                  f"{self.groups}: the result would differ from an uninterrupted run")
+        self.generator.set_state(state["generator"])
+
+
+def window_groups(datasets: dict[str, Any], balance: str) -> torch.Tensor | None:
+    """(N,) the group of every window, numbered as `combine_windows` concatenates the datasets: its
+    episode ("episodes", per dataset) or its task string ("tasks", across datasets); None for "windows"."""
+    if balance == "windows":
+        return None
+    parts, names = [], {}
+    for k, dataset in enumerate(datasets.values()):
+        if balance == "episodes":
+            parts.append(dataset.episode_index * len(datasets) + k)
+        else:
+            ids = torch.tensor([names.setdefault(t, len(names)) for t in dataset.tasks], dtype=torch.long)
+            parts.append(ids[dataset.task_index])
+    return torch.cat(parts)
+
+
+def make_sampler(datasets: dict[str, Any], balance: str, batch_size: int, seed: int):
+    """The trainer's sampler of global batches: `EpochSampler`, or `BalancedSampler` over episodes / tasks."""
+    groups = window_groups(datasets, balance)
+    if groups is None:
+        return EpochSampler(sum(len(d) for d in datasets.values()), batch_size, seed)
+    return BalancedSampler(groups, batch_size, seed)
 
 
 def make_policy(config: ImitationConfig, datasets: dict[str, Any], device: torch.device) -> FlowPolicy:
@@ -196,7 +251,6 @@ def _train(config: ImitationConfig, datasets: dict[str, Any], policy: FlowPolicy
     # ---- data: every window in memory, or streamed from disk; global batches sliced per process ----
     stream, why = should_stream(config.data, datasets)
     data_windows = {name: len(dataset) for name, dataset in datasets.items()}  # checked on resume
-    n_windows = sum(data_windows.values())
     windows: dict[str, Any] = {}
     if stream:
         if info.is_main:
@@ -212,7 +266,7 @@ def _train(config: ImitationConfig, datasets: dict[str, Any], policy: FlowPolicy
             if info.is_main:
                 print(f"cached the frozen encoder's outputs for {len(windows['action'])} windows "
                       f"in {time.perf_counter() - start_cache:.1f} s")
-    sampler = EpochSampler(n_windows, tc.batch_size, tc.seed)
+    sampler = make_sampler(datasets, config.data.balance, tc.batch_size, tc.seed)
     rows = local_rows(tc.batch_size, info)
     flow_gen = torch.Generator().manual_seed(tc.seed + 1)  # flow times and noise (CPU: same on every device)
 
