@@ -302,3 +302,32 @@ def test_evaluate_policy_counts_expert_successes():
                              n_action_steps=1)
     assert result.successes == 2 and result.success_reported and 20 < result.mean_length < 150
     envs.close()
+
+
+def test_bench_expert_plays_the_starts_evaluate_policy_plays():
+    """`bench_metaworld.py --evaluate-starts N`: the expert's variations per task are those evaluate_policy
+    resets the multi-task vector env to (so the expert's success is on the policy's own starts)."""
+    from fmpolicy.evaluation import evaluate_policy
+
+    from .helpers import load_script
+
+    played: list[tuple[str, int]] = []  # (task, variation) in the order of the envs, round after round
+
+    class Recording(mw.MetaWorldVectorEnv):
+        def reset(self, *, seed=None, options=None):
+            obs, info = super().reset(seed=seed, options=options)
+            played.extend(zip(self.task_names, info["variation"].tolist()))
+            return obs, info
+
+    envs = Recording(num_envs=3, tasks="reach,push", max_episode_steps=2)
+    evaluate_policy(None, envs, 5, seed=mw.EVAL_VARIATION_START, act=lambda obs: torch.zeros(3, 1, 4),
+                    n_action_steps=1)
+    envs.close()
+    assert len(played) == 6  # 2 rounds of 3 envs; evaluate_policy counts the first 5 episodes
+    counted: dict[str, list[int]] = {}
+    for name, v in played[:5]:
+        counted.setdefault(name, []).append(v)
+    starts = load_script("bench_metaworld").evaluate_starts(list(mw.task_names(tasks="reach,push")), 5, 3,
+                                                              mw.EVAL_VARIATION_START)
+    assert starts == counted
+    assert sum(len(v) for v in starts.values()) == 5 and set(starts) == {"reach-v3", "push-v3"}
