@@ -49,3 +49,14 @@ def load_script(name: str):
     from fmpolicy.scripting import load_script as load
 
     return load(name, Path(__file__).resolve().parents[1] / "scripts")
+
+
+def cut_after_checkpoint(run, step: int, later: int) -> None:
+    """Make the finished imitation run folder `run` look killed right after its step-`step` checkpoint:
+    the step-`later` checkpoint and the final policy removed, `last.json` pointing at `step`."""
+    import json
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / f"step_{later:08d}")
+    shutil.rmtree(run / "policy")
+    (run / "checkpoints" / "last.json").write_text(json.dumps({"step": step, "path": f"step_{step:08d}"}))

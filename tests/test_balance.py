@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,22 +11,9 @@ from safetensors.torch import load_file
 from fmpolicy.config import DataConfig
 from fmpolicy.errors import CheckpointError, ConfigError
 from fmpolicy.training.imitation import BalancedSampler, EpochSampler, make_sampler, window_groups
-from tests.helpers import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "configs" / "point_obstacle.yaml")
-TINY = ["policy.expert.width=32", "policy.expert.depth=1", "policy.expert.num_heads=2",
-        "policy.expert.time_embed_dim=32", "policy.device=cpu", "train.progress=false", "train.warmup_steps=2"]
-train_script = load_script("train")
-collect_demos = load_script("collect_demos")
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "point"
-    collect_demos.main(["--env", "fmpolicy/PointObstacle-v0", "--episodes", "6", "--num-envs", "6", "--out", str(out),
-                        "--seed", "0", "--no-progress"])
-    return out
+from tests.helpers import cut_after_checkpoint
+from tests.test_train import dataset, run_train  # noqa: F401 (the fixture: 8 PointObstacle demonstrations)
 
 
 class FakeDataset(SimpleNamespace):
@@ -97,19 +81,16 @@ def test_a_bad_balance_is_refused_with_its_name():
         DataConfig(root="x", balance="task")
 
 
-def test_balanced_training_resumes_bit_for_bit(dataset, tmp_path):
-    common = ["--config", CONFIG, f"data.root={dataset}", *TINY, "train.steps=6", "train.save_every=3",
-              "train.batch_size=16", "data.balance=episodes"]
-    train_script.main(common + [f"train.out_dir={tmp_path / 'full'}"])
+def test_balanced_training_resumes_bit_for_bit(dataset, tmp_path):  # noqa: F811 (the imported fixture)
+    common = ("train.steps=6", "train.save_every=3", "train.batch_size=16", "data.balance=episodes")
+    run_train(dataset, tmp_path / "full", *common)
     cut = tmp_path / "cut"
-    train_script.main(common + [f"train.out_dir={cut}"])
-    shutil.rmtree(cut / "checkpoints" / "step_00000006")
-    shutil.rmtree(cut / "policy")
-    (cut / "checkpoints" / "last.json").write_text(json.dumps({"step": 3, "path": "step_00000003"}))
-    train_script.main(common + [f"train.out_dir={cut}", "--resume"])
+    run_train(dataset, cut, *common)
+    cut_after_checkpoint(cut, 3, 6)
+    run_train(dataset, cut, *common, resume=True)
     full = load_file(str(tmp_path / "full" / "policy" / "model.safetensors"))
     resumed = load_file(str(cut / "policy" / "model.safetensors"))
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     # a different balance is a different run: refused on resume
     with pytest.raises(SystemExit, match=r"data\.balance"):
-        train_script.main(common[:-1] + ["data.balance=windows", f"train.out_dir={cut}", "--resume"])
+        run_train(dataset, cut, *common[:-1], "data.balance=windows", resume=True)

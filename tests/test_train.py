@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from fmpolicy.evaluation import wilson_interval
-from tests.helpers import load_script
+from tests.helpers import cut_after_checkpoint, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "point_obstacle.yaml")
@@ -50,9 +49,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(dataset, tmp_path)
     # the same run, "killed" after its step-3 checkpoint: drop everything written after it
     cut = tmp_path / "cut"
     run_train(dataset, cut, *common)
-    shutil.rmtree(cut / "checkpoints" / "step_00000006")
-    shutil.rmtree(cut / "policy")
-    (cut / "checkpoints" / "last.json").write_text(json.dumps({"step": 3, "path": "step_00000003"}))
+    cut_after_checkpoint(cut, 3, 6)
     run_train(dataset, cut, *common, resume=True)
     full, resumed = weights(tmp_path / "full"), weights(cut)
     assert full.keys() == resumed.keys()
