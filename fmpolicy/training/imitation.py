@@ -74,14 +74,19 @@ class BalancedSampler:
 
     def __init__(self, groups: torch.Tensor, batch_size: int, seed: int):
         groups = torch.unique(groups, return_inverse=True)[1]  # 0 .. G-1
-        counts = torch.bincount(groups)
-        self.groups = int(len(counts))
-        self.weights = (1.0 / counts.double())[groups] / len(counts)  # sums to 1
+        self.counts = torch.bincount(groups)
+        self.groups = int(len(self.counts))
+        self.order = torch.argsort(groups, stable=True)  # the windows, group after group
+        self.starts = torch.cumsum(self.counts, 0) - self.counts  # where each group begins in `order`
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
 
     def next(self) -> torch.Tensor:
-        return torch.multinomial(self.weights, self.batch_size, replacement=True, generator=self.generator)
+        # a group uniformly, then a window of it uniformly (any number of windows: no multinomial table)
+        g = torch.randint(self.groups, (self.batch_size,), generator=self.generator)
+        u = torch.rand(self.batch_size, generator=self.generator, dtype=torch.float64)
+        within = (u * self.counts[g]).long().clamp_max(self.counts[g] - 1)
+        return self.order[self.starts[g] + within]
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "balanced_groups": self.groups}
