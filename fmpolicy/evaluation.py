@@ -69,6 +69,11 @@ class EvalResult:
 
 
 @torch.no_grad()
+def round_seed(seed: int, rnd: int) -> int:
+    """The reset seed of `evaluate_policy`'s round `rnd` (its envs' episodes start from it)."""
+    return seed + 1000 * rnd
+
+
 def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
                     render_size: int = 0, generator: torch.Generator | None = None,
                     flag_keys: tuple[str, ...] = ("collision",), embodiment: str | None = None,
@@ -121,7 +126,7 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
     reported = False
     rnd = 0
     while len(succ) < episodes:
-        obs, info = envs.reset(seed=seed + 1000 * rnd)
+        obs, info = envs.reset(seed=round_seed(seed, rnd))
         obs = _observe(obs, info, task_map, uint8_images)
         given = list(obs.get("task", []))
         final_state = torch.as_tensor(_state(obs))

@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 
 import torch  # noqa: E402
 
+from fmpolicy.evaluation import round_seed  # noqa: E402
 from fmpolicy_envs.metaworld_env import MetaWorldEnv, MetaWorldExpert, MetaWorldVectorEnv, task_names  # noqa: E402
 
 
@@ -76,13 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
 def evaluate_starts(names: list[str], episodes: int, num_envs: int, seed: int) -> dict[str, list[int]]:
     """The variations `evaluate_policy` plays on the multi-task env, per task (see the module docstring)."""
     out: dict[str, list[int]] = {name: [] for name in names}
-    played, rnd = 0, 0
-    while played < episodes:
-        for i in range(min(num_envs, episodes - played)):
-            v = seed + 1000 * rnd + i
-            out[names[v % len(names)]].append(v)
-        played += min(num_envs, episodes - played)
-        rnd += 1
+    for k in range(episodes):  # the k-th counted episode: env k % num_envs of round k // num_envs
+        v = round_seed(seed, k // num_envs) + k % num_envs
+        out[names[v % len(names)]].append(v)
     return out
 
 
