@@ -14,7 +14,9 @@ creates) and sends two 224x224 uint8 images, an 8-d state and a prompt per reque
 other as fast as its replies come.
 
 Per request: the round trip measured by the client, the server's own `infer_ms` (the policy call that
-served it, which holds several requests when batched) and that call's rows. Overhead = round trip -
+served it, which holds several requests when batched), that call's rows, and the server's timing of the
+rest (`decode_ms`, `queue_ms`, `total_ms`), from which a second table splits the overhead into decode,
+wait, after and outside (`breakdown`). Overhead = round trip -
 infer_ms: decoding, checks, image conversion, the websocket and msgpack both ways, and the wait for the
 policy while it serves other requests. `vs alone` = round trip - `predict_action_chunk` alone at
 batch 1 (measured in-process just before each row): what a client pays over having the policy to itself. Prints a
@@ -79,7 +81,20 @@ def run_clients(server: PolicyServer, n: int, args) -> dict:
     procs = [subprocess.Popen([args.client_python, str(CLIENT), str(server.port), str(args.requests),
                                str(args.warmup)], stdout=subprocess.PIPE, text=True) for _ in range(n)]
     outs = [json.loads(proc.communicate(timeout=1800)[0].strip().splitlines()[-1]) for proc in procs]
-    return {k: np.concatenate([o[k] for o in outs]) for k in ("rtt_ms", "infer_ms", "batch_size")}
+    return {k: np.concatenate([o[k] for o in outs])
+            for k in ("rtt_ms", "infer_ms", "batch_size", "queue_ms", "decode_ms", "total_ms")}
+
+
+def breakdown(r: dict) -> dict:
+    """Where a request's overhead (round trip - infer_ms) goes, medians in ms: `decode` (the server
+    unpacking and checking it), `wait` (queued: the batch window, or the policy busy with other calls),
+    `after` (from the end of its call to its connection taking the reply up: the replies of one call
+    are handed over one after another on the event loop) and `outside` (everything before the server
+    reads the frame and after it builds the reply: the client packing the request and unpacking the
+    reply, the websocket both ways, the server packing the reply)."""
+    parts = {"decode": r["decode_ms"], "wait": r["queue_ms"] - r["decode_ms"],
+             "after": r["total_ms"] - r["queue_ms"] - r["infer_ms"], "outside": r["rtt_ms"] - r["total_ms"]}
+    return {f"{k}_ms_median": float(np.median(v)) for k, v in parts.items()}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -125,6 +140,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "overhead_ms_median": float(np.median(over)), "overhead_ms_p99": float(np.percentile(over, 99)),
                              "vs_alone_ms_median": float(np.median(vs_alone)),
                              "vs_alone_ms_p99": float(np.percentile(vs_alone, 99)),
+                             **breakdown(r),
                              "cpu": cpu_model(), "threads": torch.get_num_threads()})
     finally:
         for server in servers.values():
@@ -139,6 +155,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{r['alone_ms']:>9.2f} {r['infer_ms_median']:>9.2f} {r['rtt_ms_median']:>14.2f} {r['rtt_ms_p99']:>7.2f} "
               f"{r['overhead_ms_median']:>12.2f} {r['overhead_ms_p99']:>7.2f} {r['vs_alone_ms_median']:>12.2f} "
               f"{r['vs_alone_ms_p99']:>7.2f}")
+    print("where the overhead goes (medians, ms): decode + wait + after + outside")
+    print(f"{'batching':>8} {'clients':>7} {'decode':>7} {'wait':>7} {'after':>7} {'outside':>8}")
+    for r in rows:
+        print(f"{r['batching']:>8} {r['clients']:>7} {r['decode_ms_median']:>7.2f} {r['wait_ms_median']:>7.2f} "
+              f"{r['after_ms_median']:>7.2f} {r['outside_ms_median']:>8.2f}")
     for r in rows:
         r["load_before"], r["load_after"] = load_before, load_after
     if args.json:

@@ -134,6 +134,8 @@ def test_requests_waiting_for_the_policy_are_one_call_and_each_client_gets_its_o
         timing = reply["server_timing"]
         assert timing["batch_size"] == 2 and timing["batch_requests"] == 2
         assert timing["queue_ms"] >= 0 and timing["total_ms"] >= timing["infer_ms"] > 0
+        # the wait splits into decoding it and queueing; its call and the rest follow within total_ms
+        assert 0 < timing["decode_ms"] <= timing["queue_ms"] <= timing["total_ms"] - timing["infer_ms"]
         assert reply["actions"].shape == (4, 2)
         # batched = the policy alone on this client's observation with the same noise, to float rounding
         np.testing.assert_allclose(reply["actions"], expected(policy, o, 7), rtol=2e-4, atol=1e-4)

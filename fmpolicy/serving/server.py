@@ -6,7 +6,7 @@ The protocol (openpi's `WebsocketPolicyServer` / `WebsocketClientPolicy`):
 2. the server sends one binary msgpack frame: its metadata (a dict);
 3. each request is one binary msgpack frame holding the observation dict (numpy arrays as in
    `fmpolicy.serving.wire`); the reply is one binary frame {"actions": (H, A) float32 in robot units,
-   "server_timing": {"infer_ms", "queue_ms", "batch_size", "batch_requests", "total_ms",
+   "server_timing": {"infer_ms", "queue_ms", "decode_ms", "batch_size", "batch_requests", "total_ms",
    "prev_total_ms"}};
 4. a request that fails gets a *text* frame with the error and its traceback, and the connection
    stays usable: a bad request never kills the server or the other clients.
@@ -16,8 +16,9 @@ Client keys are mapped to ours by `ServerConfig.key_map` (openpi's `observation/
 already in our names pass through, and keys the policy does not use are ignored. Images may come as
 HWC or CHW, uint8 or float in [0, 1]; they reach the policy as float32 (3, H, W) in [0, 1]. An
 unbatched observation (state (s,)) gets actions (H, A); a batched one (state (b, s)) gets (b, H, A).
-The reply's "server_timing" also holds "queue_ms" (arrival to the start of its inference),
-"batch_size" (rows in that call) and "batch_requests" (requests in it).
+The reply's "server_timing" also holds "queue_ms" (arrival to the start of its inference), "decode_ms"
+(the part of it spent unpacking and checking the request), "batch_size" (rows in that call) and
+"batch_requests" (requests in it).
 
 Batching: each request is checked on its own as it arrives (a bad one gets its error and nothing else
 happens to it). Requests that wait while the policy is busy are stacked into one `predict_action_chunk`
@@ -237,6 +238,7 @@ class Request:
     seed: int | None = None
     rtc: tuple[torch.Tensor, int, int] | None = None  # (prev_chunk_left_over (b, n, a), delay, horizon)
     arrived: float = field(default_factory=time.perf_counter)
+    decode_ms: float = 0.0  # unpacking and checking it, before it could queue
     future: Any = None  # the asyncio future its connection waits on
 
 
@@ -381,8 +383,8 @@ class PolicyServer:
             mine = actions[row:row + r.rows, :, :r.width]
             row += r.rows
             replies.append({"actions": mine if r.batched else mine[0], "server_timing": {
-                "infer_ms": infer_ms, "queue_ms": 1000 * (start - r.arrived), "batch_size": rows,
-                "batch_requests": len(requests)}})
+                "infer_ms": infer_ms, "queue_ms": 1000 * (start - r.arrived), "decode_ms": r.decode_ms,
+                "batch_size": rows, "batch_requests": len(requests)}})
         return replies
 
     def infer(self, obs: Any) -> dict[str, Any]:
@@ -478,6 +480,7 @@ class PolicyServer:
                     raise InputError(f"the request is not a msgpack observation dict: {e}") from e
                 request = self.prepare(obs)
                 request.arrived = start
+                request.decode_ms = 1000 * (time.perf_counter() - start)
                 request.future = asyncio.get_running_loop().create_future()
                 self._pending.append(request)
                 self._wakeup.set()
