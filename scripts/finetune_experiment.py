@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Few-demonstration imitation, then FPO fine-tuning vs continued imitation for the same wall time.
 
-    python scripts/finetune_experiment.py [--out runs/finetune] [--demos 10] [--fpo-iterations 100] [--pull 0.1]
+    python scripts/finetune_experiment.py [--out runs/finetune] [--demos 10] [--fpo-iterations 150] [--pull 0.1]
 
 1. `pipeline.py` with `configs/point_obstacle_few.yaml`: the scripted expert's `--demos` episodes,
    imitation (an MLP flow expert) -> `<out>/bc/flow/policy`, evaluated over `--eval-episodes`.
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="runs/finetune")
     p.add_argument("--demos", type=int, default=10, help="expert episodes for imitation")
     p.add_argument("--bc-steps", type=int, default=0, help="imitation steps (0: the config's train.steps)")
-    p.add_argument("--fpo-iterations", type=int, default=100, help="FPO iterations (rollout + update)")
+    p.add_argument("--fpo-iterations", type=int, default=150, help="FPO iterations (rollout + update)")
     p.add_argument("--eval-episodes", type=int, default=200)
     p.add_argument("--pull", type=float, default=0.1, help="fpo.ref_coef of the FPO arm with the pull (0: no such arm)")
     p.add_argument("--overwrite", action="store_true", help="move the runs of an earlier experiment in --out aside")
