@@ -68,12 +68,12 @@ class EvalResult:
                 **{f"{k}_rate": v for k, v in self.flags.items()}}
 
 
-@torch.no_grad()
 def round_seed(seed: int, rnd: int) -> int:
     """The reset seed of `evaluate_policy`'s round `rnd` (its envs' episodes start from it)."""
     return seed + 1000 * rnd
 
 
+@torch.no_grad()
 def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
                     render_size: int = 0, generator: torch.Generator | None = None,
                     flag_keys: tuple[str, ...] = ("collision",), embodiment: str | None = None,
