@@ -100,6 +100,9 @@ def test_a_bad_request_gets_a_text_error_and_the_connection_stays_usable(server)
         for bad, words in (({"observation/image": client_obs(rng)["observation/image"]}, "has no state"),
                            ({**client_obs(rng), "observation/state": np.zeros(5, np.float32)}, "state"),
                            ({**client_obs(rng), "observation/image": np.zeros((32, 32), np.uint8)}, "shape"),
+                           ({**client_obs(rng), "observation/image": np.zeros((32, 32, 3), np.int16)}, "dtype int16"),
+                           ({**client_obs(rng), "observation/image": np.full((32, 32, 3), 2.0, np.float32)},
+                            "expected float images in [0, 1]"),
                            (["not", "a", "dict"], "expected a dict")):
             ws.send(packb(bad))
             answer = ws.recv()
@@ -110,6 +113,19 @@ def test_a_bad_request_gets_a_text_error_and_the_connection_stays_usable(server)
         assert "binary msgpack frame" in ws.recv()
         ws.send(packb(client_obs(rng)))
         assert unpackb(ws.recv())["actions"].shape == (4, 2)
+
+
+def test_uint8_images_stay_uint8_until_the_policy_call_and_float_images_give_the_same_actions(policy):
+    # the division by 255 happens once per stacked call inside the encoder, not per request on the
+    # event loop; the actions are those of the same images sent as floats in [0, 1]
+    server = PolicyServer(policy, ServerConfig())
+    obs = client_obs(np.random.default_rng(4))
+    request = server.prepare(obs)
+    assert request.batch[CAM].dtype == torch.uint8 and request.batch[CAM].shape == (1, 3, 32, 32)
+    as_float = {**obs, "observation/image": obs["observation/image"].astype(np.float32) / 255.0}
+    assert server.prepare(as_float).batch[CAM].dtype == torch.float32
+    np.testing.assert_allclose(server.infer({**obs, "seed": 7})["actions"],
+                               server.infer({**as_float, "seed": 7})["actions"], rtol=0, atol=1e-6)
 
 
 def test_batched_requests_get_batched_actions(server):
