@@ -56,10 +56,11 @@ def make_policy() -> FlowPolicy:
 
 
 def infer_alone_ms(policy: FlowPolicy, n: int = 20) -> float:
-    """Median ms of `predict_action_chunk` at batch 1 on the benchmark's observation, in-process."""
+    """Median ms of `predict_action_chunk` at batch 1 on the benchmark's observation, in-process: uint8
+    camera images as the clients send them (the server hands them to the policy as uint8 too)."""
     rng = np.random.default_rng(0)
     obs = {"observation.state": torch.as_tensor(rng.standard_normal((1, 8)), dtype=torch.float32), "task": ["pick"],
-           **{cam: torch.rand(1, 3, 224, 224) for cam in policy.config.encoder.cameras}}
+           **{cam: torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8) for cam in policy.config.encoder.cameras}}
     times = []
     with torch.no_grad():
         for i in range(n + 5):
