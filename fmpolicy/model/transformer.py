@@ -134,6 +134,12 @@ class ActionExpert(nn.Module):
         # time embedding per step: one matmul instead of depth + 1 small ones
         self.modulation = AdaptiveModulation(d, n_triples=2 * config.depth + 1)
         self.action_out = nn.Linear(d, config.max_action_dim)
+        # zero-initialised, as DiT's final layer: the untrained expert's velocity is 0, so it samples the
+        # noise distribution itself, N(0, I), the same at every state and unbiased. PyTorch's default init
+        # gave a velocity of ~0.5 in a random direction (from action_in's bias through the norm), which
+        # tilts every state one way before FPO from scratch starts (docs/rl.md, "The transformer")
+        nn.init.zeros_(self.action_out.weight)
+        nn.init.zeros_(self.action_out.bias)
         # suffix block mask: the state token (row 0) sees only itself, action tokens see everything
         q = 1 + chunk_size
         suffix_mask = torch.ones(q, q, dtype=torch.bool)
