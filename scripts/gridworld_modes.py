@@ -2,10 +2,11 @@
 """Does a GridWorld policy send actions to both goals where they are equally far? (FPO paper's result)
 
     python scripts/gridworld_modes.py RUN_DIR [RUN_DIR ...] [--samples 2000] [--per-state 400]
-        [--seed 0] [--png docs/img/gridworld_paper_actions.png] [--json out.json]
+        [--seed 0] [--png docs/img/gridworld_paper_actions.png] [--json out.json] [--start]
 
 RUN_DIR is an `rl.out_dir` of `scripts/train_fpo.py` on `fmpolicy/TwoGoalGridWorld-v0` (its final
-`policy/`, or a saved policy directory itself). For each policy, on the middle row (observation y = 0:
+`policy/`, or a saved policy directory itself; with `--start`, the untrained policy the run began
+from, rebuilt from its `config.yaml` and `rl.seed`: does the start already lean to one goal?). For each policy, on the middle row (observation y = 0:
 both goal rows 11 moves away), sampling the flow from fresh initial noise:
 
 - `up` / `down`: fractions of `--samples` actions (spread evenly over the row's 25 cells) whose move
@@ -140,8 +141,25 @@ def plot(runs: list[tuple[str, FlowPolicy, dict]], path: Path, seed: int = 0, si
     plt.close(fig)
 
 
-def load_policy(run: Path) -> FlowPolicy:
-    return FlowPolicy.from_pretrained(run / "policy" if (run / "policy").is_dir() else run, device="cpu").eval()
+def load_policy(run: Path, start: bool = False) -> FlowPolicy:
+    """The run's saved policy, or with `start` the untrained one it began from: rebuilt from its
+    `config.yaml` under its `rl.seed`, as `scripts/train_fpo.py` builds it (`seed_everything`, then
+    `make_actor`), so that the tilt a run inherits from its initial weights can be measured."""
+    if not start:
+        return FlowPolicy.from_pretrained(run / "policy" if (run / "policy").is_dir() else run, device="cpu").eval()
+    from fmpolicy.rl.config import load_rl_config
+    from fmpolicy.rl.trainer import make_actor
+    from fmpolicy.run import seed_everything
+
+    if not (run / "config.yaml").is_file():
+        raise SystemExit(f"--start: {run} has no config.yaml; expected an rl.out_dir of scripts/train_fpo.py")
+    config = load_rl_config(str(run / "config.yaml"))
+    if config.init_from:
+        raise SystemExit(f"--start: {run} began from init_from={config.init_from}, not untrained weights: measure "
+                         "that policy folder instead")
+    seed_everything(config.rl.seed)
+    actor, _ = make_actor(config, torch.device("cpu"))
+    return actor.policy.eval()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -150,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samples", type=int, default=2000, help="middle-row samples for up/down and the histogram")
     p.add_argument("--per-state", type=int, default=400, help="samples at each middle-row cell for split_states")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--start", action="store_true",
+                   help="measure the untrained policy each run began from (its config.yaml and rl.seed), not its result")
     p.add_argument("--png", type=Path, help="picture of every run's policy (a row each)")
     p.add_argument("--labels", default="", help="titles of the runs in the picture, separated by ; (default: the paths)")
     p.add_argument("--json", type=Path, help="where to write the measures (default <first run>/gridworld_modes.json)")
@@ -159,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--labels has {len(labels)} titles for {len(args.runs)} runs")
     results, pictured = {}, []
     for run, label in zip(args.runs, labels):
-        policy = load_policy(run)
+        policy = load_policy(run, args.start)
         results[str(run)] = measure(policy, args.samples, args.per_state, args.seed)
         pictured.append((label, policy, results[str(run)]))
     if args.png:

@@ -275,6 +275,32 @@ def test_gridworld_modes_measures_a_saved_policy_and_draws_it(tmp_path):
     assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "run" / "gridworld_modes.json").is_file()
 
 
+TINY_TRANSFORMER = ("policy.expert={kind: transformer, width: 32, depth: 2, num_heads: 2, mlp_ratio: 2.0, "
+                    "max_state_dim: 2, max_action_dim: 2}")
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_an_untrained_transformer_start_is_tilted_towards_neither_goal(tmp_path, seed):
+    """`gridworld_modes.py --start` rebuilds the policy a run began from (its config.yaml, its rl.seed):
+    for the transformer that is N(0, I) itself (zero-initialised output layer), so every row sends
+    P(a_y > 0.5) = 0.309 of its actions up and as many down. With PyTorch's default init these two
+    seeds started at .05-.08 up / .57-.63 down everywhere, and FPO sent the whole grid down (docs/rl.md)."""
+    import yaml
+
+    from fmpolicy.config import config_to_dict
+
+    script = load_script("gridworld_modes")
+    run = tmp_path / "run"
+    run.mkdir()
+    config = load_rl_config(PAPER, [TINY_TRANSFORMER, f"rl.seed={seed}"])
+    (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    r = script.main(["--start", str(run), "--samples", "1000", "--per-state", "10", "--seed", "3"])[str(run)]
+    for row, (up, down) in r["rows"].items():  # 1,000 samples a row: a standard error of 0.015
+        assert abs(up - 0.309) < 0.06 and abs(down - 0.309) < 0.06, (row, up, down)
+    with pytest.raises(SystemExit, match="no config.yaml"):
+        script.main(["--start", str(tmp_path)])
+
+
 def test_the_ratio_gap_measure_agrees_with_itself_when_the_fresh_pairs_are_the_stored_ones(tmp_path, monkeypatch):
     """scripts/fpo_ratio_gap.py on a 1-iteration run of the paper config: the update moved the losses
     (a non-zero log ratio), and with the 'fresh' pairs replaced by the stored ones the two estimates
