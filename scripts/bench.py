@@ -45,8 +45,8 @@ Sections (`--only`):
   `max_abs_diff` between the two chunks from the same noise (they must agree to float rounding,
   < 1e-4). `prefix_effect` is the max change of the chunk when the prefix is replaced: it shows that
   the comparison is not vacuous. (At initialisation the adaLN-Zero gates are 0, every block is the
-  identity and the prefix cannot reach the output, so the bench first gives the modulation layers
-  small random weights; timings do not depend on the values.)
+  identity and the prefix cannot reach the output, and the output layer is 0, so the bench first gives
+  those layers small random weights; timings do not depend on the values.)
 - `encoder`: `predict_action_chunk` with the encoder in the loop (a 64-pixel camera through a
   SigLIP-style tower of width 128 and 4 layers, and a 32-token instruction through a tiny BERT: 96
   prefix tokens), the encoder alone, and a solve that re-runs the encoder at every step. Figure:
@@ -89,6 +89,7 @@ from torch import Tensor
 from fmpolicy import FlowPolicy, NormalizationConfig, PolicyConfig, SamplerConfig, make_expert_config
 from fmpolicy.config import EXPERT_PRESETS, resolve_device
 from fmpolicy.machine import cpu_model
+from fmpolicy.model import ActionExpert
 from fmpolicy.model.layers import AdaptiveModulation
 from fmpolicy.sampling import sample_ode
 
@@ -170,8 +171,9 @@ def make_policy(preset: str, device: torch.device, seed: int, chunk_size: int = 
     """The benchmark policy: prefix tokens of the expert's width, identity normalization (`expert`:
     fields of the preset replaced).
 
-    The zero-initialised modulation layers get small random weights, so that time, state and prefix
-    reach the output (see the module docstring); the cost of a call does not change.
+    The zero-initialised modulation layers and the transformer's zero-initialised output layer get
+    small random weights, so that time, state and prefix reach the output (see the module docstring);
+    the cost of a call does not change.
     """
     torch.manual_seed(seed)
     expert = {"prefix_dim": EXPERT_PRESETS[preset].width, **expert}
@@ -187,6 +189,8 @@ def make_policy(preset: str, device: torch.device, seed: int, chunk_size: int = 
             if isinstance(module, AdaptiveModulation):
                 module.proj.weight.normal_(0.0, 0.5 / math.sqrt(module.proj.in_features))
                 module.proj.bias.normal_(0.0, 0.1)
+            if isinstance(module, ActionExpert):  # its output layer starts at zero too (DiT's)
+                module.action_out.weight.normal_(0.0, 1.0 / math.sqrt(module.action_out.in_features))
     return policy.eval()
 
 
