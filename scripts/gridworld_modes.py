@@ -6,8 +6,9 @@
 
 RUN_DIR is an `rl.out_dir` of `scripts/train_fpo.py` on `fmpolicy/TwoGoalGridWorld-v0` (its final
 `policy/`, or a saved policy directory itself; with `--start`, the untrained policy the run began
-from, rebuilt from its `config.yaml` and `rl.seed`: does the start already lean to one goal?). For each policy, on the middle row (observation y = 0:
-both goal rows 11 moves away), sampling the flow from fresh initial noise:
+from, rebuilt from its `config.yaml` and `rl.seed`: does the start already lean to one goal?). For
+each policy, on the middle row (observation y = 0: both goal rows 11 moves away), sampling the flow
+from fresh initial noise:
 
 - `up` / `down`: fractions of `--samples` actions (spread evenly over the row's 25 cells) whose move
   goes up / down (a_y rounds to +1 / -1; `vertical_split` of the env);

@@ -137,7 +137,7 @@ class ActionExpert(nn.Module):
         # zero-initialised, as DiT's final layer: the untrained expert's velocity is 0, so it samples the
         # noise distribution itself, N(0, I), the same at every state and unbiased. PyTorch's default init
         # gave a velocity of ~0.5 in a random direction (from action_in's bias through the norm), which
-        # tilts every state one way before FPO from scratch starts (docs/rl.md, "The transformer")
+        # tilts every state one way before FPO from scratch starts (docs/rl.md, "a tilted start")
         nn.init.zeros_(self.action_out.weight)
         nn.init.zeros_(self.action_out.bias)
         # suffix block mask: the state token (row 0) sees only itself, action tokens see everything
