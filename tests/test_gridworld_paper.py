@@ -8,10 +8,11 @@ import copy
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from fmpolicy import FlowPolicy
-from fmpolicy.config import ExpertConfig, PolicyConfig, config_from_dict
+from fmpolicy.config import ExpertConfig, PolicyConfig, config_from_dict, config_to_dict
 from fmpolicy.errors import ConfigError
 from fmpolicy.model.layers import sinusoidal_time_features
 from fmpolicy.model.mlp import MLPVelocityNet
@@ -285,10 +286,6 @@ def test_an_untrained_transformer_start_is_tilted_towards_neither_goal(tmp_path,
     for the transformer that is N(0, I) itself (zero-initialised output layer), so every row sends
     P(a_y > 0.5) = 0.309 of its actions up and as many down. With PyTorch's default init these two
     seeds started at .05-.08 up / .57-.63 down everywhere, and FPO sent the whole grid down (docs/rl.md)."""
-    import yaml
-
-    from fmpolicy.config import config_to_dict
-
     script = load_script("gridworld_modes")
     run = tmp_path / "run"
     run.mkdir()
