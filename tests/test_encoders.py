@@ -312,7 +312,22 @@ def test_prefix_feeds_flow_policy(vt):
     batch = {**make_batch(b=3, cams=(TOP,)), "observation.state": torch.randn(3, 2), "action": torch.randn(3, 4, 2)}
     loss, _ = policy.compute_loss(enc.encode_batch(batch))
     loss.backward()
-    assert enc.text_proj.weight.grad is not None and enc.vision.embeddings.patch_embedding.weight.grad is None
+    # the expert starts as adaLN-Zero blocks under a zero output layer (DiT), so nothing upstream of that
+    # layer gets a gradient yet; one step moves the output layer, a second the blocks' gates
+    assert enc.text_proj.weight.grad.abs().sum() == 0
+    opt = torch.optim.SGD(policy.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.step()
+        policy.zero_grad(set_to_none=True)
+        enc.zero_grad(set_to_none=True)
+        loss, _ = policy.compute_loss(enc.encode_batch(batch))
+        loss.backward()
+    # now the loss reaches the encoder's trainable projections through the expert's cross-attention ...
+    assert enc.text_proj.weight.grad.abs().sum() > 0 and enc.vision_proj.weight.grad.abs().sum() > 0
+    assert enc.camera_embed.grad.abs().sum() > 0
+    # ... and not its frozen towers
+    assert enc.vision.embeddings.patch_embedding.weight.grad is None
+    assert enc.text.embeddings.word_embeddings.weight.grad is None
 
 
 # ---- input errors ------------------------------------------------------------------------------------
