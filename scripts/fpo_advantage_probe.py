@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """What FPO's update does to a policy when the advantages carry no information (or a little).
 
-    python scripts/fpo_advantage_probe.py [--advantages noise|positive|negative] [--signal 0.3]
+    python scripts/fpo_advantage_probe.py [--advantages noise|positive|negative|nearest] [--signal 0.3]
         [--policy flow|gaussian] [--iterations 120] [--seed 0] [rl.clip=0.005 rl.fpo.normalizer_samples=1 ...]
+        ['policy.expert={kind: transformer, width: 32, depth: 2, num_heads: 2, mlp_ratio: 2.0, ...}']
 
 One state, 2-D actions. The flow policy (an MLP expert, width 128, depth 3) first imitates two modes at
 (+0.5, 0) and (-0.5, 0) (std 0.1; `--bc-steps` Adam steps of 256); the Gaussian policy (PPO's baseline)
@@ -13,6 +14,10 @@ actions: standard normal (`noise`), or only its positive (`positive`) or negativ
 unstandardised for the latter two (pass `rl.normalize_advantages=false`). Under all three the exact
 policy gradient is zero in expectation: a change of the policy is the update's own doing. `--signal s`
 adds s x (a_y / 0.1) to every advantage: a real preference for +y, to see how fast it is learnt.
+`nearest`: the advantage is minus the distance to the nearer mode, so both modes are equally good (the
+middle row of the GridWorld in one state): the exact gradient narrows each mode and keeps their shares;
+an update that moves the shares picks a side by itself. `policy.expert...` overrides swap the expert
+(e.g. the tiny transformer of docs/rl.md's GridWorld runs).
 
 Every 10 iterations: the samples' mean and std per axis, the fractions within 0.3 of each mode
 (`near+`, `near-`), and the update's approximate KL and clip fraction per minibatch step, as JSON lines;
@@ -36,10 +41,10 @@ MODES = torch.tensor([[0.5, 0.0], [-0.5, 0.0]])
 
 
 def check_overrides(pairs: list[str]) -> list[str]:
-    """The probe builds everything but the update: only rl.<field>=<value> overrides make sense."""
+    """The probe fixes the task: only the update (rl.<field>=<value>) and the expert (policy.expert...) may change."""
     for pair in pairs:
-        if "=" not in pair or not pair.startswith("rl."):
-            raise SystemExit(f"override {pair!r}: expected rl.<field>=<value>")
+        if "=" not in pair or not pair.startswith(("rl.", "policy.expert")):
+            raise SystemExit(f"override {pair!r}: expected rl.<field>=<value> or policy.expert<...>=<value>")
     return pairs
 
 
@@ -47,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the probe; -> the summary (also printed as the last JSON line)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", choices=("flow", "gaussian"), default="flow")
-    p.add_argument("--advantages", choices=("noise", "positive", "negative"), default="noise")
+    p.add_argument("--advantages", choices=("noise", "positive", "negative", "nearest"), default="noise")
     p.add_argument("--signal", type=float, default=0.0, help="weight of a real preference for +y in the advantages")
     p.add_argument("--iterations", type=int, default=120)
     p.add_argument("--seed", type=int, default=0)
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=256, help="samples an iteration")
     p.add_argument("--time-input", choices=("raw", "sinusoidal"), default="raw", help="the flow expert's time input")
     p.add_argument("overrides", nargs="*", help="rl.<field>=<value>, e.g. rl.clip=0.005")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     torch.set_num_threads(1)
     b = args.batch
     rl = {"policy_type": args.policy, "num_envs": b, "num_macro_steps": 1, "update_epochs": 4,
@@ -109,7 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.no_grad():
             chunk, store = actor.act(o, g)
         adv = torch.randn(b, generator=g)
-        if args.advantages == "positive":
+        if args.advantages == "nearest":
+            adv = -torch.cdist(chunk[:, 0].float(), MODES).min(1).values
+        elif args.advantages == "positive":
             adv = adv.clamp(min=0)
         elif args.advantages == "negative":
             adv = adv.clamp(max=0)
@@ -128,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
             n = float(stats["updates"])
             record = {"iteration": it, **measure(), **{k: round(float(stats[k]) / n, 4) for k in ("approx_kl", "clip_fraction")}}
             print(json.dumps(record), flush=True)
-    summary = {"summary": True, "policy": args.policy, "advantages": args.advantages, "signal": args.signal,
+    summary = {"summary": True, "policy": args.policy, "expert": cfg.policy.expert.kind, "advantages": args.advantages, "signal": args.signal,
                "seed": args.seed, "overrides": args.overrides, "start": start, "end": record}
     print(json.dumps(summary), flush=True)
     return summary

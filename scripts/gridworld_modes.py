@@ -2,7 +2,7 @@
 """Does a GridWorld policy send actions to both goals where they are equally far? (FPO paper's result)
 
     python scripts/gridworld_modes.py RUN_DIR [RUN_DIR ...] [--samples 2000] [--per-state 400]
-        [--seed 0] [--png docs/img/gridworld_paper_actions.png] [--json out.json] [--start]
+        [--seed 0] [--png docs/img/gridworld_paper_actions.png] [--json out.json] [--start] [--boundary]
 
 RUN_DIR is an `rl.out_dir` of `scripts/train_fpo.py` on `fmpolicy/TwoGoalGridWorld-v0` (its final
 `policy/`, or a saved policy directory itself; with `--start`, the untrained policy the run began
@@ -16,7 +16,9 @@ from fresh initial noise:
 - `peaks`: the number of separated peaks of the histogram of a_y over those `--samples` actions
   (`count_peaks`: 48 bins on [-r, r], r = max(6, 99th percentile of |a_y|), smoothed, peaks of >= 10% of the highest one, a dip between
   two of at most half the lower peak); `two_peaks` when it is >= 2;
-- `rows`: up / down of the rows -3..+3 around the middle (the same count of samples each).
+- `rows`: up / down of the rows -3..+3 around the middle (the same count of samples each);
+- with `--boundary`: where between the rows the up/down boundary lies and how wide the band of split
+  positions is (`boundary`: the flow is also queried at fractional rows).
 
 Prints a table, writes the measures as JSON (`--json`, default `<first run>/gridworld_modes.json`) and,
 with `--png`, a picture with a row per policy: one sampled action per cell (arrows; goal rows shaded)
@@ -142,6 +144,40 @@ def plot(runs: list[tuple[str, FlowPolicy, dict]], path: Path, seed: int = 0, si
     plt.close(fig)
 
 
+def boundary(policy: FlowPolicy, per_point: int = 200, seed: int = 0, size: int = 25, span: int = 3,
+             steps_per_row: int = 8) -> dict:
+    """Where the policy's up/down boundary lies between the rows, and how wide its split band is.
+
+    The policy is queried between the grid's rows too (positions y = middle + k / `steps_per_row` for
+    |k / steps_per_row| <= `span`; every x; `per_point` samples each): a net that is smooth in the state
+    must pass from "up" to "down" somewhere, and where it does it sends actions both ways. `profile`:
+    per offset (in rows from the middle) the mean up / down and how many of the `size` x positions are
+    split (>= SPLIT_MIN each way). `boundary_row`: the offset where up / (up + down), averaged over x,
+    first crosses 1/2 from below (linear between the two offsets around it; None if it never does).
+    `split_rows`: the split band's area in rows (split points / size / steps_per_row). A policy keeps
+    both GridWorld modes on its middle row when its boundary sits there (|boundary_row| < 1/2)."""
+    env = TwoGoalGridWorld(num_envs=1, size=size)
+    gen = torch.Generator(device=policy.device).manual_seed(seed)
+    profile, n_split = [], 0
+    for k in range(-span * steps_per_row, span * steps_per_row + 1):
+        pos = torch.stack([torch.arange(size).float().repeat_interleave(per_point),
+                           torch.full((size * per_point,), env.center + k / steps_per_row)], dim=-1)
+        a = sample_actions(policy, pos, env, gen).reshape(size, per_point, 2)
+        cells = [vertical_split(a[x]) for x in range(size)]
+        split = sum(1 for u, d in cells if u >= SPLIT_MIN and d >= SPLIT_MIN)
+        n_split += split
+        profile.append({"row": k / steps_per_row, "up": round(sum(u for u, _ in cells) / size, 4),
+                        "down": round(sum(d for _, d in cells) / size, 4), "split": split})
+    share = [q["up"] / max(q["up"] + q["down"], 1e-9) for q in profile]
+    row = None
+    for i in range(1, len(profile)):
+        if share[i - 1] < 0.5 <= share[i]:
+            w = (0.5 - share[i - 1]) / (share[i] - share[i - 1])
+            row = round(profile[i - 1]["row"] + w / steps_per_row, 3)
+            break
+    return {"boundary_row": row, "split_rows": round(n_split / size / steps_per_row, 3), "profile": profile}
+
+
 def load_policy(run: Path, start: bool = False) -> FlowPolicy:
     """The run's saved policy, or with `start` the untrained one it began from: rebuilt from its
     `config.yaml` under its `rl.seed`, as `scripts/train_fpo.py` builds it (`seed_everything`, then
@@ -174,6 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--png", type=Path, help="picture of every run's policy (a row each)")
     p.add_argument("--labels", default="", help="titles of the runs in the picture, separated by ; (default: the paths)")
     p.add_argument("--json", type=Path, help="where to write the measures (default <first run>/gridworld_modes.json)")
+    p.add_argument("--boundary", action="store_true",
+                   help="also locate the up/down boundary between the rows (rows -3..+3 in eighths, `boundary`)")
     args = p.parse_args(argv)
     labels = args.labels.split(";") if args.labels else [str(run) for run in args.runs]
     if len(labels) != len(args.runs):
@@ -182,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
     for run, label in zip(args.runs, labels):
         policy = load_policy(run, args.start)
         results[str(run)] = measure(policy, args.samples, args.per_state, args.seed)
+        if args.boundary:
+            results[str(run)]["boundary"] = boundary(policy, seed=args.seed)
         pictured.append((label, policy, results[str(run)]))
     if args.png:
         plot(pictured, args.png, seed=args.seed)
@@ -190,6 +230,12 @@ def main(argv: list[str] | None = None) -> dict:
     for run, r in results.items():
         rows = ", ".join(f"{u:.2f}/{d:.2f}" for u, d in r["rows"].values())
         print(f"| {run} | {r['up']:.2f} / {r['down']:.2f} | {r['split_states']} of {r['states']} | {r['peaks']} | {rows} |")
+    if args.boundary:
+        print("\n| run | boundary row (up/down crosses 1/2) | split band (rows) |\n| --- | --- | --- |")
+        for run, r in results.items():
+            b = r["boundary"]
+            where = "none" if b["boundary_row"] is None else f"{b['boundary_row']:+.2f}"
+            print(f"| {run} | {where} | {b['split_rows']:.2f} |")
     out = args.json or args.runs[0] / "gridworld_modes.json"
     atomic_write_json(out, results, indent=1)
     return results

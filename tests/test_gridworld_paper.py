@@ -5,6 +5,7 @@ errors, and the paper's result on a short seeded run: the middle row's actions g
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import yaml
 from torch import nn
 
 from fmpolicy import FlowPolicy
+from fmpolicy.batch import STATE
 from fmpolicy.config import ExpertConfig, PolicyConfig, config_from_dict, config_to_dict
 from fmpolicy.errors import ConfigError
 from fmpolicy.model.layers import sinusoidal_time_features
@@ -267,13 +269,44 @@ def test_gridworld_modes_measures_a_saved_policy_and_draws_it(tmp_path):
     pc = load_rl_config(PAPER).policy
     torch.manual_seed(0)
     FlowPolicy(pc).save_pretrained(tmp_path / "run" / "policy")
-    out = script.main([str(tmp_path / "run"), "--samples", "200", "--per-state", "20", "--png", str(tmp_path / "a.png")])
+    out = script.main([str(tmp_path / "run"), "--samples", "200", "--per-state", "20", "--png", str(tmp_path / "a.png"),
+                       "--boundary"])
     r = out[str(tmp_path / "run")]
+    b = r["boundary"]
+    assert [q["row"] for q in b["profile"]][::8] == [-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0] and b["split_rows"] >= 0.0
     assert 0.0 <= r["down"] <= 1.0 - r["up"] and len(r["per_state"]) == r["states"] == 25
     assert sum(r["a_y_hist"]["counts"]) + r["a_y_hist"]["outside"] == 200
     assert 0 <= r["split_states"] <= 25 and r["two_peaks"] == (r["peaks"] >= 2) and set(r["rows"]) == \
         {"-3", "-2", "-1", "+0", "+1", "+2", "+3"}
     assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "run" / "gridworld_modes.json").is_file()
+
+
+class _LogisticPolicy:
+    """A stand-in policy whose move goes up with probability sigmoid((row - at) / width) and down
+    otherwise, row = the position's offset from the middle in rows (fractional between the rows)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, at: float, width: float):
+        self.at, self.width = at, width
+
+    def sample_noise(self, n, generator):
+        return torch.rand(n, 1, 2, generator=generator)
+
+    def predict_action_chunk(self, obs, noise):
+        row = obs[STATE][:, 1] * 12  # observation y = (y - 12) / 12 on the 25-row grid
+        up = noise[:, 0, 1] < torch.sigmoid((row - self.at) / self.width)
+        return torch.stack([torch.zeros_like(row), torch.where(up, 1.0, -1.0)], dim=-1)[:, None]
+
+
+@pytest.mark.parametrize("at", [-1.3, 0.0, 2.2])
+def test_boundary_finds_where_a_policy_turns_from_down_to_up_between_the_rows(at):
+    """P(up) is 1/2 at `at` rows from the middle; between 1/4 and 3/4 (split) over 2 ln 3 x width rows."""
+    script = load_script("gridworld_modes")
+    b = script.boundary(_LogisticPolicy(at, 0.5), per_point=200, seed=1)
+    assert abs(b["boundary_row"] - at) < 0.125, b["boundary_row"]  # an eighth of a row: the query spacing
+    assert abs(b["split_rows"] - 2 * math.log(3) * 0.5) < 0.3, b["split_rows"]  # 1.10 rows
+    assert script.boundary(_LogisticPolicy(9.0, 0.5), per_point=50)["boundary_row"] is None  # never turns up
 
 
 TINY_TRANSFORMER = ("policy.expert={kind: transformer, width: 32, depth: 2, num_heads: 2, mlp_ratio: 2.0, "
