@@ -395,6 +395,16 @@ def bench_envs(bench: Bench) -> list[dict]:
         times = bench.time({"step": run}, 1 if n == 1 else 2)
         per_step = [ms / steps for ms in times["step"]]
         rows.append(bench.row("envs", "PointObstacle", per_step, batch=n, env_steps_per_s=n * 1e3 / median(per_step)))
+    # with the 64-pixel camera of configs/point_goals_vl.yaml (two goals): every step renders the images
+    n = 8 if bench.args.quick else 32
+    envs = fmpolicy_envs.PointObstacleVectorEnv(num_envs=n, device=bench.device, seed=bench.args.seed, n_goals=2,
+                                                image_size=64)
+    envs.reset(seed=bench.args.seed)
+    action = torch.rand(n, 2, generator=bench.generator).to(bench.device) * 2 - 1
+    times = bench.time({"step": lambda: [envs.step(action) for _ in range(steps)]}, 2)
+    per_step = [ms / steps for ms in times["step"]]
+    rows.append(bench.row("envs", "PointObstacle+camera64", per_step, batch=n,
+                          env_steps_per_s=n * 1e3 / median(per_step)))
     return rows
 
 

@@ -95,6 +95,36 @@ def test_disk_outside_is_background():
     assert rc[0] > SIZE // 2 and rc[1] > SIZE // 2  # y = -0.5 is in the lower half (row 0 = top)
 
 
+def test_disk_and_ring_follow_the_distance_field():
+    """paint_disk / paint_ring equal the blend of the plain distance field (pixel centre to centre), in
+    float64 where the per-axis form and the norm agree to rounding; colours exact inside, untouched far away."""
+    gen = torch.Generator().manual_seed(0)
+    size = 40
+    centre = (torch.rand(6, 2, generator=gen, dtype=torch.float64) * 2.4 - 1.2)  # some partly off the image
+    radius = torch.rand(6, generator=gen, dtype=torch.float64) * 0.5 + 0.05
+    base = torch.rand(6, 3, size, size, generator=gen, dtype=torch.float64)
+    c = (torch.arange(size, dtype=torch.float64) * 2 + 1) / size - 1  # pixel centres, as pixel_grid's
+    grid = torch.stack(torch.meshgrid(c, -c, indexing="xy"), dim=-1)  # (N, N, 2): row i has y = -c[i]
+    torch.testing.assert_close(grid.float(), R.pixel_grid(size))
+    dist = (grid.unsqueeze(0) - centre[:, None, None, :]).norm(dim=-1)  # (e, N, N)
+    pixel = 2.0 / size
+    col = torch.tensor(R.RED, dtype=torch.float64).view(1, 3, 1, 1)
+
+    def expected(signed):
+        alpha = (0.5 - signed / pixel).clamp(0, 1).unsqueeze(1)
+        return base * (1 - alpha) + col * alpha
+
+    disk = R.paint_disk(base, centre, radius, R.RED)
+    torch.testing.assert_close(disk, expected(dist - radius.view(-1, 1, 1)), rtol=0, atol=1e-12)
+    ring = R.paint_ring(base, centre, 0.3, 0.05, R.RED)
+    torch.testing.assert_close(ring, expected((dist - 0.3).abs() - 0.025), rtol=0, atol=1e-12)
+    inside = (dist < radius.view(-1, 1, 1) - pixel).unsqueeze(1).expand_as(disk)
+    outside = (dist > radius.view(-1, 1, 1) + pixel).unsqueeze(1).expand_as(disk)
+    assert inside.any() and outside.any()
+    assert torch.equal(disk[inside], col.expand_as(disk)[inside])  # exactly the colour
+    assert torch.equal(disk[outside], base[outside])  # exactly what was there
+
+
 @pytest.mark.parametrize("env_id", ["fmpolicy/PointObstacle-v0", "fmpolicy/ArmReach-v0", "fmpolicy/Push-v0"])
 def test_gym_env_image_obs_and_rgb_array(env_id):
     env = gym.make(env_id, image_size=32, render_mode="rgb_array", render_size=96)
