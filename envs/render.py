@@ -44,7 +44,7 @@ def _blend(img: Tensor, signed_dist: Tensor, colour: tuple[float, float, float])
     is 0, `colour` exactly where it is 1 (torch.lerp, one pass over the image).
     """
     pixel = 2.0 / img.shape[-1]
-    alpha = (0.5 - signed_dist / pixel).clamp(0.0, 1.0).unsqueeze(1)  # (e, 1, N, N)
+    alpha = (0.5 - signed_dist / pixel).clamp(0.0, 1.0).unsqueeze(1).to(img.dtype)  # (e, 1, N, N)
     col = torch.tensor(colour, device=img.device, dtype=img.dtype).view(1, 3, 1, 1)
     return torch.lerp(img, col.expand_as(img), alpha)
 

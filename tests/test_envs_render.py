@@ -123,6 +123,10 @@ def test_disk_and_ring_follow_the_distance_field():
     assert inside.any() and outside.any()
     assert torch.equal(disk[inside], col.expand_as(disk)[inside])  # exactly the colour
     assert torch.equal(disk[outside], base[outside])  # exactly what was there
+    # a float32 image keeps its dtype whatever the centres' (a core may hold float64 positions)
+    img32 = R.paint_disk(base.float(), centre, radius, R.RED)
+    assert img32.dtype == torch.float32
+    torch.testing.assert_close(img32, disk.float(), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("env_id", ["fmpolicy/PointObstacle-v0", "fmpolicy/ArmReach-v0", "fmpolicy/Push-v0"])
