@@ -24,9 +24,14 @@ JOINT = (0.1, 0.1, 0.1)
 OBJECT = (0.6, 0.2, 0.7)
 
 
+def _pixel_centres(size: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+    """(size,): the x of column j's centre, c[j] = -1 + (2j + 1) / size; row i's centre has y = -c[i]."""
+    return (torch.arange(size, device=device, dtype=dtype) * 2 + 1) / size - 1
+
+
 def pixel_grid(size: int, device: torch.device | str = "cpu") -> Tensor:
     """World coordinates of the pixel centres. Returns (size, size, 2) as (x, y)."""
-    c = (torch.arange(size, device=device, dtype=torch.float32) * 2 + 1) / size - 1  # (size,)
+    c = _pixel_centres(size, device)  # (size,)
     y, x = torch.meshgrid(-c, c, indexing="ij")  # row i -> y decreasing, column j -> x increasing
     return torch.stack([x, y], dim=-1)
 
@@ -55,7 +60,7 @@ def _disk_distance(size: int, centre: Tensor) -> Tensor:
     Equal to `(pixel_grid(size) - centre).norm(dim=-1)` up to float32 rounding, without building the
     (e, N, N, 2) offsets: the env loops render every step, and this was most of their time.
     """
-    c = (torch.arange(size, device=centre.device, dtype=centre.dtype) * 2 + 1) / size - 1  # (N,)
+    c = _pixel_centres(size, centre.device, centre.dtype)  # (N,)
     dx = c[None, :] - centre[:, 0:1]  # (e, N): column j has x = c[j]
     dy = -c[None, :] - centre[:, 1:2]  # (e, N): row i has y = -c[i]
     return (dy.square()[:, :, None] + dx.square()[:, None, :]).sqrt()
