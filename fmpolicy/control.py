@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from fmpolicy.errors import InputError
+from fmpolicy.evaluation import observe_env
 
 AGGREGATIONS = ("latest", "average", "ensemble")
 MODES = ("sync", "latest", "ensemble", "rtc")
@@ -222,7 +223,8 @@ def run_with_latency(policy, envs, mode: str, delay: int, seed: int = 0, ensembl
         raise InputError(f"delay = {delay}: expected 0 <= delay <= n_action_steps = {s}")
     horizon = int(max_steps or getattr(envs, "max_episode_steps", 1000))
     queue = ChunkQueue("ensemble" if mode == "ensemble" else "latest", ensemble_m)
-    obs, _ = envs.reset(seed=seed)
+    obs, info = envs.reset(seed=seed)
+    obs = observe_env(obs, info)  # the instruction, where the env gives one in info["task"]
     e = envs.num_envs
     done = torch.zeros(e, dtype=torch.bool)
     success = torch.zeros(e, dtype=torch.bool)
@@ -250,6 +252,7 @@ def run_with_latency(policy, envs, mode: str, delay: int, seed: int = 0, ensembl
                 boundary.append(jump[live])
         prev = action
         obs, _, terminated, truncated, info = envs.step(action)
+        obs = observe_env(obs, info)
         ended = torch.as_tensor(terminated | truncated).bool().cpu()
         new = ended & live
         if new.any():

@@ -127,7 +127,7 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
     rnd = 0
     while len(succ) < episodes:
         obs, info = envs.reset(seed=round_seed(seed, rnd))
-        obs = _observe(obs, info, task_map, uint8_images)
+        obs = observe_env(obs, info, task_map, uint8_images)
         given = list(obs.get("task", []))
         final_state = torch.as_tensor(_state(obs))
         path = [_state(obs)]
@@ -146,7 +146,7 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
             action = chunk[:, step % n_exec]
             obs, reward, terminated, truncated, info = envs.step(action.to(_device(obs)))
             reached = info.get("final_obs", obs)  # the state this step reached (obs is already reset where it ended)
-            obs = _observe(obs, info, task_map, uint8_images)
+            obs = observe_env(obs, info, task_map, uint8_images)
             live = ~done
             ret += torch.as_tensor(reward).float().cpu() * live
             length += live.float()
@@ -200,9 +200,9 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
                       return_std=float(np.std(rets)), success_reported=reported, episode_success=list(succ))
 
 
-def _observe(obs, info, task_map=None, uint8_images: bool = False) -> dict:
-    """Environments that name their goal in words put the instruction in info["task"]; the policy reads
-    obs["task"] (`task_map` rewrites it). `uint8_images`: camera images rounded to uint8, as RL's
+def observe_env(obs, info, task_map=None, uint8_images: bool = False) -> dict:
+    """An env's observation as the policy reads it. Environments that name their goal in words put the
+    instruction in info["task"]; the policy reads obs["task"] (`task_map` rewrites it). `uint8_images`: camera images rounded to uint8, as RL's
     rollouts give them (fmpolicy.rl.observations.from_env)."""
     if uint8_images:
         from fmpolicy.rl.observations import from_env

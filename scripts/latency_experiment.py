@@ -26,6 +26,7 @@ import torch
 from fmpolicy import FlowPolicy
 from fmpolicy.control import MODES, run_with_latency, summarize
 from fmpolicy.errors import FmPolicyError
+from fmpolicy.evaluation import observe_env
 from fmpolicy.io import atomic_write_json
 from fmpolicy.machine import cpu_model
 
@@ -77,7 +78,8 @@ def time_rtc(policy, envs, repeats: int = 20) -> list[dict]:
     """Median ms of plain and RTC sampling of one chunk, alternated call by call."""
     from fmpolicy.rtc import sample_chunk_rtc
 
-    obs, _ = envs.reset(seed=0)
+    obs, info = envs.reset(seed=0)
+    obs = observe_env(obs, info)
     out = []
     for b in sorted({1, min(64, envs.num_envs)}):
         sub = {k: v[:b] for k, v in obs.items()}

@@ -108,3 +108,33 @@ def test_the_latency_script_writes_its_table(tmp_path):
 
 def test_threads_do_not_leak():
     assert all(t.name != "fmpolicy-chunk" or not t.is_alive() for t in threading.enumerate())
+
+
+def test_the_latency_simulation_gives_an_instruction_following_policy_its_instruction(tmp_path):
+    """Two-goal PointObstacle names its goal only in info["task"]: the simulation passes it as the policy's
+    `task` (it used to stop with 'the batch is missing the key task'), and the latency script times RTC
+    on such a policy too."""
+    import fmpolicy_envs  # noqa: F401
+    from tests.test_rl_vl import IMAGE, save_vl_policy, vl_encoder
+
+    path = save_vl_policy(tmp_path / "policy", vl_encoder())
+    policy = FlowPolicy.from_pretrained(path).eval()
+    seen = []
+    encode = policy.encode
+
+    def spy(obs, *args, **kwargs):
+        seen.extend(obs["task"])
+        return encode(obs, *args, **kwargs)
+
+    policy.encode = spy
+    envs = gym.make_vec("fmpolicy/PointObstacle-v0", num_envs=4, vectorization_mode="vector_entry_point",
+                        n_goals=2, image_size=IMAGE)
+    r = run_with_latency(policy, envs, "rtc", delay=1, seed=3, generator=torch.Generator().manual_seed(0),
+                         max_steps=8)
+    assert r.episodes == 4 and math.isfinite(r.boundary_jerk_mean)
+    assert seen and set(seen) <= {"go to the red goal", "go to the blue goal"}
+    rows = load_script("latency_experiment").main(["--policy", path, "--env-kwargs",
+                                                   json.dumps({"n_goals": 2, "image_size": IMAGE}), "--delays", "1",
+                                                   "--modes", "sync,rtc", "--envs", "2", "--out", str(tmp_path / "out"),
+                                                   "--timing-repeats", "1"])
+    assert [r["mode"] for r in rows] == ["sync", "rtc"]
