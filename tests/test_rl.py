@@ -921,3 +921,20 @@ def test_entropy_bonus_keeps_the_flow_broader_and_is_logged(tmp_path):
     _, store = actor.act({"observation.state": torch.zeros(5, 1)})
     want = 2 * (0.5 * math.log(2 * math.pi * math.e) - 0.5)
     assert torch.allclose(actor.entropy({}, store), torch.full((5,), want))
+
+
+def test_the_log_says_how_many_executed_actions_fell_outside_the_box(tmp_path):
+    """`action_out_of_box`: the fraction of executed action entries the env had to clip. With
+    `fpo.action_noise_std` 5 most samples land outside [-1, 1] (P(|N(0, 25)| > 1) = 0.84); with
+    `fpo.clip_actions` none do; unexecuted chunk steps do not count."""
+    from fmpolicy.rl.trainer import out_of_box_fraction
+
+    fractions = {}
+    for clip in (False, True):
+        config = bandit_config(tmp_path, total_env_steps=128 * 2, out_dir=str(tmp_path / f"run_{clip}"),
+                               fpo={"action_noise_std": 5.0, "clip_actions": clip})
+        fractions[clip] = [h["action_out_of_box"] for h in train_rl(config).history]
+    assert all(0.75 < f < 0.95 for f in fractions[False]) and fractions[True] == [0.0, 0.0]
+    chunks = torch.tensor([[[[0.5, 1.5], [3.0, 3.0]]]])  # (n 1, e 1, h 2, a 2): the second step not executed
+    assert out_of_box_fraction(chunks, torch.tensor([[[True, False]]])) == 0.5
+    assert out_of_box_fraction(chunks, torch.tensor([[[False, False]]])) == 0.0

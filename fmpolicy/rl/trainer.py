@@ -452,6 +452,7 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
             "ratio_first_max_dev": first_dev,
             "explained_variance": explained_variance(b_values, b_ret),
             "macro_reward_mean": float(rollout.rewards.mean()),
+            "action_out_of_box": out_of_box_fraction(rollout.chunks, rollout.executed),
             "episode_return": float(np.mean(ep_returns)) if ep_returns else None,
             "episodes": len(ep_returns),
             "success_rate": float(np.mean(ep_successes)) if ep_successes else None,
@@ -483,6 +484,14 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
         plot_learning_curve(history, out / "learning_curve.png", title=f"{rc.policy_type} on {config.env.id}")
     return RLResult(actor=actor, critic=critic, history=history)
 
+
+
+def out_of_box_fraction(chunks: torch.Tensor, executed: torch.Tensor) -> float:
+    """The fraction of executed action entries outside [-1, 1] (chunks (n, e, h, a), executed (n, e, h)).
+    The envs clip them, so nothing pushes a flow's samples back: a policy that ends up far outside the box
+    acts bang-bang and loses fine control (`fpo.clip_actions` stores the clipped chunk instead)."""
+    entries = chunks[executed]
+    return float((entries.abs() > 1.0).float().mean()) if entries.numel() else 0.0
 
 
 def _eval_score(record: dict[str, Any]) -> tuple[float, float] | None:
