@@ -115,6 +115,7 @@ def test_the_latency_simulation_gives_an_instruction_following_policy_its_instru
     `task` (it used to stop with 'the batch is missing the key task'), and the latency script times RTC
     on such a policy too."""
     import fmpolicy_envs  # noqa: F401
+
     from tests.test_rl_vl import IMAGE, save_vl_policy, vl_encoder
 
     path = save_vl_policy(tmp_path / "policy", vl_encoder())
