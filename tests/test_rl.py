@@ -215,6 +215,43 @@ class PlanningActor(ZeroActor):
         return s[:, None, :].expand(-1, 3, 1).clone(), {"x": s[:, 0].clone()}
 
 
+class ZigZagActor(ZeroActor):
+    """Every chunk is (0.5, -0.5, 2.0): the last entry lies outside the box (the env would clip it)."""
+
+    def act(self, obs, generator=None, inputs=None):
+        b = obs["observation.state"].shape[0]
+        return torch.tensor([0.5, -0.5, 2.0]).expand(b, 3)[..., None].clone(), {"x": torch.zeros(b)}
+
+
+def test_the_action_rate_penalty_counts_chunk_boundaries_but_not_episode_starts():
+    """rl.action_rate_penalty c: each step's learning reward is r - c |a_t - a_(t-1)|^2 of the executed,
+    clipped actions, the step that starts a new chunk included, the first step of an episode not; the
+    logged returns stay the env's."""
+    g, c = 0.9, 0.1
+    # k = 2 of the chunk (0.5, -0.5, ...), episodes of 4 steps: macro-steps 0 and 1 are one episode,
+    # macro-step 2 begins the next
+    collector = RolloutCollector(CounterEnv(horizon=4), ZigZagActor(), KnownValue(), 2, g, torch.device("cpu"),
+                                 action_rate_penalty=c)
+    collector.reset(0)
+    r = collector.collect(3, None)
+    jump = 1.0  # (-0.5 - 0.5)^2 inside a chunk and (0.5 - (-0.5))^2 across the boundary
+    torch.testing.assert_close(r.rewards[:, 0], torch.tensor([1.0 + g * (1 - c * jump),
+                                                              (1 - c * jump) + g * (1 - c * jump),  # boundary
+                                                              1.0 + g * (1 - c * jump)]))  # new episode: no jump
+    assert r.episode_returns == [4.0] and r.action_rate == pytest.approx(4 / 6)
+    # the clip: a 3-step macro-step executes 2.0 as 1.0, a jump of 1.5^2 from -0.5
+    collector = RolloutCollector(CounterEnv(horizon=3), ZigZagActor(), KnownValue(), 3, g, torch.device("cpu"),
+                                 action_rate_penalty=c)
+    collector.reset(0)
+    r = collector.collect(1, None)
+    torch.testing.assert_close(r.rewards[:, 0], torch.tensor([1.0 + g * (1 - c) + g**2 * (1 - c * 2.25)]))
+    off = RolloutCollector(CounterEnv(horizon=3), ZigZagActor(), KnownValue(), 3, g, torch.device("cpu"))
+    off.reset(0)
+    r = off.collect(1, None)
+    torch.testing.assert_close(r.rewards[:, 0], torch.tensor([1.0 + g + g**2]))
+    assert r.action_rate is None
+
+
 @pytest.mark.parametrize("fresh", [True, False])
 def test_an_episode_ending_inside_a_chunk_starts_the_next_from_a_fresh_chunk(fresh):
     # 2 envs, horizon 2 for env 0 only (env 1's is 3), k = 3: env 0's episode ends after the first two
@@ -571,12 +608,16 @@ def test_bad_nested_and_yaml_values_raise_clear_errors(tmp_path):
         assert math.isfinite(load_rl_config(cfg).rl.lr)  # the shipped configs load
 
 
-def test_resume_on_our_torch_env_restores_the_env_exactly(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["rl.action_rate_penalty=0.5"]])
+def test_resume_on_our_torch_env_restores_the_env_exactly(tmp_path, extra):
+    """With the action-rate penalty the collector's last executed action travels with the checkpoint too
+    (the resumed run's first step is mid-episode: its penalty needs it)."""
     fmpolicy_envs = pytest.importorskip("fmpolicy_envs")  # registers fmpolicy/PointObstacle-v0
     assert fmpolicy_envs is not None
     script = load_script("train_fpo")
     args = ["init_from=''", "rl.critic_warmup_iterations=0", "rl.lr=0.001", "rl.num_envs=8", "rl.num_macro_steps=3", "rl.update_epochs=2", "rl.num_minibatches=2",
-            "rl.progress=false", "rl.device=cpu", "rl.save_every=1", "policy.expert.width=32", "rl.value.width=16"]
+            "rl.progress=false", "rl.device=cpu", "rl.save_every=1", "policy.expert.width=32", "rl.value.width=16",
+            *extra]
     steps = lambda iterations: f"rl.total_env_steps={8 * 3 * 5 * iterations}"  # noqa: E731
     full = script.main(["--config", "configs/fpo_point.yaml", f"rl.out_dir={tmp_path / 'a'}", steps(3), *args])
     script.main(["--config", "configs/fpo_point.yaml", f"rl.out_dir={tmp_path / 'b'}", steps(1), *args])

@@ -203,6 +203,11 @@ class RLConfig:
     value_clip: float | None = None  # clip the value update around the old values (CleanRL), null = off
     max_grad_norm: float = 0.5  # gradient-norm clip, applied to the actor and the critic separately (0 = off)
     reward_scale: float = 1.0  # rewards are multiplied by this for learning (logged returns stay raw)
+    # subtracted from every step's reward for learning: action_rate_penalty x |a_t - a_(t-1)|^2, the executed
+    # actions in [-1, 1] units (clipped to the box, as the env executes them), chunk boundaries included,
+    # none at an episode's first step; 0 = off. Logged returns stay the env's. (Robot RL's action-rate
+    # term: without it FPO's image policy learnt chunks that zig-zag, docs/rl.md)
+    action_rate_penalty: float = 0.0
     critic_warmup_iterations: int = 0  # first iterations train only the critic (for a BC-initialised actor)
     # an env whose episode ends inside a macro-step plays the rest of it from a fresh chunk of its new
     # episode (as deployed), not the old chunk's remaining actions (false: the behaviour before
@@ -256,7 +261,7 @@ class RLConfig:
         _check(not (self.anneal_lr and self.desired_kl is not None), name, "desired_kl", self.desired_kl,
                "null with anneal_lr: true (the lr is either annealed or adapted to the KL, not both)")
         _number(self, "clip", "a number in (0, 1)", lambda v: 0.0 < v < 1.0)
-        _non_negative(self, "vf_coef", "ent_coef", "max_grad_norm")
+        _non_negative(self, "vf_coef", "ent_coef", "max_grad_norm", "action_rate_penalty")
         _positive_or_none(self, "value_clip")
         _check(self.num_macro_steps * self.num_envs >= self.num_minibatches, name, "num_minibatches",
                self.num_minibatches, f"at most num_envs * num_macro_steps = {self.num_envs * self.num_macro_steps}")

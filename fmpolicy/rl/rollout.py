@@ -163,6 +163,7 @@ class Rollout:
     next_value: Tensor  # (e,) V of the observation after the last macro-step
     episode_returns: list[float] = field(default_factory=list)  # undiscounted returns of episodes that ended
     episode_successes: list[float] = field(default_factory=list)  # their successes (when the env reports them)
+    action_rate: float | None = None  # mean |a_t - a_(t-1)|^2 of the executed steps (with rl.action_rate_penalty)
 
 
 class RolloutCollector:
@@ -182,21 +183,25 @@ class RolloutCollector:
     """
 
     def __init__(self, envs, actor, critic, n_action_steps: int, gamma: float, device: torch.device,
-                 fresh_chunk_after_reset: bool = True):
+                 fresh_chunk_after_reset: bool = True, action_rate_penalty: float = 0.0):
         self.envs, self.actor, self.critic = envs, actor, critic
         self.k, self.gamma, self.device = n_action_steps, gamma, torch.device(device)
         self.fresh_chunk_after_reset = fresh_chunk_after_reset
+        self.action_rate_penalty = float(action_rate_penalty)
         self.num_envs = envs.num_envs
         self.obs: dict[str, Any] | None = None
         self.running_return = torch.zeros(self.num_envs, device=self.device)
+        self.last_action: Tensor | None = None  # (e, a) the previous executed action (clipped), NaN at an episode's start
 
     def reset(self, seed: int | None) -> None:
         obs, info = self.envs.reset(seed=seed)
         self.obs = observations.from_env(obs, info, self.device, uint8_images=True)
         self.running_return.zero_()
+        self.last_action = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"obs": self.obs, "running_return": self.running_return, "env": env_state_dict(self.envs)}
+        return {"obs": self.obs, "running_return": self.running_return, "last_action": self.last_action,
+                "env": env_state_dict(self.envs)}
 
     def load_state_dict(self, state: dict[str, Any]) -> bool:
         """Restore the collector (and the env when it was captured). Returns False when the env could
@@ -206,7 +211,19 @@ class RolloutCollector:
         load_env_state_dict(self.envs, state["env"])
         self.obs = observations.to_device(state["obs"], self.device)
         self.running_return = state["running_return"].to(self.device)
+        last = state.get("last_action")
+        self.last_action = None if last is None else last.to(self.device)
         return True
+
+    def _action_rate(self, action: Tensor) -> Tensor:
+        """(e,) |a - a_prev|^2 of this step's executed (clipped) actions against the previous step's of
+        the same episode (0 at an episode's first step); remembers `action`."""
+        a = action.detach().to(self.device).float().clamp(-1.0, 1.0)
+        prev = self.last_action
+        rate = torch.zeros(a.shape[0], device=self.device) if prev is None else torch.nan_to_num(
+            (a - prev).square().sum(-1), nan=0.0)
+        self.last_action = a
+        return rate
 
     def value(self, obs: dict[str, Any]) -> tuple[dict[str, Any], Any, Tensor]:
         """(obs as stored, the actor's inputs for it, V(obs) (e,))."""
@@ -234,6 +251,7 @@ class RolloutCollector:
         stored_obs: list[dict[str, Any]] = []
         ep_returns: list[float] = []
         ep_successes: list[float] = []
+        action_rates: list[Tensor] = []
         for _ in range(num_macro_steps):
             obs, inputs, value = self.value(self.obs)
             chunk, store = self.actor.act(obs, generator, inputs)  # (e, h, a)
@@ -250,8 +268,15 @@ class RolloutCollector:
                 env_obs, r, term, trunc, info = self.envs.step(plan[:, j])
                 next_obs = observations.from_env(env_obs, info, self.device, uint8_images=True)
                 r, term, trunc = r.to(self.device).float(), term.to(self.device), trunc.to(self.device)
-                reward += active * (gamma**j) * r
+                learn_r = r
+                if self.action_rate_penalty:
+                    rate = self._action_rate(plan[:, j])
+                    learn_r = r - self.action_rate_penalty * rate
+                    action_rates.append(rate)
+                reward += active * (gamma**j) * learn_r
                 done = term | trunc
+                if self.action_rate_penalty:  # the next step of an env that ended starts a new episode
+                    self.last_action = torch.where(done[:, None], float("nan"), self.last_action)
                 ended = done & active
                 terminated |= term & active
                 truncated |= trunc & ~term & active
@@ -288,4 +313,5 @@ class RolloutCollector:
                        values=torch.stack(buf["values"]), rewards=torch.stack(buf["rewards"]),
                        terminated=torch.stack(buf["terminated"]), truncated=torch.stack(buf["truncated"]),
                        final_values=torch.stack(buf["final_values"]), next_value=self.value(self.obs)[2],
-                       episode_returns=ep_returns, episode_successes=ep_successes)
+                       episode_returns=ep_returns, episode_successes=ep_successes,
+                       action_rate=float(torch.cat(action_rates).mean()) if action_rates else None)

@@ -319,7 +319,8 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
     if env_action_dim != action_width:
         raise ConfigError(f"{where}action_dim = {action_width} does not match {config.env.id}'s "
                           f"action space {envs.single_action_space.shape}")
-    collector = RolloutCollector(envs, actor, critic, k, rc.gamma, device, rc.fresh_chunk_after_reset)
+    collector = RolloutCollector(envs, actor, critic, k, rc.gamma, device, rc.fresh_chunk_after_reset,
+                                 rc.action_rate_penalty)
     rollout_gen = torch.Generator(device=device).manual_seed(rank_seed + 1)  # flow noise, pairs, Gaussian samples
     minibatch_gen = torch.Generator().manual_seed(rc.seed + 2)  # minibatch order
     batch_size = rc.num_envs * rc.num_macro_steps  # chunks per rollout (of this process)
@@ -453,6 +454,7 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
             "explained_variance": explained_variance(b_values, b_ret),
             "macro_reward_mean": float(rollout.rewards.mean()),
             "action_out_of_box": out_of_box_fraction(rollout.chunks, rollout.executed),
+            **({"action_rate": rollout.action_rate} if rollout.action_rate is not None else {}),
             "episode_return": float(np.mean(ep_returns)) if ep_returns else None,
             "episodes": len(ep_returns),
             "success_rate": float(np.mean(ep_successes)) if ep_successes else None,
