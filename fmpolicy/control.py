@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from gymnasium.spaces import Box
 from torch import Tensor
 
 from fmpolicy.errors import InputError
@@ -200,7 +201,7 @@ class LatencyResult:
     delay: int
     success_rate: float
     episodes: int
-    boundary_jerk_mean: float  # mean |a_t - a_{t-1}| at the steps where a new chunk takes over
+    boundary_jerk_mean: float  # mean |a_t - a_{t-1}| of the executed (box-clipped) actions where a new chunk takes over
     boundary_jerk_max: float
     step_jerk_mean: float  # the same over every step
 
@@ -223,6 +224,7 @@ def run_with_latency(policy, envs, mode: str, delay: int, seed: int = 0, ensembl
         raise InputError(f"delay = {delay}: expected 0 <= delay <= n_action_steps = {s}")
     horizon = int(max_steps or getattr(envs, "max_episode_steps", 1000))
     queue = ChunkQueue("ensemble" if mode == "ensemble" else "latest", ensemble_m)
+    executed = _box_clip(envs)
     obs, info = envs.reset(seed=seed)
     obs = observe_env(obs, info)  # the instruction, where the env gives one in info["task"]
     e = envs.num_envs
@@ -245,12 +247,13 @@ def run_with_latency(policy, envs, mode: str, delay: int, seed: int = 0, ensembl
             queue.add(policy.predict_action_chunk(obs, generator=generator), step)
         action = queue.action(step)
         live = ~done
+        action_done = executed(action)  # what the robot does: the env clips to its box
         if prev is not None:
-            jump = (action - prev).norm(dim=-1).cpu()
+            jump = (action_done - prev).norm(dim=-1)
             every.append(jump[live])
             if step % s == 0:
                 boundary.append(jump[live])
-        prev = action
+        prev = action_done
         obs, _, terminated, truncated, info = envs.step(action)
         obs = observe_env(obs, info)
         ended = torch.as_tensor(terminated | truncated).bool().cpu()
@@ -264,6 +267,16 @@ def run_with_latency(policy, envs, mode: str, delay: int, seed: int = 0, ensembl
     a = torch.cat(every) if every else torch.zeros(1)
     return LatencyResult(mode, d if mode != "sync" else int(delay), float(success.float().mean()), e,
                          float(b.mean()), float(b.max()), float(a.mean()))
+
+
+def _box_clip(envs):
+    """action (e, a) -> the action as the env executes it (on the CPU): clipped to a Box action space's
+    bounds, so that jerk counts the motion, not how far outside the box the policy asked to go."""
+    space = getattr(envs, "single_action_space", None)
+    if not isinstance(space, Box):
+        return lambda action: torch.as_tensor(action).cpu().float()
+    low, high = torch.as_tensor(space.low, dtype=torch.float32), torch.as_tensor(space.high, dtype=torch.float32)
+    return lambda action: torch.maximum(torch.minimum(torch.as_tensor(action).cpu().float(), high), low)
 
 
 def _rtc_chunk(policy, obs, leftover: Tensor, delay: int, generator, max_guidance: float) -> Tensor:

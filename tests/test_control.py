@@ -139,3 +139,21 @@ def test_the_latency_simulation_gives_an_instruction_following_policy_its_instru
                                                    "--modes", "sync,rtc", "--envs", "2", "--out", str(tmp_path / "out"),
                                                    "--timing-repeats", "1"])
     assert [r["mode"] for r in rows] == ["sync", "rtc"]
+
+
+def test_jerk_counts_the_actions_the_env_executes_not_how_far_outside_its_box_they_were_asked():
+    """A policy that alternates +5 / -5 on both entries: PointObstacle clips to [-1, 1]^2, so every step
+    moves by |(2, 2)| = 2.83, not by the asked |(10, 10)| = 14.1."""
+    import fmpolicy_envs  # noqa: F401
+
+    class Alternating:
+        config = type("Config", (), {"n_action_steps": 2})()
+
+        def predict_action_chunk(self, obs, generator=None, **kwargs):
+            b = obs["observation.state"].shape[0]
+            return torch.tensor([5.0, -5.0, 5.0, -5.0])[None, :, None].expand(b, 4, 2).clone()
+
+    envs = gym.make_vec("fmpolicy/PointObstacle-v0", num_envs=3, vectorization_mode="vector_entry_point")
+    r = run_with_latency(Alternating(), envs, "sync", delay=0, seed=0, max_steps=6)
+    assert r.step_jerk_mean == pytest.approx(2 * math.sqrt(2), rel=1e-6)
+    assert r.boundary_jerk_max == pytest.approx(2 * math.sqrt(2), rel=1e-6)
