@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fmpolicy.errors import InputError
+
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% (z = 1.96) Wilson score interval of a binomial proportion: sound at 0% and 100% too."""
@@ -96,11 +98,16 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
     `info["final_info"]` that says an episode succeeded. Frames are recorded only from envs with a
     batched renderer (`envs.unwrapped.core.render`); others evaluate without them. `zero_noise`: a
     `FlowPolicy` samples every chunk from initial noise 0 (the flow's deterministic chunk, as RL's
-    evaluations do) instead of random noise from `generator`.
+    evaluations do) instead of random noise from `generator`. `n_action_steps` with a `FlowPolicy`:
+    execute that many steps of each chunk instead of the policy's own (re-plan more or less often).
     """
     if act is None:
         policy.eval()
-        n_exec = policy.config.n_action_steps
+        n_exec = policy.config.n_action_steps if n_action_steps is None else n_action_steps
+        h = policy.config.chunk_size
+        if isinstance(n_exec, bool) or not isinstance(n_exec, int) or not 1 <= n_exec <= h:
+            raise InputError(f"n_action_steps = {n_exec!r}: expected an int in [1, chunk_size = {h}] "
+                             "(the chunk steps executed before the next chunk is sampled)")
 
         def act(query):
             if embodiment is not None:

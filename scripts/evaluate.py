@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--noise", default="random", choices=("random", "zero"),
                    help="initial noise of each chunk: random (drawn from --seed's generator) or zero (the flow's "
                         "deterministic chunk, as RL's own evaluations sample)")
+    p.add_argument("--n-action-steps", type=int, help="chunk steps executed before the next chunk is sampled "
+                   "(default: the policy's own n_action_steps)")
     p.add_argument("--out", help="output folder (default: <policy>/../eval)")
     args = p.parse_args(argv)
     try:
@@ -159,13 +161,15 @@ def main(argv: list[str] | None = None) -> dict:
         task_map = swap_words(*args.swap_instruction.split(",")) if args.swap_instruction else None
         result = evaluate_policy(policy, envs, args.episodes, seed=args.seed, record=args.record,
                                  render_size=args.render_size, generator=gen, embodiment=args.embodiment,
-                                 task_map=task_map, zero_noise=args.noise == "zero")
+                                 task_map=task_map, zero_noise=args.noise == "zero",
+                                 n_action_steps=args.n_action_steps)
     except (FmPolicyError, json.JSONDecodeError, ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
     out = Path(args.out) if args.out else Path(args.policy).parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     summary = {"policy": str(args.policy), "env": args.env, "env_kwargs": kwargs, "seed": args.seed,
                "embodiment": args.embodiment, "noise": args.noise,
+               "n_action_steps": args.n_action_steps or policy.config.n_action_steps,
                "head": policy.config.head, **result.summary()}
     by_task = result.success_by_task()
     if len(by_task) > 1:

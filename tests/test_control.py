@@ -157,3 +157,28 @@ def test_jerk_counts_the_actions_the_env_executes_not_how_far_outside_its_box_th
     r = run_with_latency(Alternating(), envs, "sync", delay=0, seed=0, max_steps=6)
     assert r.step_jerk_mean == pytest.approx(2 * math.sqrt(2), rel=1e-6)
     assert r.boundary_jerk_max == pytest.approx(2 * math.sqrt(2), rel=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_evaluation_can_execute_fewer_or_more_steps_of_each_chunk_than_the_policy_was_trained_with(k):
+    """evaluate_policy(n_action_steps=k) on a policy with 4: a new chunk every k steps (PointObstacle's
+    100-step episodes: 100 / k samplings in a round where no episode ends early), each step playing its
+    chunk's position step % k; k outside [1, chunk_size] is an error naming the field."""
+    import fmpolicy_envs  # noqa: F401
+    from fmpolicy.evaluation import evaluate_policy
+
+    policy = point_policy()
+    calls = []
+    plain = policy.predict_action_chunk
+
+    def still(obs, **kwargs):  # chunk position j moves by 0 (the robot stands still: no episode ends early)
+        calls.append(1)
+        chunk = plain(obs, **kwargs)
+        return torch.zeros_like(chunk)
+
+    policy.predict_action_chunk = still
+    envs = gym.make_vec("fmpolicy/PointObstacle-v0", num_envs=2, vectorization_mode="vector_entry_point")
+    r = evaluate_policy(policy, envs, 2, seed=0, n_action_steps=k)
+    assert r.mean_length == 100 and len(calls) == math.ceil(100 / k)
+    with pytest.raises(InputError, match="n_action_steps = 9: expected an int in \\[1, chunk_size = 8\\]"):
+        evaluate_policy(policy, envs, 2, n_action_steps=9)
