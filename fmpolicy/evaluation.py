@@ -103,11 +103,13 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
     """
     if act is None:
         policy.eval()
-        n_exec = policy.config.n_action_steps if n_action_steps is None else n_action_steps
-        h = policy.config.chunk_size
-        if isinstance(n_exec, bool) or not isinstance(n_exec, int) or not 1 <= n_exec <= h:
-            raise InputError(f"n_action_steps = {n_exec!r}: expected an int in [1, chunk_size = {h}] "
-                             "(the chunk steps executed before the next chunk is sampled)")
+        n_exec = policy.config.n_action_steps
+        if n_action_steps is not None:  # another execution horizon than the policy's own
+            h = policy.config.chunk_size
+            if isinstance(n_action_steps, bool) or not isinstance(n_action_steps, int) or not 1 <= n_action_steps <= h:
+                raise InputError(f"n_action_steps = {n_action_steps!r}: expected an int in [1, chunk_size = {h}] "
+                                 "(the chunk steps executed before the next chunk is sampled)")
+            n_exec = n_action_steps
 
         def act(query):
             if embodiment is not None:
