@@ -165,6 +165,7 @@ def test_evaluation_can_execute_fewer_or_more_steps_of_each_chunk_than_the_polic
     100-step episodes: 100 / k samplings in a round where no episode ends early), each step playing its
     chunk's position step % k; k outside [1, chunk_size] is an error naming the field."""
     import fmpolicy_envs  # noqa: F401
+
     from fmpolicy.evaluation import evaluate_policy
 
     policy = point_policy()
