@@ -211,8 +211,8 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
 
 def observe_env(obs, info, task_map=None, uint8_images: bool = False) -> dict:
     """An env's observation as the policy reads it. Environments that name their goal in words put the
-    instruction in info["task"]; the policy reads obs["task"] (`task_map` rewrites it). `uint8_images`: camera images rounded to uint8, as RL's
-    rollouts give them (fmpolicy.rl.observations.from_env)."""
+    instruction in info["task"]; the policy reads obs["task"] (`task_map` rewrites it). `uint8_images`:
+    camera images rounded to uint8, as RL's rollouts give them (fmpolicy.rl.observations.from_env)."""
     if uint8_images:
         from fmpolicy.rl.observations import from_env
 
