@@ -215,14 +215,15 @@ class RolloutCollector:
         self.last_action = None if last is None else last.to(self.device)
         return True
 
-    def _action_rate(self, action: Tensor) -> Tensor:
+    def _action_rate(self, action: Tensor, done: Tensor) -> Tensor:
         """(e,) |a - a_prev|^2 of this step's executed (clipped) actions against the previous step's of
-        the same episode (0 at an episode's first step); remembers `action`."""
+        the same episode (0 at an episode's first step); remembers `action`, or NaN where the episode
+        ended (`done`): the env's next step begins a new one."""
         a = action.detach().to(self.device).float().clamp(-1.0, 1.0)
         prev = self.last_action
         rate = torch.zeros(a.shape[0], device=self.device) if prev is None else torch.nan_to_num(
             (a - prev).square().sum(-1), nan=0.0)
-        self.last_action = a
+        self.last_action = torch.where(done[:, None], float("nan"), a)
         return rate
 
     def value(self, obs: dict[str, Any]) -> tuple[dict[str, Any], Any, Tensor]:
@@ -268,15 +269,13 @@ class RolloutCollector:
                 env_obs, r, term, trunc, info = self.envs.step(plan[:, j])
                 next_obs = observations.from_env(env_obs, info, self.device, uint8_images=True)
                 r, term, trunc = r.to(self.device).float(), term.to(self.device), trunc.to(self.device)
+                done = term | trunc
                 learn_r = r
                 if self.action_rate_penalty:
-                    rate = self._action_rate(plan[:, j])
+                    rate = self._action_rate(plan[:, j], done)
                     learn_r = r - self.action_rate_penalty * rate
                     action_rates.append(rate)
                 reward += active * (gamma**j) * learn_r
-                done = term | trunc
-                if self.action_rate_penalty:  # the next step of an env that ended starts a new episode
-                    self.last_action = torch.where(done[:, None], float("nan"), self.last_action)
                 ended = done & active
                 terminated |= term & active
                 truncated |= trunc & ~term & active
