@@ -82,7 +82,8 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
                     task_map: Callable[[list[str]], list[str]] | None = None,
                     act: Callable[[dict], Tensor] | None = None, n_action_steps: int | None = None,
                     uint8_images: bool = False, max_env_steps: int | None = None,
-                    success_key: str = "is_success", zero_noise: bool = False) -> EvalResult:
+                    success_key: str = "is_success", zero_noise: bool = False,
+                    inference_delay: int = 0) -> EvalResult:
     """Run `episodes` episodes (in rounds of `envs.num_envs`) and count successes.
 
     `record` environments of the first round keep their state trajectories (and, with
@@ -100,6 +101,10 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
     `FlowPolicy` samples every chunk from initial noise 0 (the flow's deterministic chunk, as RL's
     evaluations do) instead of random noise from `generator`. `n_action_steps` with a `FlowPolicy`:
     execute that many steps of each chunk instead of the policy's own (re-plan more or less often).
+    `inference_delay` d in [0, n_action_steps]: execute as an asynchronous deployment whose inference
+    takes d control steps ("latest" execution, `fmpolicy.control.run_with_latency`): each chunk after an
+    episode's first is sampled from the observation d steps before the previous one runs out and runs
+    from its own step d (so chunk_size >= n_action_steps + d); the first runs from step 0.
     """
     if act is None:
         policy.eval()
@@ -123,6 +128,10 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
         if zero_noise:
             raise ValueError("evaluate_policy(act=..., zero_noise=True): `act` chooses its own noise")
         n_exec = n_action_steps
+    d = inference_delay
+    if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= n_exec:
+        raise InputError(f"inference_delay = {d!r}: expected an int in [0, n_action_steps = {n_exec}] "
+                         "(the control steps an inference takes)")
     e = envs.num_envs
     horizon = int(max_env_steps or getattr(envs, "max_episode_steps", 1000))
     succ, rets, lens, flag_counts = [], [], [], {}
@@ -148,11 +157,18 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
         trace = [_state(obs)[:record]] if rnd == 0 and record else None
         film = ([_render(envs, render_size, record)] if trace is not None and render_size and _can_render(envs)
                 else None)
-        chunk = None
+        chunk, pending, start = None, None, 0
         for step in range(horizon):
-            if step % n_exec == 0:
-                chunk = act(obs)
-            action = chunk[:, step % n_exec]
+            if step == 0 or (step % n_exec == 0 and not d):
+                chunk, start = act(obs), step  # synchronous: sampled now, run from its step 0
+            elif step % n_exec == 0:
+                chunk, start = pending, step - d  # sampled d steps ago: runs from its step d
+            if d and step % n_exec == (n_exec - d) % n_exec:
+                pending = act(obs)  # the inference that delivers the next chunk d steps from now
+            if step - start >= chunk.shape[1]:
+                raise InputError(f"inference_delay = {d}: the chunks hold {chunk.shape[1]} steps, fewer than "
+                                 f"n_action_steps + inference_delay = {n_exec + d}")
+            action = chunk[:, step - start]
             obs, reward, terminated, truncated, info = envs.step(action.to(_device(obs)))
             reached = info.get("final_obs", obs)  # the state this step reached (obs is already reset where it ended)
             obs = observe_env(obs, info, task_map, uint8_images)

@@ -148,6 +148,10 @@ def main(argv: list[str] | None = None) -> dict:
                         "deterministic chunk, as RL's own evaluations sample)")
     p.add_argument("--n-action-steps", type=int, help="chunk steps executed before the next chunk is sampled "
                    "(default: the policy's own n_action_steps)")
+    p.add_argument("--inference-delay", type=int, default=0,
+                   help="control steps an inference takes: each next chunk is sampled that many steps before the "
+                        "current one runs out and runs from its own step d, as an asynchronous deployment executes "
+                        "it ('latest', docs/serving.md) and FPO with rl.rollout_delay trains it (default 0: synchronous)")
     p.add_argument("--out", help="output folder (default: <policy>/../eval)")
     args = p.parse_args(argv)
     try:
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = evaluate_policy(policy, envs, args.episodes, seed=args.seed, record=args.record,
                                  render_size=args.render_size, generator=gen, embodiment=args.embodiment,
                                  task_map=task_map, zero_noise=args.noise == "zero",
-                                 n_action_steps=args.n_action_steps)
+                                 n_action_steps=args.n_action_steps, inference_delay=args.inference_delay)
     except (FmPolicyError, json.JSONDecodeError, ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
     out = Path(args.out) if args.out else Path(args.policy).parent / "eval"
@@ -170,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"policy": str(args.policy), "env": args.env, "env_kwargs": kwargs, "seed": args.seed,
                "embodiment": args.embodiment, "noise": args.noise,
                "n_action_steps": args.n_action_steps or policy.config.n_action_steps,
+               "inference_delay": args.inference_delay,
                "head": policy.config.head, **result.summary()}
     by_task = result.success_by_task()
     if len(by_task) > 1:

@@ -183,3 +183,76 @@ def test_evaluation_can_execute_fewer_or_more_steps_of_each_chunk_than_the_polic
     assert r.mean_length == 100 and len(calls) == math.ceil(100 / k)
     with pytest.raises(InputError, match="n_action_steps = 9: expected an int in \\[1, chunk_size = 8\\]"):
         evaluate_policy(policy, envs, 2, n_action_steps=9)
+
+
+class LoggedEnvs:
+    """A vector env that records the actions it is given (everything else passes through)."""
+
+    def __init__(self, envs):
+        self.envs, self.actions = envs, []
+
+    def step(self, action):
+        self.actions.append(torch.as_tensor(action).clone())
+        return self.envs.step(action)
+
+    def __getattr__(self, name):
+        return getattr(self.envs, name)
+
+
+def test_evaluation_with_an_inference_delay_runs_each_chunk_from_its_step_d_sampled_d_steps_early():
+    """evaluate_policy(inference_delay=2), 4 steps a chunk: the first chunk runs from its step 0; every
+    later one is sampled 2 steps before the previous one runs out and runs from its step 2."""
+    import fmpolicy_envs  # noqa: F401
+
+    from fmpolicy.evaluation import evaluate_policy
+
+    envs = LoggedEnvs(gym.make_vec("fmpolicy/PointObstacle-v0", num_envs=2, vectorization_mode="vector_entry_point"))
+    sampled_at = []
+
+    class Coded:  # chunk position j of the i-th sampling = 1e-3 (10 i + j): the robot barely moves
+        config = type("Config", (), {"n_action_steps": 4, "chunk_size": 6})()
+
+        def eval(self):
+            return self
+
+        def predict_action_chunk(self, obs, generator=None, **kwargs):
+            i = len(sampled_at)
+            sampled_at.append(len(envs.actions))  # the control step whose observation it reads
+            h = self.config.chunk_size
+            return (1e-3 * (10 * i + torch.arange(float(h))))[None, :, None].expand(2, h, 2).clone()
+
+    evaluate_policy(Coded(), envs, 2, seed=0, inference_delay=2, flag_keys=())
+    codes = [round(float(a[0, 0]) * 1e3) for a in envs.actions[:12]]
+    assert codes == [0, 1, 2, 3, 12, 13, 14, 15, 22, 23, 24, 25]
+    assert sampled_at[:3] == [0, 2, 6]
+    with pytest.raises(InputError, match="inference_delay = 5: expected an int in \\[0, n_action_steps = 4\\]"):
+        evaluate_policy(Coded(), envs, 2, inference_delay=5)
+    Coded.config.chunk_size = 5  # 4 steps from step 2 need 6
+    with pytest.raises(InputError, match="fewer than n_action_steps \\+ inference_delay = 6"):
+        evaluate_policy(Coded(), envs, 2, inference_delay=2, flag_keys=())
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("delay", [1, 2, 4])
+def test_evaluation_with_an_inference_delay_executes_what_the_latency_simulation_executes(delay):
+    """The same policy, noise stream and start states: evaluate_policy(inference_delay=d) and
+    run_with_latency's 'latest' mode (docs/serving.md) send the env the same actions, step for step."""
+    import fmpolicy_envs  # noqa: F401
+
+    from fmpolicy.evaluation import evaluate_policy
+
+    runs = []
+    for evaluate in (True, False):
+        envs = LoggedEnvs(gym.make_vec("fmpolicy/PointObstacle-v0", num_envs=4, vectorization_mode="vector_entry_point",
+                                       max_episode_steps=30))
+        g = torch.Generator().manual_seed(1)
+        if evaluate:
+            r = evaluate_policy(point_policy(), envs, 4, seed=3, generator=g, inference_delay=delay, flag_keys=())
+            success = r.success_rate
+        else:
+            success = run_with_latency(point_policy(), envs, "latest", delay=delay, seed=3, generator=g).success_rate
+        runs.append((torch.stack(envs.actions), success))
+    (a, sa), (b, sb) = runs
+    assert a.shape == b.shape and a.shape[0] > 8
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert sa == sb

@@ -278,6 +278,53 @@ def test_an_episode_ending_inside_a_chunk_starts_the_next_from_a_fresh_chunk(fre
     assert r.episode_returns == [2.0, 3.0, 2.0, 2.0, 3.0]  # the statistics count every step of an episode
 
 
+class CodedActor(ZeroActor):
+    """Chunk step j of a chunk planned at state s is s + 100 j (h = 3)."""
+
+    def act(self, obs, generator=None, inputs=None):
+        s = obs["observation.state"][:, :1]
+        return s[:, None, :] + 100.0 * torch.arange(3.0)[None, :, None], {"x": s[:, 0].clone()}
+
+
+def test_rollouts_with_a_delay_run_each_chunk_from_its_step_d_planned_d_steps_before():
+    """rl.rollout_delay d = 1, k = 2: the chunk of a macro-step is planned at the observation one step
+    before the macro-step starts and runs from its step 1; an episode's first chunk runs from step 0.
+    Env 0 never ends; env 1's episodes last 3 steps, so one ends at the first step of macro-step 1
+    (before the next chunk's observation: that observation is the new episode's first) and one at the
+    last step of macro-step 2 (after it: the observation is stale, and the next chunk starts over)."""
+    env = EpisodeCounterEnv(num_envs=2, horizon=3)
+    env.horizon = torch.tensor([100.0, 3.0])
+    collector = RolloutCollector(env, CodedActor(), KnownValue(), 2, 0.9, torch.device("cpu"), delay=1)
+    collector.reset(0)
+    r = collector.collect(4, None)
+    received = torch.stack(env.received)  # (steps, envs)
+    assert received[:, 0].tolist() == [0.0, 100.0, 101.0, 201.0, 103.0, 203.0, 105.0, 205.0]
+    # env 1: the new episode's first step (s = 10) plays a fresh chunk's step 0, the chunk planned at
+    # s = 10 then runs from its step 1; after the end at the macro-step's last step, the chunk planned at
+    # s = 20 runs from step 0
+    assert received[:, 1].tolist() == [0.0, 100.0, 101.0, 10.0, 110.0, 210.0, 20.0, 120.0]
+    torch.testing.assert_close(r.obs["observation.state"].reshape(4, 2),
+                               torch.tensor([[0.0, 0.0], [1.0, 1.0], [3.0, 10.0], [5.0, 20.0]]))
+    T, F = True, False
+    assert r.executed[:, 0].tolist() == [[T, T, F], [F, T, T], [F, T, T], [F, T, T]]
+    assert r.executed[:, 1].tolist() == [[T, T, F], [F, T, F], [F, T, T], [T, T, F]]
+    torch.testing.assert_close(r.values[:, 1], 10.0 * torch.tensor([0.0, 1.0, 10.0, 20.0]) + 1.0)  # V(planning obs)
+    assert collector.offset.tolist() == [1, 1]
+    # what a resume restores: the planning observation and each env's offset
+    state = collector.state_dict()
+    assert state["offset"].tolist() == [1, 1] and state["obs"]["observation.state"][:, 0].tolist() == [7.0, 21.0]
+    assert state["current"]["observation.state"][:, 0].tolist() == [8.0, 22.0]
+
+
+def test_rollouts_with_a_delay_need_chunks_long_enough_and_a_delay_within_a_chunk():
+    with pytest.raises(ConfigError, match="rl.rollout_delay = 3: expected an int in \\[0, n_action_steps = 2\\]"):
+        RolloutCollector(EpisodeCounterEnv(), CodedActor(), KnownValue(), 2, 0.9, torch.device("cpu"), delay=3)
+    collector = RolloutCollector(EpisodeCounterEnv(), CodedActor(), KnownValue(), 2, 0.9, torch.device("cpu"), delay=2)
+    collector.reset(0)
+    with pytest.raises(RuntimeError, match="expected \\(1, >= 4, a\\) \\(n_action_steps 2 \\+ rollout_delay 2\\)"):
+        collector.collect(1, None)
+
+
 def test_summing_the_cfm_loss_over_chunk_steps_scales_each_log_ratio_by_the_steps_counted(tmp_path):
     # FPO++'s reduction (fpo.loss_reduction = "sum_steps"): each step's mean over its action entries,
     # summed over the chunk's steps; with mask_unexecuted over the executed steps only. In float64: the
@@ -608,10 +655,12 @@ def test_bad_nested_and_yaml_values_raise_clear_errors(tmp_path):
         assert math.isfinite(load_rl_config(cfg).rl.lr)  # the shipped configs load
 
 
-@pytest.mark.parametrize("extra", [[], ["rl.action_rate_penalty=0.5"]])
+@pytest.mark.parametrize("extra", [[], ["rl.action_rate_penalty=0.5"],
+                                   ["rl.rollout_delay=2", "rl.eval_every=1", "rl.eval_episodes=4"]])
 def test_resume_on_our_torch_env_restores_the_env_exactly(tmp_path, extra):
     """With the action-rate penalty the collector's last executed action travels with the checkpoint too
-    (the resumed run's first step is mid-episode: its penalty needs it)."""
+    (the resumed run's first step is mid-episode: its penalty needs it); with a rollout delay, the
+    observation the next chunk is planned at and where each env's next chunk starts."""
     fmpolicy_envs = pytest.importorskip("fmpolicy_envs")  # registers fmpolicy/PointObstacle-v0
     assert fmpolicy_envs is not None
     script = load_script("train_fpo")
@@ -623,9 +672,25 @@ def test_resume_on_our_torch_env_restores_the_env_exactly(tmp_path, extra):
     script.main(["--config", "configs/fpo_point.yaml", f"rl.out_dir={tmp_path / 'b'}", steps(1), *args])
     resumed = script.main(["--config", "configs/fpo_point.yaml", f"rl.out_dir={tmp_path / 'b'}", steps(3),
                            "--resume", *args])
-    assert [h["macro_reward_mean"] for h in resumed.history] == [h["macro_reward_mean"] for h in full.history]
+    assert len(resumed.history) == len(full.history)
+    assert [h.get("macro_reward_mean") for h in resumed.history] == [h.get("macro_reward_mean") for h in full.history]
+    assert [h.get("eval_return") for h in resumed.history] == [h.get("eval_return") for h in full.history]
     for a, b in zip(full.actor.parameters(), resumed.actor.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_rollout_delay_is_checked_against_the_policy(tmp_path):
+    script = load_script("train_fpo")
+    args = ["--config", "configs/fpo_point.yaml", "init_from=''", "rl.device=cpu", "rl.progress=false",
+            f"rl.out_dir={tmp_path}"]
+    with pytest.raises(SystemExit, match="rollout_delay = 6 is invalid: expected at most n_action_steps = 5"):
+        script.main([*args, "rl.rollout_delay=6"])
+    with pytest.raises(SystemExit, match="n_action_steps \\+ rollout_delay at most the policy's chunk_size = 7"):
+        script.main([*args, "rl.rollout_delay=3", "policy.chunk_size=7"])
+    with pytest.raises(SystemExit, match="rollout_delay = 1 needs rl.policy_type 'flow'"):
+        script.main([*args, "rl.rollout_delay=1", "rl.policy_type=gaussian"])
+    with pytest.raises(ConfigError, match="rollout_delay.*-1.*an int >= 0"):
+        load_rl_config("configs/fpo_point.yaml", ["rl.rollout_delay=-1"])
 
 
 def test_init_from_an_imitation_checkpoint_with_a_critic_only_warmup(tmp_path):
@@ -657,7 +722,7 @@ def test_the_policy_of_the_best_evaluation_is_kept(tmp_path, monkeypatch):
     # first of two equal successes, whose return is the lower one: success decides before return
     script = iter([(0.1, 5.0), (0.3, 1.0), (0.3, 2.0), (0.5, 1.0), (0.5, 0.5), (0.4, 9.0), (0.1, 9.0)])
 
-    def fake_evaluate(actor, envs, n_action_steps, zero_noise, seed, generator=None):
+    def fake_evaluate(actor, envs, n_action_steps, zero_noise, seed, generator=None, inference_delay=0):
         success, ret = next(script) if zero_noise else (0.0, 0.0)
         return {"return": ret, "success": success, "length": 1.0}
 

@@ -213,6 +213,13 @@ class RLConfig:
     # episode (as deployed), not the old chunk's remaining actions (false: the behaviour before
     # 2026-11-30, which cut Meta-World pick-place's rollout success from 34% to 11%; docs/rl.md)
     fresh_chunk_after_reset: bool = True
+    # rollouts executed as an asynchronous deployment with this many control steps of inference latency
+    # ("latest" execution, docs/serving.md): the chunk a macro-step executes was sampled from the observation
+    # `rollout_delay` steps before it starts, while the previous chunk played on, and runs from its own step
+    # `rollout_delay` (an episode's first chunk: from step 0 of its first observation). 0 = synchronous.
+    # Evaluations during the run execute the same way. FPO shapes the chunk steps that get executed: tuned
+    # synchronously, the image policy lost its success under 1-4 steps of latency (docs/rl.md)
+    rollout_delay: int = 0
     total_env_steps: int = 100_000  # stop after this many env steps (iterations = steps / (e * n * k))
     seed: int = 0  # seeds weights, env resets, flow noise/pairs, minibatch order
     # the robot these envs are, by its embodiment name, when the flow policy serves several (a mixed-arm
@@ -244,7 +251,7 @@ class RLConfig:
         _choice(self, "normalize_advantages_over", ADVANTAGE_NORM_SCOPES)
         _positive_ints(self, "num_envs", "num_macro_steps", "update_epochs", "num_minibatches", "total_env_steps",
                        "save_every", "keep_checkpoints", "log_every", "eval_episodes")
-        for f in ("n_action_steps", "critic_warmup_iterations", "seed", "eval_every"):
+        for f in ("n_action_steps", "critic_warmup_iterations", "seed", "eval_every", "rollout_delay"):
             v = getattr(self, f)
             _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, name, f, v, "an int >= 0")
         _number(self, "gamma", "a number in (0, 1]", lambda v: 0.0 < v <= 1.0)

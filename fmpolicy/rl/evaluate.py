@@ -6,8 +6,8 @@
 Every env plays exactly one episode (what happens after its first episode ends is ignored), so short
 episodes are not over-counted, and re-using the same `seed` re-plays the same start states: curves of
 evaluations along a run compare like with like. Chunks are executed k steps at a time, as in the
-rollouts. `zero_noise=True` is the deterministic policy (the flow integrated from zero initial noise,
-or the Gaussian's squashed mean); `zero_noise=False` samples as the rollouts do (without FPO's extra
+rollouts (with their `rl.rollout_delay`). `zero_noise=True` is the deterministic policy (the flow
+integrated from zero initial noise, or the Gaussian's squashed mean); `zero_noise=False` samples as the rollouts do (without FPO's extra
 `action_noise_std`).
 """
 
@@ -21,10 +21,13 @@ from fmpolicy.evaluation import evaluate_policy
 
 
 def evaluate_actor(actor, envs, n_action_steps: int, zero_noise: bool, seed: int,
-                   generator: torch.Generator | None = None, max_env_steps: int = 100_000) -> dict[str, Any]:
+                   generator: torch.Generator | None = None, max_env_steps: int = 100_000,
+                   inference_delay: int = 0) -> dict[str, Any]:
     """Mean return / success / length over one episode per env of `envs` (reset with `seed`), through
-    the package's one evaluation loop (`fmpolicy.evaluation.evaluate_policy`)."""
+    the package's one evaluation loop (`fmpolicy.evaluation.evaluate_policy`); `inference_delay`: as
+    there (the chunks executed as in rollouts with rl.rollout_delay)."""
     r = evaluate_policy(None, envs, envs.num_envs, seed=seed, flag_keys=(), n_action_steps=n_action_steps,
+                        inference_delay=inference_delay,
                         act=lambda obs: actor.eval_act(obs, zero_noise=zero_noise, generator=generator),
                         uint8_images=True, max_env_steps=max_env_steps)
     return {"return": r.mean_return, "return_std": r.return_std, "episodes": r.episodes,

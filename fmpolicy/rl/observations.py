@@ -68,6 +68,19 @@ def final_from_env(final_obs: Mapping[str, Any], info: Any, previous: Obs, ended
     return out
 
 
+def where(cond: Tensor, a: Obs, b: Obs) -> Obs:
+    """Row i of `a` where `cond[i]`, else of `b` (two observations of the same e envs, the same keys)."""
+    out: Obs = {}
+    for k, v in a.items():
+        if isinstance(v, Tensor):
+            out[k] = torch.where(cond.to(v.device).view(-1, *[1] * (v.dim() - 1)), v, b[k])
+        elif isinstance(v, Mapping):
+            out[k] = where(cond, v, b[k])
+        else:
+            out[k] = [x if c else y for x, y, c in zip(v, b[k], cond.tolist())]
+    return out
+
+
 def stack(items: Sequence[Obs]) -> Obs:
     """n observations of e envs -> one of (n * e) rows, step-major (row i * e + j: step i, env j)."""
     first = items[0]

@@ -9,6 +9,13 @@ the observation it reached is bootstrapped with the exact discount gamma^j: the 
 `final_values = gamma^(j - k) V(final_obs)`, which `compute_gae` multiplies by gamma^k.
 k = 1 is the plain per-step setting.
 
+With a delay d (`rl.rollout_delay`) the rollouts execute chunks as an asynchronous deployment with d
+control steps of inference latency does ("latest" execution, `fmpolicy.control`): the chunk of
+macro-step m is sampled from the observation seen d steps before the macro-step starts (while the
+previous chunk's steps k .. k+d-1 played on) and runs from its own step d; a new episode's first chunk
+is sampled from its first observation and runs from step 0. The critic values the observation each
+chunk was sampled from.
+
 Environments: ours (`fmpolicy_envs`: the tasks' `TorchVectorEnv`s, `TwoOptimaBandit`, `TwoGoalGridWorld`:
 torch tensors on the device, dict obs, same-step autoreset; registered when a script imports
 `fmpolicy_envs`) are built by their vector entry points and used as they are; any other gymnasium
@@ -152,9 +159,9 @@ class Rollout:
     """n macro-steps of e environments (tensors on the device; step-major rows i * e + j where flat)."""
 
     obs: dict[str, Any]  # the observations as the actor stores them (`actor.storable`), flat: (n * e) rows
-    chunks: Tensor  # (n, e, h, a) as the actor returned them (the first k steps were executed)
+    chunks: Tensor  # (n, e, h, a) as the actor returned them (k steps executed: from step 0, or rollout_delay)
     store: dict[str, Tensor]  # (n, e, ...) the actor's per-chunk data (pairs + old losses, or pre-squash + old log-prob)
-    executed: Tensor  # (n, e, h) bool: the chunk steps executed in the chunk's own episode (j < k, and not past its end)
+    executed: Tensor  # (n, e, h) bool: the chunk steps executed in the chunk's own episode (k from its offset, not past its end)
     values: Tensor  # (n, e) V(obs) at rollout time
     rewards: Tensor  # (n, e) discounted in-chunk reward sums
     terminated: Tensor  # (n, e) bool: the episode ended inside the macro-step without a future
@@ -180,27 +187,40 @@ class RolloutCollector:
     stored for learning (their rewards still count in the episode statistics). With False it plays the
     old chunk's remaining actions, which start the new episode with actions planned for another one
     (Meta-World pick-place: success 34% -> 11% with the same policy; docs/rl.md, "Episodes that end inside a chunk").
+
+    `delay` d in [0, n_action_steps]: the inference latency the rollouts simulate (module docstring); the
+    actor's chunks must then hold at least n_action_steps + d steps. An episode that ends after its
+    env's next observation was taken (in the macro-step's last d steps) makes that observation stale:
+    the env's next chunk is then sampled from the macro-step's last observation and runs from step 0.
     """
 
     def __init__(self, envs, actor, critic, n_action_steps: int, gamma: float, device: torch.device,
-                 fresh_chunk_after_reset: bool = True, action_rate_penalty: float = 0.0):
+                 fresh_chunk_after_reset: bool = True, action_rate_penalty: float = 0.0, delay: int = 0):
+        if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay <= n_action_steps:
+            raise ConfigError(f"rl.rollout_delay = {delay!r}: expected an int in [0, n_action_steps = {n_action_steps}]")
         self.envs, self.actor, self.critic = envs, actor, critic
+        self.delay = delay
         self.k, self.gamma, self.device = n_action_steps, gamma, torch.device(device)
         self.fresh_chunk_after_reset = fresh_chunk_after_reset
         self.action_rate_penalty = float(action_rate_penalty)
         self.num_envs = envs.num_envs
-        self.obs: dict[str, Any] | None = None
+        self.obs: dict[str, Any] | None = None  # the observation each env's next chunk is sampled from
+        self.current: dict[str, Any] | None = None  # the env's latest observation (self.obs when delay = 0)
+        self.offset: Tensor | None = None  # (e,) long: the step each env's next chunk starts executing at (0 or d)
         self.running_return = torch.zeros(self.num_envs, device=self.device)
         self.last_action: Tensor | None = None  # (e, a) the previous executed action (clipped), NaN at an episode's start
 
     def reset(self, seed: int | None) -> None:
         obs, info = self.envs.reset(seed=seed)
         self.obs = observations.from_env(obs, info, self.device, uint8_images=True)
+        self.current = self.obs
+        self.offset = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
         self.running_return.zero_()
         self.last_action = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"obs": self.obs, "running_return": self.running_return, "last_action": self.last_action,
+        return {"obs": self.obs, "current": self.current, "offset": self.offset,
+                "running_return": self.running_return, "last_action": self.last_action,
                 "env": env_state_dict(self.envs)}
 
     def load_state_dict(self, state: dict[str, Any]) -> bool:
@@ -210,6 +230,10 @@ class RolloutCollector:
             return False
         load_env_state_dict(self.envs, state["env"])
         self.obs = observations.to_device(state["obs"], self.device)
+        current, offset = state.get("current"), state.get("offset")  # absent in checkpoints before rollout_delay
+        self.current = self.obs if current is None else observations.to_device(current, self.device)
+        self.offset = (torch.zeros(self.num_envs, dtype=torch.long, device=self.device) if offset is None
+                       else offset.to(self.device))
         self.running_return = state["running_return"].to(self.device)
         last = state.get("last_action")
         self.last_action = None if last is None else last.to(self.device)
@@ -246,7 +270,7 @@ class RolloutCollector:
         """Run n = `num_macro_steps` macro-steps in every env; returns the stacked `Rollout`."""
         if self.obs is None:
             raise RuntimeError("RolloutCollector.collect before reset(seed)")
-        e, k, gamma = self.num_envs, self.k, self.gamma
+        e, k, gamma, d = self.num_envs, self.k, self.gamma, self.delay
         names = ("chunks", "store", "executed", "values", "rewards", "terminated", "truncated", "final_values")
         buf: dict[str, list] = {name: [] for name in names}
         stored_obs: list[dict[str, Any]] = []
@@ -256,20 +280,27 @@ class RolloutCollector:
         for _ in range(num_macro_steps):
             obs, inputs, value = self.value(self.obs)
             chunk, store = self.actor.act(obs, generator, inputs)  # (e, h, a)
-            if chunk.shape[0] != e or chunk.shape[1] < k:
-                raise RuntimeError(f"the actor returned chunks of shape {tuple(chunk.shape)}: expected ({e}, >= {k}, a)")
+            if chunk.shape[0] != e or chunk.shape[1] < k + d:
+                raise RuntimeError(f"the actor returned chunks of shape {tuple(chunk.shape)}: expected ({e}, >= {k + d}, a) "
+                                   f"(n_action_steps {k} + rollout_delay {d})")
+            offset = self.offset if d else torch.zeros(e, dtype=torch.long, device=self.device)
             reward = torch.zeros(e, device=self.device)
             active = torch.ones(e, dtype=torch.bool, device=self.device)  # still in the episode the chunk began in
             terminated, truncated = torch.zeros_like(active), torch.zeros_like(active)
             steps_done = torch.full((e,), k, dtype=torch.long, device=self.device)  # j: steps until the episode ended
-            final_obs = self.obs
-            next_obs = self.obs
-            plan = chunk[:, :k]  # the actions each env plays in this macro-step
+            final_obs = self.current
+            next_obs = self.current
+            # the actions each env plays in this macro-step: the chunk's steps offset .. offset + k - 1
+            plan = chunk[:, :k] if not d else torch.where((offset > 0)[:, None, None], chunk[:, d:d + k], chunk[:, :k])
+            decision = self.current  # with a delay: the observation the next chunk is sampled from ...
+            stale = torch.zeros_like(active)  # ... unless an episode ended after it was taken
             for j in range(k):
                 env_obs, r, term, trunc, info = self.envs.step(plan[:, j])
                 next_obs = observations.from_env(env_obs, info, self.device, uint8_images=True)
                 r, term, trunc = r.to(self.device).float(), term.to(self.device), trunc.to(self.device)
                 done = term | trunc
+                if d and j >= k - d:
+                    stale |= done
                 learn_r = r
                 if self.action_rate_penalty:
                     rate = self._action_rate(plan[:, j], done)
@@ -294,8 +325,16 @@ class RolloutCollector:
                 active &= ~done
                 if self.fresh_chunk_after_reset and j < k - 1 and bool(done.any()):
                     plan = self._replan(plan, next_obs, done, j + 1, generator)
-            self.obs = next_obs
-            executed = torch.arange(chunk.shape[1], device=self.device)[None, :] < steps_done[:, None]  # (e, h)
+                if d and j == k - d - 1:
+                    decision = next_obs  # seen d steps before the macro-step ends
+            self.current = next_obs
+            if d:
+                self.obs = observations.where(stale, next_obs, decision)
+                self.offset = torch.where(stale, 0, d)
+            else:
+                self.obs = next_obs
+            steps = torch.arange(chunk.shape[1], device=self.device)[None, :]
+            executed = (steps >= offset[:, None]) & (steps < (offset + steps_done)[:, None])  # (e, h)
             # V(reached obs) with the exact discount of a truncation after j steps (see the module doc);
             # the policy's encoder runs on the reached observations only when an episode was truncated
             final_value = torch.zeros(e, device=self.device)
