@@ -279,11 +279,14 @@ def test_an_episode_ending_inside_a_chunk_starts_the_next_from_a_fresh_chunk(fre
 
 
 class CodedActor(ZeroActor):
-    """Chunk step j of a chunk planned at state s is s + 100 j (h = 3)."""
+    """Chunk step j of a chunk planned at state s is s + 100 j (h steps)."""
+
+    def __init__(self, h: int = 3):
+        self.h = h
 
     def act(self, obs, generator=None, inputs=None):
         s = obs["observation.state"][:, :1]
-        return s[:, None, :] + 100.0 * torch.arange(3.0)[None, :, None], {"x": s[:, 0].clone()}
+        return s[:, None, :] + 100.0 * torch.arange(float(self.h))[None, :, None], {"x": s[:, 0].clone()}
 
 
 def test_rollouts_with_a_delay_run_each_chunk_from_its_step_d_planned_d_steps_before():
@@ -314,6 +317,24 @@ def test_rollouts_with_a_delay_run_each_chunk_from_its_step_d_planned_d_steps_be
     state = collector.state_dict()
     assert state["offset"].tolist() == [1, 1] and state["obs"]["observation.state"][:, 0].tolist() == [7.0, 21.0]
     assert state["current"]["observation.state"][:, 0].tolist() == [8.0, 22.0]
+
+
+def test_rollouts_with_a_range_of_delays_draw_each_chunks_delay_and_plan_it_that_many_steps_early():
+    """rl.rollout_delay_max: each env draws the delay of each next chunk from the range (here 0..2, k = 2);
+    whatever it drew, a chunk that runs from its step d was planned d steps before it started."""
+    k, e, n = 2, 8, 10
+    env = EpisodeCounterEnv(num_envs=e, horizon=1000)  # no episode ends: the state counts the steps
+    collector = RolloutCollector(env, CodedActor(h=4), KnownValue(), k, 0.9, torch.device("cpu"), delay=(0, 2))
+    collector.reset(0)
+    collector.collect(n, torch.Generator().manual_seed(0))
+    received = torch.stack(env.received)  # (n * k, e): s + 100 p, p the chunk step played
+    step = torch.arange(n * k)[:, None].expand(-1, e)
+    position, planned_at = received // 100, received % 100
+    offset = position - step % k
+    assert set(offset[k:].unique().tolist()) == {0, 1, 2} and (offset[:k] == 0).all()
+    torch.testing.assert_close(planned_at, (step - step % k - offset).float())  # planned d steps before its start
+    with pytest.raises(ConfigError, match="rl.rollout_delay_max = 1: expected an int in \\[2, n_action_steps = 2\\]"):
+        RolloutCollector(env, CodedActor(), KnownValue(), k, 0.9, torch.device("cpu"), delay=(2, 1))
 
 
 def test_rollouts_with_a_delay_need_chunks_long_enough_and_a_delay_within_a_chunk():
@@ -656,7 +677,8 @@ def test_bad_nested_and_yaml_values_raise_clear_errors(tmp_path):
 
 
 @pytest.mark.parametrize("extra", [[], ["rl.action_rate_penalty=0.5"],
-                                   ["rl.rollout_delay=2", "rl.eval_every=1", "rl.eval_episodes=4"]])
+                                   ["rl.rollout_delay=2", "rl.eval_every=1", "rl.eval_episodes=4"],
+                                   ["rl.rollout_delay_max=3"]])
 def test_resume_on_our_torch_env_restores_the_env_exactly(tmp_path, extra):
     """With the action-rate penalty the collector's last executed action travels with the checkpoint too
     (the resumed run's first step is mid-episode: its penalty needs it); with a rollout delay, the
@@ -691,6 +713,10 @@ def test_a_rollout_delay_is_checked_against_the_policy(tmp_path):
         script.main([*args, "rl.rollout_delay=1", "rl.policy_type=gaussian"])
     with pytest.raises(ConfigError, match="rollout_delay.*-1.*an int >= 0"):
         load_rl_config("configs/fpo_point.yaml", ["rl.rollout_delay=-1"])
+    with pytest.raises(ConfigError, match="rollout_delay_max.*1.*null or an int >= rollout_delay = 2"):
+        load_rl_config("configs/fpo_point.yaml", ["rl.rollout_delay=2", "rl.rollout_delay_max=1"])
+    with pytest.raises(SystemExit, match="rollout_delay_max = 6 is invalid: expected at most n_action_steps = 5"):
+        script.main([*args, "rl.rollout_delay_max=6"])
 
 
 def test_init_from_an_imitation_checkpoint_with_a_critic_only_warmup(tmp_path):

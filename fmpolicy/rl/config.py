@@ -220,6 +220,10 @@ class RLConfig:
     # Evaluations during the run execute the same way. FPO shapes the chunk steps that get executed: tuned
     # synchronously, the image policy lost its success under 1-4 steps of latency (docs/rl.md)
     rollout_delay: int = 0
+    # with it, each env draws the delay of each next chunk uniformly from rollout_delay .. rollout_delay_max
+    # (an inference whose latency varies; a policy for several deployments): FPO tuned at one delay works at
+    # that delay only (docs/rl.md). The run's evaluations then execute with rollout_delay_max. null = off
+    rollout_delay_max: int | None = None
     total_env_steps: int = 100_000  # stop after this many env steps (iterations = steps / (e * n * k))
     seed: int = 0  # seeds weights, env resets, flow noise/pairs, minibatch order
     # the robot these envs are, by its embodiment name, when the flow policy serves several (a mixed-arm
@@ -263,6 +267,10 @@ class RLConfig:
                self.fresh_chunk_after_reset, "true or false")
         _check(isinstance(self.keep_best, bool), name, "keep_best", self.keep_best, "true or false")
         _positive_or_none(self, "desired_kl", "target_kl")
+        if self.rollout_delay_max is not None:
+            v = self.rollout_delay_max
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= self.rollout_delay, name,
+                   "rollout_delay_max", v, f"null or an int >= rollout_delay = {self.rollout_delay}")
         _positive(self, "lr_min", "lr_max")
         _check(self.lr_min <= self.lr_max, name, "lr_min", self.lr_min, f"at most lr_max = {self.lr_max}")
         _check(not (self.anneal_lr and self.desired_kl is not None), name, "desired_kl", self.desired_kl,

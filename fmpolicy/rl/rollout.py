@@ -12,9 +12,10 @@ k = 1 is the plain per-step setting.
 With a delay d (`rl.rollout_delay`) the rollouts execute chunks as an asynchronous deployment with d
 control steps of inference latency does ("latest" execution, `fmpolicy.control`): the chunk of
 macro-step m is sampled from the observation seen d steps before the macro-step starts (while the
-previous chunk's steps k .. k+d-1 played on) and runs from its own step d; a new episode's first chunk
+previous chunk's last d steps played on) and runs from its own step d; a new episode's first chunk
 is sampled from its first observation and runs from step 0. The critic values the observation each
-chunk was sampled from.
+chunk was sampled from. With a range of delays (`rl.rollout_delay_max`) each env draws the delay of
+each next chunk uniformly from it (an inference whose latency varies).
 
 Environments: ours (`fmpolicy_envs`: the tasks' `TorchVectorEnv`s, `TwoOptimaBandit`, `TwoGoalGridWorld`:
 torch tensors on the device, dict obs, same-step autoreset; registered when a script imports
@@ -188,18 +189,23 @@ class RolloutCollector:
     old chunk's remaining actions, which start the new episode with actions planned for another one
     (Meta-World pick-place: success 34% -> 11% with the same policy; docs/rl.md, "Episodes that end inside a chunk").
 
-    `delay` d in [0, n_action_steps]: the inference latency the rollouts simulate (module docstring); the
-    actor's chunks must then hold at least n_action_steps + d steps. An episode that ends after its
+    `delay` d in [0, n_action_steps], or a range (lo, hi) to draw each chunk's d from (with the
+    `collect` generator): the inference latency the rollouts simulate (module docstring); the actor's
+    chunks must then hold at least n_action_steps + d (+ hi) steps. An episode that ends after its
     env's next observation was taken (in the macro-step's last d steps) makes that observation stale:
     the env's next chunk is then sampled from the macro-step's last observation and runs from step 0.
     """
 
     def __init__(self, envs, actor, critic, n_action_steps: int, gamma: float, device: torch.device,
-                 fresh_chunk_after_reset: bool = True, action_rate_penalty: float = 0.0, delay: int = 0):
-        if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay <= n_action_steps:
-            raise ConfigError(f"rl.rollout_delay = {delay!r}: expected an int in [0, n_action_steps = {n_action_steps}]")
+                 fresh_chunk_after_reset: bool = True, action_rate_penalty: float = 0.0,
+                 delay: int | tuple[int, int] = 0):
+        lo, hi = delay if isinstance(delay, tuple) else (delay, delay)
+        for name, v, least in (("rollout_delay", lo, 0), ("rollout_delay_max", hi, lo)):
+            if isinstance(v, bool) or not isinstance(v, int) or not least <= v <= n_action_steps:
+                raise ConfigError(f"rl.{name} = {v!r}: expected an int in [{least}, n_action_steps = {n_action_steps}]")
         self.envs, self.actor, self.critic = envs, actor, critic
-        self.delay = delay
+        self.delay_range = (lo, hi)
+        self.delay = hi  # the longest: what the chunks must hold beyond n_action_steps
         self.k, self.gamma, self.device = n_action_steps, gamma, torch.device(device)
         self.fresh_chunk_after_reset = fresh_chunk_after_reset
         self.action_rate_penalty = float(action_rate_penalty)
@@ -271,6 +277,8 @@ class RolloutCollector:
         if self.obs is None:
             raise RuntimeError("RolloutCollector.collect before reset(seed)")
         e, k, gamma, d = self.num_envs, self.k, self.gamma, self.delay
+        lo, hi = self.delay_range
+        steps_k = torch.arange(k, device=self.device)
         names = ("chunks", "store", "executed", "values", "rewards", "terminated", "truncated", "final_values")
         buf: dict[str, list] = {name: [] for name in names}
         stored_obs: list[dict[str, Any]] = []
@@ -284,6 +292,11 @@ class RolloutCollector:
                 raise RuntimeError(f"the actor returned chunks of shape {tuple(chunk.shape)}: expected ({e}, >= {k + d}, a) "
                                    f"(n_action_steps {k} + rollout_delay {d})")
             offset = self.offset if d else torch.zeros(e, dtype=torch.long, device=self.device)
+            # each env's delay for its next chunk: where in this macro-step its observation is taken
+            delay = (torch.full((e,), lo, dtype=torch.long, device=self.device) if lo == hi else
+                     torch.randint(lo, hi + 1, (e,), generator=generator,
+                                   device=generator.device if generator is not None else self.device).to(self.device))
+            take_at = k - delay  # the observation before this step of the macro-step
             reward = torch.zeros(e, device=self.device)
             active = torch.ones(e, dtype=torch.bool, device=self.device)  # still in the episode the chunk began in
             terminated, truncated = torch.zeros_like(active), torch.zeros_like(active)
@@ -291,7 +304,8 @@ class RolloutCollector:
             final_obs = self.current
             next_obs = self.current
             # the actions each env plays in this macro-step: the chunk's steps offset .. offset + k - 1
-            plan = chunk[:, :k] if not d else torch.where((offset > 0)[:, None, None], chunk[:, d:d + k], chunk[:, :k])
+            plan = chunk[:, :k] if not d else chunk.gather(1, (offset[:, None] + steps_k)[:, :, None].expand(
+                -1, -1, chunk.shape[2]))
             decision = self.current  # with a delay: the observation the next chunk is sampled from ...
             stale = torch.zeros_like(active)  # ... unless an episode ended after it was taken
             for j in range(k):
@@ -299,8 +313,8 @@ class RolloutCollector:
                 next_obs = observations.from_env(env_obs, info, self.device, uint8_images=True)
                 r, term, trunc = r.to(self.device).float(), term.to(self.device), trunc.to(self.device)
                 done = term | trunc
-                if d and j >= k - d:
-                    stale |= done
+                if d:
+                    stale |= done & (j >= take_at)
                 learn_r = r
                 if self.action_rate_penalty:
                     rate = self._action_rate(plan[:, j], done)
@@ -325,12 +339,12 @@ class RolloutCollector:
                 active &= ~done
                 if self.fresh_chunk_after_reset and j < k - 1 and bool(done.any()):
                     plan = self._replan(plan, next_obs, done, j + 1, generator)
-                if d and j == k - d - 1:
-                    decision = next_obs  # seen d steps before the macro-step ends
+                if d and bool((take_at == j + 1).any()):  # seen `delay` steps before the macro-step ends
+                    decision = observations.where(take_at == j + 1, next_obs, decision)
             self.current = next_obs
             if d:
                 self.obs = observations.where(stale, next_obs, decision)
-                self.offset = torch.where(stale, 0, d)
+                self.offset = torch.where(stale, 0, delay)
             else:
                 self.obs = next_obs
             steps = torch.arange(chunk.shape[1], device=self.device)[None, :]

@@ -298,14 +298,18 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
     if k > policy_config.chunk_size:
         raise ConfigError(f"rl.n_action_steps = {k} is invalid: expected at most the policy's chunk_size "
                           f"= {policy_config.chunk_size}")
-    if rc.rollout_delay:
+    # the inference delay of the rollouts (and the longest, what evaluations execute with)
+    delay_range = (rc.rollout_delay, rc.rollout_delay if rc.rollout_delay_max is None else rc.rollout_delay_max)
+    if delay_range[1]:
+        field = "rollout_delay" if rc.rollout_delay_max is None else "rollout_delay_max"
+        longest = delay_range[1]
         if rc.policy_type != "flow":
-            raise ConfigError(f"rl.rollout_delay = {rc.rollout_delay} needs rl.policy_type 'flow' (the Gaussian "
-                              f"actor's chunks hold only the n_action_steps = {k} executed steps), not {rc.policy_type!r}")
-        if rc.rollout_delay > k or k + rc.rollout_delay > policy_config.chunk_size:
-            raise ConfigError(f"rl.rollout_delay = {rc.rollout_delay} is invalid: expected at most n_action_steps = {k} "
-                              f"and n_action_steps + rollout_delay at most the policy's chunk_size = "
-                              f"{policy_config.chunk_size} (the chunk runs from its step rollout_delay)")
+            raise ConfigError(f"rl.{field} = {longest} needs rl.policy_type 'flow' (the Gaussian actor's chunks "
+                              f"hold only the n_action_steps = {k} executed steps), not {rc.policy_type!r}")
+        if longest > k or k + longest > policy_config.chunk_size:
+            raise ConfigError(f"rl.{field} = {longest} is invalid: expected at most n_action_steps = {k} "
+                              f"and n_action_steps + {field} at most the policy's chunk_size = "
+                              f"{policy_config.chunk_size} (the chunk runs from its step {field})")
     # the envs are one robot: with rl.embodiment, that one's widths (not the widest robot's), which the
     # critic reads and the envs must have
     robot = next((e for e in policy_config.embodiment_list() if e.name == rc.embodiment), None)
@@ -328,7 +332,7 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
         raise ConfigError(f"{where}action_dim = {action_width} does not match {config.env.id}'s "
                           f"action space {envs.single_action_space.shape}")
     collector = RolloutCollector(envs, actor, critic, k, rc.gamma, device, rc.fresh_chunk_after_reset,
-                                 rc.action_rate_penalty, rc.rollout_delay)
+                                 rc.action_rate_penalty, delay_range)
     rollout_gen = torch.Generator(device=device).manual_seed(rank_seed + 1)  # flow noise, pairs, Gaussian samples
     minibatch_gen = torch.Generator().manual_seed(rc.seed + 2)  # minibatch order
     batch_size = rc.num_envs * rc.num_macro_steps  # chunks per rollout (of this process)
@@ -379,7 +383,7 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
         for zero, suffix in ((True, ""), (False, "_sampled")):
             gen = torch.Generator(device=device).manual_seed(rc.seed + 3)  # own stream: rollouts are unaffected
             r = evaluate_actor(actor, eval_envs, k, zero, rc.seed + EVAL_SEED_OFFSET, gen,
-                               inference_delay=rc.rollout_delay)
+                               inference_delay=delay_range[1])
             out[f"eval_return{suffix}"], out[f"eval_success{suffix}"] = r["return"], r["success"]
             out[f"eval_length{suffix}"] = r["length"]
         actor.train(was_training)
