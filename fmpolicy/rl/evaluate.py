@@ -7,8 +7,8 @@ Every env plays exactly one episode (what happens after its first episode ends i
 episodes are not over-counted, and re-using the same `seed` re-plays the same start states: curves of
 evaluations along a run compare like with like. Chunks are executed k steps at a time, as in the
 rollouts (with their `rl.rollout_delay`). `zero_noise=True` is the deterministic policy (the flow
-integrated from zero initial noise, or the Gaussian's squashed mean); `zero_noise=False` samples as the rollouts do (without FPO's extra
-`action_noise_std`).
+integrated from zero initial noise, or the Gaussian's squashed mean); `zero_noise=False` samples as
+the rollouts do (without FPO's extra `action_noise_std`).
 """
 
 from __future__ import annotations

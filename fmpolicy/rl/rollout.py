@@ -205,7 +205,6 @@ class RolloutCollector:
                 raise ConfigError(f"rl.{name} = {v!r}: expected an int in [{least}, n_action_steps = {n_action_steps}]")
         self.envs, self.actor, self.critic = envs, actor, critic
         self.delay_range = (lo, hi)
-        self.delay = hi  # the longest: what the chunks must hold beyond n_action_steps
         self.k, self.gamma, self.device = n_action_steps, gamma, torch.device(device)
         self.fresh_chunk_after_reset = fresh_chunk_after_reset
         self.action_rate_penalty = float(action_rate_penalty)
@@ -276,8 +275,8 @@ class RolloutCollector:
         """Run n = `num_macro_steps` macro-steps in every env; returns the stacked `Rollout`."""
         if self.obs is None:
             raise RuntimeError("RolloutCollector.collect before reset(seed)")
-        e, k, gamma, d = self.num_envs, self.k, self.gamma, self.delay
-        lo, hi = self.delay_range
+        e, k, gamma = self.num_envs, self.k, self.gamma
+        lo, d = self.delay_range  # d: the longest delay, what the chunks must hold beyond k
         steps_k = torch.arange(k, device=self.device)
         names = ("chunks", "store", "executed", "values", "rewards", "terminated", "truncated", "final_values")
         buf: dict[str, list] = {name: [] for name in names}
@@ -291,12 +290,12 @@ class RolloutCollector:
             if chunk.shape[0] != e or chunk.shape[1] < k + d:
                 raise RuntimeError(f"the actor returned chunks of shape {tuple(chunk.shape)}: expected ({e}, >= {k + d}, a) "
                                    f"(n_action_steps {k} + rollout_delay {d})")
-            offset = self.offset if d else torch.zeros(e, dtype=torch.long, device=self.device)
-            # each env's delay for its next chunk: where in this macro-step its observation is taken
-            delay = (torch.full((e,), lo, dtype=torch.long, device=self.device) if lo == hi else
-                     torch.randint(lo, hi + 1, (e,), generator=generator,
-                                   device=generator.device if generator is not None else self.device).to(self.device))
-            take_at = k - delay  # the observation before this step of the macro-step
+            offset = self.offset  # where each env's chunk starts (always 0 without a delay)
+            if d:  # each env's delay for its next chunk: where in this macro-step its observation is taken
+                delay = (torch.full((e,), lo, dtype=torch.long, device=self.device) if lo == d else
+                         torch.randint(lo, d + 1, (e,), generator=generator,
+                                       device=generator.device if generator is not None else self.device).to(self.device))
+                take_at = k - delay  # the observation before this step of the macro-step
             reward = torch.zeros(e, device=self.device)
             active = torch.ones(e, dtype=torch.bool, device=self.device)  # still in the episode the chunk began in
             terminated, truncated = torch.zeros_like(active), torch.zeros_like(active)
