@@ -522,9 +522,15 @@ class TrainConfig:
     logger: str = "jsonl"  # "jsonl" (out/log.jsonl) or "tensorboard" (also writes out/tb/ if installed)
     out_dir: str = "runs/default"  # where checkpoints, logs and the final policy go
     progress: bool = True  # show a progress bar
+    # random shifts of every camera image by up to this many pixels each way (DrQ: replicate pad + random
+    # crop; 0 = off; ~4 for 64-84 px images). Images then go through the encoder every step, so a frozen
+    # backbone's outputs are not cached (data.cache_encoder). docs/datasets.md, "Image augmentation"
+    image_shift: int = 0
 
     def __post_init__(self) -> None:
         _positive_ints(self, "steps", "batch_size", "log_every", "save_every", "keep_checkpoints")
+        _check(isinstance(self.image_shift, int) and not isinstance(self.image_shift, bool) and self.image_shift >= 0,
+               type(self).__name__, "image_shift", self.image_shift, "an int >= 0 (pixels; 0 = off)")
         _choice(self, "amp", AMP_MODES)
         _choice(self, "logger", LOGGERS)
         name = type(self).__name__

@@ -30,6 +30,7 @@ from fmpolicy.policy import FlowPolicy
 from fmpolicy.run import RunFolder, open_run, progress, rng_state, seed_everything, set_rng_state
 from fmpolicy.run.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, local_rows, shutdown
 from fmpolicy.sampling import sample_noise
+from fmpolicy.training.augment import draw_shifts, shift_batch
 from fmpolicy.training.ema import EMA
 from fmpolicy.training.loop import warmup_cosine
 from fmpolicy.training.stream import WindowBatches, should_stream, stream_batches
@@ -265,7 +266,12 @@ def _train(config: ImitationConfig, datasets: dict[str, Any], policy: FlowPolicy
                      else ""))
     else:
         windows = combine_windows(datasets, policy, info.device)
-        if policy.encoder is not None and policy.encoder.backbone_frozen and config.data.cache_encoder:
+        if tc.image_shift > 0 and policy.encoder is not None and policy.encoder.backbone_frozen \
+                and config.data.cache_encoder and info.is_main:
+            print(f"train.image_shift = {tc.image_shift}: the frozen encoder runs every step on the shifted images "
+                  "(its outputs are not cached)")
+        if policy.encoder is not None and policy.encoder.backbone_frozen and config.data.cache_encoder \
+                and tc.image_shift == 0:
             start_cache = time.perf_counter()
             windows = cache_encoder_features(policy, windows)
             if info.is_main:
@@ -274,6 +280,7 @@ def _train(config: ImitationConfig, datasets: dict[str, Any], policy: FlowPolicy
     sampler = make_sampler(datasets, config.data.balance, tc.batch_size, tc.seed)
     rows = local_rows(tc.batch_size, info)
     flow_gen = torch.Generator().manual_seed(tc.seed + 1)  # flow times and noise (CPU: same on every device)
+    shift_gen = torch.Generator().manual_seed(tc.seed + 2)  # image shifts (train.image_shift)
 
     # ---- resume ----
     start = 0
@@ -293,6 +300,8 @@ def _train(config: ImitationConfig, datasets: dict[str, Any], policy: FlowPolicy
         schedule.load_state_dict(state["schedule"])
         sampler.load_state_dict(state["sampler"])
         flow_gen.set_state(state["flow_generator"])
+        if "shift_generator" in state:  # checkpoints from before train.image_shift have none (and no shifts)
+            shift_gen.set_state(state["shift_generator"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
@@ -305,7 +314,7 @@ def _train(config: ImitationConfig, datasets: dict[str, Any], policy: FlowPolicy
     def checkpoint(step: int) -> None:
         state = {"step": step, "model": policy.state_dict(), "optimizer": optimizer.state_dict(),
                  "schedule": schedule.state_dict(), "sampler": sampler.state_dict(),
-                 "flow_generator": flow_gen.get_state(), "ema": ema.state_dict() if ema else None,
+                 "flow_generator": flow_gen.get_state(), "shift_generator": shift_gen.get_state(), "ema": ema.state_dict() if ema else None,
                  "rng": rng_state(), "data_windows": data_windows}
         if info.is_main:
             run.save_checkpoint(step, _eval_copy(policy, ema), state)
@@ -329,6 +338,8 @@ def _train(config: ImitationConfig, datasets: dict[str, Any], policy: FlowPolicy
         else:
             batch = _slice_batch(windows, idx[rows], info.device)
         b = len(idx)
+        if tc.image_shift > 0:  # drawn for the global batch: one process and several shift alike
+            batch = shift_batch(batch, draw_shifts(b, tc.image_shift, shift_gen)[rows])
         t = policy.sample_time(b, flow_gen)[rows]
         noise = sample_noise((b, config.policy.chunk_size, config.policy.expert.max_action_dim), generator=flow_gen)[rows]
         with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=amp):
