@@ -409,3 +409,24 @@ def test_a_vision_text_encoder_without_cameras_reads_the_instruction_alone():
     assert mask.any(1).all() and (prefix[0] - prefix[1]).abs().max() > 1e-3
     with pytest.raises(InputError, match="observation.images.top"):  # a camera it was not built for is refused
         encoder({"task": ["a"], TOP: torch.rand(1, 3, 16, 16)})
+
+
+def test_a_frozen_text_model_encodes_each_instruction_once_alone_until_its_weights_change():
+    enc = build(seed=3).eval()  # the text model is frozen by default
+    calls = []
+    enc.text.register_forward_hook(lambda module, args, kwargs_out: calls.append(1))
+    tasks = ["push", "open the drawer", "push", "push", "open the drawer"]
+    text = enc.backbone(make_batch(5, tasks=tasks))["text"]
+    assert len(calls) == 2  # one call per distinct instruction, each alone
+    ids, mask = enc.tokenizer.tokenize(tasks, TINY["max_text_tokens"])
+    direct = enc.text(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # the model on the whole batch
+    torch.testing.assert_close(text, direct, atol=1e-5, rtol=1e-5)
+    # an instruction's states do not depend on what else is in the batch (to the bit), and are not recomputed
+    again = enc.backbone(make_batch(2, tasks=["open the drawer", "push"]))["text"]
+    assert len(calls) == 3 and torch.equal(again[0], text[1]) and torch.equal(again[1], text[0])
+    # new weights (a load) are seen at once: nothing stale is served
+    other = build(seed=4)
+    enc.text.load_state_dict(other.text.state_dict())
+    fresh = enc.backbone(make_batch(1, tasks=["push"]))["text"]
+    torch.testing.assert_close(fresh[0], other.eval().backbone(make_batch(1, tasks=["push"]))["text"][0])
+    assert not torch.allclose(fresh[0], text[0])

@@ -93,6 +93,8 @@ class VisionTextEncoder(PrefixEncoder):
         self.text_proj = nn.Linear(self.text.config.hidden_size, d)
         self.camera_embed = nn.Parameter(torch.randn(len(config.cameras), d) * 0.02)
         self.num_patches = (config.image_size // self.vision.config.patch_size) ** 2
+        self._text_key: tuple = ()  # the frozen text model's weights the remembered states belong to
+        self._text_memo: dict[str, tuple[Tensor, Tensor]] = {}  # instruction -> (n, d_text) states, (n,) mask
         if config.freeze_vision:
             self._freeze(self.vision)
         if config.lora_rank > 0:
@@ -119,12 +121,33 @@ class VisionTextEncoder(PrefixEncoder):
                 tokens = self.vision(pixel_values=x).last_hidden_state  # (b k, n_patches, d_vision)
             feats = feats.index_copy(1, torch.tensor(cams, device=self.device),
                                      rearrange(tokens, "(b k) n e -> b k n e", b=b).to(feats.dtype))
-        ids, text_mask = self.tokenizer.tokenize(tasks, c.max_text_tokens)
-        ids, text_mask = ids.to(self.device), text_mask.to(self.device)
-        text_frozen = c.freeze_text and c.lora_rank == 0
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not text_frozen):
+        if c.freeze_text and c.lora_rank == 0:
+            text, text_mask = self._frozen_text(tasks)
+        else:
+            ids, text_mask = self.tokenizer.tokenize(tasks, c.max_text_tokens)
+            ids, text_mask = ids.to(self.device), text_mask.to(self.device)
             text = self.text(input_ids=ids, attention_mask=text_mask.long()).last_hidden_state  # (b, n, d_text)
         return {"images": feats, "image_mask": present, "text": text, "text_mask": text_mask}
+
+    @torch.no_grad()
+    def _frozen_text(self, tasks: list[str]) -> tuple[Tensor, Tensor]:
+        """A frozen text model's (b, n, d_text) states and (b, n) mask, each distinct instruction encoded
+        once, alone (so its states are the same in any batch, to the bit), and remembered until the text
+        model's weights change (loaded, moved, cast). A training batch of 128 frames holds a handful of
+        instructions: this saves the text model's whole cost when the vision tower trains and the
+        backbone's outputs cannot be cached per frame."""
+        key = tuple((p.data_ptr(), p._version) for p in self.text.parameters())
+        if key != self._text_key or len(self._text_memo) > 4096:
+            self._text_key, self._text_memo = key, {}
+        for task in dict.fromkeys(tasks):
+            if task not in self._text_memo:
+                ids, mask = self.tokenizer.tokenize([task], self.config.max_text_tokens)
+                ids, mask = ids.to(self.device), mask.to(self.device)
+                with torch.autocast(self.device.type, enabled=False):  # the model's own dtype, whatever the caller's
+                    states = self.text(input_ids=ids, attention_mask=mask.long()).last_hidden_state[0]
+                self._text_memo[task] = (states, mask[0])
+        rows = [self._text_memo[t] for t in tasks]
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
     def head(self, features: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """features -> prefix (b, k * n_patches + n, out_dim), mask (b, p) bool."""
