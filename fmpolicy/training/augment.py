@@ -50,4 +50,5 @@ def image_keys(batch: Mapping[str, Any]) -> list[str]:
 
 def shift_batch(batch: Mapping[str, Any], shifts: Tensor) -> dict[str, Any]:
     """A copy of `batch` with every camera image shifted by its sample's (dy, dx)."""
-    return {k: shift_images(v, shifts) if k in image_keys(batch) else v for k, v in batch.items()}
+    cameras = set(image_keys(batch))
+    return {k: shift_images(v, shifts) if k in cameras else v for k, v in batch.items()}

@@ -266,12 +266,12 @@ def _train(config: ImitationConfig, datasets: dict[str, Any], policy: FlowPolicy
                      else ""))
     else:
         windows = combine_windows(datasets, policy, info.device)
-        if tc.image_shift > 0 and policy.encoder is not None and policy.encoder.backbone_frozen \
-                and config.data.cache_encoder and info.is_main:
-            print(f"train.image_shift = {tc.image_shift}: the frozen encoder runs every step on the shifted images "
-                  "(its outputs are not cached)")
-        if policy.encoder is not None and policy.encoder.backbone_frozen and config.data.cache_encoder \
-                and tc.image_shift == 0:
+        cacheable = policy.encoder is not None and policy.encoder.backbone_frozen and config.data.cache_encoder
+        if cacheable and tc.image_shift > 0:  # its input moves every step: nothing to cache per frame
+            if info.is_main:
+                print(f"train.image_shift = {tc.image_shift}: the frozen encoder runs every step on the shifted "
+                      "images (its outputs are not cached)")
+        elif cacheable:
             start_cache = time.perf_counter()
             windows = cache_encoder_features(policy, windows)
             if info.is_main:
@@ -314,7 +314,8 @@ def _train(config: ImitationConfig, datasets: dict[str, Any], policy: FlowPolicy
     def checkpoint(step: int) -> None:
         state = {"step": step, "model": policy.state_dict(), "optimizer": optimizer.state_dict(),
                  "schedule": schedule.state_dict(), "sampler": sampler.state_dict(),
-                 "flow_generator": flow_gen.get_state(), "shift_generator": shift_gen.get_state(), "ema": ema.state_dict() if ema else None,
+                 "flow_generator": flow_gen.get_state(), "shift_generator": shift_gen.get_state(),
+                 "ema": ema.state_dict() if ema else None,
                  "rng": rng_state(), "data_windows": data_windows}
         if info.is_main:
             run.save_checkpoint(step, _eval_copy(policy, ema), state)
