@@ -1070,3 +1070,18 @@ def test_the_log_says_how_many_executed_actions_fell_outside_the_box(tmp_path):
     chunks = torch.tensor([[[[0.5, 1.5], [3.0, 3.0]]]])  # (n 1, e 1, h 2, a 2): the second step not executed
     assert out_of_box_fraction(chunks, torch.tensor([[[True, False]]])) == 0.5
     assert out_of_box_fraction(chunks, torch.tensor([[[False, False]]])) == 0.0
+
+
+def test_the_saved_policy_executes_as_many_steps_a_chunk_as_its_rollouts_did(tmp_path):
+    from fmpolicy.policy import FlowPolicy
+
+    script = load_script("train_fpo")
+    args = ["--config", "configs/fpo_point.yaml", "init_from=''", "rl.device=cpu", "rl.progress=false",
+            "rl.num_envs=4", "rl.num_macro_steps=2", "rl.critic_warmup_iterations=0",
+            "policy.expert.width=32", "policy.expert.depth=1", "policy.expert.time_embed_dim=8"]
+    for k, expected in ((3, 3), (0, 5)):  # 0: the policy's own n_action_steps (5)
+        out = tmp_path / f"k{k}"
+        script.main([*args, f"rl.n_action_steps={k}", f"rl.total_env_steps={4 * 2 * expected}", f"rl.out_dir={out}"])
+        saved = FlowPolicy.from_pretrained(out / "policy", device="cpu")
+        assert saved.config.n_action_steps == expected
+        assert saved.config.chunk_size == 10  # nothing else of the config changes

@@ -298,6 +298,11 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
     if k > policy_config.chunk_size:
         raise ConfigError(f"rl.n_action_steps = {k} is invalid: expected at most the policy's chunk_size "
                           f"= {policy_config.chunk_size}")
+    if rc.policy_type == "flow" and k != policy_config.n_action_steps:
+        # the tuned policy works as its rollouts executed it (docs/rl.md): the policy it saves executes k
+        # steps a chunk too, in select_action, evaluate.py and the policy server
+        policy_config = dataclasses.replace(policy_config, n_action_steps=k)
+        actor.policy.config = policy_config
     # the inference delay of the rollouts (and the longest, what evaluations execute with)
     delay_range = (rc.rollout_delay, rc.rollout_delay if rc.rollout_delay_max is None else rc.rollout_delay_max)
     if delay_range[1]:
