@@ -62,6 +62,7 @@ from fmpolicy.rl.objectives import compute_fpo_log_ratio, reduce_chunk_steps
 from fmpolicy.sampling import integrate_divergence, sample_noise
 
 
+ROW_LOSSES = "cfm_loss_rows"  # log_ratio's stats entry: each row's new CFM loss, for fpo.positive_imitation
 ENTROPY_EXACT_MAX_DIM = 8  # more counted entries: Hutchinson's trace (one VJP a step instead of one an entry)
 LOG_2PI_E = math.log(2 * math.pi * math.e)  # the entropy of N(0, 1) is 0.5 * LOG_2PI_E
 
@@ -230,6 +231,8 @@ class FlowActor(nn.Module):
                                           self.fpo.clamp_old, self.fpo.clamp_log_ratio,
                                           self.fpo.clamp_pair_log_ratio, self.fpo.hard_clamps, shift)
         stats = {"cfm_loss_old": loss_old.mean().detach(), "cfm_loss_new": loss_new.mean().detach()}
+        if self.fpo.positive_imitation > 0:  # with its graph: the update's self-imitation term (and popped there)
+            stats[ROW_LOSSES] = loss_new.reshape(loss_new.shape[0], -1).mean(dim=1)
         if shift is not None:
             stats["normalizer_shift"] = shift.mean().detach()  # > 0: the update lowered typical actions' losses
         return log_ratio, stats

@@ -40,7 +40,7 @@ from fmpolicy.errors import ConfigError
 from fmpolicy.io import atomic_write, atomic_write_json
 from fmpolicy.policy import FlowPolicy
 from fmpolicy.rl import observations
-from fmpolicy.rl.actors import FlowActor, GaussianActor
+from fmpolicy.rl.actors import ROW_LOSSES, FlowActor, GaussianActor
 from fmpolicy.rl.config import RLRunConfig
 from fmpolicy.rl.evaluate import evaluate_actor
 from fmpolicy.rl.gae import compute_gae
@@ -205,9 +205,15 @@ def update_policy(actor, critic, optimizer, batch: UpdateBatch, minibatches: lis
             if per_minibatch:
                 adv = normalize_advantages(adv, info)
             pg_loss = compute_policy_surrogate(ratio, adv, rc.clip, rc.surrogate).mean()
+            row_losses = actor_stats.pop(ROW_LOSSES, None)  # (b,) with their graph, when positive_imitation > 0
             v_loss = compute_value_loss(critic(obs_mb, actor.critic_features(inputs)), batch.returns[mb],
                                         batch.values[mb], rc.value_clip).mean()
             loss = rc.vf_coef * v_loss + (0.0 if warmup else pg_loss)
+            if row_losses is not None:
+                # advantage-weighted CFM on the better-than-expected chunks: not clipped, it keeps pulling
+                imitation = (adv.clamp_min(0.0) * row_losses).mean()
+                loss = loss + (0.0 if warmup else rc.fpo.positive_imitation * imitation)
+                actor_stats = {**actor_stats, "positive_imitation_loss": imitation.detach()}
             reg = actor.regularizer(obs_mb, store_mb)
             if reg is not None:
                 loss = loss + (0.0 if warmup else reg[0])
