@@ -430,26 +430,36 @@ def test_normalizer_samples_subtract_the_fresh_chunks_mean_log_ratio(tmp_path):
             FPOConfig(normalizer_samples=bad)
 
 
-def _spread_after_constant_advantages(advantage: float, normalizer_samples: int, iterations: int = 20) -> float:
-    """The flow's sample spread (mean std of its 2-D actions, from scratch about 1) after `iterations` FPO
-    updates in which every action gets the same advantage (not standardised)."""
-    from fmpolicy.rl.trainer import UpdateBatch, parameter_groups, update_policy
+def _one_state_flow_learner(b: int, seed: int, **rl):
+    """A tiny flow policy on a 1-d state with 2-d actions, its critic, Adam and a generator: (cfg, actor, critic,
+    optimizer, generator) for updates on hand-made batches (advantages not standardised, no value loss)."""
+    from fmpolicy.rl.trainer import parameter_groups
 
-    b = 128
     cfg = config_from_dict(RLRunConfig, {
         "policy": {"state_dim": 1, "action_dim": 2, "chunk_size": 1, "n_action_steps": 1,
                    "expert": {"kind": "mlp", "width": 64, "depth": 2, "time_embed_dim": 32, "max_state_dim": 1,
                               "max_action_dim": 2},
                    "normalization": {"state": "identity", "action": "identity"}},
-        "rl": {"num_envs": b, "num_macro_steps": 1, "update_epochs": 4, "num_minibatches": 2, "lr": 1e-3, "clip": 0.2,
-               "normalize_advantages": False, "vf_coef": 0.0, "device": "cpu", "value": {"width": 8, "depth": 1},
-               "fpo": {"num_pairs": 8, "normalizer_samples": normalizer_samples}},
+        "rl": {"num_envs": b, "num_macro_steps": 1, "num_minibatches": 2, "normalize_advantages": False,
+               "vf_coef": 0.0, "device": "cpu", "value": {"width": 8, "depth": 1}, **rl},
         "env": {"id": "fmpolicy/TwoOptimaBandit-v0"}})
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     actor, _ = make_actor(cfg, torch.device("cpu"))
     critic = ValueNet(1, cfg.rl.value)
-    opt = torch.optim.Adam(parameter_groups(actor, list(actor.parameters()), list(critic.parameters()), cfg.rl), lr=1e-3)
+    opt = torch.optim.Adam(parameter_groups(actor, list(actor.parameters()), list(critic.parameters()), cfg.rl),
+                           lr=cfg.rl.lr)
+    return cfg, actor, critic, opt, g
+
+
+def _spread_after_constant_advantages(advantage: float, normalizer_samples: int, iterations: int = 20) -> float:
+    """The flow's sample spread (mean std of its 2-D actions, from scratch about 1) after `iterations` FPO
+    updates in which every action gets the same advantage (not standardised)."""
+    from fmpolicy.rl.trainer import UpdateBatch, update_policy
+
+    b = 128
+    cfg, actor, critic, opt, g = _one_state_flow_learner(b, 0, update_epochs=4, lr=1e-3, clip=0.2,
+                                                         fpo={"num_pairs": 8, "normalizer_samples": normalizer_samples})
     obs = {"observation.state": torch.zeros(b, 1)}
     for _ in range(iterations):
         with torch.no_grad():
@@ -465,23 +475,11 @@ def _spread_after_constant_advantages(advantage: float, normalizer_samples: int,
 def _log_ratio_after_one_update(advantages: torch.Tensor, positive_imitation: float, seed: int,
                                 epochs: int = 32) -> torch.Tensor:
     """Each row's log ratio (new vs rollout policy) after one update of many epochs on one stored batch."""
-    from fmpolicy.rl.trainer import UpdateBatch, parameter_groups, update_policy
+    from fmpolicy.rl.trainer import UpdateBatch, update_policy
 
     b = advantages.shape[0]
-    cfg = config_from_dict(RLRunConfig, {
-        "policy": {"state_dim": 1, "action_dim": 2, "chunk_size": 1, "n_action_steps": 1,
-                   "expert": {"kind": "mlp", "width": 64, "depth": 2, "time_embed_dim": 32, "max_state_dim": 1,
-                              "max_action_dim": 2},
-                   "normalization": {"state": "identity", "action": "identity"}},
-        "rl": {"num_envs": b, "num_macro_steps": 1, "update_epochs": epochs, "num_minibatches": 2, "lr": 3e-3,
-               "clip": 0.05, "normalize_advantages": False, "vf_coef": 0.0, "device": "cpu",
-               "value": {"width": 8, "depth": 1}, "fpo": {"num_pairs": 8, "positive_imitation": positive_imitation}},
-        "env": {"id": "fmpolicy/TwoOptimaBandit-v0"}})
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    actor, _ = make_actor(cfg, torch.device("cpu"))
-    critic = ValueNet(1, cfg.rl.value)
-    opt = torch.optim.Adam(parameter_groups(actor, list(actor.parameters()), list(critic.parameters()), cfg.rl), lr=3e-3)
+    cfg, actor, critic, opt, g = _one_state_flow_learner(
+        b, seed, update_epochs=epochs, lr=3e-3, clip=0.05, fpo={"num_pairs": 8, "positive_imitation": positive_imitation})
     obs = {"observation.state": torch.zeros(b, 1)}
     with torch.no_grad():
         chunk, store = actor.act(obs, g)
