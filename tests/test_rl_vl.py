@@ -116,6 +116,9 @@ def test_fpo_runs_with_the_ratio_at_one_on_every_encoder_kind(tmp_path, encoder,
         assert math.isfinite(dev) and dev <= 1e-5, dev  # recorded (NaN: no ratio was checked), and 1
         assert h["clip_fraction"] >= 0 and math.isfinite(h["policy_loss"])
     assert not evaluated or result.history[-1]["eval_success"] is not None
+    if evaluated:  # two instructions in the envs: each one's rate, zero-noise and sampled, in the log
+        for key in ("eval_success_by_task", "eval_success_by_task_sampled"):
+            assert set(result.history[-1][key]) <= set(TASKS) and result.history[-1][key]
     # the run trained what it should have, and nothing else
     policy = result.actor.policy
     before, after = dict(start.named_parameters()), dict(policy.named_parameters())
@@ -301,3 +304,32 @@ def test_rl_evaluation_gives_the_policy_the_instruction_and_uint8_images(tmp_pat
     assert r["episodes"] == 4 and r["success"] is not None and r["length"] > 0
     assert seen and all(len(o["task"]) == 4 and o[CAM].dtype == torch.uint8 for o in seen)
     assert {t for o in seen for t in o["task"]} <= {"go to the red goal", "go to the blue goal"}
+
+
+def test_rl_evaluation_reports_each_instructions_success_when_the_envs_play_several(tmp_path):
+    from fmpolicy.rl.evaluate import evaluate_actor
+
+    config = vl_config(tmp_path, save_vl_policy(tmp_path / "policy", vl_encoder(True, cameras=())), images=False)
+    actor, _ = make_actor(config, torch.device("cpu"))
+    first = []
+    eval_act = actor.eval_act
+    actor.eval_act = lambda obs, **kw: first.append(list(obs["task"])) or eval_act(obs, **kw)
+    envs = make_vector_env(config.env.id, 8, torch.device("cpu"), 0, config.env.kwargs)
+    r = evaluate_actor(actor, envs, 2, False, seed=5, generator=torch.Generator().manual_seed(0))
+    counts = {t: first[0].count(t) for t in set(first[0])}  # each env's one episode, by its first instruction
+    assert set(r["success_by_task"]) == set(counts) == set(TASKS)
+    assert all(0.0 <= v <= 1.0 for v in r["success_by_task"].values())
+    overall = sum(r["success_by_task"][t] * n for t, n in counts.items()) / 8
+    assert overall == pytest.approx(r["success"], abs=1e-12)
+
+    # one goal, no instruction (the goal is in the 4-d state): no per-task entry
+    cfg = PolicyConfig(state_dim=4, action_dim=2, chunk_size=4, n_action_steps=2, device="cpu",
+                       expert=make_expert_config("tiny"),
+                       normalization=NormalizationConfig(state="identity", action="identity"))
+    FlowPolicy(cfg).save_pretrained(tmp_path / "policy1")
+    one = config_from_dict(RLRunConfig, {"policy": {"state_dim": 4, "action_dim": 2, "chunk_size": 4, "n_action_steps": 2},
+                                         "init_from": str(tmp_path / "policy1"), "rl": {"device": "cpu"},
+                                         "env": {"id": "fmpolicy/PointObstacle-v0", "kwargs": {"n_goals": 1}}})
+    one_envs = make_vector_env(one.env.id, 4, torch.device("cpu"), 0, one.env.kwargs)
+    single = evaluate_actor(make_actor(one, torch.device("cpu"))[0], one_envs, 2, True, seed=5)
+    assert single["success"] is not None and "success_by_task" not in single

@@ -2,6 +2,7 @@
 
     stats = evaluate_actor(actor, envs, n_action_steps=k, zero_noise=True, seed=123)
     # {"return": mean undiscounted return, "return_std", "success": rate or None, "length", "episodes"}
+    # and, when the envs play several tasks (instructions), "success_by_task": {instruction: rate}
 
 Every env plays exactly one episode (what happens after its first episode ends is ignored), so short
 episodes are not over-counted, and re-using the same `seed` re-plays the same start states: curves of
@@ -30,5 +31,8 @@ def evaluate_actor(actor, envs, n_action_steps: int, zero_noise: bool, seed: int
                         inference_delay=inference_delay,
                         act=lambda obs: actor.eval_act(obs, zero_noise=zero_noise, generator=generator),
                         uint8_images=True, max_env_steps=max_env_steps)
-    return {"return": r.mean_return, "return_std": r.return_std, "episodes": r.episodes,
-            "success": r.success_rate if r.success_reported else None, "length": r.mean_length}
+    out = {"return": r.mean_return, "return_std": r.return_std, "episodes": r.episodes,
+           "success": r.success_rate if r.success_reported else None, "length": r.mean_length}
+    if r.success_reported and len(set(r.tasks)) > 1:  # a multi-task run: no task's loss hides in the mean
+        out["success_by_task"] = {t: row["success_rate"] for t, row in r.success_by_task().items()}
+    return out

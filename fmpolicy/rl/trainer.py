@@ -387,7 +387,8 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
 
     def evaluate() -> dict[str, Any]:
         """Deterministic (zero initial noise / Gaussian mean) and sampled returns, successes and episode
-        lengths on fixed start states, the chunks executed as in the rollouts (rl.rollout_delay)."""
+        lengths on fixed start states, the chunks executed as in the rollouts (rl.rollout_delay); with several
+        tasks (instructions) in the envs, the success rate of each too."""
         out: dict[str, Any] = {}
         was_training = actor.training
         actor.eval()
@@ -397,6 +398,8 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
                                inference_delay=delay_range[1])
             out[f"eval_return{suffix}"], out[f"eval_success{suffix}"] = r["return"], r["success"]
             out[f"eval_length{suffix}"] = r["length"]
+            if "success_by_task" in r:  # several tasks (instructions): each one's rate
+                out[f"eval_success_by_task{suffix}"] = r["success_by_task"]
         actor.train(was_training)
         return out
 
