@@ -49,9 +49,10 @@ def vlm_encoder(frozen: bool = True) -> EncoderConfig:
                          freeze_vlm=frozen)
 
 
-def save_vl_policy(path, encoder: EncoderConfig) -> str:
-    """A tiny policy with `encoder` for two-goal PointObstacle (state: the position only)."""
-    cfg = PolicyConfig(state_dim=2, action_dim=2, chunk_size=4, n_action_steps=2, device="cpu",
+def save_vl_policy(path, encoder: EncoderConfig, state_dim: int = 2) -> str:
+    """A tiny policy with `encoder` for two-goal PointObstacle (state: the position only; 4 with one goal:
+    the goal's position too)."""
+    cfg = PolicyConfig(state_dim=state_dim, action_dim=2, chunk_size=4, n_action_steps=2, device="cpu",
                        expert=make_expert_config("tiny", prefix_dim=32), encoder=encoder,
                        normalization=NormalizationConfig(state="identity", action="identity"))
     torch.manual_seed(0)
@@ -61,12 +62,12 @@ def save_vl_policy(path, encoder: EncoderConfig) -> str:
     return str(path)
 
 
-def vl_config(tmp_path, policy_dir: str, images: bool = True, **rl) -> RLRunConfig:
+def vl_config(tmp_path, policy_dir: str, images: bool = True, n_goals: int = 2, **rl) -> RLRunConfig:
     """FPO on two-goal PointObstacle; `images`: the env renders the camera (else it gives the state and
-    the instruction only)."""
-    env_kwargs = {"n_goals": 2, **({"image_size": IMAGE} if images else {})}
+    the instruction only); `n_goals` 1: one goal, no instruction, its position in the 4-d state."""
+    env_kwargs = {"n_goals": n_goals, **({"image_size": IMAGE} if images else {})}
     data = {
-        "policy": {"state_dim": 2, "action_dim": 2, "chunk_size": 4, "n_action_steps": 2},
+        "policy": {"state_dim": 2 if n_goals == 2 else 4, "action_dim": 2, "chunk_size": 4, "n_action_steps": 2},
         "init_from": policy_dir,
         "rl": {"num_envs": 6, "num_macro_steps": 3, "update_epochs": 2, "num_minibatches": 2,
                "total_env_steps": 6 * 3 * 2 * 2, "device": "cpu", "out_dir": str(tmp_path / "run"), "progress": False,
@@ -323,13 +324,8 @@ def test_rl_evaluation_reports_each_instructions_success_when_the_envs_play_seve
     assert overall == pytest.approx(r["success"], abs=1e-12)
 
     # one goal, no instruction (the goal is in the 4-d state): no per-task entry
-    cfg = PolicyConfig(state_dim=4, action_dim=2, chunk_size=4, n_action_steps=2, device="cpu",
-                       expert=make_expert_config("tiny"),
-                       normalization=NormalizationConfig(state="identity", action="identity"))
-    FlowPolicy(cfg).save_pretrained(tmp_path / "policy1")
-    one = config_from_dict(RLRunConfig, {"policy": {"state_dim": 4, "action_dim": 2, "chunk_size": 4, "n_action_steps": 2},
-                                         "init_from": str(tmp_path / "policy1"), "rl": {"device": "cpu"},
-                                         "env": {"id": "fmpolicy/PointObstacle-v0", "kwargs": {"n_goals": 1}}})
+    one = vl_config(tmp_path / "one", save_vl_policy(tmp_path / "policy1", EncoderConfig(), state_dim=4),
+                    images=False, n_goals=1)
     one_envs = make_vector_env(one.env.id, 4, torch.device("cpu"), 0, one.env.kwargs)
     single = evaluate_actor(make_actor(one, torch.device("cpu"))[0], one_envs, 2, True, seed=5)
     assert single["success"] is not None and "success_by_task" not in single
