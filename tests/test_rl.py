@@ -986,6 +986,29 @@ def test_periodic_evaluation_is_logged_and_leaves_training_unchanged(tmp_path):
     assert len(log) == 5 and '"eval_return"' in log[0]
 
 
+def test_env_eval_kwargs_apply_to_the_evaluation_envs_only(tmp_path):
+    from fmpolicy.rl.evaluate import evaluate_actor
+    from fmpolicy.rl.trainer import EVAL_SEED_OFFSET
+
+    base = dict(num_envs=64, total_env_steps=64 * 2, seed=1, eval_every=2, eval_episodes=16)
+    plain = train_rl(bandit_config(tmp_path / "a", **base))
+    config = bandit_config(tmp_path / "b", **base)
+    config = dataclasses.replace(config, env=dataclasses.replace(config.env, kwargs={"reward_shape": "bump"},
+                                                                 eval_kwargs={"reward_shape": "goal"}))
+    assert config.env.evaluation_kwargs == {"reward_shape": "goal"}
+    shaped = train_rl(config)
+    for a, b in zip(plain.actor.parameters(), shaped.actor.parameters()):
+        assert torch.equal(a, b)  # the rollouts played the bump reward (the default) as before
+    # the evaluations played the goal reward: 0 or 1 an episode, and the same as evaluating by hand
+    last = shaped.history[-1]
+    by_hand = evaluate_actor(shaped.actor, TwoOptimaBandit(16, reward_shape="goal"), 1, True, seed=1 + EVAL_SEED_OFFSET)
+    assert last["eval_return"] == pytest.approx(by_hand["return"], abs=1e-6)
+    assert (last["eval_return"] * 16) == pytest.approx(round(last["eval_return"] * 16), abs=1e-4)
+    assert last["eval_return"] != pytest.approx(plain.history[-1]["eval_return"], abs=1e-6)  # the bump reward's
+    with pytest.raises(ConfigError, match="eval_kwargs"):
+        config_from_dict(RLRunConfig, {"env": {"id": "fmpolicy/TwoOptimaBandit-v0", "eval_kwargs": "goal"}})
+
+
 # ---- entropy bonus ----------------------------------------------------------------------------------
 
 

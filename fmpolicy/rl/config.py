@@ -296,9 +296,20 @@ class EnvConfig:
 
     id: str = "fmpolicy/TwoOptimaBandit-v0"  # a gymnasium id, ours (fmpolicy/...) or external (Pendulum-v1)
     kwargs: dict = field(default_factory=dict)  # passed to the env constructor (e.g. {"n_links": 3})
+    # merged over `kwargs` for the evaluation envs only: train on one distribution of tasks (a weighted
+    # list, say) and evaluate on another (each task equally often), or evaluate without a training shaping
+    eval_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.id, str) and bool(self.id), type(self).__name__, "id", self.id, "a non-empty str")
+        for name in ("kwargs", "eval_kwargs"):
+            _check(isinstance(getattr(self, name), dict), type(self).__name__, name, getattr(self, name),
+                   "a mapping of constructor arguments")
+
+    @property
+    def evaluation_kwargs(self) -> dict:
+        """The evaluation envs' constructor arguments: `kwargs` with `eval_kwargs` over them."""
+        return {**self.kwargs, **self.eval_kwargs}
 
 
 @dataclass(frozen=True)

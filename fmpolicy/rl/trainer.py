@@ -383,7 +383,7 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
     logger = run.logger()
 
     eval_envs = (make_vector_env(config.env.id, rc.eval_episodes, device, rc.seed + EVAL_SEED_OFFSET,
-                                 config.env.kwargs) if rc.eval_every and info.is_main else None)  # process 0 evaluates
+                                 config.env.evaluation_kwargs) if rc.eval_every and info.is_main else None)  # process 0 evaluates
 
     def evaluate() -> dict[str, Any]:
         """Deterministic (zero initial noise / Gaussian mean) and sampled returns, successes and episode
