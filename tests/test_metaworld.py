@@ -167,6 +167,23 @@ def test_vector_env_same_step_autoreset():
     envs.close()
 
 
+def test_a_task_list_with_repeats_weights_the_envs():
+    """tasks[v % len(tasks)] with a repeated name: that task gets more of the envs, each env keeps its task
+    across episodes (num_envs a multiple of the list), and the instruction is the task's own."""
+    tasks = ["push", "reach", "push", "push"]
+    envs = gym.make_vec(ENV_ID, num_envs=8, vectorization_mode="vector_entry_point", tasks=tasks, max_episode_steps=2)
+    _, info = envs.reset(seed=4)
+    first = list(envs.task_names)
+    assert first == [f"{t}-v3" for t in ["push", "reach", "push", "push"] * 2]  # variation 4 + i
+    assert info["task"].count(mw.INSTRUCTIONS["push-v3"]) == 6 and info["task"].count(mw.INSTRUCTIONS["reach-v3"]) == 2
+    assert info["variation"].tolist() == list(range(4, 12))
+    for _ in range(2):
+        _, _, _, truncated, info = envs.step(torch.zeros(8, 4))
+    assert truncated.all() and info["variation"].tolist() == list(range(12, 20))  # the next episodes
+    assert list(envs.task_names) == first
+    envs.close()
+
+
 def test_make_expert_with_noise():
     expert = fmpolicy_envs.make_expert(ENV_ID, seed=0, noise_std=0.3)
     env = mw.MetaWorldEnv(task="reach")

@@ -23,6 +23,7 @@ from fmpolicy.rl.objectives import compute_fpo_log_ratio
 from fmpolicy.rl.rollout import GymVectorAdapter, RolloutCollector
 from fmpolicy.rl.trainer import RatioCheckError, make_actor, ratio_check_tolerance, train_rl
 from fmpolicy.rl.value import ValueNet
+from fmpolicy.run import seed_everything
 from tests.helpers import load_script
 
 
@@ -579,7 +580,9 @@ def test_rollouts_and_updates_run_end_to_end_on_cuda(tmp_path, policy_type):
 # ---- resume ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("policy_type,extra", [("flow", []), ("gaussian", []), ("flow", ["rl.desired_kl=1e-3"])])
+@pytest.mark.parametrize("policy_type,extra", [
+    ("flow", []), ("gaussian", []), ("flow", ["rl.desired_kl=1e-3"]),
+    ("flow", ["rl.fpo.ref_coef=0.1", "rl.fpo.ref_policy=best", "rl.eval_every=1", "rl.eval_episodes=8"])])
 def test_resume_equals_an_uninterrupted_run(tmp_path, policy_type, extra):
     script = load_script("train_fpo")
     args = ["rl.policy_type=" + policy_type, "rl.num_envs=32", "rl.num_macro_steps=2", "rl.progress=false",
@@ -589,8 +592,9 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, policy_type, extra):
     script.main(["--config", "configs/fpo_bandit.yaml", f"rl.out_dir={tmp_path / 'b'}", "rl.total_env_steps=128", *args])
     resumed = script.main(["--config", "configs/fpo_bandit.yaml", f"rl.out_dir={tmp_path / 'b'}",
                            "rl.total_env_steps=256", "--resume", *args])
-    assert len(resumed.history) == len(full.history) == 4
-    if extra:  # the adapted lr moved, and the checkpoint (Adam's param groups) carried it over the resume
+    records = 4 + any(a.startswith("rl.eval_every") for a in extra)  # + the evaluation before the first update
+    assert len(resumed.history) == len(full.history) == records
+    if "rl.desired_kl=1e-3" in extra:  # the adapted lr moved, and the checkpoint (Adam's param groups) carried it
         assert len({h["lr"] for h in full.history}) == 4
         assert [h["lr"] for h in resumed.history] == [h["lr"] for h in full.history]
     for (name, a), (_, b) in zip(full.actor.state_dict().items(), resumed.actor.state_dict().items()):
@@ -599,7 +603,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, policy_type, extra):
         assert torch.equal(a, b)
     # the log of the resumed run continues the interrupted one
     lines = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
-    assert len(lines) == 4
+    assert len(lines) == records
     # a changed config is refused
     with pytest.raises(CheckpointError, match="rl.lr"):
         train_rl(load_rl_config("configs/fpo_bandit.yaml", [f"rl.out_dir={tmp_path / 'b'}", "rl.lr=0.1", *args]),
@@ -818,6 +822,50 @@ def test_the_policy_of_the_best_evaluation_is_kept(tmp_path, monkeypatch):
     off = dataclasses.replace(config.rl, keep_best=False, out_dir=str(tmp_path / "off"), total_env_steps=128)
     train_rl(dataclasses.replace(config, rl=off))
     assert not (tmp_path / "off" / "best_policy").exists() and not (tmp_path / "off" / "best_policy.json").exists()
+
+
+def test_the_reference_follows_the_best_evaluation_with_ref_policy_best(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import fmpolicy.rl.trainer as trainer
+
+    # scripted zero-noise evaluations at iterations 0-5: new bests at 1 and 3 (success first, then return)
+    scores = [(0.1, 5.0), (0.3, 1.0), (0.3, 0.5), (0.3, 2.0), (0.2, 9.0), (0.1, 9.0)]
+
+    def run(ref_policy):
+        script = iter(scores)
+
+        def fake_evaluate(actor, envs, n_action_steps, zero_noise, seed, generator=None, inference_delay=0):
+            success, ret = next(script) if zero_noise else (0.0, 0.0)
+            return {"return": ret, "success": success, "length": 1.0}
+
+        monkeypatch.setattr(trainer, "evaluate_actor", fake_evaluate)
+        config = bandit_config(tmp_path / ref_policy, total_env_steps=128 * 5, eval_every=1, save_every=1,
+                               keep_checkpoints=10, lr=1e-3, fpo={"ref_coef": 0.5, "ref_policy": ref_policy})
+        torch.manual_seed(0)
+        return train_rl(config)
+
+    best, start = run("best"), run("start")
+    assert [h["iteration"] for h in best.history if h.get("reference_updated")] == [1, 3]
+    assert not any("reference_updated" in h for h in start.history)
+    # the reference now holds iteration 3's policy (its checkpoint), not the last one's, nor the start's
+    ref = {k: v.detach() for k, v in best.actor.reference.state_dict().items()}
+    at_3 = load_file(str(tmp_path / "best" / "run" / "checkpoints" / "step_00000003" / "policy" / "model.safetensors"))
+    assert at_3.keys() <= ref.keys() and all(torch.equal(ref[k], at_3[k]) for k in at_3)
+    final = {k: v.detach() for k, v in best.actor.policy.state_dict().items()}
+    assert any(not torch.equal(ref[k], final[k]) for k in at_3)
+    # with "start" the reference is the policy the run began from, and the runs part after the first move
+    seed_everything(0)  # as train_rl does before it builds the actor (rl.seed 0)
+    at_0 = make_actor(bandit_config(tmp_path / "init"), torch.device("cpu"))[0].policy.state_dict()
+    start_ref = start.actor.reference.state_dict()
+    assert all(torch.equal(start_ref[k], at_0[k]) for k in at_0)
+    assert any(not torch.equal(a, b) for a, b in zip(best.actor.parameters(), start.actor.parameters()))
+    # its checks
+    for bad, match in ((["rl.fpo.ref_policy=best", "rl.eval_every=5"], "ref_policy.*ref_coef = 0"),
+                       (["rl.fpo.ref_policy=best", "rl.fpo.ref_coef=0.1", "rl.eval_every=0"], "ref_policy.*eval_every = 0"),
+                       (["rl.fpo.ref_policy=last"], "ref_policy.*'last'.*'start', 'best'")):
+        with pytest.raises(ConfigError, match=match):
+            load_rl_config("configs/fpo_bandit.yaml", bad)
 
 
 def test_states_far_outside_the_imitation_data_are_logged_and_warned_once(tmp_path, capsys):

@@ -254,6 +254,14 @@ class FlowActor(nn.Module):
         loss = self.policy.compute_cfm_losses(obs, store["ref_chunk"], store["ref_t"], store["ref_noise"]).mean()
         return self.fpo.ref_coef * loss, {"ref_cfm_loss": loss.detach()}
 
+    @torch.no_grad()
+    def set_reference_to_policy(self) -> None:
+        """Make the reference the policy as it is now (`fpo.ref_policy: best`): its weights copied in place,
+        so the actor's state dict (checkpoints, resume) carries the new reference."""
+        if self.reference is None:
+            raise RuntimeError("set_reference_to_policy needs fpo.ref_coef > 0 (the actor keeps no reference)")
+        self.reference.load_state_dict(self.policy.state_dict())
+
     def _counted_entries(self) -> int:
         return self.policy.config.chunk_size * int(self.policy.action_valid.sum())
 

@@ -32,6 +32,7 @@ LOSS_REDUCTIONS = ("mean", "sum_steps")  # FPOConfig.loss_reduction
 FPO_TIME_SAMPLINGS = ("uniform", "policy")
 SQUASHES = ("tanh", "clip")
 SURROGATES = ("clip", "aspo")
+REF_POLICIES = ("start", "best")  # FPOConfig.ref_policy
 VALUE_INPUTS = ("state", "prefix_pooled")
 VALUE_ACTIVATIONS = ("tanh", "relu")
 ADVANTAGE_NORM_SCOPES = ("minibatch", "batch")
@@ -85,6 +86,10 @@ class FPOConfig:
     ref_coef: float = 0.0  # weight of the reference regulariser (FlowActor.regularizer): the CFM loss of
     #   chunks sampled from a frozen copy of the starting policy (random init or the imitation
     #   checkpoint) at the rollout's observations; keeps mass wherever the start had it. 0 = off
+    ref_policy: str = "start"  # what the reference is: "start" (the starting policy, fixed) or "best" (the
+    #   policy of the best zero-noise evaluation so far, as rl.keep_best ranks them: replaced whenever an
+    #   evaluation beats it, so the pull holds what the run has reached instead of where it began; needs
+    #   ref_coef > 0 and rl.eval_every > 0)
     positive_imitation: float = 0.0  # weight of self-imitation: the CFM loss of each stored chunk at its
     #   stored pairs, weighted by the positive part of its standardised advantage and not clipped
     #   (advantage-weighted regression on the better-than-expected chunks): pulls the flow towards them,
@@ -99,6 +104,7 @@ class FPOConfig:
         _choice(self, "ratio_mode", RATIO_MODES)
         _choice(self, "loss_reduction", LOSS_REDUCTIONS)
         _choice(self, "time_sampling", FPO_TIME_SAMPLINGS)
+        _choice(self, "ref_policy", REF_POLICIES)
         _positive_or_none(self, "clamp_old", "clamp_log_ratio", "clamp_pair_log_ratio", "huber_delta")
         _non_negative(self, "ref_coef", "action_noise_std", "positive_imitation")
         _check(isinstance(self.normalizer_samples, int) and not isinstance(self.normalizer_samples, bool)
@@ -285,6 +291,13 @@ class RLConfig:
         _check(not (self.policy_type == "gaussian" and self.fpo.positive_imitation > 0), "FPOConfig",
                "positive_imitation", self.fpo.positive_imitation,
                "0 with rl.policy_type='gaussian' (it fits the flow's CFM loss; PPO has none)")
+        if self.fpo.ref_policy == "best":
+            _check(self.fpo.ref_coef > 0, "FPOConfig", "ref_policy", self.fpo.ref_policy,
+                   "'start' with ref_coef = 0 (there is no reference to replace)")
+            _check(self.eval_every > 0, "FPOConfig", "ref_policy", self.fpo.ref_policy,
+                   "'start' with rl.eval_every = 0 ('best' is ranked by the evaluations)")
+            _check(self.policy_type == "flow", "FPOConfig", "ref_policy", self.fpo.ref_policy,
+                   "'start' with rl.policy_type='gaussian' (the reference is the flow's)")
         _check(self.num_macro_steps * self.num_envs >= self.num_minibatches, name, "num_minibatches",
                self.num_minibatches, f"at most num_envs * num_macro_steps = {self.num_envs * self.num_macro_steps}")
         check_device(self.device, f"{name}.device")  # a ConfigError here, not an AssertionError deep in torch

@@ -414,17 +414,29 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
 
     # the best zero-noise evaluation so far (a resumed run recomputes it from its history)
     best_score = max((s for s in map(_eval_score, history) if s is not None), default=None)
+    follow_best = rc.policy_type == "flow" and rc.fpo.ref_policy == "best"
 
-    def keep_if_best(record: dict[str, Any]) -> None:
+    def keep_if_best(record: dict[str, Any], evaluated: bool) -> None:
+        """On an evaluation that beats every earlier one: save it (rl.keep_best) and make it FPO's
+        reference (fpo.ref_policy best). `evaluated`: an evaluation was due at this record (process 0
+        ran it; the others learn of a new best through the reduction, so their references move too)."""
         nonlocal best_score
         score = _eval_score(record)
-        if not rc.keep_best or score is None or (best_score is not None and score <= best_score):
+        better = score is not None and (best_score is None or score > best_score)
+        if follow_best and evaluated:
+            better = bool(reduce_max(torch.tensor(float(better), device=device), info) > 0)
+        if not better:
             return
-        best_score = score
-        actor.save_pretrained(out / "best_policy")
-        atomic_write_json(out / "best_policy.json", {"iteration": record["iteration"],
-                                                     "eval_success": record.get("eval_success"),
-                                                     "eval_return": record["eval_return"]})
+        if score is not None:
+            best_score = score
+        if follow_best:
+            actor.set_reference_to_policy()
+            record["reference_updated"] = True
+        if rc.keep_best and info.is_main:
+            actor.save_pretrained(out / "best_policy")
+            atomic_write_json(out / "best_policy.json", {"iteration": record["iteration"],
+                                                         "eval_success": record.get("eval_success"),
+                                                         "eval_return": record["eval_return"]})
 
     # ---- the loop ----
     run_start = time.perf_counter()
@@ -432,8 +444,9 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
     elapsed = lambda: elapsed_before + time.perf_counter() - run_start  # noqa: E731
     if eval_envs is not None and start == 0:
         history.append({"iteration": 0, "env_steps": 0, **evaluate(), "elapsed_s": elapsed()})
+        keep_if_best(history[-1], evaluated=True)  # the start: already the reference
+        history[-1].pop("reference_updated", None)
         logger.log(0, history[-1])
-        keep_if_best(history[-1])
     iterations = progress(range(start, num_iterations), rc.progress, "rl")
     warned_far_states = False
     for iteration in iterations:
@@ -488,7 +501,8 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
             "seconds": time.perf_counter() - tick, "rollout_s": rollout_s, "update_s": update_s,
             **{("lr" if g["name"] == "actor" else f"lr_{g['name']}"): g["lr"] for g in optimizer.param_groups},
         }
-        if eval_envs is not None and (done % rc.eval_every == 0 or done == num_iterations):
+        evaluated = bool(rc.eval_every) and (done % rc.eval_every == 0 or done == num_iterations)
+        if eval_envs is not None and evaluated:
             record.update(evaluate())
         record["elapsed_s"] = elapsed()  # wall time since the run began, evaluations included
         z = actor.state_z(b_obs)
@@ -498,8 +512,8 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
                 warned_far_states = _warn_far_states(z, done)
         if hasattr(envs, "action_stats"):  # env-specific diagnostics of the executed actions (the bandit's modes)
             record.update(envs.action_stats(b_chunks[:, 0], b_obs[STATE]))
+        keep_if_best(record, evaluated)
         history.append(record)
-        keep_if_best(record)
         if done % rc.log_every == 0 or done == num_iterations:
             logger.log(done, record)
         if hasattr(iterations, "set_postfix"):
