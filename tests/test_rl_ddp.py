@@ -154,3 +154,22 @@ def test_train_fpo_under_torchrun_writes_once_and_resumes_with_every_process(tmp
     assert [h["iteration"] for h in log] == [1, 2]
     alone = torchrun(*common, "rl.total_env_steps=192", "--resume", nproc=1)
     assert alone.returncode != 0 and "written by 2 process(es)" in alone.stderr
+
+
+@pytest.mark.skipif(not dist.is_gloo_available(), reason="needs the gloo backend")
+def test_the_reference_follows_the_best_evaluation_under_torchrun(tmp_path):
+    """fpo.ref_policy best: process 0 evaluates, every process learns of a new best in the same
+    reduction (no process waits alone), and the reference is the kept best policy."""
+    from safetensors.torch import load_file
+
+    run = torchrun("--config", str(ROOT / "configs" / "fpo_bandit.yaml"), "rl.device=cpu", "rl.num_envs=16",
+                   "rl.num_macro_steps=2", "rl.progress=false", "rl.save_every=1", "rl.eval_every=1",
+                   "rl.eval_episodes=8", "rl.fpo.ref_coef=0.1", "rl.fpo.ref_policy=best", "rl.total_env_steps=192",
+                   f"rl.out_dir={tmp_path / 'run'}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [h["iteration"] for h in log] == [0, 1, 2, 3] and all("eval_success" in h for h in log)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_00000003" / "training_state.pt", weights_only=False)
+    reference = {k.removeprefix("reference."): v for k, v in state["actor"].items() if k.startswith("reference.")}
+    best = load_file(str(tmp_path / "run" / "best_policy" / "model.safetensors"))
+    assert best and all(torch.equal(reference[k], best[k]) for k in best)

@@ -444,7 +444,8 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
     elapsed = lambda: elapsed_before + time.perf_counter() - run_start  # noqa: E731
     if eval_envs is not None and start == 0:
         history.append({"iteration": 0, "env_steps": 0, **evaluate(), "elapsed_s": elapsed()})
-        keep_if_best(history[-1], evaluated=True)  # the start: already the reference
+        # the start's evaluation (process 0 alone): the best so far, and already the reference, so no reduction
+        keep_if_best(history[-1], evaluated=False)
         history[-1].pop("reference_updated", None)
         logger.log(0, history[-1])
     iterations = progress(range(start, num_iterations), rc.progress, "rl")
