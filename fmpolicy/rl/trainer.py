@@ -414,7 +414,7 @@ def _train_rl(config: RLRunConfig, run: RunFolder, info: DistInfo) -> RLResult:
 
     # the best zero-noise evaluation so far (a resumed run recomputes it from its history)
     best_score = max((s for s in map(_eval_score, history) if s is not None), default=None)
-    follow_best = rc.policy_type == "flow" and rc.fpo.ref_policy == "best"
+    follow_best = rc.fpo.ref_policy == "best"  # flow only (RLConfig refuses it for the Gaussian)
 
     def keep_if_best(record: dict[str, Any], evaluated: bool) -> None:
         """On an evaluation that beats every earlier one: save it (rl.keep_best) and make it FPO's
