@@ -23,6 +23,7 @@ TIME_SAMPLINGS = ("uniform", "beta", "logit_normal")
 SAMPLER_METHODS = ("euler", "midpoint", "rk4", "dopri5")
 NORM_MODES = ("identity", "mean_std", "min_max", "quantile")
 EXPERT_KINDS = ("transformer", "mlp")
+PREFIX_POOLS = ("mean", "attention")
 HEADS = ("flow", "regression")
 EXPERT_TIME_INPUTS = ("sinusoidal", "raw")
 DEFAULT_EMBODIMENT = "default"  # the one robot of a policy that configures no embodiments
@@ -79,6 +80,11 @@ class ExpertConfig:
     max_state_dim: int = 32  # states are zero-padded to this width
     max_action_dim: int = 32  # actions are zero-padded to this width
     prefix_dim: int = 0  # width of prefix tokens (observation.prefix); 0 = no prefix input
+    # MLP only: how the prefix becomes one vector: "mean" (the masked mean of its tokens) or "attention"
+    # (`prefix_queries` learned queries, each a masked softmax over the tokens: prefix_queries * prefix_dim
+    # inputs; a camera's token is then read apart from the instruction's instead of averaged into it)
+    prefix_pool: str = "mean"
+    prefix_queries: int = 4  # prefix_pool "attention": learned queries
     time_embed_dim: int = 128  # width of the sinusoidal time features before the time MLP
     dropout: float = 0.0  # dropout inside attention and feed-forward layers (training only)
     # how t enters: "sinusoidal" (time_embed_dim features) or "raw" (t itself, one input: into the MLP's first
@@ -95,7 +101,9 @@ class ExpertConfig:
             object.__setattr__(self, "time_input", "raw" if self.kind == "mlp" else "sinusoidal")
         _choice(self, "time_input", EXPERT_TIME_INPUTS)
         _choice(self, "activation", EXPERT_ACTIVATIONS)
-        _positive_ints(self, "width", "depth", "num_heads", "max_state_dim", "max_action_dim", "time_embed_dim")
+        _choice(self, "prefix_pool", PREFIX_POOLS)
+        _positive_ints(self, "width", "depth", "num_heads", "max_state_dim", "max_action_dim", "time_embed_dim",
+                       "prefix_queries")
         name = type(self).__name__
         _check(self.width % self.num_heads == 0, name, "num_heads", self.num_heads, f"a divisor of width={self.width}")
         _check(self.time_embed_dim % 2 == 0, name, "time_embed_dim", self.time_embed_dim, "an even int")
@@ -106,6 +114,8 @@ class ExpertConfig:
         _number(self, "dropout", "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
         if self.kind != "mlp":  # the transformer has its own SwiGLU layers: refuse, not ignore
             _check(self.activation == "silu", name, "activation", self.activation, "'silu' with kind='transformer'")
+            _check(self.prefix_pool == "mean", name, "prefix_pool", self.prefix_pool,
+                   "'mean' with kind='transformer' (its action tokens attend to every prefix token)")
 
 
 @dataclass(frozen=True)
@@ -156,6 +166,7 @@ class NormalizationConfig:
 
 
 ENCODER_KINDS = ("none", "vision_text", "vlm", "task")
+VISION_TOWERS = ("siglip", "conv")
 IMAGES_PREFIX = "observation.images."
 TEXT_MODELS = ("tiny", "minilm")  # or a local folder for `from_pretrained`
 
@@ -175,6 +186,12 @@ class EncoderConfig:
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalization (SigLIP: 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)  # pixel = (x - mean) / std, x in [0, 1]
     vision_path: str = ""  # local folder of a pretrained SiglipVisionModel; "" = build from the fields below
+    # vision_text: "siglip" (a SigLIP ViT: patch tokens) or "conv" (a small conv net + spatial softmax: one token
+    #   a camera holding `vision_keypoints` (x, y) points; fmpolicy/encoders/conv.py). With "conv",
+    #   vision_hidden_size is the channel width and vision_num_hidden_layers the 3x3 layers after its 4x4
+    #   stride-4 stem (keypoints on an image_size / 4 grid); the SigLIP-only fields (heads, intermediate size, patch size) are not read
+    vision_tower: str = "siglip"
+    vision_keypoints: int = 32  # vision_tower "conv": keypoints (spatial-softmax maps) a camera
     vision_hidden_size: int = 64  # SiglipVisionConfig.hidden_size of a vision tower built from config
     vision_num_hidden_layers: int = 2  # SiglipVisionConfig.num_hidden_layers
     vision_num_attention_heads: int = 2  # SiglipVisionConfig.num_attention_heads
@@ -198,7 +215,8 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         name = type(self).__name__
         _choice(self, "kind", ENCODER_KINDS)
-        _positive_ints(self, "image_size", "vision_hidden_size", "vision_num_hidden_layers",
+        _choice(self, "vision_tower", VISION_TOWERS)
+        _positive_ints(self, "image_size", "vision_keypoints", "vision_hidden_size", "vision_num_hidden_layers",
                        "vision_num_attention_heads", "vision_intermediate_size", "vision_patch_size",
                        "text_hidden_size", "text_num_hidden_layers", "text_num_attention_heads",
                        "text_intermediate_size", "max_text_tokens", "out_dim")
@@ -220,8 +238,16 @@ class EncoderConfig:
         if self.kind == "vlm":  # vision_text may read the instruction alone (cameras: [])
             _check(len(cams) > 0, name, "cameras", cams, f"at least one camera for kind={self.kind!r}")
         _check(isinstance(self.resize_images, bool), name, "resize_images", self.resize_images, "true or false")
-        _check(self.image_size % self.vision_patch_size == 0, name, "image_size", self.image_size,
-               f"a multiple of vision_patch_size={self.vision_patch_size}")
+        if self.vision_tower == "siglip":
+            _check(self.image_size % self.vision_patch_size == 0, name, "image_size", self.image_size,
+                   f"a multiple of vision_patch_size={self.vision_patch_size}")
+        else:
+            _check(self.kind == "vision_text", name, "vision_tower", self.vision_tower,
+                   f"'siglip' with kind={self.kind!r} (the conv tower is a vision_text option)")
+            _check(self.vision_path == "", name, "vision_path", self.vision_path,
+                   "'' with vision_tower='conv' (a pretrained tower is a SigLIP one)")
+            _check(self.image_size % 4 == 0, name, "image_size", self.image_size,
+                   "a multiple of 4 with vision_tower='conv' (its stem reads 4x4 cells)")
         _check(self.vision_hidden_size % self.vision_num_attention_heads == 0, name, "vision_num_attention_heads",
                self.vision_num_attention_heads, f"a divisor of vision_hidden_size={self.vision_hidden_size}")
         _check(self.text_hidden_size % self.text_num_attention_heads == 0, name, "text_num_attention_heads",
@@ -246,6 +272,8 @@ class EncoderConfig:
     @property
     def num_patches(self) -> int:
         """Image tokens per camera of a tower built from this config."""
+        if self.vision_tower == "conv":
+            return 1
         return (self.image_size // self.vision_patch_size) ** 2
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fmpolicy.config import make_expert_config
+from fmpolicy.errors import ConfigError
 from fmpolicy.model import ActionExpert, MLPVelocityNet, make_velocity_net
 from tests.helpers import in_float64, randomized
 
@@ -26,10 +27,12 @@ def make_inputs(b: int = 3, seed: int = 1):
     return x_t, t, state, prefix, prefix_mask, state_valid, action_valid
 
 
-@pytest.fixture(params=["transformer", "mlp"])
+@pytest.fixture(params=["transformer", "mlp", "mlp_attention_pool"])
 def net(request):
-    preset = "tiny" if request.param == "transformer" else "mlp"
-    return randomized(make_velocity_net(make_expert_config(preset, prefix_dim=DP), H))
+    if request.param == "transformer":
+        return randomized(make_velocity_net(make_expert_config("tiny", prefix_dim=DP), H))
+    pool = "attention" if request.param == "mlp_attention_pool" else "mean"
+    return randomized(make_velocity_net(make_expert_config("mlp", prefix_dim=DP, prefix_pool=pool), H))
 
 
 def test_factory_builds_the_configured_network():
@@ -147,6 +150,37 @@ def test_works_on_state_alone(net):
         out = net(x_t, t, state, sv, None, None, av)
         assert out.shape == (3, H, 32) and out.dtype == torch.float64 and torch.isfinite(out).all()
         torch.testing.assert_close(net.velocity(x_t, t, net.encode(state, sv), av), out)
+
+
+def test_attention_pooling_reads_tokens_that_the_mean_averages_away():
+    """Two prefixes with the same tokens in another order (the same mean) and a swap of what two tokens hold:
+    mean pooling cannot tell them apart, attention pooling can; a row with every token masked reads zeros,
+    as a policy without a prefix does."""
+    x_t, t, state, prefix, _, sv, av = make_inputs()
+    mask = torch.ones(prefix.shape[:2], dtype=torch.bool)
+    swapped = prefix.clone()
+    swapped[:, :2] = prefix[:, :2] * torch.tensor([1.0, 3.0])[None, :, None]  # token 1 scaled up ...
+    swapped[:, 2] = prefix[:, 2] - 2.0 * prefix[:, 1]  # ... and token 2 down by as much: the sum is unchanged
+    torch.testing.assert_close(swapped.sum(1), prefix.sum(1))
+    outs = {}
+    for pool in ("mean", "attention"):
+        torch.manual_seed(0)
+        net = randomized(make_velocity_net(make_expert_config("mlp", prefix_dim=DP, prefix_pool=pool,
+                                                              prefix_queries=3), H))
+        with torch.no_grad():
+            outs[pool] = (net(x_t, t, state, sv, prefix, mask, av), net(x_t, t, state, sv, swapped, mask, av))
+            none = torch.zeros_like(mask)
+            torch.testing.assert_close(net(x_t, t, state, sv, prefix, none, av), net(x_t, t, state, sv, None, None, av))
+    torch.testing.assert_close(*outs["mean"], atol=1e-5, rtol=1e-5)
+    assert (outs["attention"][0] - outs["attention"][1]).abs().amax(dim=(1, 2)).min() > 1e-3
+    assert net.net[0].in_features == H * 32 + 2 * 32 + 3 * DP + 1  # three reads of the prefix, raw t
+
+
+def test_attention_pooling_is_an_mlp_option():
+    with pytest.raises(ConfigError, match=r"ExpertConfig\.prefix_pool = 'attention' is invalid"):
+        make_expert_config("tiny", prefix_dim=DP, prefix_pool="attention")
+    with pytest.raises(ConfigError, match=r"ExpertConfig\.prefix_queries = 0 is invalid"):
+        make_expert_config("mlp", prefix_dim=DP, prefix_pool="attention", prefix_queries=0)
 
 
 def test_transformer_starts_at_zero_velocity_and_every_parameter_learns():

@@ -1,7 +1,9 @@
-"""`VisionTextEncoder`: a SigLIP vision tower per camera + a text encoder, projected to the expert width.
+"""`VisionTextEncoder`: a vision tower per camera + a text encoder, projected to the expert width.
 
 Prefix layout (p = k * n_patches + max_text_tokens):
     [camera 1 patch tokens, ..., camera k patch tokens, instruction tokens]
+The tower is SigLIP (n_patches patch tokens a camera) or, with `vision_tower: conv`, a small conv net
+ending in a spatial softmax (one token a camera: its keypoints; fmpolicy/encoders/conv.py).
 Every camera shares one vision tower; a learned camera embedding tells them apart. A camera missing
 from the batch (or flagged by `<cam>_is_pad`) has mask False over its tokens; padding tokens of the
 instruction have mask False.
@@ -43,7 +45,12 @@ def _local_folder(path: str, field: str) -> Path:
 
 
 def build_vision_tower(config: EncoderConfig) -> nn.Module:
-    """A SiglipVisionModel from `vision_path`, or built (randomly initialised) from the config fields."""
+    """A SiglipVisionModel from `vision_path`, or built (randomly initialised) from the config fields; with
+    `vision_tower: conv` a `ConvKeypointTower`."""
+    if config.vision_tower == "conv":
+        from fmpolicy.encoders.conv import ConvKeypointTower
+
+        return ConvKeypointTower(config.vision_hidden_size, config.vision_num_hidden_layers, config.vision_keypoints)
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     if config.vision_path:
@@ -82,17 +89,21 @@ def build_text_model(config: EncoderConfig) -> tuple[nn.Module, ByteTokenizer | 
 
 
 class VisionTextEncoder(PrefixEncoder):
-    """SigLIP patch tokens of each camera + text-model token states -> prefix (b, p, out_dim)."""
+    """Vision-tower tokens of each camera + text-model token states -> prefix (b, p, out_dim)."""
 
     def __init__(self, config: EncoderConfig):
         super().__init__(config)
         self.vision = build_vision_tower(config)
         self.text, self.tokenizer = build_text_model(config)
         d = config.out_dim
-        self.vision_proj = nn.Linear(self.vision.config.hidden_size, d)
+        if config.vision_tower == "conv":
+            self.vision_width, self.num_patches = self.vision.hidden_size, self.vision.num_tokens
+        else:
+            self.vision_width = self.vision.config.hidden_size
+            self.num_patches = (config.image_size // self.vision.config.patch_size) ** 2
+        self.vision_proj = nn.Linear(self.vision_width, d)
         self.text_proj = nn.Linear(self.text.config.hidden_size, d)
         self.camera_embed = nn.Parameter(torch.randn(len(config.cameras), d) * 0.02)
-        self.num_patches = (config.image_size // self.vision.config.patch_size) ** 2
         self._text_key: tuple = ()  # the frozen text model's weights the remembered states belong to
         self._text_memo: dict[str, tuple[Tensor, Tensor]] = {}  # instruction -> (n, d_text) states, (n,) mask
         if config.freeze_vision:
@@ -113,12 +124,15 @@ class VisionTextEncoder(PrefixEncoder):
                                                c.resize_images)
         tasks = read_tasks(batch, b, c.require_task)
         k = len(c.cameras)
-        feats = torch.zeros(b, k, self.num_patches, self.vision.config.hidden_size, device=self.device)
+        feats = torch.zeros(b, k, self.num_patches, self.vision_width, device=self.device)
         cams = [i for i in range(k) if c.cameras[i] in batch]  # absent cameras are not computed at all
         if cams:
             x = rearrange(pixels[:, cams], "b k c h w -> (b k) c h w")
             with torch.set_grad_enabled(torch.is_grad_enabled() and not c.freeze_vision):
-                tokens = self.vision(pixel_values=x).last_hidden_state  # (b k, n_patches, d_vision)
+                if c.vision_tower == "conv":
+                    tokens = self.vision(x)  # (b k, 1, 2 K)
+                else:
+                    tokens = self.vision(pixel_values=x).last_hidden_state  # (b k, n_patches, d_vision)
             feats = feats.index_copy(1, torch.tensor(cams, device=self.device),
                                      rearrange(tokens, "(b k) n e -> b k n e", b=b).to(feats.dtype))
         if c.freeze_text and c.lora_rank == 0:
