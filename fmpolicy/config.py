@@ -189,7 +189,8 @@ class EncoderConfig:
     # vision_text: "siglip" (a SigLIP ViT: patch tokens) or "conv" (a small conv net + spatial softmax: one token
     #   a camera holding `vision_keypoints` (x, y) points; fmpolicy/encoders/conv.py). With "conv",
     #   vision_hidden_size is the channel width and vision_num_hidden_layers the 3x3 layers after its 4x4
-    #   stride-4 stem (keypoints on an image_size / 4 grid); the SigLIP-only fields (heads, intermediate size, patch size) are not read
+    #   stride-4 stem (keypoints on an image_size / 4 grid); the SigLIP-only fields (heads, intermediate
+    #   size, patch size) are not read
     vision_tower: str = "siglip"
     vision_keypoints: int = 32  # vision_tower "conv": keypoints (spatial-softmax maps) a camera
     vision_hidden_size: int = 64  # SiglipVisionConfig.hidden_size of a vision tower built from config
