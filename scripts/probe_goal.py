@@ -2,6 +2,7 @@
 """Does a camera policy's vision tower see the goal? A linear probe on Meta-World frames (issue 17, Prove-it 2).
 
     python scripts/probe_goal.py --policy P [P ...] [--task reach] [--train 200] [--test 100] [--json out.json]
+                                 [--fit-tower 50 1000 [--fit-steps 3000]]
 
 Frames: `--train` goal variations from 0 (the demonstrations' range) and `--test` held-out ones from
 10000, each the reset frame after 0-29 random actions (so the arm is not always at its start pose),
@@ -14,11 +15,19 @@ predicting the train mean. Meta-World's reach succeeds within 5 cm of the goal.
 
 Why: a policy that fails where the goal is a one-pixel marker either does not see the marker (the
 tower's output does not hold the goal) or does not act on it; the probe tells which.
+
+`--fit-tower N [N ...]`: the ceiling instead of the policy's tower. A *fresh* vision tower of the policy's
+architecture (its encoder config, new weights: random, or the pretrained ones the config names) and an MLP head are trained together on the goal
+itself (Adam, lr 1e-3, batch 64, `--fit-steps`) from the first N train frames, i.e. from N distinct
+goals, and tested on the held-out frames. Privileged labels: a diagnostic of what the images and the
+architecture allow, and of how many goals it takes to learn to read them, never a way to train a policy.
+(Meta-World reach at 64 px, the conv tower of configs/metaworld_mt10_vision_conv.yaml: docs/benchmarks/metaworld.md.)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -27,10 +36,12 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # before anything imports mujoco: hea
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 
 import fmpolicy_envs  # noqa: E402,F401  (registers the fmpolicy/ ids)
 from fmpolicy import FlowPolicy  # noqa: E402
 from fmpolicy.config import IMAGES_PREFIX  # noqa: E402
+from fmpolicy.encoders import make_encoder  # noqa: E402
 from fmpolicy.io import atomic_write_json  # noqa: E402
 
 GOAL, HAND = slice(36, 39), slice(0, 3)  # in Meta-World's 39-d observation
@@ -67,7 +78,38 @@ def ridge_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, 
     return b @ w
 
 
-def probe(policy_dir: str, task: str, n_train: int, n_test: int) -> dict:
+def fit_tower(encoder_config, batch: dict, goal: np.ndarray, n_fit: int, n_train: int, steps: int,
+              seed: int = 0) -> list[float]:
+    """A fresh tower of `encoder_config`'s architecture + an MLP head trained on the goal of frames [0, n_fit)
+    -> the mean absolute error (m) per axis on the held-out frames [n_train, end)."""
+    torch.manual_seed(seed)
+    encoder = make_encoder(dataclasses.replace(encoder_config, freeze_vision=False)).train()
+    y = torch.from_numpy(goal).float()
+    mean, scale = y[:n_fit].mean(0), y[:n_fit].std(0).clamp_min(1e-6) if n_fit > 1 else torch.ones(3)
+
+    def features(rows: Tensor) -> Tensor:
+        sub = {k: v[rows] if isinstance(v, Tensor) else [v[i] for i in rows.tolist()] for k, v in batch.items()}
+        return encoder.backbone(sub)["images"].flatten(1)
+
+    width = features(torch.arange(1)).shape[1]
+    head = nn.Sequential(nn.Linear(width, 256), nn.ReLU(), nn.Linear(256, 3))
+    trained = [p for p in encoder.parameters() if p.requires_grad]  # the vision tower (a frozen text model stays)
+    optimizer = torch.optim.Adam([*trained, *head.parameters()], lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        rows = torch.randint(0, n_fit, (min(64, n_fit),), generator=generator)
+        loss = (head(features(rows)) - (y[rows] - mean) / scale).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    encoder.eval()
+    with torch.no_grad():
+        held_out = torch.arange(n_train, len(y))
+        pred = torch.cat([head(features(r)) for r in held_out.split(256)]) * scale + mean
+    return (pred - y[held_out]).abs().mean(0).double().numpy().round(4).tolist()
+
+
+def probe(policy_dir: str, task: str, n_train: int, n_test: int, fit: Sequence[int] = (), fit_steps: int = 3000) -> dict:
     policy = FlowPolicy.from_pretrained(policy_dir, device="cpu")
     encoder = policy.encoder
     if encoder is None or not encoder.config.cameras:
@@ -85,6 +127,10 @@ def probe(policy_dir: str, task: str, n_train: int, n_test: int) -> dict:
         pred = ridge_predict(feats[:n_train], y[:n_train], feats[n_train:])
         result[f"{name}_error_m"] = np.abs(pred - y[n_train:]).mean(0).round(4).tolist()
         result[f"{name}_baseline_m"] = np.abs(y[n_train:] - y[:n_train].mean(0)).mean(0).round(4).tolist()
+    if fit:
+        result["fit_tower_steps"] = fit_steps
+        result["fit_tower_goal_error_m"] = {str(n): fit_tower(encoder.config, batch, frames["goal"], n, n_train, fit_steps)
+                                            for n in fit}
     return result
 
 
@@ -95,16 +141,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=200, help="frames to fit on (variations 0, 1, ...)")
     parser.add_argument("--test", type=int, default=100, help="held-out frames (variations 10000, ...)")
     parser.add_argument("--json", default=None, help="also write the results here (atomically)")
+    parser.add_argument("--fit-tower", type=int, nargs="*", default=[], metavar="N",
+                        help="also train a fresh tower of the policy's architecture on the goal of the first N train "
+                             "frames (N distinct goals; privileged labels: the ceiling) and test it on the held-out ones")
+    parser.add_argument("--fit-steps", type=int, default=3000, help="training steps of each --fit-tower fit")
     args = parser.parse_args(argv)
     for name in ("train", "test"):
         if getattr(args, name) < 2:
             parser.error(f"--{name} = {getattr(args, name)} is invalid: expected at least 2 frames")
-    results = [probe(p, args.task, args.train, args.test) for p in args.policy]
+    for n in args.fit_tower:
+        if not 1 <= n <= args.train:
+            parser.error(f"--fit-tower {n} is invalid: expected 1 .. --train ({args.train}) goals")
+    if args.fit_steps < 1:
+        parser.error(f"--fit-steps = {args.fit_steps} is invalid: expected >= 1")
+    results = [probe(p, args.task, args.train, args.test, args.fit_tower, args.fit_steps) for p in args.policy]
     print(f"{'policy':48s} {'goal error x y z (m)':>24s} {'predict the mean':>22s} {'hand error x y z (m)':>24s}")
     for r in results:
         fmt = lambda v: " ".join(f"{x:.3f}" for x in v)  # noqa: E731
         print(f"{r['policy'][-48:]:48s} {fmt(r['goal_error_m']):>24s} {fmt(r['goal_baseline_m']):>22s} "
               f"{fmt(r['hand_error_m']):>24s}")
+        for n, err in r.get("fit_tower_goal_error_m", {}).items():
+            print(f"{'  a fresh tower trained on ' + n + ' goals':48s} {fmt(err):>24s}")
     print(json.dumps(results))
     if args.json:
         atomic_write_json(args.json, results)

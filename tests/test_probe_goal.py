@@ -48,8 +48,11 @@ def test_the_probe_runs_on_a_camera_policy_and_its_baseline_is_the_held_out_spre
     policy.save_pretrained(tmp_path / "p")
     script = load_script("probe_goal")
     out = tmp_path / "probe.json"
-    script.main(["--policy", str(tmp_path / "p"), "--train", "5", "--test", "3", "--json", str(out)])
+    script.main(["--policy", str(tmp_path / "p"), "--train", "5", "--test", "3", "--json", str(out),
+                 "--fit-tower", "2", "5", "--fit-steps", "2"])
     (row,) = json.loads(out.read_text())
+    assert row["fit_tower_steps"] == 2 and sorted(row["fit_tower_goal_error_m"]) == ["2", "5"]
+    assert all(np.isfinite(e).all() and len(e) == 3 for e in row["fit_tower_goal_error_m"].values())
     assert row["features"] == 2 * 2 * 4  # two cameras, one token each of 4 keypoints' (x, y)
     frames = script.collect_frames("reach", ("corner", "topview"), 32, [*range(5), *range(10_000, 10_003)])
     expected = np.abs(frames["goal"][5:] - frames["goal"][:5].mean(0)).mean(0)
@@ -57,3 +60,39 @@ def test_the_probe_runs_on_a_camera_policy_and_its_baseline_is_the_held_out_spre
     assert all(np.isfinite(row["goal_error_m"])) and all(np.isfinite(row["hand_error_m"]))
     with pytest.raises(SystemExit):
         script.main(["--policy", str(tmp_path / "p"), "--train", "1"])
+    with pytest.raises(SystemExit):  # more goals to fit on than train frames
+        script.main(["--policy", str(tmp_path / "p"), "--train", "5", "--fit-tower", "6"])
+
+
+def _marker_frames(n: int, size: int, seed: int):
+    """(n, 3, size, size) grey frames with one red pixel; its 'goal' = (column, row) in metres at 1 cm a pixel, z fixed."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    rows, cols = rng.integers(0, size, n), rng.integers(0, size, n)
+    images = torch.full((n, 3, size, size), 0.5)
+    images[torch.arange(n), :, torch.from_numpy(rows), torch.from_numpy(cols)] = torch.tensor([1.0, 0.0, 0.0])
+    goal = np.stack([cols * 0.01, rows * 0.01, np.full(n, 0.2)], axis=1)
+    return images, goal
+
+
+def test_a_fresh_tower_fitted_on_many_goals_reads_held_out_ones_and_on_two_does_not():
+    import torch
+
+    from fmpolicy.config import EncoderConfig
+
+    script = load_script("probe_goal")
+    size, n_train = 16, 256
+    images, goal = _marker_frames(n_train + 64, size, seed=0)
+    batch = {"observation.images.top": images, "task": ["reach"] * len(goal)}
+    cfg = EncoderConfig(kind="vision_text", cameras=("observation.images.top",), image_size=size, vision_tower="conv",
+                        vision_hidden_size=8, vision_num_hidden_layers=1, vision_keypoints=4, freeze_vision=True,
+                        text_hidden_size=16, text_intermediate_size=32, text_num_hidden_layers=1,
+                        text_num_attention_heads=2, max_text_tokens=8, out_dim=16)
+    baseline = np.abs(goal[n_train:] - goal[:n_train].mean(0)).mean(0)  # ~4 cm in x and y, 0 in z
+    torch.set_num_threads(1)
+    many = script.fit_tower(cfg, batch, goal, n_train, n_train, steps=400)
+    two = script.fit_tower(cfg, batch, goal, 2, n_train, steps=400)
+    assert len(many) == 3 and many[2] < 1e-3  # z never varies: the head's bias learns it
+    assert max(many[:2]) < 0.35 * baseline[:2].min(), (many, baseline)  # located on frames it never saw
+    assert min(two[:2]) > 0.5 * baseline[:2].min(), (two, baseline)  # from two goals it cannot generalize
