@@ -17,9 +17,9 @@ Why: a policy that fails where the goal is a one-pixel marker either does not se
 tower's output does not hold the goal) or does not act on it; the probe tells which.
 
 `--fit-tower N [N ...]`: the ceiling instead of the policy's tower. A *fresh* vision tower of the policy's
-architecture (its encoder config, new weights: random, or the pretrained ones the config names) and an MLP head are trained together on the goal
-itself (Adam, lr 1e-3, batch 64, `--fit-steps`) from the first N train frames, i.e. from N distinct
-goals, and tested on the held-out frames. Privileged labels: a diagnostic of what the images and the
+architecture (its encoder config; new weights: random, or the pretrained ones the config names) and an MLP
+head are trained together on the goal itself (Adam, lr 1e-3, batches of min(64, N), `--fit-steps`) from the
+first N train frames, i.e. from N distinct goals, and tested on the held-out frames. Privileged labels: a diagnostic of what the images and the
 architecture allow, and of how many goals it takes to learn to read them, never a way to train a policy.
 (Meta-World reach at 64 px, the conv tower of configs/metaworld_mt10_vision_conv.yaml: docs/benchmarks/metaworld.md.)
 """
@@ -85,7 +85,8 @@ def fit_tower(encoder_config, batch: dict, goal: np.ndarray, n_fit: int, n_train
     torch.manual_seed(seed)
     encoder = make_encoder(dataclasses.replace(encoder_config, freeze_vision=False)).train()
     y = torch.from_numpy(goal).float()
-    mean, scale = y[:n_fit].mean(0), y[:n_fit].std(0).clamp_min(1e-6) if n_fit > 1 else torch.ones(3)
+    mean = y[:n_fit].mean(0)
+    scale = y[:n_fit].std(0).clamp_min(1e-6) if n_fit > 1 else torch.ones(3)  # targets standardized per axis
 
     def features(rows: Tensor) -> Tensor:
         sub = {k: v[rows] if isinstance(v, Tensor) else [v[i] for i in rows.tolist()] for k, v in batch.items()}
