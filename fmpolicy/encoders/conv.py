@@ -9,7 +9,8 @@ marker's place inside each patch from those ten goals. The layout is the one of 
 much smaller (CPU-sized), with GroupNorm instead of BatchNorm (no running statistics to drift between
 training and control time). Measured on Meta-World MT10 from two 64-px cameras (docs/benchmarks/metaworld.md,
 Prove-it 2): the tasks whose target is the object itself went to 100%, the marker tasks stayed at 0-40%:
-locating a marker in a test image is not yet the policy going there.
+locating a marker in a test image is not yet the policy going there: learning to read it takes far more
+distinct goals than 10 demonstrations show (scripts/probe_goal.py --fit-tower).
 """
 
 from __future__ import annotations
