@@ -2,7 +2,7 @@
 """Does a camera policy's vision tower see the goal? A linear probe on Meta-World frames (issue 17, Prove-it 2).
 
     python scripts/probe_goal.py --policy P [P ...] [--task reach] [--train 200] [--test 100] [--json out.json]
-                                 [--fit-tower 50 1000 [--fit-steps 3000]]
+                                 [--fit-tower 50 1000 [--fit-steps 3000]] [--frames DIR]
 
 Frames: `--train` goal variations from 0 (the demonstrations' range) and `--test` held-out ones from
 10000, each the reset frame after 0-29 random actions (so the arm is not always at its start pose),
@@ -22,6 +22,10 @@ head are trained together on the goal itself (Adam, lr 1e-3, batches of min(64, 
 first N train frames, i.e. from N distinct goals, and tested on the held-out frames. Privileged labels: a diagnostic of what the images and the
 architecture allow, and of how many goals it takes to learn to read them, never a way to train a policy.
 (Meta-World reach at 64 px, the conv tower of configs/metaworld_mt10_vision_conv.yaml: docs/benchmarks/metaworld.md.)
+
+`--frames DIR`: keep the rendered frames there, one .npz per (task, cameras, size, --train, --test), written
+atomically, and read them back on the next call instead of rendering again (a frame costs ~0.75 s: a fresh
+env per goal variation; 1,200 frames are 15 minutes).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # before anything imports mujoco: headless rendering
 
@@ -42,7 +47,7 @@ import fmpolicy_envs  # noqa: E402,F401  (registers the fmpolicy/ ids)
 from fmpolicy import FlowPolicy  # noqa: E402
 from fmpolicy.config import IMAGES_PREFIX  # noqa: E402
 from fmpolicy.encoders import make_encoder  # noqa: E402
-from fmpolicy.io import atomic_write_json  # noqa: E402
+from fmpolicy.io import atomic_write, atomic_write_json  # noqa: E402
 
 GOAL, HAND = slice(36, 39), slice(0, 3)  # in Meta-World's 39-d observation
 
@@ -67,6 +72,29 @@ def collect_frames(task: str, cameras: tuple[str, ...], size: int, variations: S
     env.close()
     return {"images": {c: np.stack(x) for c, x in images.items()}, "goal": np.stack(goal), "hand": np.stack(hand),
             "instruction": instruction}
+
+
+def cached_frames(directory: str | None, task: str, cameras: tuple[str, ...], size: int, n_train: int,
+                  n_test: int) -> dict:
+    """collect_frames of variations 0 .. n_train-1 and 10000 .. 10000+n_test-1, through the cache `directory`."""
+    variations = [*range(n_train), *range(10_000, 10_000 + n_test)]
+    if directory is None:
+        return collect_frames(task, cameras, size, variations)
+    path = Path(directory) / f"{task}_{'+'.join(cameras)}_{size}px_{n_train}_{n_test}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            frames = {"images": {c: z[f"image_{c}"] for c in cameras}, "goal": z["goal"], "hand": z["hand"],
+                      "instruction": str(z["instruction"])}
+        for c, x in frames["images"].items():
+            if x.shape != (len(variations), 3, size, size):
+                raise SystemExit(f"--frames {directory}: {path.name} holds {c} frames of shape {x.shape}, expected "
+                                 f"{(len(variations), 3, size, size)}; delete the file to render them again")
+        return frames
+    frames = collect_frames(task, cameras, size, variations)
+    atomic_write(path, lambda f: np.savez(f, goal=frames["goal"], hand=frames["hand"],
+                                          instruction=np.array(frames["instruction"]),
+                                          **{f"image_{c}": x for c, x in frames["images"].items()}))
+    return frames
 
 
 def ridge_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, lam: float = 1e-3) -> np.ndarray:
@@ -110,16 +138,16 @@ def fit_tower(encoder_config, batch: dict, goal: np.ndarray, n_fit: int, n_train
     return (pred - y[held_out]).abs().mean(0).double().numpy().round(4).tolist()
 
 
-def probe(policy_dir: str, task: str, n_train: int, n_test: int, fit: Sequence[int] = (), fit_steps: int = 3000) -> dict:
+def probe(policy_dir: str, task: str, n_train: int, n_test: int, fit: Sequence[int] = (), fit_steps: int = 3000,
+          frames_dir: str | None = None) -> dict:
     policy = FlowPolicy.from_pretrained(policy_dir, device="cpu")
     encoder = policy.encoder
     if encoder is None or not encoder.config.cameras:
         raise SystemExit(f"--policy {policy_dir}: the policy reads no camera (policy.encoder.cameras is empty)")
     cameras = tuple(c[len(IMAGES_PREFIX):] for c in encoder.config.cameras)
-    variations = [*range(n_train), *range(10_000, 10_000 + n_test)]
-    frames = collect_frames(task, cameras, encoder.config.image_size, variations)
+    frames = cached_frames(frames_dir, task, cameras, encoder.config.image_size, n_train, n_test)
     batch = {IMAGES_PREFIX + c: torch.from_numpy(x) for c, x in frames["images"].items()}
-    batch["task"] = [frames["instruction"]] * len(variations)
+    batch["task"] = [frames["instruction"]] * (n_train + n_test)
     with torch.no_grad():
         feats = encoder.eval().backbone(batch)["images"].flatten(1).double().numpy()  # (n, k * n_patches * e)
     result = {"policy": policy_dir, "task": task, "features": feats.shape[1], "train": n_train, "test": n_test}
@@ -146,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also train a fresh tower of the policy's architecture on the goal of the first N train "
                              "frames (N distinct goals; privileged labels: the ceiling) and test it on the held-out ones")
     parser.add_argument("--fit-steps", type=int, default=3000, help="training steps of each --fit-tower fit")
+    parser.add_argument("--frames", default=None, metavar="DIR",
+                        help="keep the rendered frames here and reuse them on the next call (one .npz per task, "
+                             "cameras, size, --train and --test)")
     args = parser.parse_args(argv)
     for name in ("train", "test"):
         if getattr(args, name) < 2:
@@ -155,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--fit-tower {n} is invalid: expected 1 .. --train ({args.train}) goals")
     if args.fit_steps < 1:
         parser.error(f"--fit-steps = {args.fit_steps} is invalid: expected >= 1")
-    results = [probe(p, args.task, args.train, args.test, args.fit_tower, args.fit_steps) for p in args.policy]
+    results = [probe(p, args.task, args.train, args.test, args.fit_tower, args.fit_steps, args.frames)
+               for p in args.policy]
     print(f"{'policy':48s} {'goal error x y z (m)':>24s} {'predict the mean':>22s} {'hand error x y z (m)':>24s}")
     for r in results:
         fmt = lambda v: " ".join(f"{x:.3f}" for x in v)  # noqa: E731

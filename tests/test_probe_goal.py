@@ -27,7 +27,7 @@ def test_the_ridge_probe_recovers_a_linear_map_and_shrinks_with_lambda():
     assert np.abs(shrunk - y[:60].mean(0)).mean() < np.abs(pred - y[:60].mean(0)).mean()
 
 
-def test_the_probe_runs_on_a_camera_policy_and_its_baseline_is_the_held_out_spread(tmp_path):
+def test_the_probe_runs_on_a_camera_policy_and_its_baseline_is_the_held_out_spread(tmp_path, monkeypatch):
     pytest.importorskip("metaworld")
     import torch
 
@@ -49,8 +49,10 @@ def test_the_probe_runs_on_a_camera_policy_and_its_baseline_is_the_held_out_spre
     script = load_script("probe_goal")
     out = tmp_path / "probe.json"
     script.main(["--policy", str(tmp_path / "p"), "--train", "5", "--test", "3", "--json", str(out),
-                 "--fit-tower", "2", "5", "--fit-steps", "2"])
+                 "--fit-tower", "2", "5", "--fit-steps", "2", "--frames", str(tmp_path / "frames")])
     (row,) = json.loads(out.read_text())
+    (cached,) = (tmp_path / "frames").glob("*.npz")
+    assert cached.name == "reach_corner+topview_32px_5_3.npz"
     assert row["fit_tower_steps"] == 2 and sorted(row["fit_tower_goal_error_m"]) == ["2", "5"]
     assert all(np.isfinite(e).all() and len(e) == 3 for e in row["fit_tower_goal_error_m"].values())
     assert row["features"] == 2 * 2 * 4  # two cameras, one token each of 4 keypoints' (x, y)
@@ -58,6 +60,21 @@ def test_the_probe_runs_on_a_camera_policy_and_its_baseline_is_the_held_out_spre
     expected = np.abs(frames["goal"][5:] - frames["goal"][:5].mean(0)).mean(0)
     np.testing.assert_allclose(row["goal_baseline_m"], expected, atol=1e-4)  # rounded to 0.1 mm
     assert all(np.isfinite(row["goal_error_m"])) and all(np.isfinite(row["hand_error_m"]))
+    def no_rendering(*args, **kwargs):
+        raise AssertionError("--frames: the cached frames were rendered again")
+
+    monkeypatch.setattr(script, "collect_frames", no_rendering)
+    again = tmp_path / "again.json"
+    script.main(["--policy", str(tmp_path / "p"), "--train", "5", "--test", "3", "--json", str(again),
+                 "--frames", str(tmp_path / "frames")])
+    (row_again,) = json.loads(again.read_text())
+    for key in ("goal_error_m", "goal_baseline_m", "hand_error_m", "hand_baseline_m"):
+        assert row_again[key] == row[key]  # the same frames, the same float64 ridge fit
+    with np.load(cached) as z:
+        stale = {k: z[k] for k in z.files}
+    np.savez(cached, **{**stale, "image_corner": np.zeros((8, 3, 16, 16), np.uint8)})  # another size's frames
+    with pytest.raises(SystemExit, match="corner frames of shape"):
+        script.main(["--policy", str(tmp_path / "p"), "--train", "5", "--test", "3", "--frames", str(tmp_path / "frames")])
     with pytest.raises(SystemExit):
         script.main(["--policy", str(tmp_path / "p"), "--train", "1"])
     with pytest.raises(SystemExit):  # more goals to fit on than train frames
