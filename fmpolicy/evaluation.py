@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fmpolicy.batch import STATE
 from fmpolicy.errors import InputError
 
 
@@ -51,6 +52,9 @@ class EvalResult:
     return_std: float = 0.0  # standard deviation of the episode returns
     success_reported: bool = True  # False when the env never reported is_success (then successes count 0)
     episode_success: list[bool] = field(default_factory=list)  # per episode, in the order of `tasks`
+    # a FlowPolicy's evaluation: per state entry, the largest |normalized state| the policy was given (how
+    # many of its imitation data's standard deviations out: fmpolicy.normalize.far_state_warning); else None
+    state_z_max: list[float] | None = None
 
     def success_by_task(self) -> dict[str, dict[str, Any]]:
         """Per instruction (multi-task envs): episodes, successes, rate and Wilson 95% interval."""
@@ -67,7 +71,8 @@ class EvalResult:
     def summary(self) -> dict[str, Any]:
         return {"episodes": self.episodes, "successes": self.successes, "success_rate": self.success_rate,
                 "ci95": list(self.ci95), "mean_return": self.mean_return, "mean_length": self.mean_length,
-                **{f"{k}_rate": v for k, v in self.flags.items()}}
+                **{f"{k}_rate": v for k, v in self.flags.items()},
+                **({} if self.state_z_max is None else {"state_z_max": self.state_z_max})}
 
 
 def round_seed(seed: int, rnd: int) -> int:
@@ -101,6 +106,8 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
     `FlowPolicy` samples every chunk from initial noise 0 (the flow's deterministic chunk, as RL's
     evaluations do) instead of random noise from `generator`. `n_action_steps` with a `FlowPolicy`:
     execute that many steps of each chunk instead of the policy's own (re-plan more or less often).
+    With a `FlowPolicy` (its `state_z`) the result holds `state_z_max`, per state entry the largest
+    |normalized state| the policy was given.
     `inference_delay` d in [0, n_action_steps]: execute as an asynchronous deployment whose inference
     takes d control steps ("latest" execution, `fmpolicy.control.run_with_latency`): each chunk after an
     episode's first is sampled from the observation d steps before the previous one runs out and runs
@@ -116,13 +123,20 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
                                  "(the chunk steps executed before the next chunk is sampled)")
             n_exec = n_action_steps
 
+        z_seen: list[Tensor] = []
+        state_z = getattr(policy, "state_z", None)  # a FlowPolicy's; other policy objects may lack it
+
         def act(query):
             if embodiment is not None:
                 query = {**query, "embodiment": embodiment}
+            if state_z is not None:
+                z = state_z(query)[:query[STATE].shape[-1]].cpu()
+                z_seen[:] = [z if not z_seen else torch.maximum(z_seen[0], z)]
             if zero_noise:
                 return policy.predict_action_chunk(query, noise=policy.zero_noise(e))
             return policy.predict_action_chunk(query, generator=generator)
     else:
+        z_seen = []
         if n_action_steps is None:
             raise ValueError("evaluate_policy(act=...) needs n_action_steps")
         if zero_noise:
@@ -222,7 +236,8 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
                       mean_return=float(np.mean(rets)), mean_length=float(np.mean(lens)),
                       flags={key: c / n for key, c in flag_counts.items()}, states=states, frames=frames,
                       final_states=torch.cat(finals).numpy(), paths=_concat_paths(paths), tasks=tasks,
-                      return_std=float(np.std(rets)), success_reported=reported, episode_success=list(succ))
+                      return_std=float(np.std(rets)), success_reported=reported, episode_success=list(succ),
+                      state_z_max=[float(v) for v in z_seen[0]] if z_seen else None)
 
 
 def observe_env(obs, info, task_map=None, uint8_images: bool = False) -> dict:

@@ -23,6 +23,27 @@ from fmpolicy.config import NORM_MODES
 from fmpolicy.errors import InputError
 
 
+# |normalized state| beyond this: a state the policy never saw in its data (some entry hundreds of the data's
+# standard deviations out). A dimension that barely varied in the demonstrations does this: Meta-World reach's
+# gripper opening (spread 0.0012: a camera policy drifted 46 cm off and succeeded 0 of 50; with min_scale 0.05
+# 22 of 50), push's object orientation from 3 demonstrations (705: FPO's KL per update 80-480). Warned by RL's
+# rollouts and by evaluations (docs/benchmarks/metaworld.md, "A normaliser trap").
+STATE_Z_WARN = 100.0
+
+
+def far_state_warning(z: Tensor, where: str) -> str | None:
+    """A warning when some entry of `z` (per state entry: the largest |normalized state| seen) is over
+    STATE_Z_WARN, naming the entries, else None. `where` says when they were seen ("at iteration 3")."""
+    far = [i for i, v in enumerate(z.tolist()) if v > STATE_Z_WARN]
+    if not far:
+        return None
+    return (f"warning: {where} observation.state entries {far} reached up to {float(z.max()):.0f} standard "
+            "deviations of the imitation data (the policy's state normalizer): inputs the network never saw. "
+            "A dimension that barely varied in the demonstrations (a gripper held still, an object's "
+            "orientation) does this; train with a larger policy.normalization.min_scale "
+            "(docs/benchmarks/metaworld.md, 'A normaliser trap')")
+
+
 class Normalizer(nn.Module):
     """Affine per-dimension normalizer over the last axis; `offset`/`scale` are saved buffers."""
 

@@ -130,6 +130,14 @@ class FlowPolicy(nn.Module):
         idx = embodiment if embodiment is not None else torch.zeros(action.shape[0], dtype=torch.long, device=self.device)
         return self.embodiments.normalize_action(action, idx)
 
+    @torch.no_grad()
+    def state_z(self, obs: Mapping[str, Any]) -> Tensor:
+        """max |normalized state| over the batch, per padded state entry (max_state_dim,): how many of the
+        imitation data's standard deviations (the state normalizer) the states of `obs` lie out."""
+        state = keys.read_state(obs, self.config.expert.max_state_dim, self.device)
+        idx = self.embodiments.index(obs, state.shape[0])
+        return self.pad_state(state.to(self.dtype), idx).abs().amax(0)
+
     def encode(self, obs: Mapping[str, Any]) -> ExpertCache:
         """Validate an observation and compute the per-chunk cache (state token, prefix keys/values)."""
         self.embodiments.check_fitted()

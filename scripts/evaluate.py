@@ -16,7 +16,9 @@ flat observation read as `observation.state` (cast to float32) and success read 
 `info[--success-key]` (`fmpolicy.gym_adapter`); `--obs-map` maps dict observation keys to ours.
 
 Writes `<out>/eval.json` (success rate, Wilson 95% interval, mean return and length, collision
-rate; on PointObstacle the fractions of episodes that went round the obstacle above and below),
+rate, `state_z_max`: per state entry the largest |normalized state| the policy was given, with a warning
+printed past 100 of the imitation data's standard deviations; on PointObstacle the fractions of episodes
+that went round the obstacle above and below),
 `<out>/trajectories.png` (the first episodes' xy paths: state dims 0 and 1) and `<out>/frames.png`
 (an image strip of a few episodes), and prints a one-line summary.
 """
@@ -36,6 +38,7 @@ from fmpolicy.config import resolve_device
 from fmpolicy.errors import FmPolicyError
 from fmpolicy.evaluation import EvalResult, evaluate_policy
 from fmpolicy.io import atomic_write, atomic_write_json
+from fmpolicy.normalize import far_state_warning
 
 
 def make_envs(env_id: str, num_envs: int, device: str, seed: int, kwargs: dict, success_key: str = "is_success",
@@ -201,6 +204,10 @@ def main(argv: list[str] | None = None) -> dict:
     if followed is not None:
         line += f"; reached the goal the given instruction names: {100 * followed:.1f}%"
     print(line)
+    if result.state_z_max is not None:
+        warning = far_state_warning(torch.tensor(result.state_z_max), "in this evaluation")
+        if warning:
+            print(warning)
     if len(by_task) > 1:
         for task, row in by_task.items():
             print(f"  {row['success_rate'] * 100:5.1f}% [{100 * row['ci95'][0]:.1f}, {100 * row['ci95'][1]:.1f}] "

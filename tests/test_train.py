@@ -121,6 +121,39 @@ def test_evaluate_script_reports_success_with_an_interval(dataset, tmp_path):
     assert 0 <= saved["passed_above"] + saved["passed_below"] <= 1  # PointObstacle: which way round
 
 
+def test_evaluation_reports_how_far_outside_the_imitation_data_the_states_lie(dataset, tmp_path, capsys):
+    """`state_z_max`: per state entry, the largest |normalized state| the policy was given. A normalizer
+    fitted on a dimension that barely varied (here: offset 5, spread 0.01) puts PointObstacle's states
+    hundreds of its standard deviations out, and the script prints a warning naming the entries."""
+    from fmpolicy import FlowPolicy
+    from fmpolicy.evaluation import evaluate_policy
+
+    run_train(dataset, tmp_path / "run", "train.steps=2")
+    policy = FlowPolicy.from_pretrained(tmp_path / "run" / "policy", device="cpu")
+    fitted = policy.state_normalizer
+    envs = evaluate_script.make_envs("fmpolicy/PointObstacle-v0", 3, "cpu", 0, {})
+    result = evaluate_policy(policy, envs, 3, seed=0, generator=torch.Generator().manual_seed(0))
+    z_reset = np.abs((result.paths[:, 0] - fitted.offset.numpy()) / fitted.scale.numpy()).max(0)  # all given
+    z_all = np.nanmax(np.abs((result.paths - fitted.offset.numpy()) / fitted.scale.numpy()), axis=(0, 1))
+    assert len(result.state_z_max) == result.paths.shape[-1]
+    assert np.all(np.array(result.state_z_max) >= z_reset * (1 - 1e-5))  # the reset states were given
+    assert np.all(np.array(result.state_z_max) < 100) and z_all.max() < 100  # the fitted normalizer: inside
+    plain = evaluate_script.main(["--policy", str(tmp_path / "run" / "policy"), "--env", "fmpolicy/PointObstacle-v0",
+                                  "--episodes", "3", "--num-envs", "3", "--device", "cpu", "--out", str(tmp_path / "e1")])
+    assert "warning" not in capsys.readouterr().out and len(plain["state_z_max"]) == result.paths.shape[-1]
+    fitted.offset.fill_(5.0)
+    fitted.scale.fill_(0.01)
+    policy.save_pretrained(tmp_path / "narrow")
+    narrow = evaluate_script.main(["--policy", str(tmp_path / "narrow"), "--env", "fmpolicy/PointObstacle-v0",
+                                   "--episodes", "3", "--num-envs", "3", "--device", "cpu", "--out", str(tmp_path / "e2")])
+    bound = np.abs(result.paths[:, 0]).max(0)  # |state| at the resets (the same seeds)
+    assert np.all(np.array(narrow["state_z_max"]) >= (5 - bound) / 0.01 * (1 - 1e-5))
+    out = capsys.readouterr().out
+    entries = list(range(result.paths.shape[-1]))
+    assert f"warning: in this evaluation observation.state entries {entries} reached up to" in out
+    assert json.loads((tmp_path / "e2" / "eval.json").read_text())["state_z_max"] == narrow["state_z_max"]
+
+
 def test_obstacle_sides_take_the_sign_of_y_where_the_path_first_reaches_the_obstacle():
     from fmpolicy.evaluation import EvalResult
 

@@ -111,10 +111,7 @@ class FlowActor(nn.Module):
     def state_z(self, obs: Mapping[str, Any]) -> Tensor:
         """max |normalized state| over the batch, per padded state entry (S,): how many of the imitation
         data's standard deviations (the policy's state normalizer) the states RL reaches lie out."""
-        obs = self._named(obs)
-        idx = self.policy.embodiments.index(obs, obs[STATE].shape[0])
-        z = self.policy.pad_state(obs[STATE].to(self.device, self.policy.dtype), idx)
-        return z.abs().amax(0)
+        return self.policy.state_z(self._named(obs))
 
     @staticmethod
     def critic_features(inputs: ExpertCache | None) -> Tensor | None:

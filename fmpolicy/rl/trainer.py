@@ -38,6 +38,7 @@ from fmpolicy.batch import STATE
 from fmpolicy.config import config_from_dict, config_to_dict, saved_run_dict
 from fmpolicy.errors import ConfigError
 from fmpolicy.io import atomic_write, atomic_write_json
+from fmpolicy.normalize import far_state_warning
 from fmpolicy.policy import FlowPolicy
 from fmpolicy.rl import observations
 from fmpolicy.rl.actors import ROW_LOSSES, FlowActor, GaussianActor
@@ -60,10 +61,6 @@ RATIO_CHECK_TOL = 1e-6  # the least deviation of the first ratio from 1 that sto
 RESUMABLE_CHANGES = ("rl.progress", "rl.save_every", "rl.log_every", "rl.keep_checkpoints", "rl.out_dir", "rl.keep_best",
                      "rl.device", "policy.device", "rl.eval_every", "rl.eval_episodes")
 EVAL_SEED_OFFSET = 10_000  # evaluation envs start from seed + this: states the rollouts' seeds do not give
-# |normalized state| beyond this in a rollout: warned once a run. Meta-World (docs/benchmarks/metaworld.md):
-# reach's gripper entries reach 31 and FPO still lifts it; push from 3 demonstrations reached 705 (the
-# object's orientation) and broke FPO (KL per update 80-480); with min_scale 0.05 that start stays under 5.
-STATE_Z_WARN = 100.0
 
 
 class RatioCheckError(RuntimeError):
@@ -550,14 +547,10 @@ def _eval_score(record: dict[str, Any]) -> tuple[float, float] | None:
 def _warn_far_states(z: torch.Tensor, iteration: int) -> bool:
     """Print one warning when some state entry's |normalized value| (`FlowActor.state_z`) is over
     STATE_Z_WARN; True when it did."""
-    far = [i for i, v in enumerate(z.tolist()) if v > STATE_Z_WARN]
-    if far:
-        print(f"warning: at iteration {iteration} observation.state entries {far} reached up to "
-              f"{float(z.max()):.0f} standard deviations of the imitation data (the policy's state "
-              "normalizer): inputs the network never saw. A dimension that barely varied in the "
-              "demonstrations (an object's orientation) does this; train the start with a larger "
-              "policy.normalization.min_scale (docs/benchmarks/metaworld.md, 'A normaliser trap')")
-    return bool(far)
+    message = far_state_warning(z, f"at iteration {iteration}")
+    if message:
+        print(message)
+    return message is not None
 
 
 def _seconds_since(tick: float, device: torch.device) -> float:
