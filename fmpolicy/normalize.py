@@ -25,7 +25,7 @@ from fmpolicy.errors import InputError
 
 # |normalized state| beyond this: a state the policy never saw in its data (some entry hundreds of the data's
 # standard deviations out). A dimension that barely varied in the demonstrations does this: Meta-World reach's
-# gripper opening (spread 0.0012: a camera policy drifted 30-46 cm off per axis, 0 of 50 succeeded; min_scale 0.05
+# gripper opening (spread 0.0012: a camera policy drifted 30-46 cm off per axis, 0 of 50 succeeded; with min_scale 0.05:
 # 22 of 50), push's object orientation from 3 demonstrations (705: FPO's KL per update 80-480). Warned by RL's
 # rollouts and by evaluations (docs/benchmarks/metaworld.md, "A normaliser trap").
 STATE_Z_WARN = 100.0
