@@ -123,20 +123,21 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
                                  "(the chunk steps executed before the next chunk is sampled)")
             n_exec = n_action_steps
 
-        z_seen: list[Tensor] = []
+        z_max: Tensor | None = None  # per state entry, the largest |normalized state| given so far
         state_z = getattr(policy, "state_z", None)  # a FlowPolicy's; other policy objects may lack it
 
         def act(query):
+            nonlocal z_max
             if embodiment is not None:
                 query = {**query, "embodiment": embodiment}
             if state_z is not None:
                 z = state_z(query)[:query[STATE].shape[-1]].cpu()
-                z_seen[:] = [z if not z_seen else torch.maximum(z_seen[0], z)]
+                z_max = z if z_max is None else torch.maximum(z_max, z)
             if zero_noise:
                 return policy.predict_action_chunk(query, noise=policy.zero_noise(e))
             return policy.predict_action_chunk(query, generator=generator)
     else:
-        z_seen = []
+        z_max = None
         if n_action_steps is None:
             raise ValueError("evaluate_policy(act=...) needs n_action_steps")
         if zero_noise:
@@ -237,7 +238,7 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
                       flags={key: c / n for key, c in flag_counts.items()}, states=states, frames=frames,
                       final_states=torch.cat(finals).numpy(), paths=_concat_paths(paths), tasks=tasks,
                       return_std=float(np.std(rets)), success_reported=reported, episode_success=list(succ),
-                      state_z_max=[float(v) for v in z_seen[0]] if z_seen else None)
+                      state_z_max=None if z_max is None else [float(v) for v in z_max])
 
 
 def observe_env(obs, info, task_map=None, uint8_images: bool = False) -> dict:
