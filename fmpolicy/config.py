@@ -158,16 +158,11 @@ class NormalizationConfig:
     state: str = "mean_std"  # "identity", "mean_std", "min_max" (to [-1, 1]) or "quantile" (q01/q99 to [-1, 1])
     action: str = "mean_std"
     min_scale: float = 1e-4  # a dimension whose spread is below this is only centred, never divided by ~0
-    # normalized states are clipped to [-state_clip, state_clip] before the network sees them (None: never):
-    # a dimension that barely varied in the data cannot reach the network at hundreds of deviations
-    state_clip: float | None = None
 
     def __post_init__(self) -> None:
         _choice(self, "state", NORM_MODES)
         _choice(self, "action", NORM_MODES)
         _positive(self, "min_scale")
-        if self.state_clip is not None:
-            _positive(self, "state_clip")
 
 
 ENCODER_KINDS = ("none", "vision_text", "vlm", "task")

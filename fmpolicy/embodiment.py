@@ -32,7 +32,6 @@ class Embodiments(nn.Module):
         norm = config.normalization
         self.state = nn.ModuleList(Normalizer(e.state_dim, norm.state, norm.min_scale) for e in self.specs)
         self.action = nn.ModuleList(Normalizer(e.action_dim, norm.action, norm.min_scale) for e in self.specs)
-        self.state_clip = norm.state_clip
         self.max_state_dim = config.expert.max_state_dim
         self.max_action_dim = config.expert.max_action_dim
         self.register_buffer("state_dims", torch.tensor([e.state_dim for e in self.specs]), persistent=False)
@@ -86,14 +85,11 @@ class Embodiments(nn.Module):
         scale = torch.stack([nn.functional.pad(n.scale, (0, width - n.dim), value=1.0) for n in normalizers])
         return offset, scale
 
-    def normalize_state(self, state: Tensor, idx: Tensor, clip: bool = True) -> Tensor:
-        """Environment units (b, w) -> network units, zero-padded to (b, S); clipped to +-`state_clip`
-        when the config sets one, unless `clip` is False (how far out a state really lies)."""
+    def normalize_state(self, state: Tensor, idx: Tensor) -> Tensor:
+        """Environment units (b, w) -> network units, zero-padded to (b, S)."""
         x = nn.functional.pad(state, (0, self.max_state_dim - state.shape[-1]))
         offset, scale = self._table(self.state, self.max_state_dim)
         y = (x - offset[idx]) / scale[idx]
-        if clip and self.state_clip is not None:
-            y = y.clamp(-self.state_clip, self.state_clip)
         return torch.where(self.state_valid(idx), y, torch.zeros((), dtype=y.dtype, device=y.device))
 
     def normalize_action(self, action: Tensor, idx: Tensor) -> Tensor:

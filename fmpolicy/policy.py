@@ -120,11 +120,10 @@ class FlowPolicy(nn.Module):
 
     # ---- inputs ------------------------------------------------------------------------------------
 
-    def pad_state(self, state: Tensor, embodiment: Tensor | None = None, clip: bool = True) -> Tensor:
-        """Normalize and zero-pad states (b, s) to (b, S); `embodiment` (b,) indices, default the first;
-        clipped to +-`normalization.state_clip` when set and `clip`."""
+    def pad_state(self, state: Tensor, embodiment: Tensor | None = None) -> Tensor:
+        """Normalize and zero-pad states (b, s) to (b, S); `embodiment` (b,) indices, default the first."""
         idx = embodiment if embodiment is not None else torch.zeros(state.shape[0], dtype=torch.long, device=self.device)
-        return self.embodiments.normalize_state(state, idx, clip)
+        return self.embodiments.normalize_state(state, idx)
 
     def pad_action(self, action: Tensor, embodiment: Tensor | None = None) -> Tensor:
         """Normalize and zero-pad action chunks (b, h, a) to (b, h, A)."""
@@ -134,11 +133,10 @@ class FlowPolicy(nn.Module):
     @torch.no_grad()
     def state_z(self, obs: Mapping[str, Any]) -> Tensor:
         """max |normalized state| over the batch, per padded state entry (max_state_dim,): how many of the
-        imitation data's standard deviations (the state normalizer) the states of `obs` lie out, before
-        any `state_clip`."""
+        imitation data's standard deviations (the state normalizer) the states of `obs` lie out."""
         state = keys.read_state(obs, self.config.expert.max_state_dim, self.device)
         idx = self.embodiments.index(obs, state.shape[0])
-        return self.pad_state(state.to(self.dtype), idx, clip=False).abs().amax(0)
+        return self.pad_state(state.to(self.dtype), idx).abs().amax(0)
 
     def encode(self, obs: Mapping[str, Any]) -> ExpertCache:
         """Validate an observation and compute the per-chunk cache (state token, prefix keys/values)."""
