@@ -30,8 +30,10 @@ class Embodiments(nn.Module):
         self.specs = config.embodiment_list()
         self.names = [e.name for e in self.specs]
         norm = config.normalization
-        self.state = nn.ModuleList(Normalizer(e.state_dim, norm.state, norm.min_scale) for e in self.specs)
-        self.action = nn.ModuleList(Normalizer(e.action_dim, norm.action, norm.min_scale) for e in self.specs)
+        self.state = nn.ModuleList(Normalizer(e.state_dim, norm.state, norm.min_scale, norm.relative_min_scale)
+                                   for e in self.specs)
+        self.action = nn.ModuleList(Normalizer(e.action_dim, norm.action, norm.min_scale, norm.relative_min_scale)
+                                    for e in self.specs)
         self.max_state_dim = config.expert.max_state_dim
         self.max_action_dim = config.expert.max_action_dim
         self.register_buffer("state_dims", torch.tensor([e.state_dim for e in self.specs]), persistent=False)

@@ -12,6 +12,13 @@ Every mode is an affine map `y = (x - offset) / scale`:
 A dimension whose spread is below `min_scale` (a constant gripper, a joint that never moved) gets
 scale 1: it is centred but never divided by ~0, so an unseen value cannot explode (quantile
 normalization with q01 == q99 is a known way to get 1e6-sized inputs).
+
+A dimension that varied, but by less than `relative_min_scale` (default 0.05) of its offset's magnitude,
+is divided by `relative_min_scale * |offset|` instead of its spread: a gripper held open at 1.0 that
+jittered by 0.001 in the demonstrations is not scaled up 1000-fold, so the small changes it sees at
+deployment stay small inputs (the normaliser trap: docs/benchmarks/metaworld.md). Dimensions that move
+over a good part of their own magnitude (positions, joint angles in use) are unaffected; one that
+jitters around 0 is not caught by this rule (`min_scale` and the `state_z_max` warnings are there).
 """
 
 from __future__ import annotations
@@ -47,13 +54,14 @@ def far_state_warning(z: Tensor, where: str) -> str | None:
 class Normalizer(nn.Module):
     """Affine per-dimension normalizer over the last axis; `offset`/`scale` are saved buffers."""
 
-    def __init__(self, dim: int, mode: str = "mean_std", min_scale: float = 1e-4):
+    def __init__(self, dim: int, mode: str = "mean_std", min_scale: float = 1e-4, relative_min_scale: float = 0.05):
         super().__init__()
         if mode not in NORM_MODES:
             raise ValueError(f"normalization mode {mode!r} is unknown: expected one of {list(NORM_MODES)}")
         self.dim = dim
         self.mode = mode
         self.min_scale = min_scale
+        self.relative_min_scale = relative_min_scale
         self.register_buffer("offset", torch.zeros(dim))
         self.register_buffer("scale", torch.ones(dim))
         # 1 once fitted (a buffer, so that a loaded policy knows its stats came from data)
@@ -92,7 +100,9 @@ class Normalizer(nn.Module):
             offset, scale = (s["min"] + s["max"]) / 2, (s["max"] - s["min"]) / 2
         else:  # quantile
             offset, scale = (s["q01"] + s["q99"]) / 2, (s["q99"] - s["q01"]) / 2
-        scale = torch.where(scale < self.min_scale, torch.ones_like(scale), scale)
+        constant = scale < self.min_scale  # judged on the data's own spread: such a dimension is only centred
+        scale = torch.maximum(scale, self.relative_min_scale * offset.abs())
+        scale = torch.where(constant, torch.ones_like(scale), scale)
         self.offset.copy_(offset.to(self.offset))
         self.scale.copy_(scale.to(self.scale))
         self.fitted.fill_(True)
@@ -107,4 +117,4 @@ class Normalizer(nn.Module):
         return y * self.scale + self.offset
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, mode={self.mode!r}"
+        return f"dim={self.dim}, mode={self.mode!r}, min_scale={self.min_scale}, relative_min_scale={self.relative_min_scale}"

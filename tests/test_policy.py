@@ -159,6 +159,40 @@ def test_normalizer_round_trip_and_constant_dimensions(mode):
     assert norm.normalize(probe)[0, 2].abs() < 1.0
 
 
+def test_a_dimension_that_barely_varied_around_a_large_value_is_not_blown_up():
+    """The normaliser trap (Meta-World reach: the gripper opening 0.9976 +- 0.0012 in the demonstrations):
+    dividing by that spread puts an opening of 0.95 at deployment ~40 deviations out. `relative_min_scale`
+    (0.05 by default) divides such a dimension by 5% of its offset instead; dimensions that move over a good
+    part of their magnitude, a constant one, and one jittering around 0 are fitted as before."""
+    g = torch.Generator().manual_seed(0)
+    n = 2000
+    data = torch.stack([0.9976 + 0.0012 * torch.randn(n, generator=g, dtype=torch.float64),  # a gripper held open
+                        0.74 + 0.078 * torch.randn(n, generator=g, dtype=torch.float64),  # hand y: moves
+                        torch.full((n,), 0.7, dtype=torch.float64),  # never moved
+                        0.002 * torch.randn(n, generator=g, dtype=torch.float64)], dim=1)  # jitter around 0
+    std = data.std(0, unbiased=False)
+    for mode in ("mean_std", "min_max", "quantile"):
+        default = Normalizer(4, mode).fit(data)
+        off = Normalizer(4, mode, relative_min_scale=0.0).fit(data)
+        offset = default.offset.double()
+        assert default.scale[0].item() == pytest.approx(0.05 * abs(offset[0].item()), rel=1e-6)
+        assert off.scale[0] < 0.1 * default.scale[0]  # without the rule: the spread itself, 12-40x smaller
+        torch.testing.assert_close(default.scale[1:], off.scale[1:], rtol=0, atol=0)  # the rest: as before
+        assert default.scale[2] == 1.0
+        if mode == "mean_std":
+            assert default.scale[1].item() == pytest.approx(std[1].item(), rel=1e-6)
+        probe = data[:1].clone().float()
+        probe[0, 0] = 0.95  # the gripper closes a little at deployment
+        assert default.normalize(probe)[0, 0].abs() < 1.2 and off.normalize(probe)[0, 0].abs() > 10
+        torch.testing.assert_close(default.unnormalize(default.normalize(data.float())), data.float(),
+                                   atol=1e-5, rtol=1e-5)
+    # the setting reaches the policy's normalizers from its config, for state and action alike
+    policy = make_policy("mlp", normalization=NormalizationConfig(relative_min_scale=0.2))
+    assert policy.embodiments.state[0].relative_min_scale == 0.2 == policy.embodiments.action[0].relative_min_scale
+    with pytest.raises(ConfigError, match=r"relative_min_scale = -0.1"):
+        NormalizationConfig(relative_min_scale=-0.1)
+
+
 def test_bad_inputs_raise_clear_errors():
     policy = make_policy()
     batch = make_batch()
