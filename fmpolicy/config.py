@@ -158,8 +158,8 @@ class NormalizationConfig:
     state: str = "mean_std"  # "identity", "mean_std", "min_max" (to [-1, 1]) or "quantile" (q01/q99 to [-1, 1])
     action: str = "mean_std"
     min_scale: float = 1e-4  # a dimension whose spread is below this is only centred, never divided by ~0
-    # a dimension whose spread is below this fraction of its centre's magnitude (a gripper held at 1.0 +- 0.001)
-    # is divided by that fraction of it instead: its jitter is not blown up to unit size (0: off)
+    # a state dimension whose spread is below this fraction of its centre's magnitude (a gripper held at
+    # 1.0 +- 0.001) is divided by that fraction of it instead: its jitter is not blown up (0: off; states only)
     relative_min_scale: float = 0.05
 
     def __post_init__(self) -> None:

@@ -32,7 +32,8 @@ class Embodiments(nn.Module):
         norm = config.normalization
         self.state = nn.ModuleList(Normalizer(e.state_dim, norm.state, norm.min_scale, norm.relative_min_scale)
                                    for e in self.specs)
-        self.action = nn.ModuleList(Normalizer(e.action_dim, norm.action, norm.min_scale, norm.relative_min_scale)
+        # actions are outputs, never fed back as they were recorded: no relative floor (their fit is as it was)
+        self.action = nn.ModuleList(Normalizer(e.action_dim, norm.action, norm.min_scale, relative_min_scale=0.0)
                                     for e in self.specs)
         self.max_state_dim = config.expert.max_state_dim
         self.max_action_dim = config.expert.max_action_dim

@@ -13,10 +13,11 @@ A dimension whose spread is below `min_scale` (a constant gripper, a joint that 
 scale 1: it is centred but never divided by ~0, so an unseen value cannot explode (quantile
 normalization with q01 == q99 is a known way to get 1e6-sized inputs).
 
-A dimension that varied, but by less than `relative_min_scale` (default 0.05) of its offset's magnitude,
+A dimension that varied, but by less than `relative_min_scale` of its offset's magnitude (the policy sets
+0.05 for states, 0 for actions: `normalization.relative_min_scale`),
 is divided by `relative_min_scale * |offset|` instead of its spread: a gripper held open at 1.0 that
-jittered by 0.001 in the demonstrations is not scaled up 1000-fold, so the small changes it sees at
-deployment stay small inputs (the normaliser trap: docs/benchmarks/metaworld.md). Dimensions that move
+jittered by 0.0012 in the demonstrations is scaled up 20-fold, not 800-fold, so the changes it sees at
+deployment stay moderate inputs (the normaliser trap: docs/benchmarks/metaworld.md). Dimensions that move
 over a good part of their own magnitude (positions, joint angles in use) are unaffected; one that
 jitters around 0 is not caught by this rule (`min_scale` and the `state_z_max` warnings are there).
 """
@@ -33,7 +34,8 @@ from fmpolicy.errors import InputError
 # |normalized state| beyond this: a state the policy never saw in its data (some entry hundreds of the data's
 # standard deviations out). A dimension that barely varied in the demonstrations does this: Meta-World reach's
 # gripper opening (spread 0.0012: a camera policy drifted 30-46 cm off per axis, 0 of 50 succeeded; with min_scale 0.05:
-# 22 of 50), push's object orientation from 3 demonstrations (705: FPO's KL per update 80-480). Warned by RL's
+# 11 of 50; relative_min_scale's default now catches it), push's object orientation from 3 demonstrations (705: FPO's
+# KL per update 80-480). Warned by RL's
 # rollouts and by evaluations (docs/benchmarks/metaworld.md, "A normaliser trap").
 STATE_Z_WARN = 100.0
 
@@ -47,7 +49,7 @@ def far_state_warning(z: Tensor, where: str) -> str | None:
     return (f"warning: {where} observation.state entries {far} reached up to {float(z.max()):.0f} standard "
             "deviations of the imitation data (the policy's state normalizer): inputs the network never saw. "
             "A dimension that barely varied in the demonstrations (a gripper held still, an object's "
-            "orientation) does this; train with a larger policy.normalization.min_scale "
+            "orientation) does this; train with a larger policy.normalization.min_scale or relative_min_scale "
             "(docs/benchmarks/metaworld.md, 'A normaliser trap')")
 
 
