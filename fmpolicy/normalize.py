@@ -64,6 +64,7 @@ class Normalizer(nn.Module):
         self.mode = mode
         self.min_scale = min_scale
         self.relative_min_scale = relative_min_scale
+        self.floored: list[int] = []  # entries the last fit divided by relative_min_scale * |offset| (not saved)
         self.register_buffer("offset", torch.zeros(dim))
         self.register_buffer("scale", torch.ones(dim))
         # 1 once fitted (a buffer, so that a loaded policy knows its stats came from data)
@@ -103,7 +104,9 @@ class Normalizer(nn.Module):
         else:  # quantile
             offset, scale = (s["q01"] + s["q99"]) / 2, (s["q99"] - s["q01"]) / 2
         constant = scale < self.min_scale  # judged on the data's own spread: such a dimension is only centred
-        scale = torch.maximum(scale, self.relative_min_scale * offset.abs())
+        floor = self.relative_min_scale * offset.abs()
+        self.floored = torch.nonzero((scale < floor) & ~constant).flatten().tolist()
+        scale = torch.maximum(scale, floor)
         scale = torch.where(constant, torch.ones_like(scale), scale)
         self.offset.copy_(offset.to(self.offset))
         self.scale.copy_(scale.to(self.scale))

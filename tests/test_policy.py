@@ -177,6 +177,7 @@ def test_a_dimension_that_barely_varied_around_a_large_value_is_not_blown_up():
         offset = default.offset.double()
         assert default.scale[0].item() == pytest.approx(0.05 * abs(offset[0].item()), rel=1e-6)
         assert off.scale[0] < 0.1 * default.scale[0]  # without the rule: the spread itself, 12-40x smaller
+        assert default.floored == [0] and off.floored == []
         torch.testing.assert_close(default.scale[1:], off.scale[1:], rtol=0, atol=0)  # the rest: as before
         assert default.scale[2] == 1.0
         if mode == "mean_std":
@@ -189,6 +190,15 @@ def test_a_dimension_that_barely_varied_around_a_large_value_is_not_blown_up():
     # the setting reaches the policy's state normalizers from its config; actions (outputs) fit as before
     policy = make_policy("mlp", normalization=NormalizationConfig(relative_min_scale=0.2))
     assert policy.embodiments.state[0].relative_min_scale == 0.2 and policy.embodiments.action[0].relative_min_scale == 0
+    # training names the entries it floored
+    from fmpolicy.training.imitation import floored_state_notes
+    assert floored_state_notes(policy) == []  # make_policy's states vary over their magnitude
+    states = torch.randn(300, S, generator=g)
+    states[:, 1] = 2.0 + 0.01 * torch.randn(300, generator=g)
+    policy.fit_normalization(states, torch.randn(300, H, A, generator=g))
+    notes = floored_state_notes(policy)
+    assert len(notes) == 1 and "entries [1] of 'default' varied by less than 20% of" in notes[0]
+    assert f"({0.2 * policy.embodiments.state[0].offset[1].item():.3g})" in notes[0]
     with pytest.raises(ConfigError, match=r"relative_min_scale = -0.1"):
         NormalizationConfig(relative_min_scale=-0.1)
 

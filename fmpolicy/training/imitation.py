@@ -141,6 +141,19 @@ def make_policy(config: ImitationConfig, datasets: dict[str, Any], device: torch
     return policy
 
 
+def floored_state_notes(policy: FlowPolicy) -> list[str]:
+    """One line per embodiment whose state normalizer divided some entries by `relative_min_scale` of
+    their value rather than their spread (entries that barely varied: the normaliser trap)."""
+    notes = []
+    for name, n in zip(policy.embodiments.names, policy.embodiments.state):
+        if n.floored:
+            scales = ", ".join(f"{n.scale[i].item():.3g}" for i in n.floored)
+            notes.append(f"normalization: observation.state entries {n.floored} of {name!r} varied by less than "
+                         f"{100 * n.relative_min_scale:g}% of their value in the data: divided by that ({scales}) rather "
+                         "than their spread (policy.normalization.relative_min_scale)")
+    return notes
+
+
 def combine_windows(datasets: dict[str, Any], policy: FlowPolicy, device: torch.device) -> dict[str, Any]:
     """Every window of every dataset in one batch-like dict: states and actions zero-padded to the
     policy's widths, and `embodiment` (N,) naming each window's robot."""
@@ -220,6 +233,9 @@ def train_imitation(config: ImitationConfig, datasets, resume: bool = False, ove
     info: DistInfo = init_distributed(config.policy.device)
     seed_everything(config.train.seed)
     policy = make_policy(config, datasets, info.device)  # a config that does not fit the data fails here, first
+    if info.is_main:
+        for note in floored_state_notes(policy):
+            print(note)
     if not info.is_main:
         barrier(info)  # rank 0 opens (locks, checks, tidies) the folder first; the others only read it
     with open_run(config.train.out_dir, resume=resume, overwrite=overwrite, writer=info.is_main,
