@@ -35,8 +35,7 @@ from fmpolicy.errors import InputError
 # standard deviations out). A dimension that barely varied in the demonstrations does this: Meta-World reach's
 # gripper opening (spread 0.0012: a camera policy drifted 30-46 cm off per axis, 0 of 50 succeeded; with min_scale 0.05:
 # 11 of 50; relative_min_scale's default now catches it), push's object orientation from 3 demonstrations (705: FPO's
-# KL per update 80-480). Warned by RL's
-# rollouts and by evaluations (docs/benchmarks/metaworld.md, "A normaliser trap").
+# KL per update 80-480). Warned by RL's rollouts and by evaluations (docs/benchmarks/metaworld.md, "A normaliser trap").
 STATE_Z_WARN = 100.0
 
 
