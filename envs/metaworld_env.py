@@ -204,7 +204,7 @@ class MetaWorldEnv(gym.Env):
         self.elapsed_steps = 0
         _LIVE_ENVS.add(self)
         if self.cameras:  # fail at construction, not in the first step, when the camera is unknown
-            self._check_cameras(self._env(self.tasks[0]))
+            self.check_cameras(self.cameras + ((self.render_camera,) if self.render_mode else ()))
 
     # ---- Meta-World envs, renderers ----
     def _env(self, name: str):
@@ -216,13 +216,6 @@ class MetaWorldEnv(gym.Env):
             self._inner[name] = env
         return self._inner[name]
 
-    def _check_cameras(self, env) -> None:
-        import mujoco
-
-        for cam in self.cameras + ((self.render_camera,) if self.render_mode else ()):
-            if mujoco.mj_name2id(env.model, mujoco.mjtObj.mjOBJ_CAMERA, cam) < 0:
-                names = [env.model.camera(i).name for i in range(env.model.ncam)]
-                raise ValueError(f"camera = {cam!r} is unknown: expected one of {names}")
 
     def _render(self, camera: str, size: int) -> np.ndarray:
         """uint8 (size, size, 3), right way up."""
@@ -251,6 +244,23 @@ class MetaWorldEnv(gym.Env):
             flip = int(cam.mode[0]) == 0 and float(env.data.cam(camera).xmat.reshape(3, 3)[2, 1]) < 0
             self._flip[(self.task_name, camera)] = flip
         return np.ascontiguousarray(image[::-1, ::-1]) if flip else image
+
+    def check_cameras(self, cameras: Sequence[str]) -> None:
+        """A clear error when a camera of `cameras` is not in the current task's model."""
+        import mujoco
+
+        env = self._env(self.task_name)
+        for cam in cameras:
+            if mujoco.mj_name2id(env.model, mujoco.mjtObj.mjOBJ_CAMERA, cam) < 0:
+                names = [env.model.camera(i).name for i in range(env.model.ncam)]
+                raise ValueError(f"camera = {cam!r} is unknown: expected one of {names}")
+
+    def camera_image(self, camera: str, size: int | None = None) -> np.ndarray:
+        """uint8 (3, N, N) of `camera` now (N = `size`, default `image_size`), rendered as the observation's
+        cameras are, whether or not the env was made with cameras (clip collection renders on demand)."""
+        if self.variation is None:
+            raise RuntimeError("call reset() before camera_image()")
+        return self._render(camera, self.image_size if size is None else int(size)).transpose(2, 0, 1)
 
     def _obs(self) -> dict[str, np.ndarray]:
         state = self.raw_obs[:STATE_MODES[self.state_mode]].astype(np.float32)  # float64 -> float32, explicit

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import math
 import sys
@@ -71,6 +72,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--obs-map", default="{}", help='JSON {env key: our key} for dict observations, e.g. '
                                                    '\'{"agent_pos": "observation.state"}\'')
     p.add_argument("--episodes", type=int, default=200, help="number of episodes the dataset should hold")
+    p.add_argument("--task-episodes", default="{}",
+                   help='Meta-World: JSON {task: episodes} overriding --episodes for those tasks, e.g. \'{"reach": 1000}\'')
+    p.add_argument("--clip-frames", type=int, default=None,
+                   help="Meta-World: record a clip of at most this many consecutive frames of each demonstration "
+                        "(a random window; the cameras are rendered only there): many goals for few rendered frames")
     p.add_argument("--num-envs", type=int, default=64, help="environments stepped together")
     p.add_argument("--out", default="data/point_obstacle", help="dataset root (appended to when it exists)")
     p.add_argument("--seed", type=int, default=0, help="seed of the environments and of the expert's modes")
@@ -90,7 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--image-size must be in 1..{MAX_IMAGE_SIZE} pixels, got {args.image_size}")
     if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
         p.error(f"--fps must be a finite number > 0, got {args.fps}")
-    for flag in ("env_kwargs", "obs_map"):  # JSON objects given on the command line
+    if args.clip_frames is not None and args.clip_frames < 1:
+        p.error(f"--clip-frames must be >= 1, got {args.clip_frames}")
+    for flag in ("env_kwargs", "obs_map", "task_episodes"):  # JSON objects given on the command line
         name = "--" + flag.replace("_", "-")
         try:
             value = json.loads(getattr(args, flag))
@@ -99,6 +107,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not isinstance(value, dict):
             p.error(f"{name} must be a JSON object, got {value!r}")
         setattr(args, flag, value)
+    bad = {k: v for k, v in args.task_episodes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+    if bad:
+        p.error(f"--task-episodes must map tasks to ints >= 1, got {bad}")
     if not (math.isfinite(args.noise_std) and args.noise_std >= 0):
         p.error(f"--noise-std must be a finite number >= 0, got {args.noise_std}")
     if args.expert is not None and ":" not in args.expert:
@@ -160,12 +171,22 @@ def collect_generic(args: argparse.Namespace, device: str) -> dict[str, Any]:
             raise SystemExit(f"--tasks: {e}") from None
         kwargs.pop("task", None)
         kwargs.pop("tasks", None)
+        try:
+            task_counts = {task_names(task=k)[0]: v for k, v in args.task_episodes.items()}
+        except ValueError as e:
+            raise SystemExit(f"--task-episodes: {e}") from None
+        unknown = sorted(set(task_counts) - set(tasks))
+        if unknown:
+            raise SystemExit(f"--task-episodes names {unknown}, which --tasks does not collect ({tasks})")
     else:
-        if args.tasks or args.cameras:
-            raise SystemExit("--tasks and --cameras are Meta-World options (--env fmpolicy/MetaWorld-v0)")
+        if args.tasks or args.cameras or args.clip_frames or args.task_episodes:
+            raise SystemExit("--tasks, --cameras, --clip-frames and --task-episodes are Meta-World options "
+                             "(--env fmpolicy/MetaWorld-v0)")
         if not args.expert:
             raise SystemExit(f"--env {args.env!r} has no scripted expert of ours: pass --expert module:callable")
-        tasks = [None]
+        tasks, task_counts = [None], {}
+    counts = [task_counts.get(t, args.episodes) for t in tasks]  # episodes of each task, in order
+    firsts = [sum(counts[:k]) for k in range(len(tasks))]  # tasks fill the dataset one after the other
 
     def make(task: Any):
         return make_vector_env(args.env, args.num_envs, seed=args.seed, device=device,
@@ -184,29 +205,40 @@ def collect_generic(args: argparse.Namespace, device: str) -> dict[str, Any]:
                 "max_episode_steps": getattr(env, "max_episode_steps", None),
                 "expert": "MetaWorldExpert" if is_mw else args.expert, "noise_std": args.noise_std,
                 "noise_record": args.noise_record}
+    if task_counts:  # only when used: datasets made before these options stay appendable
+        env_info["task_episodes"] = task_counts
+    if args.clip_frames:
+        env_info["clip_frames"] = args.clip_frames
+        env.close()  # clips are played by their own workers (fmpolicy_envs.metaworld_clips)
     per_task: dict[str, float] = {}
     totals = {"new_episodes": 0, "new_frames": 0, "attempts": 0, "seconds": 0.0, "successes": 0.0}
     with DatasetWriter(args.out, fps=fps, features=features, robot_type=ROBOT_TYPES.get(args.env),
                        env_info=env_info, video=args.video) as writer:
-        _refuse_more_than_asked(args.out, writer.num_episodes, len(tasks) * args.episodes,
-                                f"{args.episodes} per task x {len(tasks)} tasks" if len(tasks) > 1 else None)
+        how = (f"{args.episodes} per task x {len(tasks)} tasks" if len(tasks) > 1 else None) if not task_counts else \
+            f"{dict(zip(tasks, counts))}"
+        _refuse_more_than_asked(args.out, writer.num_episodes, sum(counts), how)
         for k, task in enumerate(tasks):
-            if k:
-                env.close()
-                env = make(task)
-            target = (k + 1) * args.episodes  # tasks fill the dataset one after the other: resumable
-            seed = run_seed(args.seed, max(0, min(writer.num_episodes - k * args.episodes, args.episodes)))
-            if is_mw:
-                expert = fmpolicy_envs.make_expert(args.env, seed=seed + 1, noise_std=args.noise_std,
-                                                   record=args.noise_record)
-                expert_input = "core"
-            else:
-                expert, expert_input = load_callable(args.expert), "obs"
+            target = firsts[k] + counts[k]  # tasks fill the dataset one after the other: resumable
             try:
-                summary = collect(env, expert, writer, target, seed=seed, task=DEFAULT_TASKS.get(args.env, "complete the task"),
-                                  image_key=image_keys, only_success=args.only_success, progress=not args.no_progress,
-                                  expert_input=expert_input, success_key=args.success_key,
-                                  finalize=k == len(tasks) - 1, desc=task or "episodes")
+                if args.clip_frames:
+                    summary = collect_clips(args, writer, task, target, firsts[k], kwargs, image_keys,
+                                            finalize=k == len(tasks) - 1)
+                else:
+                    if k:
+                        env.close()
+                        env = make(task)
+                    seed = run_seed(args.seed, max(0, min(writer.num_episodes - firsts[k], counts[k])))
+                    if is_mw:
+                        expert = fmpolicy_envs.make_expert(args.env, seed=seed + 1, noise_std=args.noise_std,
+                                                           record=args.noise_record)
+                        expert_input = "core"
+                    else:
+                        expert, expert_input = load_callable(args.expert), "obs"
+                    summary = collect(env, expert, writer, target, seed=seed,
+                                      task=DEFAULT_TASKS.get(args.env, "complete the task"), image_key=image_keys,
+                                      only_success=args.only_success, progress=not args.no_progress,
+                                      expert_input=expert_input, success_key=args.success_key,
+                                      finalize=k == len(tasks) - 1, desc=task or "episodes")
             except ExpertFailing as e:
                 raise SystemExit(f"{e} on {args.env} {task or ''}") from None
             for name in ("new_episodes", "new_frames", "attempts", "seconds"):
@@ -223,6 +255,55 @@ def collect_generic(args: argparse.Namespace, device: str) -> dict[str, Any]:
           f"+{totals['new_frames']} frames this run); expert success {100 * rate:.1f}% of {totals['attempts']}; "
           f"{totals['seconds']:.1f} s")
     return {"episodes": episodes, "frames": frames, "success_rate": rate, "success_by_task": per_task, **totals}
+
+
+def collect_clips(args: argparse.Namespace, writer: Any, task: str, target: int, first: int, kwargs: dict[str, Any],
+                  image_keys: list[str], finalize: bool) -> dict[str, Any]:
+    """Meta-World --clip-frames: clips of `task`'s demonstrations (fmpolicy_envs.metaworld_clips) until
+    `writer` holds `target` episodes. Goal variations go on from args.seed; a resumed run goes on after
+    the largest variation of the task's episodes on disk (those from `first` on), so the demonstration /
+    held-out split holds and no goal is played twice."""
+    import time
+
+    from tqdm import tqdm
+
+    from fmpolicy_envs.metaworld_clips import clip_episodes
+    from fmpolicy_envs.metaworld_env import instruction
+
+    done = [e.get("variation") for e in writer.episodes[first:target]]
+    start = args.seed if not done else max(int(v) for v in done if v is not None) + 1
+    need = max(0, target - writer.num_episodes)
+    summary = {"new_episodes": 0, "new_frames": 0, "attempts": 0, "seconds": 0.0, "success_rate": float("nan"),
+               "success_by_task": {}}
+    if need:
+        successes, t0 = 0, time.perf_counter()
+        bar = tqdm(total=target - first, initial=writer.num_episodes - first, unit="clip", desc=task,
+                   disable=args.no_progress)
+        cameras = [k[len("observation.images."):] for k in image_keys]
+        clips = clip_episodes(task, itertools.count(start), args.clip_frames, cameras, kwargs.get("image_size", 64),
+                              seed=args.seed, workers=args.num_envs, env_kwargs=kwargs, noise_std=args.noise_std,
+                              record=args.noise_record)
+        for frames, extra in clips:
+            summary["attempts"] += 1
+            successes += extra["success"]
+            if extra["success"] or not args.only_success:
+                writer.add_episode(frames, task=instruction(task), extra=extra)
+                summary["new_episodes"] += 1
+                summary["new_frames"] += len(frames["action"])
+                bar.update(1)
+            if writer.num_episodes >= target:
+                break
+            if args.only_success and summary["attempts"] > 20 * need + args.num_envs:
+                raise ExpertFailing(f"only {summary['new_episodes']} successful episodes in {summary['attempts']} "
+                                    "attempts: the expert rarely succeeds")
+        clips.close()
+        bar.close()
+        summary["seconds"] = time.perf_counter() - t0
+        summary["success_rate"] = successes / summary["attempts"]
+        summary["success_by_task"] = {instruction(task): summary["success_rate"]}
+    if finalize and not writer.stats_are_current:
+        writer.finalize()
+    return summary
 
 
 def _refuse_more_than_asked(out: str, existing: int, wanted: int, how: str | None = None) -> None:
