@@ -14,14 +14,24 @@ The writer is crash-safe (a killed run leaves the finished episodes readable) an
 root for the whole run: a second collection on the same --out exits at once, naming the PID of the
 first. Re-running with the same --out resumes: it appends until --episodes episodes exist (a dataset
 that already holds more is an error: a run would otherwise train on more than it says), with a
-different seed for the new episodes. At the end it computes the statistics (meta/stats.json) and
-prints a summary. Bad options (--image-size, --fps, --device cuda without CUDA) fail before anything
+different seed for the new episodes (Meta-World: the goal variations go on after the largest of the task's
+episodes on disk, so a resumed run stays inside the demonstration variations). At the end it computes the
+statistics (meta/stats.json) and prints a summary.
+
+Meta-World only: --task-episodes '{"reach": 1000}' sets the episodes of some tasks (the others take
+--episodes); --clip-frames W records of each demonstration a random window of at most W consecutive
+frames (every step equally likely to be in it), rendering the cameras only there: the expert plays the
+episode blind, then it is replayed and rendered inside the window (fmpolicy_envs.metaworld_clips). Many
+goal variations for few rendered frames: what a camera policy needs to learn where a goal marker is
+(docs/benchmarks/metaworld.md, Prove-it 2). --num-envs is then the number of worker processes. Bad options (--image-size, --fps, --device cuda without CUDA) fail before anything
 is written.
 
     python scripts/collect_demos.py --env fmpolicy/PointObstacle-v0 --episodes 200 --num-envs 64 \\
         --out data/point_obstacle --seed 0 [--env-kwargs '{"n_goals": 2}'] [--image-size 32 [--video]]
     python scripts/collect_demos.py --env fmpolicy/MetaWorld-v0 --tasks mt10 --episodes 10 --num-envs 4 \
         --out data/mw_mt10 --seed 0 [--cameras corner2 --image-size 64] [--noise-std 0.1] [--env-kwargs '{"state": "full"}']
+    python scripts/collect_demos.py --env fmpolicy/MetaWorld-v0 --tasks mt10 --episodes 200 --task-episodes \
+        '{"reach": 1000, "push": 1000}' --clip-frames 8 --num-envs 2 --out data/mt10_clips --cameras corner,topview
 """
 
 from __future__ import annotations
@@ -228,7 +238,8 @@ def collect_generic(args: argparse.Namespace, device: str) -> dict[str, Any]:
                         env.close()
                         env = make(task)
                     seed = run_seed(args.seed, max(0, min(writer.num_episodes - firsts[k], counts[k])))
-                    if is_mw:
+                    if is_mw:  # goal variations go on after the task's on disk: the split holds on a resume
+                        seed = next_variation(writer, firsts[k], target, args.seed)
                         expert = fmpolicy_envs.make_expert(args.env, seed=seed + 1, noise_std=args.noise_std,
                                                            record=args.noise_record)
                         expert_input = "core"
@@ -257,6 +268,14 @@ def collect_generic(args: argparse.Namespace, device: str) -> dict[str, Any]:
     return {"episodes": episodes, "frames": frames, "success_rate": rate, "success_by_task": per_task, **totals}
 
 
+def next_variation(writer: Any, first: int, end: int, seed: int) -> int:
+    """Meta-World: the first goal variation of a run that adds to the episodes [first, end) of one task:
+    `seed` when it has none on disk, else one past the largest variation among them (a resumed run then
+    plays new goals and stays below the held-out variations, where a re-drawn seed would land anywhere)."""
+    done = [int(e["variation"]) for e in writer.episodes[first:end] if e.get("variation") is not None]
+    return max(done) + 1 if done else seed
+
+
 def collect_clips(args: argparse.Namespace, writer: Any, task: str, target: int, first: int, kwargs: dict[str, Any],
                   image_keys: list[str], finalize: bool) -> dict[str, Any]:
     """Meta-World --clip-frames: clips of `task`'s demonstrations (fmpolicy_envs.metaworld_clips) until
@@ -270,8 +289,7 @@ def collect_clips(args: argparse.Namespace, writer: Any, task: str, target: int,
     from fmpolicy_envs.metaworld_clips import clip_episodes
     from fmpolicy_envs.metaworld_env import instruction
 
-    done = [e.get("variation") for e in writer.episodes[first:target]]
-    start = args.seed if not done else max(int(v) for v in done if v is not None) + 1
+    start = next_variation(writer, first, target, args.seed)
     need = max(0, target - writer.num_episodes)
     summary = {"new_episodes": 0, "new_frames": 0, "attempts": 0, "seconds": 0.0, "success_rate": float("nan"),
                "success_by_task": {}}
