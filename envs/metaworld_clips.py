@@ -57,10 +57,10 @@ def expert_clip(env, expert, variation: int, clip_frames: int, cameras: Sequence
     states, raws, executed, recorded, rewards, dones, successes = [], [], [], [], [], [], []
     done = False
     while not done:
-        action = np.asarray(expert(env), dtype=np.float32)
-        label = expert.label
         states.append(obs[STATE_KEY])
         raws.append(env.raw_obs.copy())
+        action = np.asarray(expert(env), dtype=np.float32)
+        label = expert.label
         obs, reward, terminated, truncated, info = env.step(action)
         done = bool(terminated or truncated)
         executed.append(action)

@@ -528,7 +528,10 @@ class MetaWorldExpert:
 
         with warnings.catch_warnings():  # "Constant(s) may be too high": Meta-World's own policies, clipped below
             warnings.simplefilter("ignore", UserWarning)
-            raw = np.stack([self._policy(n).get_action(o) for o, n in zip(raw_obs, names)]).astype(np.float32)
+            # a copy each: some scripted policies shift parts of the observation in place (door-open's handle
+            # x by -0.05), which would otherwise change the env's raw_obs behind its back
+            raw = np.stack([self._policy(n).get_action(np.array(o, dtype=np.float64))
+                            for o, n in zip(raw_obs, names)]).astype(np.float32)
         actions = raw
         if self.noise_std:
             actions = raw + self.rng.normal(0.0, self.noise_std, raw.shape).astype(np.float32)

@@ -143,3 +143,16 @@ def test_a_resumed_collection_goes_on_with_the_next_goal_variations(tmp_path):
     script.main([*argv, "--episodes", "1"])
     script.main([*argv, "--episodes", "3"])
     assert [r["variation"] for r in _episodes(tmp_path / "r")] == [0, 1, 2]
+
+
+def test_the_expert_leaves_the_env_observation_alone():
+    """Door-open's scripted policy shifts the handle's x in the array it is given by -0.05: the expert
+    passes a copy, so the env's raw observation (and a clip's replay check) stays what MuJoCo gave."""
+    env = mw.MetaWorldEnv(task="door-open")
+    env.reset(seed=0)
+    before = env.raw_obs.copy()
+    mw.MetaWorldExpert()(env)
+    np.testing.assert_array_equal(env.raw_obs, before)
+    frames, extra = clips.expert_clip(env, mw.MetaWorldExpert(), 0, 4, [], 16)  # replays without complaint
+    assert 1 <= len(frames["action"]) <= 4 and extra["variation"] == 0
+    env.close()
