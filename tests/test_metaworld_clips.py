@@ -156,3 +156,16 @@ def test_the_expert_leaves_the_env_observation_alone():
     frames, extra = clips.expert_clip(env, mw.MetaWorldExpert(), 0, 4, [], 16)  # replays without complaint
     assert 1 <= len(frames["action"]) <= 4 and extra["variation"] == 0
     env.close()
+
+
+def test_only_success_clips_give_up_on_an_expert_that_never_succeeds(tmp_path):
+    """Five steps are too few to reach the goal: with --only-success every clip is dropped and the run ends
+    with the expert-failing error after 20 x episodes + workers attempts, not in an endless loop."""
+    from .helpers import load_script
+
+    argv = ["--env", ENV_ID, "--tasks", "reach", "--episodes", "1", "--clip-frames", "4", "--num-envs", "1",
+            "--out", str(tmp_path / "never"), "--only-success", "--env-kwargs", '{"max_episode_steps": 5}',
+            "--no-progress"]
+    with pytest.raises(SystemExit, match="rarely succeeds"):
+        load_script("collect_demos").main(argv)
+    assert not list((tmp_path / "never").glob("meta/episodes/*/*.parquet"))  # no clip was written
