@@ -55,9 +55,12 @@ def expert_clip(env, expert, variation: int, clip_frames: int, cameras: Sequence
     expert.rng = np.random.default_rng([seed, variation, 0])  # the noise, whichever worker plays it
     obs, _ = env.reset(seed=variation)
     states, raws, executed, recorded, rewards, dones, successes = [], [], [], [], [], [], []
+    floats: dict[str, list[np.ndarray]] = {k: [] for k in obs if k != STATE_KEY and not k.startswith(IMAGE_PREFIX)}
     done = False
     while not done:
         states.append(obs[STATE_KEY])
+        for k, values in floats.items():  # observation.environment_state, when the env gives it
+            values.append(obs[k])
         raws.append(env.raw_obs.copy())
         action = np.asarray(expert(env), dtype=np.float32)
         label = expert.label
@@ -88,6 +91,7 @@ def expert_clip(env, expert, variation: int, clip_frames: int, cameras: Sequence
               "next.reward": np.asarray(rewards[lo:hi], dtype=np.float32),
               "next.done": np.asarray(dones[lo:hi], dtype=bool),
               "next.success": np.asarray(successes[lo:hi], dtype=bool)}
+    frames.update({k: np.stack(v[lo:hi]).astype(np.float32) for k, v in floats.items()})
     frames.update({k: np.stack(v) for k, v in images.items()})
     extra = {"success": bool(successes[-1]), "return": float(np.sum(rewards)), "seed": int(seed),
              "variation": int(variation), "clip_start": int(lo), "episode_length": int(length)}

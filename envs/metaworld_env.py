@@ -27,6 +27,8 @@ its range.
   real robot measures; `state="full"`: Meta-World's 39-d vector (hand, gripper, objects' poses, the
   previous frame of those, the goal position). Meta-World returns float64; the cast to float32 is ours
   and explicit (positions are within +-2 m: float32 keeps them to ~1e-7 m).
+- `"observation.environment_state"` with `environment_state=True`: the full 39-d vector as float32 whatever
+  `state` is (LeRobot's key for privileged simulator state): for training-time targets and analysis.
 - `"observation.images.<camera>"` for each of `cameras`: (3, N, N) float32 in [0, 1], N = `image_size`,
   rendered by `mujoco.Renderer` with shadows and reflections off (the default 4096 shadow map costs
   most of a frame); cameras whose up axis points down in the world (Meta-World's `corner` cameras)
@@ -61,6 +63,7 @@ from gymnasium.vector import AutoresetMode  # noqa: E402
 from gymnasium.vector.utils import batch_space  # noqa: E402
 
 STATE_KEY = "observation.state"
+ENV_STATE_KEY = "observation.environment_state"  # LeRobot's key for privileged simulator state
 IMAGE_PREFIX = "observation.images."
 
 MT10 = ("reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3", "drawer-close-v3",
@@ -149,6 +152,10 @@ class MetaWorldEnv(gym.Env):
         task / tasks: one task ("reach" or "reach-v3"), or several (a list, comma-separated, or "mt10");
             the episode's task is tasks[variation % len(tasks)].
         state: "proprio" (hand xyz + gripper, 4) or "full" (Meta-World's 39-d observation).
+        environment_state: also give `observation.environment_state` (LeRobot's key for the simulator's
+            privileged state): Meta-World's full 39-d observation (objects' poses, the goal at 36:39) as
+            float32, whatever `state` is. For training-time targets and analysis: a policy reads only
+            `observation.state`, images and the instruction.
         cameras: camera names to render into `observation.images.<name>` (e.g. ("corner2",)); () for none.
         image_size: side N of the (3, N, N) camera images.
         terminate_on_success: end the episode at the first success.
@@ -168,7 +175,7 @@ class MetaWorldEnv(gym.Env):
                  cameras: Sequence[str] = (), image_size: int = 64, terminate_on_success: bool = True,
                  max_episode_steps: int = MAX_EPISODE_STEPS, variation_stride: int = 1,
                  render_mode: str | None = None, render_size: int = 128, render_camera: str = "corner2",
-                 reward: str = "dense"):
+                 reward: str = "dense", environment_state: bool = False):
         if task is None and tasks is None:
             task = "reach-v3"
         self.tasks = task_names(task, tasks)
@@ -191,6 +198,11 @@ class MetaWorldEnv(gym.Env):
         self.render_mode, self.render_size, self.render_camera = render_mode, render_size, render_camera
         obs_spaces: dict[str, spaces.Space] = {
             STATE_KEY: spaces.Box(-np.inf, np.inf, (STATE_MODES[state],), np.float32)}
+        if not isinstance(environment_state, bool):
+            raise ValueError(f"environment_state = {environment_state!r} is invalid: expected true or false")
+        self.environment_state = environment_state
+        if environment_state:
+            obs_spaces[ENV_STATE_KEY] = spaces.Box(-np.inf, np.inf, (STATE_MODES["full"],), np.float32)
         for cam in self.cameras:
             obs_spaces[IMAGE_PREFIX + cam] = spaces.Box(0.0, 1.0, (3, image_size, image_size), np.float32)
         self.observation_space = spaces.Dict(obs_spaces)
@@ -265,6 +277,8 @@ class MetaWorldEnv(gym.Env):
     def _obs(self) -> dict[str, np.ndarray]:
         state = self.raw_obs[:STATE_MODES[self.state_mode]].astype(np.float32)  # float64 -> float32, explicit
         obs = {STATE_KEY: state}
+        if self.environment_state:
+            obs[ENV_STATE_KEY] = self.raw_obs.astype(np.float32)
         for cam in self.cameras:
             obs[IMAGE_PREFIX + cam] = self._render(cam, self.image_size).transpose(2, 0, 1).astype(np.float32) / 255.0
         return obs

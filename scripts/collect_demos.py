@@ -152,6 +152,8 @@ def features_of(space: Any) -> dict[str, dict[str, Any]]:
             if k.startswith("observation.images."):
                 shape = list(sp.shape) if sp.shape[0] == 3 else [3, *sp.shape[:2]]
                 features[k] = {"dtype": "uint8", "shape": shape}
+            elif k.startswith("observation.") and k != STATE_KEY:  # e.g. observation.environment_state
+                features[k] = {"dtype": "float32", "shape": [int(math.prod(sp.shape))]}
     else:  # a flat Box observation is the state
         features = {STATE_KEY: {"dtype": "float32", "shape": [int(math.prod(obs_space.shape))]}}
     features["action"] = {"dtype": "float32", "shape": [int(math.prod(action_space.shape))]}

@@ -169,3 +169,42 @@ def test_only_success_clips_give_up_on_an_expert_that_never_succeeds(tmp_path):
     with pytest.raises(SystemExit, match="rarely succeeds"):
         load_script("collect_demos").main(argv)
     assert not list((tmp_path / "never").glob("meta/episodes/*/*.parquet"))  # no clip was written
+
+
+def test_the_environment_state_is_meta_worlds_full_observation():
+    env = mw.MetaWorldEnv(task="push", environment_state=True)
+    obs, _ = env.reset(seed=4)
+    assert env.observation_space[mw.ENV_STATE_KEY].shape == (39,)
+    np.testing.assert_array_equal(obs[mw.ENV_STATE_KEY], env.raw_obs.astype(np.float32))
+    np.testing.assert_allclose(obs[mw.ENV_STATE_KEY][36:39], env.goal, atol=1e-6)  # the goal: privileged
+    assert obs[STATE].shape == (4,)  # the policy's input is unchanged
+    assert mw.ENV_STATE_KEY not in mw.MetaWorldEnv(task="push").reset(seed=4)[0]
+    with pytest.raises(ValueError, match="environment_state"):
+        mw.MetaWorldEnv(task="push", environment_state="yes")
+    env.close()
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_collections_record_the_environment_state_and_windows_carry_it(tmp_path, clip):
+    """Full demonstrations and clips: `observation.environment_state` (39,) per frame, its first four entries
+    the proprio state, its goal constant within an episode; the training windows carry it like __getitem__."""
+    import torch
+
+    from fmpolicy.data import ChunkDataset
+
+    from .helpers import load_script
+
+    out = tmp_path / "es"
+    argv = ["--env", ENV_ID, "--tasks", "reach", "--episodes", "2", "--num-envs", "1", "--out", str(out), "--no-progress",
+            "--env-kwargs", '{"state": "proprio", "environment_state": true}', *(["--clip-frames", "5"] if clip else [])]
+    load_script("collect_demos").main(argv)
+    ds = ChunkDataset(out, chunk_size=4)
+    key = mw.ENV_STATE_KEY
+    assert ds.features[key]["shape"] == [39]
+    env_state = torch.stack([ds[i][key] for i in range(len(ds))])
+    torch.testing.assert_close(env_state[:, :4], ds.state, rtol=0, atol=0)
+    first_episode = env_state[ds.episode_index == 0]
+    assert (first_episode[:, 36:39] == first_episode[0, 36:39]).all() and len(first_episode) <= (5 if clip else 500)
+    rows = torch.tensor([len(ds) - 1, 0])
+    torch.testing.assert_close(ds.windows(rows)[key], env_state[rows])
+    torch.testing.assert_close(ds.all_windows()[key], env_state)

@@ -5,7 +5,8 @@ The environment and the expert are passed in (this package never imports `fmpoli
 - `env`: a vector environment with same-step autoreset: `reset(seed=)` -> (obs, info) and
   `step(action)` -> (obs, reward, terminated, truncated, info) (the observation after a done is the
   next episode's first), `num_envs`, `obs["observation.state"]` (e, s), optionally cameras
-  `obs[image_key]` (e, 3, H, W) float in [0, 1] or uint8, `info["final_info"][success_key]` (e,) and, for
+  `obs[image_key]` (e, 3, H, W) float in [0, 1] or uint8, any other float feature the writer declares
+  (e.g. `observation.environment_state`, the simulator's privileged state) as `obs[key]` (e, ...), `info["final_info"][success_key]` (e,) and, for
   instruction-conditioned tasks, `info["task"]` (a list of e strings, for the episodes that start).
   Our torch vector envs (fmpolicy_envs, Meta-World's adapter included) are such envs; any other
   gymnasium id becomes one through `fmpolicy.gym_adapter.make_vector_env` (flat observations mapped to
@@ -71,6 +72,9 @@ def collect(env: Any, expert: Any, writer: DatasetWriter, episodes: int, *, seed
     if expert_input not in ("core", "obs"):
         raise ValueError(f"expert_input = {expert_input!r} is invalid: expected 'core' or 'obs'")
     image_keys = [image_key] if isinstance(image_key, str) else list(image_key or [])
+    # other float features the writer declares (e.g. observation.environment_state): recorded from obs
+    float_keys = [k for k in writer.features if k not in (STATE_KEY, "action") and k not in image_keys
+                  and writer.features[k]["dtype"] == "float32"]
     existing = writer.num_episodes
     if existing >= episodes:
         if finalize and not writer.stats_are_current:
@@ -96,7 +100,7 @@ def collect(env: Any, expert: Any, writer: DatasetWriter, episodes: int, *, seed
         for i in envs.tolist():
             accepted = written + in_flight < episodes
             in_flight += accepted
-            buffers[i] = {k: [] for k in ("state", "action", "reward", "done", "success", *image_keys)}
+            buffers[i] = {k: [] for k in ("state", "action", "reward", "done", "success", *image_keys, *float_keys)}
             meta[i] = {"accepted": accepted, "task": tasks[i] if tasks else task, "mode": None,
                        "variation": None if variation is None else int(variation[i])}
 
@@ -111,6 +115,11 @@ def collect(env: Any, expert: Any, writer: DatasetWriter, episodes: int, *, seed
         mode = _numpy(expert.mode) if getattr(expert, "mode", None) is not None else None
         state_np = _numpy(obs[STATE_KEY]).astype(np.float32)  # float64 observations: cast here, explicitly
         images_np = {k: _uint8_image(obs[k]) for k in image_keys}
+        missing = [k for k in float_keys if k not in obs]
+        if missing:
+            raise KeyError(f"the dataset declares {missing}, which the observation does not hold "
+                           f"(it has {sorted(obs)})")
+        floats_np = {k: _numpy(obs[k]).astype(np.float32) for k in float_keys}
         obs, reward, terminated, truncated, info = env.step(action)
 
         # ---- record ----
@@ -136,6 +145,8 @@ def collect(env: Any, expert: Any, writer: DatasetWriter, episodes: int, *, seed
             b["success"].append(success_np[i])
             for k in image_keys:
                 b[k].append(images_np[k][i])
+            for k in float_keys:
+                b[k].append(floats_np[k][i])
 
         # ---- write the accepted episodes that ended ----
         ended = np.flatnonzero(done_np)
@@ -154,7 +165,7 @@ def collect(env: Any, expert: Any, writer: DatasetWriter, episodes: int, *, seed
             frames = {STATE_KEY: np.stack(b["state"]), "action": np.stack(b["action"]),
                       "next.reward": np.asarray(b["reward"]), "next.done": np.asarray(b["done"]),
                       "next.success": np.asarray(b["success"])}
-            for k in image_keys:
+            for k in (*image_keys, *float_keys):
                 frames[k] = np.stack(b[k])
             extra = {"success": success, "return": float(np.sum(b["reward"])), "seed": seed}
             if meta[i]["mode"] is not None:

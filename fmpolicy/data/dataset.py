@@ -40,7 +40,8 @@ cache of open containers (rebuilt after a fork, so DataLoader workers each open 
 Statistics (`ds.stats`) come from meta/stats.json when its `count` is the dataset's number of frames;
 when it is missing or stale (an interrupted collection, episodes added since) they are computed from
 the loaded states and actions, with a warning. `ds.all_windows(device)` gives every window at once
-(images decoded once, kept uint8), the fast path for small datasets; `ds.windows(rows)` the same
+(images decoded once, kept uint8; the other numeric features at frame t too, e.g.
+`observation.environment_state`), the fast path for small datasets; `ds.windows(rows)` the same
 for some rows only, what the streaming trainer's DataLoader workers read per batch.
 
 Frames are decoded in fmpolicy/data/media.py (PNG with Pillow, video with PyAV: why PyAV is said there).
@@ -630,6 +631,7 @@ class ChunkDataset(Dataset):
                                "episode_index": self.episode_index, "frame_index": self.frame_index}
         for key in self.image_keys:
             out[key] = torch.from_numpy(self._all_rgb(key)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+        out.update(self.extras)  # other numeric features at frame t (observation.environment_state, next.reward)
         if device is not None:
             out = {k: v.to(device) for k, v in out.items()}
         out["task"] = [self.tasks[j] for j in self.task_index.tolist()]
@@ -656,6 +658,7 @@ class ChunkDataset(Dataset):
             for j in order:
                 rgb[j] = self._rgb(key, int(t[j]))
             out[key] = torch.from_numpy(rgb).permute(0, 3, 1, 2).contiguous()  # (b, 3, H, W)
+        out.update({key: values[t] for key, values in self.extras.items()})
         out["task"] = [self.tasks[int(self.task_index[int(i)])] for i in t]
         return out
 
