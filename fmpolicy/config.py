@@ -169,6 +169,32 @@ class NormalizationConfig:
         _non_negative(self, "relative_min_scale")
 
 
+@dataclass(frozen=True)
+class AuxConfig:
+    """An auxiliary target for training only: entries `dims` of the batch's `key` (privileged data the policy
+    never reads at control time, e.g. the simulator's `observation.environment_state`) are predicted from the
+    pooled prefix by a small MLP head, and the MSE of the normalized target, times `weight`, is added to the
+    policy's loss. It asks the encoder to hold that information (Meta-World's goal marker:
+    docs/benchmarks/metaworld.md, Prove-it 2). Off when `key` is empty; needs an encoder (it reads the prefix)."""
+
+    key: str = ""  # e.g. "observation.environment_state"
+    dims: tuple[int, ...] = ()  # entries of `key` to predict, e.g. [36, 37, 38]: Meta-World's goal xyz
+    weight: float = 1.0
+    hidden: int = 256  # width of the head's hidden layer
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        _check(isinstance(self.dims, (list, tuple)), name, "dims", self.dims, "a list of entry indices")
+        object.__setattr__(self, "dims", tuple(self.dims))  # a list from Python code, as YAML's becomes
+        if self.key:
+            _check(len(self.dims) > 0 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in self.dims),
+                   name, "dims", self.dims, "a non-empty list of entry indices >= 0 of `key`")
+            _check(len(set(self.dims)) == len(self.dims), name, "dims", self.dims, "distinct entries")
+        _non_negative(self, "weight")
+        _positive_ints(self, "hidden")
+
+
 ENCODER_KINDS = ("none", "vision_text", "vlm", "task")
 VISION_TOWERS = ("siglip", "conv")
 IMAGES_PREFIX = "observation.images."
@@ -315,6 +341,8 @@ class PolicyConfig:
     # images + instruction -> prefix tokens inside the policy (kind "none": the batch may carry
     # precomputed observation.prefix instead)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    # an auxiliary training-only target predicted from the prefix (off by default)
+    aux: AuxConfig = field(default_factory=AuxConfig)
 
     def __post_init__(self) -> None:
         _positive_ints(self, "state_dim", "action_dim", "chunk_size", "n_action_steps")
@@ -337,6 +365,8 @@ class PolicyConfig:
         if self.encoder.kind != "none":
             _check(self.expert.prefix_dim == self.encoder.out_dim, name, "expert.prefix_dim", self.expert.prefix_dim,
                    f"encoder.out_dim = {self.encoder.out_dim} (the encoder's tokens are the expert's prefix)")
+        _check(not self.aux.key or self.encoder.kind != "none", name, "aux.key", self.aux.key,
+               "an encoder (encoder.kind other than 'none'): the auxiliary head reads the encoder's prefix")
 
     def embodiment_list(self) -> tuple[EmbodimentConfig, ...]:
         """The embodiments this policy serves (one "default" when none are configured)."""

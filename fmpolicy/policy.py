@@ -53,6 +53,13 @@ class FlowPolicy(nn.Module):
             from fmpolicy.encoders import make_encoder  # transformers is imported only when needed
 
             self.encoder = make_encoder(config.encoder)
+        # training only: a head that predicts privileged entries (config.aux) from the pooled prefix
+        self.aux_head = None
+        if config.aux.key:
+            n, width = len(config.aux.dims), config.aux.hidden
+            self.aux_head = nn.Sequential(nn.Linear(config.expert.prefix_dim, width), nn.GELU(), nn.Linear(width, n))
+            self.register_buffer("aux_mean", torch.zeros(n))  # the target's normalization (fit_aux_normalization)
+            self.register_buffer("aux_std", torch.ones(n))
         # per-robot normalizers and padding masks (one "default" embodiment unless configured)
         self.embodiments = Embodiments(config)
         self._queue: deque[Tensor] = deque()
@@ -109,6 +116,35 @@ class FlowPolicy(nn.Module):
                                  f"(shape {tuple(data.shape)}): expected at least one sample")
             normalizer.fit(data, f"fit_normalization: {name!r}")
         return self
+
+    def fit_aux_normalization(self, values: Tensor) -> "FlowPolicy":
+        """Mean and spread of the auxiliary target (config.aux) from `values` (N, width of aux.key), e.g. a
+        dataset's column: the head predicts the target in those units."""
+        aux = self.config.aux
+        values = torch.as_tensor(values)
+        if self.aux_head is None:
+            raise ConfigError("fit_aux_normalization: the policy has no auxiliary target (policy.aux.key is empty)")
+        if values.dim() != 2 or values.shape[0] < 2 or values.shape[1] <= max(aux.dims):
+            raise InputError(f"fit_aux_normalization: {aux.key!r} has shape {tuple(values.shape)}: expected (N >= 2, "
+                             f"> {max(aux.dims)}) for policy.aux.dims = {list(aux.dims)}")
+        target = values[:, list(aux.dims)].double()
+        self.aux_mean.copy_(target.mean(0).to(self.aux_mean))
+        self.aux_std.copy_(target.std(0).clamp(min=self.config.normalization.min_scale).to(self.aux_std))
+        return self
+
+    def _aux_loss(self, batch: Mapping[str, Any], cache: ExpertCache) -> Tensor | None:
+        """(b,) MSE of the auxiliary head on the normalized target; None when off or the batch lacks the key
+        (an RL batch, control time)."""
+        aux = self.config.aux
+        if self.aux_head is None or aux.key not in batch or cache.prefix_pooled is None:
+            return None
+        value = torch.as_tensor(batch[aux.key]).to(self.device)
+        if value.dim() != 2 or value.shape[1] <= max(aux.dims):
+            raise InputError(f"batch[{aux.key!r}] has shape {tuple(value.shape)}: expected (b, > {max(aux.dims)}) "
+                             f"for policy.aux.dims = {list(aux.dims)}")
+        target = (value[:, list(aux.dims)].float() - self.aux_mean) / self.aux_std
+        pred = self.aux_head(cache.prefix_pooled.float())
+        return ((pred - target) ** 2).mean(-1)
 
     def set_normalization_stats(self, state_stats: Mapping[str, Tensor], action_stats: Mapping[str, Tensor],
                                 embodiment: str | None = None) -> "FlowPolicy":
@@ -297,7 +333,13 @@ class FlowPolicy(nn.Module):
                 noise = keys.read_noise(noise, tuple(target.shape), "b h max_action_dim", self.device, self.dtype)
             v = self._velocity(interpolate(target, noise, t), t, cache, cache.action_valid)
             per_sample = compute_cfm_loss(v, target, noise, valid)
-        return per_sample.mean(), {"per_sample": per_sample.detach()}
+        info: dict[str, Any] = {}
+        aux = self._aux_loss(batch, cache)
+        if aux is not None:  # training only: the policy's own loss plus the weighted auxiliary one
+            info["aux_loss"] = aux.mean().detach()
+            per_sample = per_sample + self.config.aux.weight * aux.to(per_sample.dtype)
+        info["per_sample"] = per_sample.detach()
+        return per_sample.mean(), info
 
     def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None,
                 t: Tensor | None = None, noise: Tensor | None = None) -> tuple[Tensor, dict]:

@@ -138,6 +138,14 @@ def make_policy(config: ImitationConfig, datasets: dict[str, Any], device: torch
                                   f"{dataset.root} ({field_name} {have})")
         stats = dataset.stats
         policy.set_normalization_stats(stats["observation.state"], stats["action"], name)
+    key = config.policy.aux.key
+    if key:  # the auxiliary target's units, from every dataset's column (it must be in each)
+        lacking = [str(d.root) for d in datasets.values() if key not in d.extras]
+        if lacking:
+            raise ConfigError(f"policy.aux.key = {key!r} is not a feature of the dataset {lacking[0]} (collect it, "
+                              "e.g. Meta-World's env kwarg environment_state: true)")
+        policy.fit_aux_normalization(torch.cat([d.extras[key].reshape(len(d.extras[key]), -1).float()
+                                                for d in datasets.values()]))
     return policy
 
 
@@ -344,7 +352,7 @@ def _train(config: ImitationConfig, datasets: dict[str, Any], policy: FlowPolicy
                                  pin_memory=info.device.type == "cuda", seed=tc.seed)
     steps = progress(range(start, tc.steps), tc.progress and info.is_main, "train")
     policy.train()
-    tick, loss_sum, loss_n = time.perf_counter(), 0.0, 0
+    tick, loss_sum, loss_n, aux_sum = time.perf_counter(), 0.0, 0, 0.0
     for step in steps:
         idx = sampler.next()  # (B,) the same global batch on every process
         if stream:
@@ -360,7 +368,7 @@ def _train(config: ImitationConfig, datasets: dict[str, Any], policy: FlowPolicy
         t = policy.sample_time(b, flow_gen)[rows]
         noise = sample_noise((b, config.policy.chunk_size, config.policy.expert.max_action_dim), generator=flow_gen)[rows]
         with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _ = model(batch, None, t.to(info.device), noise.to(info.device))
+            loss, loss_info = model(batch, None, t.to(info.device), noise.to(info.device))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}: stopping before the weights are corrupted")
         optimizer.zero_grad(set_to_none=True)
@@ -371,16 +379,20 @@ def _train(config: ImitationConfig, datasets: dict[str, Any], policy: FlowPolicy
         if ema is not None:
             ema.update(policy)
         loss_sum, loss_n = loss_sum + all_reduce_mean(loss, info).item(), loss_n + 1
+        if "aux_loss" in loss_info:  # policy.aux: its share, logged beside the total
+            aux_sum += all_reduce_mean(loss_info["aux_loss"], info).item()
 
         done = step + 1
         if done % tc.log_every == 0 or done == tc.steps:
             now = time.perf_counter()
             values = {"loss": loss_sum / loss_n, "lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm),
                       "steps_per_s": loss_n / (now - tick), "local_batch": len(t)}
+            if config.policy.aux.key:
+                values["aux_loss"] = aux_sum / loss_n
             logger.log(done, values)
             if hasattr(steps, "set_postfix"):
                 steps.set_postfix(loss=f"{values['loss']:.4f}")
-            tick, loss_sum, loss_n = now, 0.0, 0
+            tick, loss_sum, loss_n, aux_sum = now, 0.0, 0, 0.0
         if done % tc.save_every == 0 or done == tc.steps:
             checkpoint(done)
 

@@ -45,7 +45,7 @@ class WindowBatches(Dataset):
         self.state_dim, self.action_dim = state_dim, action_dim
         self.offsets = np.concatenate([[0], np.cumsum([len(d) for d in self.datasets])])
         # several robots: the keys every dataset has (as `combine_windows` keeps them)
-        keys = [{STATE, ACTION, "action_is_pad", "episode_index", "frame_index", "task", *d.image_keys}
+        keys = [{STATE, ACTION, "action_is_pad", "episode_index", "frame_index", "task", *d.image_keys, *d.extras}
                 for d in self.datasets]
         self.keys = set.intersection(*keys)
 
