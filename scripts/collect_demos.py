@@ -23,7 +23,9 @@ Meta-World only: --task-episodes '{"reach": 1000}' sets the episodes of some tas
 frames (every step equally likely to be in it), rendering the cameras only there: the expert plays the
 episode blind, then it is replayed and rendered inside the window (fmpolicy_envs.metaworld_clips). Many
 goal variations for few rendered frames: what a camera policy needs to learn where a goal marker is
-(docs/benchmarks/metaworld.md, Prove-it 2). --num-envs is then the number of worker processes. Bad options (--image-size, --fps, --device cuda without CUDA) fail before anything
+(docs/benchmarks/metaworld.md, Prove-it 2). --num-envs is then the number of worker processes.
+
+Bad options (--image-size, --fps, --device cuda without CUDA) fail before anything
 is written.
 
     python scripts/collect_demos.py --env fmpolicy/PointObstacle-v0 --episodes 200 --num-envs 64 \\
@@ -239,13 +241,13 @@ def collect_generic(args: argparse.Namespace, device: str) -> dict[str, Any]:
                     if k:
                         env.close()
                         env = make(task)
-                    seed = run_seed(args.seed, max(0, min(writer.num_episodes - firsts[k], counts[k])))
                     if is_mw:  # goal variations go on after the task's on disk: the split holds on a resume
                         seed = next_variation(writer, firsts[k], target, args.seed)
                         expert = fmpolicy_envs.make_expert(args.env, seed=seed + 1, noise_std=args.noise_std,
                                                            record=args.noise_record)
                         expert_input = "core"
                     else:
+                        seed = run_seed(args.seed, max(0, min(writer.num_episodes - firsts[k], counts[k])))
                         expert, expert_input = load_callable(args.expert), "obs"
                     summary = collect(env, expert, writer, target, seed=seed,
                                       task=DEFAULT_TASKS.get(args.env, "complete the task"), image_key=image_keys,
