@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fmpolicy.batch import STATE
+from fmpolicy.config import SamplerConfig
 from fmpolicy.errors import InputError
 
 
@@ -88,7 +89,7 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
                     act: Callable[[dict], Tensor] | None = None, n_action_steps: int | None = None,
                     uint8_images: bool = False, max_env_steps: int | None = None,
                     success_key: str = "is_success", zero_noise: bool = False,
-                    inference_delay: int = 0) -> EvalResult:
+                    inference_delay: int = 0, sampler: SamplerConfig | None = None) -> EvalResult:
     """Run `episodes` episodes (in rounds of `envs.num_envs`) and count successes.
 
     `record` environments of the first round keep their state trajectories (and, with
@@ -112,6 +113,8 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
     takes d control steps ("latest" execution, `fmpolicy.control.run_with_latency`): each chunk after an
     episode's first is sampled from the observation d steps before the previous one runs out and runs
     from its own step d (so chunk_size >= n_action_steps + d); the first runs from step 0.
+    `sampler` with a `FlowPolicy`: integrate with this method and step count instead of the policy's own
+    (e.g. more Euler steps than it was trained to use).
     """
     if act is None:
         policy.eval()
@@ -134,14 +137,16 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
                 z = state_z(query)[:query[STATE].shape[-1]].cpu()
                 z_max = z if z_max is None else torch.maximum(z_max, z)
             if zero_noise:
-                return policy.predict_action_chunk(query, noise=policy.zero_noise(e))
-            return policy.predict_action_chunk(query, generator=generator)
+                return policy.predict_action_chunk(query, noise=policy.zero_noise(e), sampler=sampler)
+            return policy.predict_action_chunk(query, generator=generator, sampler=sampler)
     else:
         z_max = None
         if n_action_steps is None:
             raise ValueError("evaluate_policy(act=...) needs n_action_steps")
         if zero_noise:
             raise ValueError("evaluate_policy(act=..., zero_noise=True): `act` chooses its own noise")
+        if sampler is not None:
+            raise ValueError("evaluate_policy(act=..., sampler=...): `act` samples its own chunks")
         n_exec = n_action_steps
     d = inference_delay
     if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= n_exec:

@@ -8,7 +8,8 @@
     python scripts/evaluate.py --policy runs/pend/policy --env InvertedPendulum-v5 --success-key is_success
 
 `--noise zero` samples every chunk from initial noise 0 (the flow's deterministic chunk, as RL's own
-evaluations do) instead of random noise; the summary records which.
+evaluations do) instead of random noise; the summary records which. `--sampler rk4:5` (METHOD[:STEPS])
+integrates each chunk with another method or step count than the policy's own (recorded as `sampler`).
 
 --env is any registered gymnasium id: ours through their vector entry points, any other through
 gymnasium's sync (or --vectorization async: one process per env) vector env with same-step autoreset, a
@@ -34,8 +35,10 @@ import numpy as np
 import torch
 
 from fmpolicy import FlowPolicy
-from fmpolicy.config import resolve_device
-from fmpolicy.errors import FmPolicyError
+import dataclasses
+
+from fmpolicy.config import SamplerConfig, resolve_device
+from fmpolicy.errors import FmPolicyError, InputError
 from fmpolicy.evaluation import EvalResult, evaluate_policy
 from fmpolicy.io import atomic_write, atomic_write_json
 from fmpolicy.normalize import far_state_warning
@@ -48,6 +51,20 @@ def make_envs(env_id: str, num_envs: int, device: str, seed: int, kwargs: dict, 
 
     return make_vector_env(env_id, num_envs, seed=seed, device=device, kwargs=kwargs, success_key=success_key,
                            obs_map=obs_map, vectorization=vectorization)
+
+
+def parse_sampler(text: str, policy) -> SamplerConfig:
+    """`--sampler METHOD[:STEPS]` -> the policy's own sampler with that method (and step count)."""
+    if policy.config.head != "flow":
+        raise InputError(f"--sampler = {text!r}: policy.head = {policy.config.head!r} samples nothing "
+                         "(expected a flow policy)")
+    method, _, steps = text.partition(":")
+    try:
+        num_steps = int(steps) if steps else policy.config.sampler.num_steps
+    except ValueError:
+        raise InputError(f"--sampler = {text!r}: steps {steps!r} are not an int (expected METHOD[:STEPS], "
+                         "e.g. euler:30)") from None
+    return dataclasses.replace(policy.config.sampler, method=method, num_steps=num_steps)
 
 
 def swap_words(a: str, b: str):
@@ -155,6 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="control steps an inference takes: each next chunk is sampled that many steps before the "
                         "current one runs out and runs from its own step d, as an asynchronous deployment executes "
                         "it ('latest', docs/serving.md) and FPO with rl.rollout_delay trains it (default 0: synchronous)")
+    p.add_argument("--sampler", metavar="METHOD[:STEPS]",
+                   help="integrate each chunk with this sampler instead of the policy's own, e.g. euler:30 or rk4:5 "
+                        "(a flow policy; steps default to the policy's own)")
     p.add_argument("--out", help="output folder (default: <policy>/../eval)")
     args = p.parse_args(argv)
     try:
@@ -162,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         obs_map = json.loads(args.obs_map)
         device = str(resolve_device(args.device, "--device"))  # no CUDA for "cuda": a message, not a traceback
         policy = FlowPolicy.from_pretrained(args.policy, device=device)
+        sampler = parse_sampler(args.sampler, policy) if args.sampler else None
         envs = make_envs(args.env, min(args.num_envs, args.episodes), device, args.seed, kwargs,
                          success_key=args.success_key, obs_map=obs_map, vectorization=args.vectorization)
         gen = torch.Generator(device).manual_seed(args.seed)
@@ -169,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
         result = evaluate_policy(policy, envs, args.episodes, seed=args.seed, record=args.record,
                                  render_size=args.render_size, generator=gen, embodiment=args.embodiment,
                                  task_map=task_map, zero_noise=args.noise == "zero",
-                                 n_action_steps=args.n_action_steps, inference_delay=args.inference_delay)
+                                 n_action_steps=args.n_action_steps, inference_delay=args.inference_delay,
+                                 sampler=sampler)
     except (FmPolicyError, json.JSONDecodeError, ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
     out = Path(args.out) if args.out else Path(args.policy).parent / "eval"
@@ -178,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
                "embodiment": args.embodiment, "noise": args.noise,
                "n_action_steps": args.n_action_steps or policy.config.n_action_steps,
                "inference_delay": args.inference_delay,
+               "sampler": dataclasses.asdict(sampler or policy.config.sampler) if policy.config.head == "flow" else None,
                "head": policy.config.head, **result.summary()}
     by_task = result.success_by_task()
     if len(by_task) > 1:

@@ -320,3 +320,41 @@ def test_zero_noise_evaluation_samples_the_flows_deterministic_chunks():
     assert np.abs(noisy[0] - noisy[1]).max() > 1e-3  # random noise does move the episodes
     with pytest.raises(ValueError, match="zero_noise"):
         run(act=lambda q: None, n_action_steps=4, zero_noise=True)
+
+
+def test_evaluation_integrates_with_the_sampler_it_is_given(dataset, tmp_path):
+    """`sampler=` (and `--sampler METHOD[:STEPS]`) replaces the policy's own integration: the episodes
+    equal a run whose chunks are sampled by hand with that sampler, and differ from the default's."""
+    import fmpolicy_envs
+    from fmpolicy import FlowPolicy, NormalizationConfig, PolicyConfig, SamplerConfig, make_expert_config
+    from fmpolicy.evaluation import evaluate_policy
+
+    from .helpers import randomized
+
+    cfg = PolicyConfig(state_dim=4, action_dim=2, chunk_size=8, n_action_steps=4, device="cpu",
+                       expert=make_expert_config("tiny"), sampler=SamplerConfig(method="euler", num_steps=2),
+                       normalization=NormalizationConfig(state="identity", action="identity"))
+    policy = FlowPolicy(cfg)
+    randomized(policy.net, 0, scale=0.1)
+    rk4 = SamplerConfig(method="rk4", num_steps=7)
+    noise = torch.zeros(4, 8, policy.config.expert.max_action_dim)
+
+    def run(**kwargs):
+        envs = fmpolicy_envs.PointObstacleVectorEnv(num_envs=4, seed=0)
+        return np.nan_to_num(evaluate_policy(policy.eval(), envs, episodes=4, seed=0, **kwargs).paths, nan=9.0)
+
+    given = run(zero_noise=True, sampler=rk4)
+    by_hand = run(act=lambda q: policy.predict_action_chunk(q, noise=noise, sampler=rk4), n_action_steps=4)
+    np.testing.assert_allclose(given, by_hand, atol=1e-6)
+    assert np.abs(given - run(zero_noise=True)).max() > 1e-4  # every state of every episode: 2 Euler steps differ from rk4
+    with pytest.raises(ValueError, match="sampler"):
+        run(act=lambda q: None, n_action_steps=4, sampler=rk4)
+
+    run_train(dataset, tmp_path / "run", "train.steps=2")
+    args = ["--policy", str(tmp_path / "run" / "policy"), "--env", "fmpolicy/PointObstacle-v0", "--episodes", "2",
+            "--num-envs", "2", "--device", "cpu", "--render-size", "0", "--out", str(tmp_path / "eval")]
+    summary = evaluate_script.main(args + ["--sampler", "midpoint:3"])
+    assert summary["sampler"]["method"] == "midpoint" and summary["sampler"]["num_steps"] == 3
+    for bad, words in (("euler:x", "not an int"), ("leapfrog:3", "leapfrog")):
+        with pytest.raises(SystemExit, match=words):
+            evaluate_script.main(args + ["--sampler", bad])
