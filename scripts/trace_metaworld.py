@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""Where does a Meta-World policy fail? Per held-out episode: where its hand was when it first closed the
+gripper, relative to the object, whether the object moved, how near it came to the goal (issue 17).
+
+    python scripts/trace_metaworld.py --policy P|expert --task pick-place [--episodes 10] [--seed 10000]
+                                      [--max-steps 500] [--sampler euler:30] [--noise random|zero] [--json out.json]
+
+Each episode is goal variation `--seed + i` of `--task` in a fresh reset of one `MetaWorldEnv` (the
+policy's cameras, image size and state mode: proprio for a 4-d state, full for 39-d), run with the
+policy's chunks (`n_action_steps` of each, random initial noise from `--seed`'s generator, or zero) or,
+with `--policy expert`, with Meta-World's scripted policy on the same starts. Entries 4:7 of
+Meta-World's observation are the task's object (the puck, the peg, a handle...), 36:39 its goal.
+
+Per episode: `success` and the step it came at; `close_step`, the first step whose gripper action
+exceeds +0.5 (Meta-World closes the fingers on positive actions) and `hand_minus_object_at_close` (m, xyz:
+the hand's offset from the object then; the scripted pick-place policy closes within ~1-2 cm of the
+puck); `object_moved` (the largest distance of the object from its start); `min_hand_to_goal` and
+`final_object_to_goal` (m). The summary holds the success rate and, over the episodes that closed the
+gripper, the mean absolute hand-object offset at the close per axis.
+
+Why: a camera policy's success rate alone does not say whether it failed to find the object, to grasp
+it, or to carry it to a goal it cannot see (docs/benchmarks/metaworld.md, Prove-it 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # before anything imports mujoco: headless rendering
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fmpolicy import FlowPolicy  # noqa: E402
+from fmpolicy.config import IMAGES_PREFIX  # noqa: E402
+from fmpolicy.errors import FmPolicyError  # noqa: E402
+from fmpolicy.io import atomic_write_json  # noqa: E402
+
+HAND, OBJECT, GOAL = slice(0, 3), slice(4, 7), slice(36, 39)  # in Meta-World's 39-d observation
+CLOSE = 0.5  # a gripper action above this closes the fingers
+
+
+def make_env(task: str, policy: FlowPolicy | None):
+    """A `MetaWorldEnv` with what the policy reads: its cameras at its image size, its state mode."""
+    from fmpolicy_envs.metaworld_env import STATE_MODES, MetaWorldEnv
+
+    if policy is None:
+        return MetaWorldEnv(task=task, state="full")
+    modes = {width: name for name, width in STATE_MODES.items()}
+    if policy.config.state_dim not in modes:
+        raise SystemExit(f"--policy: state_dim = {policy.config.state_dim} is not a Meta-World state "
+                         f"(expected one of {sorted(modes)}: {modes})")
+    enc = policy.encoder.config if policy.encoder is not None else None
+    cameras = tuple(c[len(IMAGES_PREFIX):] for c in enc.cameras) if enc is not None else ()
+    return MetaWorldEnv(task=task, state=modes[policy.config.state_dim], cameras=cameras,
+                        image_size=enc.image_size if enc is not None else 64)
+
+
+def run_episode(env, variation: int, act, max_steps: int) -> dict:
+    """One episode of `act(obs, info) -> action (4,)` from goal variation `variation` -> its trace."""
+    obs, info = env.reset(options={"variation": variation})
+    start, goal = env.raw_obs[OBJECT].copy(), env.raw_obs[GOAL].copy()
+    row: dict = {"variation": variation, "task": env.task_name, "success": False, "steps": None,
+                 "object_start": start.round(4).tolist(), "goal": goal.round(4).tolist(),
+                 "close_step": None, "hand_minus_object_at_close": None}
+    moved, to_goal = 0.0, np.inf
+    for t in range(max_steps):
+        action = np.asarray(act(obs, info), dtype=np.float32)
+        if row["close_step"] is None and action[3] > CLOSE:
+            row["close_step"] = t
+            row["hand_minus_object_at_close"] = (env.raw_obs[HAND] - env.raw_obs[OBJECT]).round(4).tolist()
+        obs, _, terminated, truncated, info = env.step(action)
+        moved = max(moved, float(np.linalg.norm(env.raw_obs[OBJECT] - start)))
+        to_goal = min(to_goal, float(np.linalg.norm(env.raw_obs[HAND] - goal)))
+        if info["is_success"]:
+            row["success"], row["steps"] = True, t + 1
+        if terminated or truncated:
+            break
+    row.update(object_moved=round(moved, 4), min_hand_to_goal=round(to_goal, 4),
+               final_object_to_goal=round(float(np.linalg.norm(env.raw_obs[OBJECT] - goal)), 4))
+    return row
+
+
+def policy_actor(policy: FlowPolicy, seed: int, zero_noise: bool, sampler=None):
+    """act(obs, info) for one episode: `n_action_steps` of each chunk, then a new chunk."""
+    generator = torch.Generator().manual_seed(seed)
+    queue: list[np.ndarray] = []
+
+    def act(obs, info):
+        if not queue:
+            query = {k: torch.as_tensor(v)[None] for k, v in obs.items() if k.startswith("observation.")}
+            query["task"] = [info["task"]]
+            noise = policy.zero_noise(1) if zero_noise and policy.config.head == "flow" else None
+            with torch.no_grad():
+                chunk = policy.predict_action_chunk(query, noise=noise, generator=generator, sampler=sampler)[0]
+            queue.extend(chunk[:policy.config.n_action_steps].cpu().numpy())
+        return queue.pop(0)
+
+    return act
+
+
+def summarize(rows: list[dict]) -> dict:
+    closed = [r for r in rows if r["hand_minus_object_at_close"] is not None]
+    out = {"episodes": len(rows), "success_rate": float(np.mean([r["success"] for r in rows])),
+           "closed": len(closed), "object_moved_5cm": float(np.mean([r["object_moved"] > 0.05 for r in rows]))}
+    if closed:
+        offsets = np.abs(np.array([r["hand_minus_object_at_close"] for r in closed]))
+        out["mean_abs_hand_minus_object_at_close"] = offsets.mean(0).round(4).tolist()
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--policy", required=True, help="a directory written by save_pretrained, or 'expert'")
+    p.add_argument("--task", default="pick-place", help="one Meta-World task")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=10_000, help="first goal variation (held out: >= 10000)")
+    p.add_argument("--max-steps", type=int, default=500)
+    p.add_argument("--noise", default="random", choices=("random", "zero"), help="initial noise of each chunk")
+    p.add_argument("--sampler", metavar="METHOD:STEPS", help="integrate with this instead of the policy's own")
+    p.add_argument("--json", help="write the episodes and the summary here (atomically)")
+    args = p.parse_args(argv)
+    for name in ("episodes", "max_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} = {getattr(args, name)} is invalid: expected >= 1")
+    from fmpolicy_envs.metaworld_env import MetaWorldExpert
+
+    try:
+        policy = None if args.policy == "expert" else FlowPolicy.from_pretrained(args.policy, device="cpu").eval()
+        sampler = None
+        if args.sampler:
+            if policy is None or policy.config.head != "flow":
+                p.error(f"--sampler = {args.sampler!r}: expected a flow policy")
+            method, _, steps = args.sampler.partition(":")
+            sampler = dataclasses.replace(policy.config.sampler, method=method,
+                                          num_steps=int(steps) if steps else policy.config.sampler.num_steps)
+        env = make_env(args.task, policy)
+    except (FmPolicyError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: {e}") from None
+    rows = []
+    for i in range(args.episodes):
+        if policy is None:
+            expert = MetaWorldExpert()
+            act = lambda obs, info: expert(env)  # noqa: E731
+        else:
+            act = policy_actor(policy, args.seed + i, args.noise == "zero", sampler)
+        rows.append(run_episode(env, args.seed + i, act, args.max_steps))
+        print(json.dumps(rows[-1]), flush=True)
+    env.close()
+    summary = {"policy": args.policy, "task": args.task, "seed": args.seed, "noise": args.noise,
+               "sampler": args.sampler, **summarize(rows)}
+    print(json.dumps(summary))
+    if args.json:
+        atomic_write_json(args.json, {"summary": summary, "episodes": rows})
+    return summary
+
+
+if __name__ == "__main__":
+    main()
