@@ -128,8 +128,14 @@ class FlowConfig:
     t_min: float = 0.001  # smallest distance from t = 1 kept by the beta sampler (pi0's 0.001)
     logit_mean: float = 0.0  # logit-normal location
     logit_std: float = 1.0  # logit-normal scale
+    # also the CFM loss at the single point noise = 0, t = 0, times this weight (0: off). There the velocity's
+    # target is the chunk itself and its minimiser the mean chunk given the observation: the regression head's
+    # MSE target, a signal for the encoder without the noise's variance (a flow head that located objects worse
+    # than the MSE head on the same backbone: docs/benchmarks/metaworld.md, Prove-it 2). Training only.
+    mean_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        _non_negative(self, "mean_loss_weight")
         _choice(self, "time_sampling", TIME_SAMPLINGS)
         _positive(self, "beta_alpha", "beta_beta", "logit_std")
         _number(self, "logit_mean", "a finite number")

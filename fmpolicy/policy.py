@@ -334,6 +334,11 @@ class FlowPolicy(nn.Module):
             v = self._velocity(interpolate(target, noise, t), t, cache, cache.action_valid)
             per_sample = compute_cfm_loss(v, target, noise, valid)
         info: dict[str, Any] = {}
+        weight = self.config.flow.mean_loss_weight
+        if self.config.head == "flow" and weight > 0:  # the CFM loss at noise 0, t = 0: the chunk's MSE there
+            mean = compute_masked_mse(self._regress(cache), target, valid)
+            info["mean_loss"] = mean.mean().detach()
+            per_sample = per_sample + weight * mean.to(per_sample.dtype)
         aux = self._aux_loss(batch, cache)
         if aux is not None:  # training only: the policy's own loss plus the weighted auxiliary one
             info["aux_loss"] = aux.mean().detach()

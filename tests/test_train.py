@@ -105,6 +105,14 @@ def test_torchrun_two_gloo_processes_equal_one_process_with_the_combined_batch(d
     assert len(log) == 1 and json.loads(log[0])["local_batch"] == 8
 
 
+def test_the_mean_loss_is_logged_beside_the_total(dataset, tmp_path):
+    run_train(dataset, tmp_path / "run", "train.steps=4", "train.log_every=2", "policy.flow.mean_loss_weight=0.5")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:  # its share: at most the total over the weight (the CFM term is >= 0)
+        assert 0 < 0.5 * r["mean_loss"] <= r["loss"]
+
+
 def test_evaluate_script_reports_success_with_an_interval(dataset, tmp_path):
     run_train(dataset, tmp_path / "run", "train.steps=2")
     summary = evaluate_script.main(["--policy", str(tmp_path / "run" / "policy"), "--env", "fmpolicy/PointObstacle-v0",

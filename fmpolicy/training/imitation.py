@@ -217,6 +217,8 @@ def _slice_batch(batch: dict[str, Any], rows: torch.Tensor | None, device: torch
     return out
 
 
+LOSS_PARTS = ("aux_loss", "mean_loss")  # a loss's info entries logged as their own columns
+
 # settings a resumed run may change: none of them changes the result (everything else must match)
 RESUMABLE_CHANGES = ("policy.device", "train.out_dir", "train.progress", "train.log_every", "train.save_every",
                      "train.keep_checkpoints", "train.logger", "data.num_workers")
@@ -352,7 +354,8 @@ def _train(config: ImitationConfig, datasets: dict[str, Any], policy: FlowPolicy
                                  pin_memory=info.device.type == "cuda", seed=tc.seed)
     steps = progress(range(start, tc.steps), tc.progress and info.is_main, "train")
     policy.train()
-    tick, loss_sum, loss_n, aux_sum = time.perf_counter(), 0.0, 0, 0.0
+    tick, loss_sum, loss_n = time.perf_counter(), 0.0, 0
+    parts = dict.fromkeys(LOSS_PARTS, 0.0)  # the shares logged beside the total, when the policy has them
     for step in steps:
         idx = sampler.next()  # (B,) the same global batch on every process
         if stream:
@@ -379,8 +382,9 @@ def _train(config: ImitationConfig, datasets: dict[str, Any], policy: FlowPolicy
         if ema is not None:
             ema.update(policy)
         loss_sum, loss_n = loss_sum + all_reduce_mean(loss, info).item(), loss_n + 1
-        if "aux_loss" in loss_info:  # policy.aux: its share, logged beside the total
-            aux_sum += all_reduce_mean(loss_info["aux_loss"], info).item()
+        for name in LOSS_PARTS:  # policy.aux, flow.mean_loss_weight: their shares, logged beside the total
+            if name in loss_info:
+                parts[name] += all_reduce_mean(loss_info[name], info).item()
 
         done = step + 1
         if done % tc.log_every == 0 or done == tc.steps:
@@ -388,11 +392,14 @@ def _train(config: ImitationConfig, datasets: dict[str, Any], policy: FlowPolicy
             values = {"loss": loss_sum / loss_n, "lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm),
                       "steps_per_s": loss_n / (now - tick), "local_batch": len(t)}
             if config.policy.aux.key:
-                values["aux_loss"] = aux_sum / loss_n
+                values["aux_loss"] = parts["aux_loss"] / loss_n
+            if config.policy.head == "flow" and config.policy.flow.mean_loss_weight > 0:
+                values["mean_loss"] = parts["mean_loss"] / loss_n
             logger.log(done, values)
             if hasattr(steps, "set_postfix"):
                 steps.set_postfix(loss=f"{values['loss']:.4f}")
-            tick, loss_sum, loss_n, aux_sum = now, 0.0, 0, 0.0
+            tick, loss_sum, loss_n = now, 0.0, 0
+            parts = dict.fromkeys(LOSS_PARTS, 0.0)
         if done % tc.save_every == 0 or done == tc.steps:
             checkpoint(done)
 
