@@ -72,6 +72,10 @@ def test_a_camera_policy_is_traced_reproducibly_and_bad_input_is_refused(tmp_pat
     first, again = runs
     assert len(first) == 2 and all(len(r["goal"]) == 3 and r["object_moved"] >= 0 for r in first)
     assert first == again  # each episode's noise comes from its own seeded generator
+    other = trace.main(args + ["--noise-seed", "7", "--json", str(tmp_path / "c.json")])
+    assert other["noise_seed"] == 7
+    moved = json.loads((tmp_path / "c.json").read_text())["episodes"]
+    assert [r["goal"] for r in moved] == [r["goal"] for r in first] and moved != first  # same goals, other draws
     zero = trace.main(args + ["--noise", "zero", "--sampler", "rk4:2"])
     assert zero["episodes"] == 2 and zero["sampler"] == "rk4:2"
     with pytest.raises(SystemExit):
