@@ -10,6 +10,7 @@ episode counts; all environments re-plan together every `n_action_steps` steps.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -82,6 +83,21 @@ def round_seed(seed: int, rnd: int) -> int:
 
 
 @torch.no_grad()
+def parse_sampler(text: str, policy) -> SamplerConfig:
+    """`--sampler METHOD[:STEPS]` (scripts/evaluate.py, trace_metaworld.py) -> the policy's own sampler with
+    that method (and step count; default the policy's own)."""
+    if policy.config.head != "flow":
+        raise InputError(f"--sampler = {text!r}: policy.head = {policy.config.head!r} samples nothing "
+                         "(expected a flow policy)")
+    method, _, steps = text.partition(":")
+    try:
+        num_steps = int(steps) if steps else policy.config.sampler.num_steps
+    except ValueError:
+        raise InputError(f"--sampler = {text!r}: steps {steps!r} are not an int (expected METHOD[:STEPS], "
+                         "e.g. euler:30)") from None
+    return dataclasses.replace(policy.config.sampler, method=method, num_steps=num_steps)
+
+
 def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
                     render_size: int = 0, generator: torch.Generator | None = None,
                     flag_keys: tuple[str, ...] = ("collision",), embodiment: str | None = None,

@@ -35,11 +35,9 @@ import numpy as np
 import torch
 
 from fmpolicy import FlowPolicy
-import dataclasses
-
-from fmpolicy.config import SamplerConfig, resolve_device
-from fmpolicy.errors import FmPolicyError, InputError
-from fmpolicy.evaluation import EvalResult, evaluate_policy
+from fmpolicy.config import resolve_device
+from fmpolicy.errors import FmPolicyError
+from fmpolicy.evaluation import EvalResult, evaluate_policy, parse_sampler
 from fmpolicy.io import atomic_write, atomic_write_json
 from fmpolicy.normalize import far_state_warning
 
@@ -51,20 +49,6 @@ def make_envs(env_id: str, num_envs: int, device: str, seed: int, kwargs: dict, 
 
     return make_vector_env(env_id, num_envs, seed=seed, device=device, kwargs=kwargs, success_key=success_key,
                            obs_map=obs_map, vectorization=vectorization)
-
-
-def parse_sampler(text: str, policy) -> SamplerConfig:
-    """`--sampler METHOD[:STEPS]` -> the policy's own sampler with that method (and step count)."""
-    if policy.config.head != "flow":
-        raise InputError(f"--sampler = {text!r}: policy.head = {policy.config.head!r} samples nothing "
-                         "(expected a flow policy)")
-    method, _, steps = text.partition(":")
-    try:
-        num_steps = int(steps) if steps else policy.config.sampler.num_steps
-    except ValueError:
-        raise InputError(f"--sampler = {text!r}: steps {steps!r} are not an int (expected METHOD[:STEPS], "
-                         "e.g. euler:30)") from None
-    return dataclasses.replace(policy.config.sampler, method=method, num_steps=num_steps)
 
 
 def swap_words(a: str, b: str):
@@ -200,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
                "embodiment": args.embodiment, "noise": args.noise,
                "n_action_steps": args.n_action_steps or policy.config.n_action_steps,
                "inference_delay": args.inference_delay,
-               "sampler": dataclasses.asdict(sampler or policy.config.sampler) if policy.config.head == "flow" else None,
+               "sampler": vars(sampler or policy.config.sampler) if policy.config.head == "flow" else None,
                "head": policy.config.head, **result.summary()}
     by_task = result.success_by_task()
     if len(by_task) > 1:

@@ -27,7 +27,6 @@ it, or to carry it to a goal it cannot see (docs/benchmarks/metaworld.md, Prove-
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ import torch  # noqa: E402
 from fmpolicy import FlowPolicy  # noqa: E402
 from fmpolicy.config import IMAGES_PREFIX  # noqa: E402
 from fmpolicy.errors import FmPolicyError  # noqa: E402
+from fmpolicy.evaluation import parse_sampler  # noqa: E402
 from fmpolicy.io import atomic_write_json  # noqa: E402
 
 HAND, OBJECT, GOAL = slice(0, 3), slice(4, 7), slice(36, 39)  # in Meta-World's 39-d observation
@@ -135,13 +135,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     try:
         policy = None if args.policy == "expert" else FlowPolicy.from_pretrained(args.policy, device="cpu").eval()
-        sampler = None
-        if args.sampler:
-            if policy is None or policy.config.head != "flow":
-                p.error(f"--sampler = {args.sampler!r}: expected a flow policy")
-            method, _, steps = args.sampler.partition(":")
-            sampler = dataclasses.replace(policy.config.sampler, method=method,
-                                          num_steps=int(steps) if steps else policy.config.sampler.num_steps)
+        if args.sampler and policy is None:
+            p.error(f"--sampler = {args.sampler!r}: the scripted expert samples nothing (expected a flow policy)")
+        sampler = parse_sampler(args.sampler, policy) if args.sampler else None
         env = make_env(args.task, policy)
     except (FmPolicyError, ValueError, KeyError) as e:
         raise SystemExit(f"error: {e}") from None
