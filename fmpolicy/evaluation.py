@@ -152,9 +152,10 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
             if state_z is not None:
                 z = state_z(query)[:query[STATE].shape[-1]].cpu()
                 z_max = z if z_max is None else torch.maximum(z_max, z)
+            kwargs = {} if sampler is None else {"sampler": sampler}  # policy objects without one still work
             if zero_noise:
-                return policy.predict_action_chunk(query, noise=policy.zero_noise(e), sampler=sampler)
-            return policy.predict_action_chunk(query, generator=generator, sampler=sampler)
+                return policy.predict_action_chunk(query, noise=policy.zero_noise(e), **kwargs)
+            return policy.predict_action_chunk(query, generator=generator, **kwargs)
     else:
         z_max = None
         if n_action_steps is None:
