@@ -16,7 +16,9 @@ Meta-World's observation are the task's object (the puck, the peg, a handle...),
 Per episode: `success` and the step it came at; `close_step`, the first step whose gripper action
 exceeds +0.5 (Meta-World closes the fingers on positive actions) and `hand_minus_object_at_close` (m, xyz:
 the hand's offset from the object then; the scripted pick-place policy closes 0.4 cm off the puck in x
-and y, 6.7 cm above it: the hand's point sits above the fingertips); `object_moved` (the largest distance of the object from its start); `min_hand_to_goal` and
+and y, 6.7 cm above it: the hand's point sits above the fingertips); `object_moved` (the largest distance
+of the object from its start); `min_hand_to_goal` (of that hand point, observation 0:3: not the
+fingertip point reach's success is measured at, so it does not decide reach's success) and
 `final_object_to_goal` (m). The summary holds the success rate and, over the episodes that closed the
 gripper, the mean absolute hand-object offset at the close per axis.
 
