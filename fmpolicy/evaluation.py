@@ -144,6 +144,7 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
 
         z_max: Tensor | None = None  # per state entry, the largest |normalized state| given so far
         state_z = getattr(policy, "state_z", None)  # a FlowPolicy's; other policy objects may lack it
+        kwargs = {} if sampler is None else {"sampler": sampler}  # policy objects without the argument still work
 
         def act(query):
             nonlocal z_max
@@ -152,7 +153,6 @@ def evaluate_policy(policy, envs, episodes: int, seed: int = 0, record: int = 0,
             if state_z is not None:
                 z = state_z(query)[:query[STATE].shape[-1]].cpu()
                 z_max = z if z_max is None else torch.maximum(z_max, z)
-            kwargs = {} if sampler is None else {"sampler": sampler}  # policy objects without one still work
             if zero_noise:
                 return policy.predict_action_chunk(query, noise=policy.zero_noise(e), **kwargs)
             return policy.predict_action_chunk(query, generator=generator, **kwargs)
