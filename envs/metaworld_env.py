@@ -39,8 +39,9 @@ Actions: Box(-1, 1, (4,)) float32 (hand xyz velocity, gripper effort), clipped.
 `"task"`: the instruction (INSTRUCTIONS, one short sentence per task; Meta-World has no language),
 `"task_name"`: Meta-World's name, `"variation"`: the episode's variation, `"is_success"`: bool from
 Meta-World's `info["success"]` (kept too, with its other entries). `terminate_on_success=True` (default)
-ends the episode at the first success (`terminated`); otherwise only the time limit ends it (`truncated`
-after `max_episode_steps`, 500 as Meta-World).
+ends the episode at the first success (`terminated`), or `steps_after_success` steps after it (a
+demonstration that goes on to hold the goal: `"is_success"` then stays True from the first success on);
+otherwise only the time limit ends it (`truncated` after `max_episode_steps`, 500 as Meta-World).
 """
 
 from __future__ import annotations
@@ -159,6 +160,10 @@ class MetaWorldEnv(gym.Env):
         cameras: camera names to render into `observation.images.<name>` (e.g. ("corner2",)); () for none.
         image_size: side N of the (3, N, N) camera images.
         terminate_on_success: end the episode at the first success.
+        steps_after_success: with terminate_on_success, end it this many steps after the first success
+            instead (the time limit still applies); `info["is_success"]` stays True from that success on.
+            Demonstrations that go on past the success show the policy the states around the goal, which
+            episodes cut at the success never reach (docs/benchmarks/metaworld.md, Prove-it 1).
         max_episode_steps: time limit (truncation).
         reward: "dense" (Meta-World's shaped reward, up to 10 a step) or "success" (1 in every step that
             ends with the task solved, else 0). For RL the dense reward can be nearly blind to success: on
@@ -175,7 +180,7 @@ class MetaWorldEnv(gym.Env):
                  cameras: Sequence[str] = (), image_size: int = 64, terminate_on_success: bool = True,
                  max_episode_steps: int = MAX_EPISODE_STEPS, variation_stride: int = 1,
                  render_mode: str | None = None, render_size: int = 128, render_camera: str = "corner2",
-                 reward: str = "dense", environment_state: bool = False):
+                 reward: str = "dense", environment_state: bool = False, steps_after_success: int = 0):
         if task is None and tasks is None:
             task = "reach-v3"
         self.tasks = task_names(task, tasks)
@@ -187,6 +192,8 @@ class MetaWorldEnv(gym.Env):
             raise ValueError(f"image_size = {image_size!r} is invalid: expected an int in 1..1024")
         if not (isinstance(max_episode_steps, int) and max_episode_steps > 0):
             raise ValueError(f"max_episode_steps = {max_episode_steps!r} is invalid: expected an int > 0")
+        if isinstance(steps_after_success, bool) or not isinstance(steps_after_success, int) or steps_after_success < 0:
+            raise ValueError(f"steps_after_success = {steps_after_success!r} is invalid: expected an int >= 0")
         if reward not in REWARDS:
             raise ValueError(f"reward = {reward!r} is invalid: expected one of {list(REWARDS)}")
         self.reward_mode = reward
@@ -194,6 +201,8 @@ class MetaWorldEnv(gym.Env):
             raise ValueError(f"render_mode = {render_mode!r} is invalid: expected None or 'rgb_array'")
         self.state_mode, self.cameras, self.image_size = state, tuple(cameras), image_size
         self.terminate_on_success, self.max_episode_steps = bool(terminate_on_success), max_episode_steps
+        self.steps_after_success = steps_after_success
+        self.success_step: int | None = None  # the step of the episode's first success
         self.variation_stride = int(variation_stride)
         self.render_mode, self.render_size, self.render_camera = render_mode, render_size, render_camera
         obs_spaces: dict[str, spaces.Space] = {
@@ -304,6 +313,7 @@ class MetaWorldEnv(gym.Env):
         raw, _ = env.reset()
         self.raw_obs = np.asarray(raw, dtype=np.float64)
         self.elapsed_steps = 0
+        self.success_step = None
         return self._obs(), {"task": instruction(self.task_name), "task_name": self.task_name,
                              "variation": self.variation, "is_success": False}
 
@@ -317,7 +327,12 @@ class MetaWorldEnv(gym.Env):
         success = bool(mw_info.get("success", 0.0))
         if self.reward_mode == "success":
             reward = float(success)
-        terminated = success and self.terminate_on_success
+        if success and self.success_step is None:
+            self.success_step = self.elapsed_steps
+        if self.steps_after_success and self.success_step is not None:  # latched: the episode succeeded
+            success = True
+        terminated = (self.terminate_on_success and self.success_step is not None
+                      and self.elapsed_steps - self.success_step >= self.steps_after_success)
         truncated = self.elapsed_steps >= self.max_episode_steps and not terminated
         info = {**mw_info, "task": instruction(self.task_name), "task_name": self.task_name,
                 "variation": self.variation, "is_success": success}

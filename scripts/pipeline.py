@@ -16,7 +16,8 @@ Steps (each is also a script of its own):
    `<out>/<head>/eval*`.
 The table goes to stdout and `<out>/results.json`. `env.id` may be any id `collect_demos.py` takes
 (ours, `fmpolicy/MetaWorld-v0` with `env.kwargs: {tasks: mt10, state: full}`; multi-task envs add one
-row per instruction).
+row per instruction). `env.collect_kwargs` (optional) holds env options for the demonstrations only, over
+`env.kwargs` (Meta-World's `steps_after_success: 20`: demonstrations that go on past the success).
 """
 
 from __future__ import annotations
@@ -64,12 +65,17 @@ def main(argv: list[str] | None = None) -> dict:
     embodiments = (plan.get("policy") or {}).get("embodiments") or [{"name": DEFAULT_EMBODIMENT}]
     robots = env.get("robots") or {embodiments[0]["name"]: env.get("kwargs", {})}
     video = bool((plan.get("data") or {}).get("video", DataConfig.video))
+    # env.collect_kwargs: options for the demonstrations only, over env.kwargs (e.g. Meta-World's
+    # steps_after_success: demonstrations that go on past the success; the evaluation keeps env.kwargs)
+    collect_kwargs = env.get("collect_kwargs") or {}
+    if not isinstance(collect_kwargs, dict):
+        sys.exit(f"error: env.collect_kwargs = {collect_kwargs!r} is invalid: expected a mapping of env options")
 
     # ---- 1. demonstrations ----
     roots = {}
     for i, (name, kwargs) in enumerate(robots.items()):
         root = out / "data" / name
-        task_kwargs = {k: v for k, v in kwargs.items() if k != "image_size"}  # the camera is collect's own flag
+        task_kwargs = {k: v for k, v in {**kwargs, **collect_kwargs}.items() if k != "image_size"}  # the camera is collect's own flag
         camera = ["--image-size", str(kwargs["image_size"])] if kwargs.get("image_size") else []
         camera += ["--video"] if camera and video else []
         collect_demos.main(["--env", env["id"], "--episodes", str(args.demos), "--num-envs", str(min(64, args.demos)),

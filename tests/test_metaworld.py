@@ -115,6 +115,30 @@ def test_without_early_termination_the_time_limit_ends_it():
     env.close()
 
 
+def test_steps_after_success_ends_that_many_steps_later_and_keeps_the_success():
+    lengths = {}
+    for tail in (0, 12):
+        env = mw.MetaWorldEnv(task="reach", steps_after_success=tail)
+        env.reset(seed=2)
+        expert = mw.MetaWorldExpert()
+        flags = []
+        for _ in range(200):
+            _, _, terminated, truncated, info = env.step(expert(env))
+            flags.append(info["is_success"])
+            if terminated or truncated:
+                break
+        assert terminated and not truncated
+        first = flags.index(True)
+        assert all(flags[first:]), "is_success must stay True after the first success"
+        lengths[tail] = (first, len(flags))
+        env.close()
+    (first0, n0), (first12, n12) = lengths[0], lengths[12]
+    assert first0 == first12 == n0 - 1  # the same expert reaches the goal at the same step
+    assert n12 == n0 + 12
+    with pytest.raises(ValueError, match="steps_after_success"):
+        mw.MetaWorldEnv(task="reach", steps_after_success=-1)
+
+
 def test_success_reward_pays_exactly_the_steps_that_end_solved():
     dense = mw.MetaWorldEnv(task="reach", terminate_on_success=False, max_episode_steps=80)
     sparse = mw.MetaWorldEnv(task="reach", terminate_on_success=False, max_episode_steps=80, reward="success")
@@ -348,3 +372,44 @@ def test_bench_expert_plays_the_starts_evaluate_policy_plays():
                                                               mw.EVAL_VARIATION_START)
     assert starts == counted
     assert sum(len(v) for v in starts.values()) == 5 and set(starts) == {"reach-v3", "push-v3"}
+
+
+def test_pipeline_collects_with_collect_kwargs_and_evaluates_with_kwargs(tmp_path):
+    """env.collect_kwargs reach the demonstrations only: here they run 7 steps past the success (and past the
+    evaluation's time limit of 30), while the evaluation keeps env.kwargs."""
+    import pyarrow.parquet as pq
+
+    from tests.helpers import load_script
+
+    config = tmp_path / "reach.yaml"
+    config.write_text("""
+policy:
+  state_dim: 4
+  action_dim: 4
+  chunk_size: 4
+  n_action_steps: 2
+  expert: {kind: mlp, width: 32, depth: 2, max_state_dim: 4, max_action_dim: 4}
+  device: cpu
+data: {root: unused}
+train: {steps: 2, batch_size: 8, log_every: 1, save_every: 2, progress: false}
+env:
+  id: fmpolicy/MetaWorld-v0
+  kwargs: {task: reach, state: proprio, max_episode_steps: 30}
+  collect_kwargs: {max_episode_steps: 300, steps_after_success: 7}
+""")
+    out = tmp_path / "run"
+    result = load_script("pipeline").main(["--config", str(config), "--demos", "2", "--eval-episodes", "2",
+                                           "--heads", "flow", "--out", str(out)])
+    (row,) = result["results"]
+    assert row["env_kwargs"] == {"task": "reach", "state": "proprio", "max_episode_steps": 30}
+    episodes = pq.read_table(next((out / "data").rglob("meta/episodes/*/*.parquet"))).to_pylist()
+    assert len(episodes) == 2
+    for ep in episodes:  # the same variation without the tail: the expert's first success ends it
+        env = mw.MetaWorldEnv(task="reach")
+        env.reset(seed=ep["variation"])
+        expert = mw.MetaWorldExpert()
+        for steps in range(1, 300):
+            if env.step(expert(env))[2]:
+                break
+        env.close()
+        assert ep["success"] and ep["length"] == steps + 7 > 30
