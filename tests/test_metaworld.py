@@ -102,36 +102,35 @@ def test_expert_succeeds_on_reach_and_success_terminates(reach):
         assert step < 150  # the scripted reach needs ~45 steps
 
 
+def _play_expert(env, variation: int, max_steps: int) -> tuple[list[bool], bool, bool]:
+    """The scripted expert on one variation until the episode ends (or max_steps): each step's is_success,
+    and whether the last step terminated / truncated."""
+    env.reset(seed=variation)
+    expert = mw.MetaWorldExpert()
+    flags, terminated, truncated = [], False, False
+    for _ in range(max_steps):
+        _, _, terminated, truncated, info = env.step(expert(env))
+        flags.append(info["is_success"])
+        if terminated or truncated:
+            break
+    env.close()
+    return flags, terminated, truncated
+
+
 def test_without_early_termination_the_time_limit_ends_it():
     env = mw.MetaWorldEnv(task="reach", terminate_on_success=False, max_episode_steps=60)
-    env.reset(seed=0)
-    expert = mw.MetaWorldExpert()
-    successes = []
-    for _ in range(60):
-        _, _, terminated, truncated, info = env.step(expert(env))
-        successes.append(info["is_success"])
-        assert not terminated
-    assert truncated and any(successes)
-    env.close()
+    successes, terminated, truncated = _play_expert(env, 0, 100)
+    assert len(successes) == 60 and truncated and not terminated and any(successes)
 
 
 def test_steps_after_success_ends_that_many_steps_later_and_keeps_the_success():
     lengths = {}
     for tail in (0, 12):
-        env = mw.MetaWorldEnv(task="reach", steps_after_success=tail)
-        env.reset(seed=2)
-        expert = mw.MetaWorldExpert()
-        flags = []
-        for _ in range(200):
-            _, _, terminated, truncated, info = env.step(expert(env))
-            flags.append(info["is_success"])
-            if terminated or truncated:
-                break
+        flags, terminated, truncated = _play_expert(mw.MetaWorldEnv(task="reach", steps_after_success=tail), 2, 200)
         assert terminated and not truncated
         first = flags.index(True)
         assert all(flags[first:]), "is_success must stay True after the first success"
         lengths[tail] = (first, len(flags))
-        env.close()
     (first0, n0), (first12, n12) = lengths[0], lengths[12]
     assert first0 == first12 == n0 - 1  # the same expert reaches the goal at the same step
     assert n12 == n0 + 12
@@ -405,11 +404,5 @@ env:
     episodes = pq.read_table(next((out / "data").rglob("meta/episodes/*/*.parquet"))).to_pylist()
     assert len(episodes) == 2
     for ep in episodes:  # the same variation without the tail: the expert's first success ends it
-        env = mw.MetaWorldEnv(task="reach")
-        env.reset(seed=ep["variation"])
-        expert = mw.MetaWorldExpert()
-        for steps in range(1, 300):
-            if env.step(expert(env))[2]:
-                break
-        env.close()
-        assert ep["success"] and ep["length"] == steps + 7 > 30
+        flags, terminated, _ = _play_expert(mw.MetaWorldEnv(task="reach"), ep["variation"], 300)
+        assert terminated and ep["success"] and ep["length"] == len(flags) + 7 > 30
