@@ -544,6 +544,9 @@ class DataConfig:
     # replacement so that every "episodes" (each episode) or "tasks" (each task string) is drawn equally often
     # whatever its length: short tasks in a multi-task dataset get their share (docs/datasets.md, "Balancing")
     balance: str = "windows"
+    # with balance "tasks": {task string: weight}, each task drawn in proportion to its weight (1 for a task not
+    # named), e.g. {"reach the red goal with the gripper": 3} draws reach's windows 3x as often as another task's
+    task_weights: dict = field(default_factory=dict)
     # "auto": stream batches from disk through DataLoader workers when a dataset has video cameras or
     # every window in memory would take more than in_memory_max_gb; true / false force it. Either way
     # the batches are the same (same sampler), so the result is too (docs/datasets.md, "Large datasets").
@@ -556,6 +559,11 @@ class DataConfig:
         _check(self.stream == "auto" or isinstance(self.stream, bool), name, "stream", self.stream,
                "'auto', true or false")
         _check(self.balance in BALANCE_MODES, name, "balance", self.balance, f"one of {BALANCE_MODES}")
+        _check(all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and math.isfinite(v) and v > 0 for k, v in self.task_weights.items()), name, "task_weights",
+               self.task_weights, "a mapping of task string -> weight (a finite number > 0)")
+        _check(not self.task_weights or self.balance == "tasks", name, "task_weights", self.task_weights,
+               f"empty unless balance is 'tasks' (it is {self.balance!r})")
         _check(isinstance(self.num_workers, int) and not isinstance(self.num_workers, bool) and self.num_workers >= 0,
                name, "num_workers", self.num_workers, "an int >= 0")
         _number(self, "in_memory_max_gb", "a finite number > 0 (GB)", lambda v: v > 0)

@@ -94,3 +94,52 @@ def test_balanced_training_resumes_bit_for_bit(dataset, tmp_path):  # noqa: F811
     # a different balance is a different run: refused on resume
     with pytest.raises(SystemExit, match=r"data\.balance"):
         run_train(dataset, cut, *common[:-1], "data.balance=windows", resume=True)
+
+
+def test_task_weights_draw_each_task_in_proportion():
+    # reach (10 windows) weighted 3, push (90 windows) 1: reach's share is 3/4 however few windows it has
+    data = {"robot": fake_dataset([10, 30, 30, 30], ["reach", "push"], [0, 1, 1, 1])}
+    groups = window_groups(data, "tasks")
+    weighted = make_sampler(data, "tasks", 100, seed=0, task_weights={"reach": 3.0})
+    assert shares(weighted, groups)[0].item() == pytest.approx(0.75, abs=0.02)  # 20,000 draws: std 0.003
+    # within a task every window is still equally likely
+    episodes = window_groups(data, "episodes")
+    assert shares(weighted, episodes)[1:].tolist() == pytest.approx([0.25 / 3] * 3, abs=0.02)
+    # equal weights are the plain balanced draw, batch for batch (older runs' batches are unchanged)
+    plain, equal = make_sampler(data, "tasks", 16, seed=5), make_sampler(data, "tasks", 16, seed=5,
+                                                                           task_weights={"reach": 2, "push": 2})
+    assert all(torch.equal(plain.next(), equal.next()) for _ in range(5))
+
+
+def test_task_weights_follow_the_task_numbering_across_datasets():
+    # "reach" is task 1 of the first robot's dataset and task 0 of the second's: one group, one weight
+    a = fake_dataset([5, 5], ["push", "reach"], [0, 1])
+    b = fake_dataset([10], ["reach"], [0])
+    data = {"a": a, "b": b}
+    groups = window_groups(data, "tasks")
+    sampler = make_sampler(data, "tasks", 100, seed=1, task_weights={"push": 4})
+    assert shares(sampler, groups).tolist() == pytest.approx([0.8, 0.2], abs=0.02)
+
+
+def test_bad_task_weights_are_refused_with_the_field_and_the_tasks():
+    data = {"robot": fake_dataset([4, 4], ["reach", "push"], [0, 1])}
+    with pytest.raises(ConfigError, match=r"task_weights names \['pick'\].*'reach', 'push'"):
+        make_sampler(data, "tasks", 8, seed=0, task_weights={"pick": 2})
+    with pytest.raises(ConfigError, match=r"DataConfig\.task_weights = \{'reach': 0\}.*> 0"):
+        DataConfig(root="x", balance="tasks", task_weights={"reach": 0})
+    with pytest.raises(ConfigError, match=r"DataConfig\.task_weights .*unless balance is 'tasks'.*'windows'"):
+        DataConfig(root="x", task_weights={"reach": 2})
+    # a checkpoint drawn with other weights is another run
+    groups = torch.tensor([0, 0, 1])
+    state = BalancedSampler(groups, 4, seed=0, weights=torch.tensor([3.0, 1.0])).state_dict()
+    with pytest.raises(CheckpointError, match=r"weights \[3\.0, 1\.0\].*data\.task_weights"):
+        BalancedSampler(groups, 4, seed=0).load_state_dict(state)
+    same = BalancedSampler(groups, 4, seed=7, weights=torch.tensor([3.0, 1.0]))
+    same.load_state_dict(state)  # the same weights resume
+
+
+def test_training_reads_task_weights(dataset, tmp_path):  # noqa: F811 (the imported fixture)
+    # the trainer passes data.task_weights to its sampler: a weight for a task the dataset lacks stops the run
+    with pytest.raises((SystemExit, ConfigError), match=r"task_weights names \['no such task'\]"):
+        run_train(dataset, tmp_path / "run", "train.steps=2", "train.batch_size=8", "data.balance=tasks",
+                  "data.task_weights={no such task: 2}")

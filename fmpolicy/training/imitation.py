@@ -71,9 +71,10 @@ class EpochSampler:
 class BalancedSampler:
     """Global batches of window indices drawn with replacement so that every group of windows (an
     episode, or a task) is drawn equally often whatever its size: window i's chance is
-    1 / (number of groups * windows in its group). Resumable: its state is its generator's."""
+    1 / (number of groups * windows in its group). With `weights` (one per group, > 0) group g is drawn
+    in proportion to weights[g] instead (`data.task_weights`). Resumable: its state is its generator's."""
 
-    def __init__(self, groups: torch.Tensor, batch_size: int, seed: int):
+    def __init__(self, groups: torch.Tensor, batch_size: int, seed: int, weights: torch.Tensor | None = None):
         groups = torch.unique(groups, return_inverse=True)[1]  # 0 .. G-1
         self.counts = torch.bincount(groups)
         self.groups = int(len(self.counts))
@@ -81,16 +82,31 @@ class BalancedSampler:
         self.starts = torch.cumsum(self.counts, 0) - self.counts  # where each group begins in `order`
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float64)
+            if weights.shape != (self.groups,) or not bool(torch.all(torch.isfinite(weights) & (weights > 0))):
+                raise ValueError(f"BalancedSampler weights: {weights.tolist()}; expected {self.groups} finite "
+                                 "numbers > 0, one per group")
+            if bool(torch.all(weights == weights[0])):
+                weights = None  # equal weights: the uniform draw (the same batches as without weights)
+        self.weights = weights
 
     def next(self) -> torch.Tensor:
-        # a group uniformly, then a window of it uniformly (any number of windows: no multinomial table)
-        g = torch.randint(self.groups, (self.batch_size,), generator=self.generator)
+        # a group (uniformly or by weight), then a window of it uniformly (any number of windows: no
+        # multinomial table over the windows, only over the groups)
+        if self.weights is None:
+            g = torch.randint(self.groups, (self.batch_size,), generator=self.generator)
+        else:
+            g = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=self.generator)
         u = torch.rand(self.batch_size, generator=self.generator, dtype=torch.float64)
         within = (u * self.counts[g]).long().clamp_max(self.counts[g] - 1)
         return self.order[self.starts[g] + within]
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "balanced_groups": self.groups}
+        state = {"generator": self.generator.get_state(), "balanced_groups": self.groups}
+        if self.weights is not None:
+            state["group_weights"] = self.weights.tolist()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if "balanced_groups" not in state:
@@ -99,6 +115,11 @@ class BalancedSampler:
         if state["balanced_groups"] != self.groups:
             raise CheckpointError(f"the checkpoint balanced {state['balanced_groups']} groups; this run balances "
                                   f"{self.groups}: the result would differ from an uninterrupted run")
+        mine = None if self.weights is None else self.weights.tolist()
+        if state.get("group_weights") != mine:
+            raise CheckpointError(f"the checkpoint drew its groups with weights {state.get('group_weights')}; this "
+                                  f"run with {mine} (data.task_weights): the result would differ from an "
+                                  "uninterrupted run")
         self.generator.set_state(state["generator"])
 
 
@@ -117,12 +138,31 @@ def window_groups(datasets: dict[str, Any], balance: str) -> torch.Tensor | None
     return torch.cat(parts)
 
 
-def make_sampler(datasets: dict[str, Any], balance: str, batch_size: int, seed: int):
-    """The trainer's sampler of global batches: `EpochSampler`, or `BalancedSampler` over episodes / tasks."""
+def task_group_weights(datasets: dict[str, Any], task_weights: dict) -> torch.Tensor:
+    """(G,) the weight of every task group, numbered as `window_groups(datasets, "tasks")` numbers them:
+    `task_weights[task string]`, 1 for a task it does not name; a name that is no task is an error."""
+    names: dict[str, int] = {}
+    for dataset in datasets.values():
+        for t in dataset.tasks:
+            names.setdefault(t, len(names))
+    unknown = [k for k in task_weights if k not in names]
+    if unknown:
+        raise ConfigError(f"DataConfig.task_weights names {unknown}, which no dataset holds; its tasks are "
+                          f"{list(names)}")
+    return torch.tensor([float(task_weights.get(t, 1.0)) for t in names], dtype=torch.float64)
+
+
+def make_sampler(datasets: dict[str, Any], balance: str, batch_size: int, seed: int, task_weights: dict | None = None):
+    """The trainer's sampler of global batches: `EpochSampler`, or `BalancedSampler` over episodes / tasks
+    (the tasks in proportion to `task_weights`, {task string: weight}, with balance "tasks")."""
     groups = window_groups(datasets, balance)
     if groups is None:
         return EpochSampler(sum(len(d) for d in datasets.values()), batch_size, seed)
-    return BalancedSampler(groups, batch_size, seed)
+    weights = task_group_weights(datasets, task_weights) if task_weights and balance == "tasks" else None
+    if weights is not None:  # window_groups numbers only the tasks that have windows: keep those
+        present = torch.unique(groups)
+        weights = weights[present]
+    return BalancedSampler(groups, batch_size, seed, weights)
 
 
 def make_policy(config: ImitationConfig, datasets: dict[str, Any], device: torch.device) -> FlowPolicy:
@@ -303,7 +343,7 @@ def _train(config: ImitationConfig, datasets: dict[str, Any], policy: FlowPolicy
             if info.is_main:
                 print(f"cached the frozen encoder's outputs for {len(windows['action'])} windows "
                       f"in {time.perf_counter() - start_cache:.1f} s")
-    sampler = make_sampler(datasets, config.data.balance, tc.batch_size, tc.seed)
+    sampler = make_sampler(datasets, config.data.balance, tc.batch_size, tc.seed, config.data.task_weights)
     rows = local_rows(tc.batch_size, info)
     flow_gen = torch.Generator().manual_seed(tc.seed + 1)  # flow times and noise (CPU: same on every device)
     shift_gen = torch.Generator().manual_seed(tc.seed + 2)  # image shifts (train.image_shift)
