@@ -148,7 +148,7 @@ def task_group_weights(datasets: dict[str, Any], task_weights: dict) -> torch.Te
     unknown = [k for k in task_weights if k not in names]
     if unknown:
         raise ConfigError(f"DataConfig.task_weights names {unknown}, which no dataset holds; its tasks are "
-                          f"{list(names)}")
+                          f"{list(names)} (weight only those, or data.task_weights={{}} for none)")
     return torch.tensor([float(task_weights.get(t, 1.0)) for t in names], dtype=torch.float64)
 
 
