@@ -406,3 +406,27 @@ env:
     for ep in episodes:  # the same variation without the tail: the expert's first success ends it
         flags, terminated, _ = _play_expert(mw.MetaWorldEnv(task="reach"), ep["variation"], 300)
         assert terminated and ep["success"] and ep["length"] == len(flags) + 7 > 30
+
+
+def test_the_shipped_configs_weight_only_tasks_the_adapter_names():
+    """data.task_weights keys are task strings: in a Meta-World config each must be one of the adapter's
+    instructions (a typo would stop training only once the dataset is read)."""
+    from pathlib import Path
+
+    import yaml
+
+    instructions = set(mw.INSTRUCTIONS.values())
+    weighted = 0
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text()) or {}
+        if (raw.get("env") or {}).get("id") != ENV_ID:
+            continue
+        for task in ((raw.get("data") or {}).get("task_weights") or {}):
+            assert task in instructions, f"{path.name}: data.task_weights names {task!r}, not an MT10 instruction"
+            weighted += 1
+    assert weighted > 0  # configs/metaworld_mt10_state.yaml weights its weak tasks
+    # the docs reproduce the runs that drew every task equally with 'data.task_weights={}': it replaces the map
+    from fmpolicy.config import ImitationConfig, load_config
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "metaworld_mt10_state.yaml"
+    assert load_config(ImitationConfig, str(config), ["data.task_weights={}"]).data.task_weights == {}
