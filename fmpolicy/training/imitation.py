@@ -128,23 +128,29 @@ def window_groups(datasets: dict[str, Any], balance: str) -> torch.Tensor | None
     episode ("episodes", per dataset) or its task string ("tasks", across datasets); None for "windows"."""
     if balance == "windows":
         return None
-    parts, names = [], {}
+    parts, names = [], task_numbers(datasets)
     for k, dataset in enumerate(datasets.values()):
         if balance == "episodes":
             parts.append(dataset.episode_index * len(datasets) + k)
         else:
-            ids = torch.tensor([names.setdefault(t, len(names)) for t in dataset.tasks], dtype=torch.long)
+            ids = torch.tensor([names[t] for t in dataset.tasks], dtype=torch.long)
             parts.append(ids[dataset.task_index])
     return torch.cat(parts)
+
+
+def task_numbers(datasets: dict[str, Any]) -> dict[str, int]:
+    """Every task string of the datasets -> its group number (in order of first appearance, across datasets)."""
+    names: dict[str, int] = {}
+    for dataset in datasets.values():
+        for t in dataset.tasks:
+            names.setdefault(t, len(names))
+    return names
 
 
 def task_group_weights(datasets: dict[str, Any], task_weights: dict) -> torch.Tensor:
     """(G,) the weight of every task group, numbered as `window_groups(datasets, "tasks")` numbers them:
     `task_weights[task string]`, 1 for a task it does not name; a name that is no task is an error."""
-    names: dict[str, int] = {}
-    for dataset in datasets.values():
-        for t in dataset.tasks:
-            names.setdefault(t, len(names))
+    names = task_numbers(datasets)
     unknown = [k for k in task_weights if k not in names]
     if unknown:
         raise ConfigError(f"DataConfig.task_weights names {unknown}, which no dataset holds; its tasks are "
