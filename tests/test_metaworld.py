@@ -416,8 +416,9 @@ def test_the_shipped_configs_weight_only_tasks_the_adapter_names():
     import yaml
 
     instructions = set(mw.INSTRUCTIONS.values())
+    configs = Path(__file__).resolve().parents[1] / "configs"
     weighted = 0
-    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+    for path in sorted(configs.glob("*.yaml")):
         raw = yaml.safe_load(path.read_text()) or {}
         if (raw.get("env") or {}).get("id") != ENV_ID:
             continue
@@ -428,5 +429,5 @@ def test_the_shipped_configs_weight_only_tasks_the_adapter_names():
     # the docs reproduce the runs that drew every task equally with 'data.task_weights={}': it replaces the map
     from fmpolicy.config import ImitationConfig, load_config
 
-    config = Path(__file__).resolve().parents[1] / "configs" / "metaworld_mt10_state.yaml"
-    assert load_config(ImitationConfig, str(config), ["data.task_weights={}"]).data.task_weights == {}
+    config = load_config(ImitationConfig, str(configs / "metaworld_mt10_state.yaml"), ["data.task_weights={}"])
+    assert config.data.task_weights == {}
