@@ -25,8 +25,10 @@ its range.
 ## Observation (a `spaces.Dict`)
 - `"observation.state"`: float32. `state="proprio"` (default): hand xyz + gripper opening (4), what a
   real robot measures; `state="full"`: Meta-World's 39-d vector (hand, gripper, objects' poses, the
-  previous frame of those, the goal position). Meta-World returns float64; the cast to float32 is ours
-  and explicit (positions are within +-2 m: float32 keeps them to ~1e-7 m).
+  previous frame of those, the goal position); `state="full_relative"`: those 39, then goal - hand,
+  object - hand and goal - object (48: the offsets a policy must drive to zero, given as inputs, so
+  that an unseen goal is a familiar offset; docs/benchmarks/metaworld.md, Prove-it 1). Meta-World returns
+  float64; the cast to float32 is ours and explicit (positions are within +-2 m: float32 keeps them to ~1e-7 m).
 - `"observation.environment_state"` with `environment_state=True`: the full 39-d vector as float32 whatever
   `state` is (LeRobot's key for privileged simulator state): for training-time targets and analysis.
 - `"observation.images.<camera>"` for each of `cameras`: (3, N, N) float32 in [0, 1], N = `image_size`,
@@ -86,13 +88,23 @@ TASK_SETS = {"mt10": MT10}
 REWARDS = ("dense", "success")  # MetaWorldEnv(reward=...)
 DEMO_VARIATIONS = range(0, 10_000)  # goal variations for demonstrations / training
 EVAL_VARIATION_START = 10_000  # variations >= this are held out for evaluation
-STATE_MODES = {"proprio": 4, "full": 39}
+STATE_MODES = {"proprio": 4, "full": 39, "full_relative": 48}
+# state="full_relative": the 39-d vector, then three differences of its positions (9 more entries):
+# goal - hand, object - hand, goal - object (hand 0:3, the first object 4:7, the goal 36:39)
+RELATIVE_PAIRS = ((slice(36, 39), slice(0, 3)), (slice(4, 7), slice(0, 3)), (slice(36, 39), slice(4, 7)))
 MAX_EPISODE_STEPS = 500
 CONTROL_FPS = 80  # Meta-World: frame_skip 5 x timestep 0.0025 s = 12.5 ms per step
 
 
 _LIVE_ENVS: "weakref.WeakSet[MetaWorldEnv]" = weakref.WeakSet()
 _EXIT_HOOK: list[bool] = []
+
+
+def relative_state(raw_obs: np.ndarray) -> np.ndarray:
+    """Meta-World's 39-d observation (..., 39) with the differences of RELATIVE_PAIRS appended: (..., 48),
+    in the input's dtype (the differences taken before any cast)."""
+    raw_obs = np.asarray(raw_obs)
+    return np.concatenate([raw_obs, *(raw_obs[..., a] - raw_obs[..., b] for a, b in RELATIVE_PAIRS)], axis=-1)
 
 
 def _close_renderers() -> None:
@@ -146,13 +158,66 @@ def instruction(name: str) -> str:
     return INSTRUCTIONS.get(name, name.removesuffix("-v3").replace("-", " "))
 
 
+def start_positions(task: str, variations: Sequence[int]) -> np.ndarray:
+    """(len(variations), 6): the object's start (xyz) and the goal (xyz) of `task` at each goal variation,
+    as `reset(seed=v)` draws them (one env, reset once a variation: ~1 ms each)."""
+    env = MetaWorldEnv(task=task, state="full")
+    try:
+        rows = []
+        for v in variations:
+            env.reset(seed=int(v))
+            rows.append(np.concatenate([env.raw_obs[4:7], env.goal]))
+        return np.array(rows, dtype=np.float64).reshape(-1, 6)
+    finally:
+        env.close()
+
+
+def spread_variations(task: str, n: int, start: int = 0, pool: int = 500) -> list[int]:
+    """`n` goal variations of `task` among the `pool` ones from `start` on, chosen to cover its starts: the
+    k-medoids of the candidates' object start and goal positions, each coordinate scaled by its spread over
+    the candidates (coordinates that never vary dropped). The medoids minimise the mean distance from a
+    candidate start to its nearest chosen one, so held-out starts (drawn from the same distribution) lie
+    as near a demonstrated start as n demonstrations allow, where the next n variations are a random draw
+    that can leave part of the range bare (10 draws can put one goal in the upper 40% of reach's heights:
+    docs/benchmarks/metaworld.md, Prove-it 1). Deterministic: greedy BUILD, then alternating assignment
+    and per-cluster medoid updates until nothing changes. Sorted ascending."""
+    for name, value, low in (("n", n, 1), ("pool", pool, 1), ("start", start, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"spread_variations: {name} = {value!r} is invalid: expected an int >= {low}")
+    if n > pool:
+        raise ValueError(f"spread_variations: n = {n} is more than pool = {pool}: expected n <= pool")
+    candidates = np.arange(start, start + pool)
+    x = start_positions(task, candidates)
+    spread = x.std(axis=0)
+    x = x[:, spread > 1e-9] / spread[spread > 1e-9]
+    d = np.linalg.norm(x[:, None, :] - x[None, :, :], axis=-1)  # (pool, pool)
+    medoids = [int(d.sum(axis=0).argmin())]  # BUILD: the most central candidate, then the largest gains
+    nearest = d[:, medoids[0]].copy()
+    while len(medoids) < n:
+        cost = np.minimum(nearest[:, None], d).sum(axis=0)
+        cost[medoids] = np.inf
+        medoids.append(int(cost.argmin()))
+        nearest = np.minimum(nearest, d[:, medoids[-1]])
+    for _ in range(100):  # alternate: assign each candidate to its nearest medoid, re-centre each cluster
+        label = d[:, medoids].argmin(axis=1)
+        new = []
+        for k in range(n):
+            members = np.flatnonzero(label == k)
+            new.append(int(members[d[np.ix_(members, members)].sum(axis=0).argmin()]))
+        if new == medoids:
+            break
+        medoids = new
+    return sorted(int(candidates[i]) for i in medoids)
+
+
 class MetaWorldEnv(gym.Env):
     """One Meta-World environment (one or several tasks) with our observation dict and goal variations.
 
     Args:
         task / tasks: one task ("reach" or "reach-v3"), or several (a list, comma-separated, or "mt10");
             the episode's task is tasks[variation % len(tasks)].
-        state: "proprio" (hand xyz + gripper, 4) or "full" (Meta-World's 39-d observation).
+        state: "proprio" (hand xyz + gripper, 4), "full" (Meta-World's 39-d observation) or "full_relative"
+            (the 39, then goal - hand, object - hand, goal - object: 48).
         environment_state: also give `observation.environment_state` (LeRobot's key for the simulator's
             privileged state): Meta-World's full 39-d observation (objects' poses, the goal at 36:39) as
             float32, whatever `state` is. For training-time targets and analysis: a policy reads only
@@ -284,7 +349,8 @@ class MetaWorldEnv(gym.Env):
         return self._render(camera, self.image_size if size is None else int(size)).transpose(2, 0, 1)
 
     def _obs(self) -> dict[str, np.ndarray]:
-        state = self.raw_obs[:STATE_MODES[self.state_mode]].astype(np.float32)  # float64 -> float32, explicit
+        state = relative_state(self.raw_obs) if self.state_mode == "full_relative" else self.raw_obs[:STATE_MODES[self.state_mode]]
+        state = state.astype(np.float32)  # float64 -> float32, explicit
         obs = {STATE_KEY: state}
         if self.environment_state:
             obs[ENV_STATE_KEY] = self.raw_obs.astype(np.float32)

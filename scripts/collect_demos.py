@@ -89,6 +89,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clip-frames", type=int, default=None,
                    help="Meta-World: record a clip of at most this many consecutive frames of each demonstration "
                         "(a random window; the cameras are rendered only there): many goals for few rendered frames")
+    p.add_argument("--spread", type=int, default=None, metavar="POOL",
+                   help="Meta-World: each task's demonstrations at the goal variations among the POOL ones from "
+                        "--seed on that cover its starts (k-medoids of object and goal positions), not the next "
+                        "--episodes ones")
     p.add_argument("--num-envs", type=int, default=64, help="environments stepped together")
     p.add_argument("--out", default="data/point_obstacle", help="dataset root (appended to when it exists)")
     p.add_argument("--seed", type=int, default=0, help="seed of the environments and of the expert's modes")
@@ -108,6 +112,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--image-size must be in 1..{MAX_IMAGE_SIZE} pixels, got {args.image_size}")
     if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
         p.error(f"--fps must be a finite number > 0, got {args.fps}")
+    if args.spread is not None and args.spread < 1:
+        p.error(f"--spread must be >= 1 (a pool of goal variations), got {args.spread}")
+    if args.spread is not None and args.only_success:
+        p.error("--spread and --only-success do not go together: a failed demonstration would be replaced by a "
+                "goal outside the spread")
     if args.clip_frames is not None and args.clip_frames < 1:
         p.error(f"--clip-frames must be >= 1, got {args.clip_frames}")
     for flag in ("env_kwargs", "obs_map", "task_episodes"):  # JSON objects given on the command line
@@ -193,8 +202,8 @@ def collect_generic(args: argparse.Namespace, device: str) -> dict[str, Any]:
         if unknown:
             raise SystemExit(f"--task-episodes names {unknown}, which --tasks does not collect ({tasks})")
     else:
-        if args.tasks or args.cameras or args.clip_frames or args.task_episodes:
-            raise SystemExit("--tasks, --cameras, --clip-frames and --task-episodes are Meta-World options "
+        if args.tasks or args.cameras or args.clip_frames or args.task_episodes or args.spread:
+            raise SystemExit("--tasks, --cameras, --clip-frames, --task-episodes and --spread are Meta-World options "
                              "(--env fmpolicy/MetaWorld-v0)")
         if not args.expert:
             raise SystemExit(f"--env {args.env!r} has no scripted expert of ours: pass --expert module:callable")
@@ -221,6 +230,8 @@ def collect_generic(args: argparse.Namespace, device: str) -> dict[str, Any]:
                 "noise_record": args.noise_record}
     if task_counts:  # only when used: datasets made before these options stay appendable
         env_info["task_episodes"] = task_counts
+    if args.spread:
+        env_info["spread_pool"] = args.spread
     if args.clip_frames:
         env_info["clip_frames"] = args.clip_frames
         env.close()  # clips are played by their own workers (fmpolicy_envs.metaworld_clips)
@@ -237,6 +248,9 @@ def collect_generic(args: argparse.Namespace, device: str) -> dict[str, Any]:
                 if args.clip_frames:
                     summary = collect_clips(args, writer, task, target, firsts[k], kwargs, image_keys,
                                             finalize=k == len(tasks) - 1)
+                elif args.spread:
+                    summary = collect_spread(args, writer, task, target, firsts[k], image_keys, device, kwargs,
+                                             finalize=k == len(tasks) - 1)
                 else:
                     if k:
                         env.close()
@@ -280,6 +294,54 @@ def next_variation(writer: Any, first: int, end: int, seed: int) -> int:
     return max(done) + 1 if done else seed
 
 
+def spread_list(args: argparse.Namespace, writer: Any, task: str, target: int, first: int) -> list[int]:
+    """Meta-World --spread: the goal variations of `task` still to collect (those after the ones on disk)."""
+    from fmpolicy_envs.metaworld_env import spread_variations
+
+    chosen = spread_variations(task, target - first, start=args.seed, pool=args.spread)
+    done = [int(e["variation"]) for e in writer.episodes[first:target] if e.get("variation") is not None]
+    if done != chosen[:len(done)]:
+        raise SystemExit(f"{args.out}: the {task} episodes on disk played goal variations {done}, not the first of "
+                         f"--spread {args.spread}'s {chosen}: resume with the options that wrote them")
+    return chosen[len(done):]
+
+
+def collect_spread(args: argparse.Namespace, writer: Any, task: str, target: int, first: int, image_keys: list[str],
+                   device: str, kwargs: dict[str, Any], finalize: bool) -> dict[str, Any]:
+    """Meta-World --spread: `task`'s demonstrations at its covering goal variations (`spread_list`), one
+    episode at a time on one env, until `writer` holds `target` episodes."""
+    import time
+
+    from tqdm import tqdm
+
+    import fmpolicy_envs
+    from fmpolicy.gym_adapter import make_vector_env
+
+    todo = spread_list(args, writer, task, target, first)
+    summary: dict[str, Any] = {"new_episodes": 0, "new_frames": 0, "attempts": 0, "seconds": 0.0,
+                               "success_rate": float("nan"), "success_by_task": {}}
+    if todo:
+        t0, successes = time.perf_counter(), 0.0
+        env = make_vector_env(args.env, 1, seed=todo[0], device=device, kwargs={**kwargs, "task": task})
+        try:
+            for v in tqdm(todo, unit="ep", desc=task, disable=args.no_progress):
+                expert = fmpolicy_envs.make_expert(args.env, seed=v + 1, noise_std=args.noise_std,
+                                                   record=args.noise_record)
+                one = collect(env, expert, writer, writer.num_episodes + 1, seed=v, image_key=image_keys,
+                              expert_input="core", finalize=False)
+                for name in ("new_episodes", "new_frames", "attempts"):
+                    summary[name] += one[name]
+                successes += one["success_rate"] * one["attempts"]
+        finally:
+            env.close()
+        summary["seconds"] = time.perf_counter() - t0
+        summary["success_rate"] = successes / max(summary["attempts"], 1)
+        summary["success_by_task"] = one["success_by_task"]
+    if finalize and not writer.stats_are_current:
+        writer.finalize()
+    return summary
+
+
 def collect_clips(args: argparse.Namespace, writer: Any, task: str, target: int, first: int, kwargs: dict[str, Any],
                   image_keys: list[str], finalize: bool) -> dict[str, Any]:
     """Meta-World --clip-frames: clips of `task`'s demonstrations (fmpolicy_envs.metaworld_clips) until
@@ -302,7 +364,8 @@ def collect_clips(args: argparse.Namespace, writer: Any, task: str, target: int,
         bar = tqdm(total=target - first, initial=writer.num_episodes - first, unit="clip", desc=task,
                    disable=args.no_progress)
         cameras = [k[len("observation.images."):] for k in image_keys]
-        clips = clip_episodes(task, itertools.count(start), args.clip_frames, cameras, kwargs.get("image_size", 64),
+        variations = spread_list(args, writer, task, target, first) if args.spread else itertools.count(start)
+        clips = clip_episodes(task, variations, args.clip_frames, cameras, kwargs.get("image_size", 64),
                               seed=args.seed, workers=args.num_envs, env_kwargs=kwargs, noise_std=args.noise_std,
                               record=args.noise_record)
         for frames, extra in clips:

@@ -53,6 +53,25 @@ def test_spaces_keys_and_info(reach):
     full.close()
 
 
+def test_full_relative_state_appends_goal_and_object_offsets():
+    env = gym.make(ENV_ID, task="pick-place", state="full_relative")
+    assert env.observation_space[STATE].shape == (48,)
+    obs, _ = env.reset(seed=3)
+    for _ in range(2):  # after a step too: the hand has moved, the offsets follow it
+        state, raw = obs[STATE], env.unwrapped.raw_obs
+        assert state.shape == (48,) and state.dtype == np.float32
+        np.testing.assert_array_equal(state[:39], raw.astype(np.float32))
+        hand, puck, goal = raw[0:3], raw[4:7], env.unwrapped.goal
+        # goal - hand, object - hand, goal - object, taken in float64 then cast
+        for got, want in ((state[39:42], goal - hand), (state[42:45], puck - hand), (state[45:48], goal - puck)):
+            np.testing.assert_allclose(got, want, atol=1e-6)
+        assert np.abs(state[39:42]).max() > 0.01  # the hand does not start at the goal: a real offset
+        obs, *_ = env.step(np.array([1.0, 0.0, 0.0, 0.0], np.float32))
+    env.close()
+    with pytest.raises(ValueError, match="full_relative"):  # the error lists the modes
+        gym.make(ENV_ID, task="reach", state="relative")
+
+
 def test_every_mt10_task_has_an_instruction():
     assert set(mw.MT10) == set(mw.INSTRUCTIONS)
     assert mw.task_names(tasks="mt10") == mw.MT10
@@ -302,6 +321,57 @@ def test_collect_demos_script_two_tasks_one_dataset(tmp_path, capsys):
 
     info = json.loads((out / "meta" / "info.json").read_text())
     assert info["fps"] == mw.CONTROL_FPS and info["robot_type"] == "sawyer"
+
+
+def _mean_nearest(points: np.ndarray, chosen: np.ndarray) -> float:
+    """Mean distance (scaled coordinates) from each of `points` to its nearest row of `chosen`."""
+    return float(np.linalg.norm(points[:, None] - chosen[None], axis=-1).min(axis=1).mean())
+
+
+def test_spread_variations_cover_held_out_starts_better_than_random_draws():
+    task, n = "drawer-close", 8  # its handle's start varies in x and y: the k-medoids of a 100-variation pool
+    chosen = mw.spread_variations(task, n, start=100, pool=100)
+    assert chosen == sorted(set(chosen)) and len(chosen) == n and all(100 <= v < 200 for v in chosen)
+    assert mw.spread_variations(task, n, start=100, pool=100) == chosen  # deterministic
+    pool = mw.start_positions(task, range(100, 200))
+    scale = pool.std(axis=0)
+    live = scale > 1e-9
+    x = pool[:, live] / scale[live]
+    held = mw.start_positions(task, range(10_000, 10_100))[:, live] / scale[live]  # starts the choice never saw
+    rng = np.random.default_rng(0)
+    draws = [_mean_nearest(held, x[rng.choice(100, n, replace=False)]) for _ in range(50)]
+    spread = _mean_nearest(held, x[[v - 100 for v in chosen]])
+    assert spread < 0.85 * float(np.mean(draws)) and sum(d < spread for d in draws) <= 2
+    with pytest.raises(ValueError, match="n = 7 is more than pool = 6"):
+        mw.spread_variations("reach", 7, pool=6)
+    with pytest.raises(ValueError, match="start = -1"):
+        mw.spread_variations("reach", 2, start=-1)
+
+
+def test_collect_demos_spread_plays_the_chosen_variations(tmp_path, capsys):
+    from fmpolicy.data import ChunkDataset
+
+    from .helpers import load_script
+
+    out = tmp_path / "spread"
+    cmd = ["--env", ENV_ID, "--tasks", "reach,drawer-close", "--episodes", "3", "--spread", "20", "--num-envs", "4",
+           "--out", str(out), "--no-progress"]
+    summary = load_script("collect_demos").main(cmd)
+    assert summary["episodes"] == 6 and summary["success_rate"] == 1.0
+    ds = ChunkDataset(out, chunk_size=4)
+    want = mw.spread_variations("reach", 3, pool=20) + mw.spread_variations("drawer-close", 3, pool=20)
+    assert [int(v) for v in ds.episodes["variation"]] == want
+    assert want[:3] != [0, 1, 2]  # not the plain run's variations
+    # the episodes on disk must be the same choice: another pool (the dataset's env info) or another seed is refused
+    from fmpolicy.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="'spread_pool': 25"):
+        load_script("collect_demos").main(cmd[:7] + ["25"] + cmd[8:])
+    with pytest.raises(SystemExit, match="played goal variations"):
+        load_script("collect_demos").main(cmd + ["--seed", "1"])
+    with pytest.raises(SystemExit):
+        load_script("collect_demos").main(cmd + ["--only-success"])
+    assert "--spread and --only-success do not go together" in capsys.readouterr().err
 
 
 def test_process_vector_env_matches_the_in_process_one():
