@@ -17,7 +17,9 @@ Steps (each is also a script of its own):
 The table goes to stdout and `<out>/results.json`. `env.id` may be any id `collect_demos.py` takes
 (ours, `fmpolicy/MetaWorld-v0` with `env.kwargs: {tasks: mt10, state: full}`; multi-task envs add one
 row per instruction). `env.collect_kwargs` (optional) holds env options for the demonstrations only, over
-`env.kwargs` (Meta-World's `steps_after_success: 20`: demonstrations that go on past the success).
+`env.kwargs` (Meta-World's `steps_after_success: 20`: demonstrations that go on past the success);
+`--spread POOL` (Meta-World) puts the demonstrations at goal variations that cover the starts
+(`collect_demos.py --spread`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--heads", default="flow,regression", help="which policies to train, comma separated")
     p.add_argument("--out", help="run folder (default runs/<config name>)")
     p.add_argument("--seed", type=int, default=0, help="data collection seed (evaluation uses 10000+)")
+    p.add_argument("--spread", type=int, default=None, metavar="POOL",
+                   help="Meta-World: demonstrations at the goal variations among POOL that cover the starts "
+                        "(collect_demos.py --spread)")
     p.add_argument("--resume", action="store_true", help="resume killed training runs")
     p.add_argument("--overwrite", action="store_true",
                    help="move earlier training runs in the folder aside (<run>.old-<time>) and train again")
@@ -80,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
         camera += ["--video"] if camera and video else []
         collect_demos.main(["--env", env["id"], "--episodes", str(args.demos), "--num-envs", str(min(64, args.demos)),
                             "--out", str(root), "--seed", str(args.seed + 100 * i), "--env-kwargs",
-                            json.dumps(task_kwargs), *camera, "--no-progress"])
+                            json.dumps(task_kwargs), *camera, *(["--spread", str(args.spread)] if args.spread else []),
+                            "--no-progress"])
         roots[name] = str(root)
     data_override = ([f"data.roots={json.dumps(roots)}"] if len(roots) > 1 else [f"data.root={next(iter(roots.values()))}"])
     load_config(ImitationConfig, args.config, [*args.overrides, *data_override])  # "auto" widths resolve now

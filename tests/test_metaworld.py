@@ -445,7 +445,7 @@ def test_bench_expert_plays_the_starts_evaluate_policy_plays():
 
 def test_pipeline_collects_with_collect_kwargs_and_evaluates_with_kwargs(tmp_path):
     """env.collect_kwargs reach the demonstrations only: here they run 7 steps past the success (and past the
-    evaluation's time limit of 30), while the evaluation keeps env.kwargs."""
+    evaluation's time limit of 30), while the evaluation keeps env.kwargs; --spread reaches the collection."""
     import pyarrow.parquet as pq
 
     from tests.helpers import load_script
@@ -468,11 +468,11 @@ env:
 """)
     out = tmp_path / "run"
     result = load_script("pipeline").main(["--config", str(config), "--demos", "2", "--eval-episodes", "2",
-                                           "--heads", "flow", "--out", str(out)])
+                                           "--heads", "flow", "--out", str(out), "--spread", "12"])
     (row,) = result["results"]
     assert row["env_kwargs"] == {"task": "reach", "state": "proprio", "max_episode_steps": 30}
     episodes = pq.read_table(next((out / "data").rglob("meta/episodes/*/*.parquet"))).to_pylist()
-    assert len(episodes) == 2
+    assert [ep["variation"] for ep in episodes] == mw.spread_variations("reach", 2, pool=12)
     for ep in episodes:  # the same variation without the tail: the expert's first success ends it
         flags, terminated, _ = _play_expert(mw.MetaWorldEnv(task="reach"), ep["variation"], 300)
         assert terminated and ep["success"] and ep["length"] == len(flags) + 7 > 30
