@@ -180,8 +180,12 @@ def collect_generic(args: argparse.Namespace, device: str) -> dict[str, Any]:
     kwargs = dict(args.env_kwargs)
     is_mw = args.env == METAWORLD
     if is_mw:
-        from fmpolicy_envs.metaworld_env import task_names
+        from fmpolicy_envs.metaworld_env import EVAL_VARIATION_START, task_names
 
+        if args.spread and args.seed + args.spread > EVAL_VARIATION_START:
+            raise SystemExit(f"--spread {args.spread} from --seed {args.seed} reaches goal variation "
+                             f"{args.seed + args.spread - 1}: the held-out ones start at {EVAL_VARIATION_START}; "
+                             "expected --seed + --spread <= that")
         if args.cameras:
             kwargs["cameras"] = [c for c in args.cameras.split(",") if c]
         if kwargs.get("cameras"):  # --env-kwargs '{"cameras": [...]}' (scripts/pipeline.py) works too
@@ -316,6 +320,7 @@ def collect_spread(args: argparse.Namespace, writer: Any, task: str, target: int
 
     import fmpolicy_envs
     from fmpolicy.gym_adapter import make_vector_env
+    from fmpolicy_envs.metaworld_env import instruction
 
     todo = spread_list(args, writer, task, target, first)
     summary: dict[str, Any] = {"new_episodes": 0, "new_frames": 0, "attempts": 0, "seconds": 0.0,
@@ -336,7 +341,7 @@ def collect_spread(args: argparse.Namespace, writer: Any, task: str, target: int
             env.close()
         summary["seconds"] = time.perf_counter() - t0
         summary["success_rate"] = successes / max(summary["attempts"], 1)
-        summary["success_by_task"] = one["success_by_task"]
+        summary["success_by_task"] = {instruction(task): summary["success_rate"]}
     if finalize and not writer.stats_are_current:
         writer.finalize()
     return summary

@@ -372,6 +372,9 @@ def test_collect_demos_spread_plays_the_chosen_variations(tmp_path, capsys):
     with pytest.raises(SystemExit):
         load_script("collect_demos").main(cmd + ["--only-success"])
     assert "--spread and --only-success do not go together" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="held-out ones start at 10000"):  # the pool must stay in the demo range
+        load_script("collect_demos").main(cmd[:-2] + [str(tmp_path / "other"), "--seed", "9990", "--no-progress"])
+    assert not (tmp_path / "other").exists()
 
 
 def test_process_vector_env_matches_the_in_process_one():
