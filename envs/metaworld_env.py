@@ -93,6 +93,7 @@ STATE_MODES = {"proprio": 4, "full": 39, "full_relative": 48}
 # goal - hand, object - hand, goal - object (hand 0:3, the first object 4:7, the goal 36:39)
 RELATIVE_PAIRS = ((slice(36, 39), slice(0, 3)), (slice(4, 7), slice(0, 3)), (slice(36, 39), slice(4, 7)))
 MAX_EPISODE_STEPS = 500
+MAX_SPREAD_POOL = 5000  # spread_variations: a 5000 x 5000 distance matrix is 200 MB, the resets ~1 min a task
 CONTROL_FPS = 80  # Meta-World: frame_skip 5 x timestep 0.0025 s = 12.5 ms per step
 
 
@@ -160,7 +161,7 @@ def instruction(name: str) -> str:
 
 def start_positions(task: str, variations: Sequence[int]) -> np.ndarray:
     """(len(variations), 6): the object's start (xyz) and the goal (xyz) of `task` at each goal variation,
-    as `reset(seed=v)` draws them (one env, reset once a variation: ~1 ms each)."""
+    as `reset(seed=v)` draws them (one env, reset once a variation: ~10 ms each)."""
     env = MetaWorldEnv(task=task, state="full")
     try:
         rows = []
@@ -186,11 +187,17 @@ def spread_variations(task: str, n: int, start: int = 0, pool: int = 500) -> lis
             raise ValueError(f"spread_variations: {name} = {value!r} is invalid: expected an int >= {low}")
     if n > pool:
         raise ValueError(f"spread_variations: n = {n} is more than pool = {pool}: expected n <= pool")
+    if pool > MAX_SPREAD_POOL:
+        raise ValueError(f"spread_variations: pool = {pool} is too large: expected at most {MAX_SPREAD_POOL} "
+                         "(the pairwise distances are pool x pool floats, each candidate a reset)")
     candidates = np.arange(start, start + pool)
     x = start_positions(task, candidates)
     spread = x.std(axis=0)
     x = x[:, spread > 1e-9] / spread[spread > 1e-9]
-    d = np.linalg.norm(x[:, None, :] - x[None, :, :], axis=-1)  # (pool, pool)
+    d = np.zeros((pool, pool))  # pairwise distances, one coordinate at a time: no (pool, pool, dims) array
+    for column in x.T:
+        d += (column[:, None] - column[None, :]) ** 2
+    d = np.sqrt(d)
     medoids = [int(d.sum(axis=0).argmin())]  # BUILD: the most central candidate, then the largest gains
     nearest = d[:, medoids[0]].copy()
     while len(medoids) < n:
@@ -349,7 +356,8 @@ class MetaWorldEnv(gym.Env):
         return self._render(camera, self.image_size if size is None else int(size)).transpose(2, 0, 1)
 
     def _obs(self) -> dict[str, np.ndarray]:
-        state = relative_state(self.raw_obs) if self.state_mode == "full_relative" else self.raw_obs[:STATE_MODES[self.state_mode]]
+        raw = self.raw_obs
+        state = relative_state(raw) if self.state_mode == "full_relative" else raw[:STATE_MODES[self.state_mode]]
         state = state.astype(np.float32)  # float64 -> float32, explicit
         obs = {STATE_KEY: state}
         if self.environment_state:

@@ -346,6 +346,8 @@ def test_spread_variations_cover_held_out_starts_better_than_random_draws():
         mw.spread_variations("reach", 7, pool=6)
     with pytest.raises(ValueError, match="start = -1"):
         mw.spread_variations("reach", 2, start=-1)
+    with pytest.raises(ValueError, match="pool = 5001 is too large"):
+        mw.spread_variations("reach", 2, pool=mw.MAX_SPREAD_POOL + 1)
 
 
 def test_collect_demos_spread_plays_the_chosen_variations(tmp_path, capsys):
