@@ -89,9 +89,10 @@ REWARDS = ("dense", "success")  # MetaWorldEnv(reward=...)
 DEMO_VARIATIONS = range(0, 10_000)  # goal variations for demonstrations / training
 EVAL_VARIATION_START = 10_000  # variations >= this are held out for evaluation
 STATE_MODES = {"proprio": 4, "full": 39, "full_relative": 48}
+HAND, OBJECT, GOAL = slice(0, 3), slice(4, 7), slice(36, 39)  # positions in Meta-World's 39-d observation
 # state="full_relative": the 39-d vector, then three differences of its positions (9 more entries):
-# goal - hand, object - hand, goal - object (hand 0:3, the first object 4:7, the goal 36:39)
-RELATIVE_PAIRS = ((slice(36, 39), slice(0, 3)), (slice(4, 7), slice(0, 3)), (slice(36, 39), slice(4, 7)))
+# goal - hand, object - hand, goal - object
+RELATIVE_PAIRS = ((GOAL, HAND), (OBJECT, HAND), (GOAL, OBJECT))
 MAX_EPISODE_STEPS = 500
 MAX_SPREAD_POOL = 5000  # spread_variations: a 5000 x 5000 distance matrix is 200 MB, the resets ~1 min a task
 CONTROL_FPS = 80  # Meta-World: frame_skip 5 x timestep 0.0025 s = 12.5 ms per step
@@ -167,7 +168,7 @@ def start_positions(task: str, variations: Sequence[int]) -> np.ndarray:
         rows = []
         for v in variations:
             env.reset(seed=int(v))
-            rows.append(np.concatenate([env.raw_obs[4:7], env.goal]))
+            rows.append(np.concatenate([env.raw_obs[OBJECT], env.goal]))
         return np.array(rows, dtype=np.float64).reshape(-1, 6)
     finally:
         env.close()

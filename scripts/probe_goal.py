@@ -49,7 +49,7 @@ from fmpolicy.config import IMAGES_PREFIX  # noqa: E402
 from fmpolicy.encoders import make_encoder  # noqa: E402
 from fmpolicy.io import atomic_write, atomic_write_json  # noqa: E402
 
-GOAL, HAND = slice(36, 39), slice(0, 3)  # in Meta-World's 39-d observation
+from fmpolicy_envs.metaworld_env import GOAL, HAND  # noqa: E402  (positions in the 39-d observation)
 
 
 def collect_frames(task: str, cameras: tuple[str, ...], size: int, variations: Sequence[int]) -> dict:

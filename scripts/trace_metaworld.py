@@ -43,8 +43,8 @@ from fmpolicy.config import IMAGES_PREFIX  # noqa: E402
 from fmpolicy.errors import FmPolicyError  # noqa: E402
 from fmpolicy.evaluation import parse_sampler  # noqa: E402
 from fmpolicy.io import atomic_write_json  # noqa: E402
+from fmpolicy_envs.metaworld_env import GOAL, HAND, OBJECT  # noqa: E402  (positions in the 39-d observation)
 
-HAND, OBJECT, GOAL = slice(0, 3), slice(4, 7), slice(36, 39)  # in Meta-World's 39-d observation
 CLOSE = 0.5  # a gripper action above this closes the fingers
 
 
