@@ -427,6 +427,124 @@ class MetaWorldEnv(gym.Env):
         self._inner.clear()
 
 
+def _reset_group(envs: Sequence[MetaWorldEnv], first: int, seed: int | None) -> list[tuple[dict, dict]]:
+    """Reset a block of a vector env's envs (global indices first, first + 1, ...): env i plays seed + i."""
+    return [env.reset(seed=None if seed is None else seed + first + j) for j, env in enumerate(envs)]
+
+
+def _step_group(envs: Sequence[MetaWorldEnv], actions: np.ndarray) -> list[tuple]:
+    """Step a block of envs with same-step autoreset: per env (obs, final_obs, reward, terminated, truncated,
+    the ended step's is_success / task / variation, the info of what the env now plays)."""
+    rows = []
+    for env, action in zip(envs, actions):
+        obs, reward, terminated, truncated, info = env.step(action)
+        final_obs, final = obs, {k: info[k] for k in ("is_success", "task", "variation")}
+        if terminated or truncated:
+            obs, info = env.reset()
+        rows.append((obs, final_obs, float(reward), bool(terminated), bool(truncated), final, info))
+    return rows
+
+
+def _group_worker(conn, kwargs: dict[str, Any], first: int, count: int) -> None:
+    """A worker process of `MetaWorldVectorEnv(processes=...)`: `count` envs stepped one after the other,
+    commands and replies over `conn` (("ok", result) or ("error", traceback))."""
+    import traceback
+
+    try:
+        envs = [MetaWorldEnv(**kwargs) for _ in range(count)]
+    except BaseException:  # noqa: BLE001 - sent to the parent, which raises it
+        conn.send(("error", traceback.format_exc()))
+        return
+    conn.send(("ok", None))
+    while True:
+        try:
+            command, arg = conn.recv()
+        except (EOFError, KeyboardInterrupt):
+            break
+        try:
+            if command == "close":
+                break
+            if command == "reset":
+                result = _reset_group(envs, first, arg)
+            elif command == "step":
+                result = _step_group(envs, arg)
+            elif command == "get_attr":
+                result = [getattr(env, arg) for env in envs]
+            elif command == "render":
+                result = [env.render() for env in envs]
+            else:
+                raise ValueError(f"unknown command {command!r}")
+            conn.send(("ok", result))
+        except BaseException:  # noqa: BLE001
+            conn.send(("error", traceback.format_exc()))
+    for env in envs:
+        env.close()
+    conn.close()
+
+
+class _Workers:
+    """`processes` worker processes (spawned) stepping contiguous blocks of a vector env's envs: env i lives
+    on the worker whose block holds it, every command goes to all workers at once and their replies are
+    joined in env order. A worker's exception comes back as a RuntimeError naming it and its envs."""
+
+    def __init__(self, num_envs: int, processes: int, kwargs: dict[str, Any]):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        bounds = [num_envs * w // processes for w in range(processes + 1)]
+        self.blocks = [(bounds[w], bounds[w + 1]) for w in range(processes)]
+        self.conns, self.procs = [], []
+        for first, end in self.blocks:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_group_worker, args=(child, kwargs, first, end - first), daemon=True)
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        self._gather()  # every worker made its envs (or the first error is raised)
+
+    def _gather(self) -> list[Any]:
+        results, error = [], None
+        for w, conn in enumerate(self.conns):
+            first, end = self.blocks[w]
+            try:
+                status, result = conn.recv()
+            except EOFError:
+                status, result = "error", f"the process exited (exit code {self.procs[w].exitcode})"
+            if status != "ok" and error is None:
+                error = f"Meta-World worker {w} (envs {first}-{end - 1}) failed; every worker is closed:\n{result}"
+            results.append(result)
+        if error is not None:
+            self.close()
+            raise RuntimeError(error)
+        return results
+
+    def call(self, command: str, args: Sequence[Any] | None = None) -> list[Any]:
+        """`command` on every worker (`args[w]` to worker w, or None) -> the envs' results, in env order."""
+        if not self.conns:
+            raise RuntimeError("the Meta-World workers are closed")
+        for w, conn in enumerate(self.conns):
+            try:
+                conn.send((command, None if args is None else args[w]))
+            except (BrokenPipeError, OSError):
+                pass  # a dead worker: _gather names it
+        return [row for rows in self._gather() for row in rows]
+
+    def close(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(("close", None))
+            except (BrokenPipeError, OSError):
+                pass
+        for proc, conn in zip(self.procs, self.conns):
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+            conn.close()
+        self.conns, self.procs = [], []
+
+
 class MetaWorldVectorEnv(gym.vector.VectorEnv):
     """`num_envs` `MetaWorldEnv`s with same-step autoreset, torch tensors out (the contract of our torch
     vector envs, docs/envs.md): obs dict (e, ...) float32, reward (e,) float32, terminated / truncated (e,)
@@ -434,8 +552,11 @@ class MetaWorldVectorEnv(gym.vector.VectorEnv):
     "elapsed_steps", "final_obs", "final_info" ("is_success", "episode_return", "episode_length", "task",
     "variation"), "_final_obs", "_final_info".
 
-    processes: False steps the envs one after the other in this process; True runs each in its own
-    process (gymnasium's `AsyncVectorEnv`, same-step autoreset): MuJoCo then steps on several cores.
+    processes: where the envs step. False (or 0): one after the other in this process; True: one process
+    each; an int N >= 1: N worker processes (spawned), each stepping a contiguous block of about
+    num_envs / N envs one after the other, so that many envs share a machine's cores without a process
+    (~300 MB: Python, torch, MuJoCo) each. MuJoCo then steps on several cores; the observations, rewards
+    and autoresets are the same wherever the envs step.
     `reset(seed=s)` gives env i variation s + i; each env then steps its variation by `num_envs`, so a
     run never repeats one. With several tasks, a `num_envs` that is a multiple of the number of tasks
     keeps each env on one task (each makes one Meta-World env per task it meets, 0.6 s each).
@@ -444,28 +565,29 @@ class MetaWorldVectorEnv(gym.vector.VectorEnv):
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": ["rgb_array"], "render_fps": CONTROL_FPS}
 
     def __init__(self, num_envs: int = 8, seed: int | None = None, device: torch.device | str = "cpu",
-                 processes: bool = False, **kwargs: Any):
-        if not (isinstance(num_envs, int) and num_envs >= 1):
+                 processes: bool | int = False, **kwargs: Any):
+        if not (isinstance(num_envs, int) and not isinstance(num_envs, bool) and num_envs >= 1):
             raise ValueError(f"num_envs = {num_envs!r} is invalid: expected an int >= 1")
+        if not isinstance(processes, (bool, int, np.integer)) or processes < 0:
+            raise ValueError(f"processes = {processes!r} is invalid: expected false, true (one process an env) "
+                             "or an int >= 0 (worker processes; 0 = none)")
         self.num_envs = num_envs
         self.device = torch.device(device)
-        self.processes = bool(processes)
-        first = MetaWorldEnv(**kwargs, variation_stride=num_envs)  # checks the options here, not in a worker
-        if self.processes:
-            from functools import partial
-
-            first.close()
-            self.envs = []
-            self._async = gym.vector.AsyncVectorEnv(
-                [partial(MetaWorldEnv, **kwargs, variation_stride=num_envs) for _ in range(num_envs)],
-                autoreset_mode=AutoresetMode.SAME_STEP, context="spawn")
-        else:
-            self.envs = [first] + [MetaWorldEnv(**kwargs, variation_stride=num_envs) for _ in range(num_envs - 1)]
-            self._async = None
+        # the number of worker processes (0: the envs step here); more workers than envs would idle
+        self.processes = (num_envs if processes else 0) if isinstance(processes, bool) else min(int(processes), num_envs)
+        kwargs = {**kwargs, "variation_stride": num_envs}
+        first = MetaWorldEnv(**kwargs)  # checks the options here, not in a worker
         self.tasks, self.max_episode_steps = first.tasks, first.max_episode_steps
         self.render_mode = first.render_mode
         self.single_observation_space = first.observation_space
         self.single_action_space = first.action_space
+        if self.processes:
+            first.close()
+            self.envs: list[MetaWorldEnv] = []
+            self._workers: _Workers | None = _Workers(num_envs, self.processes, kwargs)
+        else:
+            self.envs = [first] + [MetaWorldEnv(**kwargs) for _ in range(num_envs - 1)]
+            self._workers = None
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self._seed = seed
@@ -474,25 +596,24 @@ class MetaWorldVectorEnv(gym.vector.VectorEnv):
         self._lengths = np.zeros(num_envs, dtype=np.int64)
         self._infos: list[dict[str, Any]] = [{} for _ in range(num_envs)]
 
+    def _get(self, name: str) -> list[Any]:
+        if self._workers is not None:
+            return self._workers.call("get_attr", [name] * self.processes)
+        return [getattr(env, name) for env in self.envs]
+
     @property
     def raw_obs(self) -> np.ndarray:
         """(e, 39) float64: Meta-World's observations (the scripted experts read them)."""
-        if self._async is not None:
-            return np.stack(self._async.get_attr("raw_obs"))
-        return np.stack([env.raw_obs for env in self.envs])
+        return np.stack(self._get("raw_obs"))
 
     @property
     def task_names(self) -> list[str]:
-        if self._async is not None:
-            return list(self._async.get_attr("task_name"))
-        return [env.task_name for env in self.envs]
+        return list(self._get("task_name"))
 
     def _tensor(self, x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.as_tensor(np.asarray(x), dtype=dtype).to(self.device)
 
-    def _stack(self, obs: list[dict[str, np.ndarray]] | dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        if isinstance(obs, dict):  # already batched (AsyncVectorEnv)
-            return {k: self._tensor(v) for k, v in obs.items()}
+    def _stack(self, obs: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(np.stack([o[k] for o in obs])).to(self.device) for k in obs[0]}
 
     def _info(self) -> dict[str, Any]:
@@ -501,66 +622,29 @@ class MetaWorldVectorEnv(gym.vector.VectorEnv):
                 "variation": self._tensor([i["variation"] for i in self._infos], torch.long),
                 "elapsed_steps": self._tensor(self._lengths.copy(), torch.long)}
 
-    def _set_infos(self, info: dict[str, Any], mask: np.ndarray | None = None) -> None:
-        """Per-env info dicts from a merged (AsyncVectorEnv) info, where `mask` (default: all)."""
-        for i in range(self.num_envs):
-            if mask is None or mask[i]:
-                self._infos[i] = {k: info[k][i] for k in ("task", "task_name", "variation", "is_success")}
-
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         seed = self._seed if seed is None and not self._started else seed
         self._started, self._seed = True, None
         self._returns[:] = 0
         self._lengths[:] = 0
-        if self._async is not None:
-            obs, info = self._async.reset(seed=seed)
-            self._set_infos(info)
-            return self._stack(obs), self._info()
-        obs = []
-        for i, env in enumerate(self.envs):
-            o, self._infos[i] = env.reset(seed=None if seed is None else seed + i)
-            obs.append(o)
-        return self._stack(obs), self._info()
+        if self._workers is not None:
+            rows = self._workers.call("reset", [seed] * self.processes)
+        else:
+            rows = _reset_group(self.envs, 0, seed)
+        self._infos = [info for _, info in rows]
+        return self._stack([obs for obs, _ in rows]), self._info()
 
     def step(self, actions):
         actions = np.asarray(torch.as_tensor(actions).detach().cpu().numpy() if isinstance(actions, torch.Tensor)
                              else actions, dtype=np.float32)
-        if self._async is not None:
-            return self._step_async(actions)
-        obs, final_obs, rewards = [], [], np.zeros(self.num_envs, dtype=np.float32)
-        terminated = np.zeros(self.num_envs, dtype=bool)
-        truncated = np.zeros(self.num_envs, dtype=bool)
-        final = {"is_success": [], "task": [], "variation": []}
-        for i, env in enumerate(self.envs):
-            o, r, terminated[i], truncated[i], info = env.step(actions[i])
-            rewards[i] = r
-            final_obs.append(o)
-            for k in final:
-                final[k].append(info[k])
-            self._infos[i] = info
-            if terminated[i] or truncated[i]:
-                o, self._infos[i] = env.reset()
-            obs.append(o)
-        return self._finish(self._stack(obs), self._stack(final_obs), rewards, terminated, truncated, final)
-
-    def _step_async(self, actions: np.ndarray):
-        obs, rewards, terminated, truncated, info = self._async.step(actions)
-        done = terminated | truncated
-        final = {k: [info[k][i] for i in range(self.num_envs)] for k in ("is_success", "task", "variation")}
-        if done.any():  # the done envs' entries describe their new episodes: the ended ones are in final_info
-            fi = info["final_info"]
-            for k in final:
-                for i in np.flatnonzero(done):
-                    final[k][i] = fi[k][i]
-        self._set_infos(info)
-        batched = self._stack(obs)
-        if done.any():
-            reached = [info["final_obs"][i] if done[i] else {k: v[i] for k, v in obs.items()}
-                       for i in range(self.num_envs)]
-            final_obs = self._stack(reached)
+        if self._workers is not None:
+            rows = self._workers.call("step", [actions[a:b] for a, b in self._workers.blocks])
         else:
-            final_obs = {k: v.clone() for k, v in batched.items()}
-        return self._finish(batched, final_obs, np.asarray(rewards, np.float32), terminated, truncated, final)
+            rows = _step_group(self.envs, actions)
+        obs, final_obs, rewards, terminated, truncated, finals, self._infos = (list(col) for col in zip(*rows))
+        final = {k: [f[k] for f in finals] for k in ("is_success", "task", "variation")}
+        return self._finish(self._stack(obs), self._stack(final_obs), np.asarray(rewards, np.float32),
+                            np.asarray(terminated), np.asarray(truncated), final)
 
     def _finish(self, obs, final_obs, rewards, terminated, truncated, final):
         done_np = np.asarray(terminated) | np.asarray(truncated)
@@ -582,13 +666,12 @@ class MetaWorldVectorEnv(gym.vector.VectorEnv):
     def render(self):
         if self.render_mode != "rgb_array":
             return None
-        if self._async is not None:
-            return torch.from_numpy(np.stack(self._async.call("render")))
-        return torch.from_numpy(np.stack([env.render() for env in self.envs]))
+        frames = self._workers.call("render") if self._workers is not None else [env.render() for env in self.envs]
+        return torch.from_numpy(np.stack(frames))
 
     def close_extras(self, **kwargs: Any) -> None:
-        if self._async is not None:
-            self._async.close()
+        if self._workers is not None:
+            self._workers.close()
         for env in self.envs:
             env.close()
 

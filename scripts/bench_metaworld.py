@@ -108,9 +108,9 @@ def speed_figures(out: dict) -> None:
     out["steps_per_s_with_expert"] = n / (time.perf_counter() - start)
     env.close()
 
-    # ---- vector env steps/s (zero actions): in this process, and one process per env ----
+    # ---- vector env steps/s (zero actions): in this process, one process per env, and 4 or 8 envs on 2 workers ----
     out["vector_steps_per_s"] = {}
-    for processes, n_envs in ((False, 4), (True, 1), (True, 2), (True, 4)):
+    for processes, n_envs in ((False, 4), (True, 1), (True, 2), (True, 4), (2, 4), (2, 8)):
         envs = MetaWorldVectorEnv(num_envs=n_envs, task="pick-place", processes=processes)
         envs.reset(seed=0)
         zeros = torch.zeros(n_envs, 4)
@@ -119,7 +119,8 @@ def speed_figures(out: dict) -> None:
         start = time.perf_counter()
         for _ in range(300):
             envs.step(zeros)
-        key = f"{'processes' if processes else 'in-process'} x{n_envs}"
+        key = ("in-process" if processes is False else "processes" if processes is True
+               else f"{processes} workers") + f" x{n_envs}"
         out["vector_steps_per_s"][key] = 300 * n_envs / (time.perf_counter() - start)
         envs.close()
 

@@ -379,18 +379,23 @@ def test_collect_demos_spread_plays_the_chosen_variations(tmp_path, capsys):
     assert not (tmp_path / "other").exists()
 
 
-def test_process_vector_env_matches_the_in_process_one():
-    """Same variations, observations, rewards and autoreset whether the envs run here or in processes."""
-    kwargs = dict(num_envs=2, tasks="reach,push", max_episode_steps=3)
+@pytest.mark.parametrize("processes", [True, 2])
+def test_process_vector_env_matches_the_in_process_one(processes):
+    """Same variations, observations, rewards and autoreset whether the envs run here, one process each, or
+    three envs on two worker processes (a block of two and one)."""
+    kwargs = dict(num_envs=3, tasks="reach,push,pick-place", max_episode_steps=3)
     here = mw.MetaWorldVectorEnv(**kwargs)
-    procs = mw.MetaWorldVectorEnv(processes=True, **kwargs)
+    procs = mw.MetaWorldVectorEnv(processes=processes, **kwargs)
     try:
+        assert procs.processes == (3 if processes is True else 2)
         a, ia = here.reset(seed=7)
         b, ib = procs.reset(seed=7)
         assert ia["task"] == ib["task"] and torch.equal(ia["variation"], ib["variation"])
+        assert procs.task_names == ["push-v3", "pick-place-v3", "reach-v3"]  # variations 7, 8, 9 of three tasks
         torch.testing.assert_close(a[STATE], b[STATE])
         expert = mw.MetaWorldExpert()
         for _ in range(4):
+            np.testing.assert_array_equal(here.raw_obs, procs.raw_obs)
             act = expert(here)
             torch.testing.assert_close(act, expert(procs))
             a, ra, ta, tra, ia = here.step(act)
@@ -401,10 +406,37 @@ def test_process_vector_env_matches_the_in_process_one():
             assert torch.equal(tra, trb) and torch.equal(ia["variation"], ib["variation"])
             for k in ("is_success", "episode_length", "variation"):
                 assert torch.equal(ia["final_info"][k], ib["final_info"][k]), k
-        assert ia["variation"].tolist() == [9, 10]  # the second episodes after a 3-step limit
+        assert ia["variation"].tolist() == [10, 11, 12]  # the second episodes after a 3-step limit
     finally:
         here.close()
         procs.close()
+
+
+def test_worker_processes_fail_loudly_and_are_checked():
+    """A bad `processes` is named; more workers than envs are capped; a worker's exception or death comes back
+    as an error naming the worker and its envs (no hang), and the workers are then closed."""
+    for bad in (-1, "2", 1.5):
+        with pytest.raises(ValueError, match="processes"):
+            mw.MetaWorldVectorEnv(num_envs=2, task="reach", processes=bad)
+    envs = mw.MetaWorldVectorEnv(num_envs=2, task="reach", processes=5)
+    try:
+        assert envs.processes == 2
+        envs.reset(seed=0)
+        with pytest.raises(RuntimeError, match=r"worker 0 \(envs 0-0\) failed(.|\n)*AttributeError"):
+            envs._get("no_such_attribute")
+        with pytest.raises(RuntimeError, match="closed"):
+            envs.step(np.zeros((2, 4), np.float32))
+    finally:
+        envs.close()
+    envs = mw.MetaWorldVectorEnv(num_envs=3, task="reach", processes=2)
+    try:
+        envs.reset(seed=0)
+        envs._workers.procs[1].kill()
+        envs._workers.procs[1].join()
+        with pytest.raises(RuntimeError, match=r"worker 1 \(envs 1-2\) failed(.|\n)*exited"):
+            envs.step(np.zeros((3, 4), np.float32))
+    finally:
+        envs.close()
 
 
 def test_evaluate_policy_counts_expert_successes():
