@@ -19,8 +19,11 @@ the hand's offset from the object then; the scripted pick-place policy closes 0.
 and y, 6.7 cm above it: the hand's point sits above the fingertips); `object_moved` (the largest distance
 of the object from its start); `min_hand_to_goal` (of that hand point, observation 0:3: not the
 fingertip point reach's success is measured at, so it does not decide reach's success) and
-`final_object_to_goal` (m). The summary holds the success rate and, over the episodes that closed the
-gripper, the mean absolute hand-object offset at the close per axis.
+`final_object_to_goal` (m); `object_set_down`, how often the object, once lifted more than 5 cm above its
+start height, came back within 1 cm of it (carried, then put down again: peg-insert-side's failures lift the
+peg to the hole's height and lower it to the table instead of pushing it in). The summary holds the success
+rate, over the episodes that closed the gripper the mean absolute hand-object offset at the close per axis,
+and the share of failed and of successful episodes with a set-down.
 
 Why: a camera policy's success rate alone does not say whether it failed to find the object, to grasp
 it, or to carry it to a goal it cannot see (docs/benchmarks/metaworld.md, Prove-it 2).
@@ -46,6 +49,18 @@ from fmpolicy.io import atomic_write_json  # noqa: E402
 from fmpolicy_envs.metaworld_env import GOAL, HAND, OBJECT  # noqa: E402  (positions in the 39-d observation)
 
 CLOSE = 0.5  # a gripper action above this closes the fingers
+LIFTED, DOWN = 0.05, 0.01  # m above the object's start height: lifted, and back down (set_downs)
+
+
+def set_downs(heights: Sequence[float], start: float, lifted: float = LIFTED, down: float = DOWN) -> int:
+    """How often an object's height went from more than `lifted` above `start` back to within `down` of it."""
+    count, up = 0, False
+    for z in heights:
+        if not up and z > start + lifted:
+            up = True
+        elif up and z < start + down:
+            up, count = False, count + 1
+    return count
 
 
 def make_env(task: str, policy: FlowPolicy | None):
@@ -71,7 +86,7 @@ def run_episode(env, variation: int, act, max_steps: int) -> dict:
     row: dict = {"variation": variation, "task": env.task_name, "success": False, "steps": None,
                  "object_start": start.round(4).tolist(), "goal": goal.round(4).tolist(),
                  "close_step": None, "hand_minus_object_at_close": None}
-    moved, to_goal = 0.0, np.inf
+    moved, to_goal, heights = 0.0, np.inf, []
     for t in range(max_steps):
         action = np.asarray(act(obs, info), dtype=np.float32)
         if row["close_step"] is None and action[3] > CLOSE:
@@ -79,13 +94,15 @@ def run_episode(env, variation: int, act, max_steps: int) -> dict:
             row["hand_minus_object_at_close"] = (env.raw_obs[HAND] - env.raw_obs[OBJECT]).round(4).tolist()
         obs, _, terminated, truncated, info = env.step(action)
         moved = max(moved, float(np.linalg.norm(env.raw_obs[OBJECT] - start)))
+        heights.append(float(env.raw_obs[OBJECT][2]))
         to_goal = min(to_goal, float(np.linalg.norm(env.raw_obs[HAND] - goal)))
         if info["is_success"]:
             row["success"], row["steps"] = True, t + 1
         if terminated or truncated:
             break
     row.update(object_moved=round(moved, 4), min_hand_to_goal=round(to_goal, 4),
-               final_object_to_goal=round(float(np.linalg.norm(env.raw_obs[OBJECT] - goal)), 4))
+               final_object_to_goal=round(float(np.linalg.norm(env.raw_obs[OBJECT] - goal)), 4),
+               object_set_down=set_downs(heights, float(start[2])))
     return row
 
 
@@ -114,6 +131,10 @@ def summarize(rows: list[dict]) -> dict:
     if closed:
         offsets = np.abs(np.array([r["hand_minus_object_at_close"] for r in closed]))
         out["mean_abs_hand_minus_object_at_close"] = offsets.mean(0).round(4).tolist()
+    for name, ok in (("failures", False), ("successes", True)):
+        group = [r for r in rows if r["success"] == ok and "object_set_down" in r]
+        if group:
+            out[f"set_down_in_{name}"] = float(np.mean([r["object_set_down"] > 0 for r in group]))
     return out
 
 

@@ -18,13 +18,24 @@ trace = load_script("trace_metaworld")
 
 
 def test_the_summary_averages_the_offsets_of_the_episodes_that_closed():
-    rows = [{"success": True, "hand_minus_object_at_close": [0.01, -0.02, 0.07], "object_moved": 0.2},
-            {"success": False, "hand_minus_object_at_close": [-0.03, 0.0, 0.05], "object_moved": 0.01},
-            {"success": False, "hand_minus_object_at_close": None, "object_moved": 0.0}]
+    rows = [{"success": True, "hand_minus_object_at_close": [0.01, -0.02, 0.07], "object_moved": 0.2, "object_set_down": 0},
+            {"success": False, "hand_minus_object_at_close": [-0.03, 0.0, 0.05], "object_moved": 0.01,
+             "object_set_down": 2},
+            {"success": False, "hand_minus_object_at_close": None, "object_moved": 0.0, "object_set_down": 0}]
     s = trace.summarize(rows)
     assert s["episodes"] == 3 and s["closed"] == 2
+    assert s["set_down_in_failures"] == 0.5 and s["set_down_in_successes"] == 0.0
     assert s["success_rate"] == pytest.approx(1 / 3) and s["object_moved_5cm"] == pytest.approx(1 / 3)
     np.testing.assert_allclose(s["mean_abs_hand_minus_object_at_close"], [0.02, 0.01, 0.06])
+
+
+def test_set_downs_count_lifts_that_come_back_to_the_start_height():
+    start = 0.03
+    assert trace.set_downs([0.03, 0.05, 0.09, 0.12, 0.035, 0.03], start) == 1  # lifted 9 cm, put back
+    assert trace.set_downs([0.03, 0.1, 0.035, 0.1, 0.03, 0.1], start) == 2  # twice, then held up
+    assert trace.set_downs([0.03, 0.07, 0.05, 0.07], start) == 0  # never back within 1 cm
+    assert trace.set_downs([0.03, 0.075, 0.031], start) == 0  # never lifted past 5 cm
+    assert trace.set_downs([], start) == 0
 
 
 def test_the_scripted_expert_closes_on_the_puck_and_places_it(tmp_path):
@@ -40,6 +51,7 @@ def test_the_scripted_expert_closes_on_the_puck_and_places_it(tmp_path):
     for row in saved["episodes"]:
         assert row["success"] and 0 < row["close_step"] < row["steps"]
         assert row["final_object_to_goal"] < 0.07  # pick-place succeeds within 7 cm
+        assert row["object_set_down"] == 0
 
 
 def test_a_camera_policy_is_traced_reproducibly_and_bad_input_is_refused(tmp_path):
