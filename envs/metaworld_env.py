@@ -174,22 +174,26 @@ def start_positions(task: str, variations: Sequence[int]) -> np.ndarray:
         env.close()
 
 
-def spread_variations(task: str, n: int, start: int = 0, pool: int = 500) -> list[int]:
-    """`n` goal variations of `task` among the `pool` ones from `start` on, chosen to cover its starts: the
+def spread_clusters(task: str, n: int, start: int = 0, pool: int = 500) -> list[list[int]]:
+    """`n` clusters of the `pool` goal variations of `task` from `start` on, each a list of variations: its
+    medoid first, then its other members nearest first (what `collect_demos.py --spread --only-success`
+    tries in turn when a demonstration fails). In order of their medoids; `spread_variations` are the medoids.
+
+    The medoids are `n` goal variations chosen to cover the task's starts: the
     k-medoids of the candidates' object start and goal positions, each coordinate scaled by its spread over
     the candidates (coordinates that never vary dropped). The medoids minimise the mean distance from a
     candidate start to its nearest chosen one, so held-out starts (drawn from the same distribution) lie
     as near a demonstrated start as n demonstrations allow, where the next n variations are a random draw
     that can leave part of the range bare (10 draws can put one goal in the upper 40% of reach's heights:
     docs/benchmarks/metaworld.md, Prove-it 1). Deterministic: greedy BUILD, then alternating assignment
-    and per-cluster medoid updates until nothing changes. Sorted ascending."""
+    and per-cluster medoid updates until nothing changes."""
     for name, value, low in (("n", n, 1), ("pool", pool, 1), ("start", start, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"spread_variations: {name} = {value!r} is invalid: expected an int >= {low}")
+            raise ValueError(f"spread: {name} = {value!r} is invalid: expected an int >= {low}")
     if n > pool:
-        raise ValueError(f"spread_variations: n = {n} is more than pool = {pool}: expected n <= pool")
+        raise ValueError(f"spread: n = {n} is more than pool = {pool}: expected n <= pool")
     if pool > MAX_SPREAD_POOL:
-        raise ValueError(f"spread_variations: pool = {pool} is too large: expected at most {MAX_SPREAD_POOL} "
+        raise ValueError(f"spread: pool = {pool} is too large: expected at most {MAX_SPREAD_POOL} "
                          "(the pairwise distances are pool x pool floats, each candidate a reset)")
     candidates = np.arange(start, start + pool)
     x = start_positions(task, candidates)
@@ -215,7 +219,20 @@ def spread_variations(task: str, n: int, start: int = 0, pool: int = 500) -> lis
         if new == medoids:
             break
         medoids = new
-    return sorted(int(candidates[i]) for i in medoids)
+    label = d[:, medoids].argmin(axis=1)
+    clusters = []
+    for k in sorted(range(n), key=lambda k: medoids[k]):
+        members = np.flatnonzero(label == k)
+        members = members[np.argsort(d[members, medoids[k]], kind="stable")]  # the medoid (distance 0) first
+        members = np.concatenate([[medoids[k]], members[members != medoids[k]]])
+        clusters.append([int(candidates[m]) for m in members])
+    return clusters
+
+
+def spread_variations(task: str, n: int, start: int = 0, pool: int = 500) -> list[int]:
+    """`n` goal variations of `task` among the `pool` ones from `start` on that cover its starts: the medoids
+    of `spread_clusters` (the k-medoids of the object's start and the goal), sorted ascending."""
+    return sorted(cluster[0] for cluster in spread_clusters(task, n, start, pool))
 
 
 class MetaWorldEnv(gym.Env):

@@ -24,6 +24,11 @@ frames (every step equally likely to be in it), rendering the cameras only there
 episode blind, then it is replayed and rendered inside the window (fmpolicy_envs.metaworld_clips). Many
 goal variations for few rendered frames: what a camera policy needs to learn where a goal marker is
 (docs/benchmarks/metaworld.md, Prove-it 2). --num-envs is then the number of worker processes.
+--spread POOL puts each task's demonstrations at the goal variations among POOL from --seed on that cover
+its starts (the k-medoids of object and goal positions); with --only-success a demonstration that fails is
+replaced by the next variation of its medoid's cluster, nearest first, so the demonstrations stay spread:
+with a step limit (--env-kwargs '{"max_episode_steps": 120}') this keeps only demonstrations that succeed
+within it (Prove-it 1: peg-insert-side's scripted expert sometimes puts the peg down and re-grasps it).
 
 Bad options (--image-size, --fps, --device cuda without CUDA) fail before anything
 is written.
@@ -92,7 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--spread", type=int, default=None, metavar="POOL",
                    help="Meta-World: each task's demonstrations at the goal variations among the POOL ones from "
                         "--seed on that cover its starts (k-medoids of object and goal positions), not the next "
-                        "--episodes ones")
+                        "--episodes ones; with --only-success a failed one is replaced by the nearest variation of "
+                        "its cluster")
     p.add_argument("--num-envs", type=int, default=64, help="environments stepped together")
     p.add_argument("--out", default="data/point_obstacle", help="dataset root (appended to when it exists)")
     p.add_argument("--seed", type=int, default=0, help="seed of the environments and of the expert's modes")
@@ -114,9 +120,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--fps must be a finite number > 0, got {args.fps}")
     if args.spread is not None and args.spread < 1:
         p.error(f"--spread must be >= 1 (a pool of goal variations), got {args.spread}")
-    if args.spread is not None and args.only_success:
-        p.error("--spread and --only-success do not go together: a failed demonstration would be replaced by a "
-                "goal outside the spread")
+    if args.spread is not None and args.only_success and args.clip_frames:
+        p.error("--spread, --only-success and --clip-frames do not go together: a failed clip's goal would be "
+                "replaced by one outside the spread")
     if args.clip_frames is not None and args.clip_frames < 1:
         p.error(f"--clip-frames must be >= 1, got {args.clip_frames}")
     for flag in ("env_kwargs", "obs_map", "task_episodes"):  # JSON objects given on the command line
@@ -298,50 +304,70 @@ def next_variation(writer: Any, first: int, end: int, seed: int) -> int:
     return max(done) + 1 if done else seed
 
 
-def spread_list(args: argparse.Namespace, writer: Any, task: str, target: int, first: int) -> list[int]:
-    """Meta-World --spread: the goal variations of `task` still to collect (those after the ones on disk)."""
-    from fmpolicy_envs.metaworld_env import spread_variations
+def spread_list(args: argparse.Namespace, writer: Any, task: str, target: int, first: int) -> list[list[int]]:
+    """Meta-World --spread: for each demonstration of `task` still to collect (those after the ones on disk),
+    the goal variations to try in turn: its cluster (the medoid first, then the others nearest first) with
+    --only-success, else the medoid alone. The episodes on disk must be of the same choice."""
+    from fmpolicy_envs.metaworld_env import spread_clusters
 
-    chosen = spread_variations(task, target - first, start=args.seed, pool=args.spread)
+    clusters = spread_clusters(task, target - first, start=args.seed, pool=args.spread)
     done = [int(e["variation"]) for e in writer.episodes[first:target] if e.get("variation") is not None]
-    if done != chosen[:len(done)]:
+    if len(done) > len(clusters) or any(v not in cluster for v, cluster in zip(done, clusters)):
         raise SystemExit(f"{args.out}: the {task} episodes on disk played goal variations {done}, not the first of "
-                         f"--spread {args.spread}'s {chosen}: resume with the options that wrote them")
-    return chosen[len(done):]
+                         f"--spread {args.spread}'s {[c[0] for c in clusters]} (or, with --only-success, of their "
+                         "clusters): resume with the options that wrote them")
+    return [c if args.only_success else c[:1] for c in clusters[len(done):]]
 
 
 def collect_spread(args: argparse.Namespace, writer: Any, task: str, target: int, first: int, image_keys: list[str],
                    device: str, kwargs: dict[str, Any], finalize: bool) -> dict[str, Any]:
     """Meta-World --spread: `task`'s demonstrations at its covering goal variations (`spread_list`), one
-    episode at a time on one env, until `writer` holds `target` episodes."""
+    episode at a time on one env, until `writer` holds `target` episodes. With --only-success a failed
+    demonstration is not written and the next variation of its cluster is played instead."""
     import time
 
     from tqdm import tqdm
 
     import fmpolicy_envs
+    from fmpolicy.data.collection import ExpertFailing
     from fmpolicy.gym_adapter import make_vector_env
     from fmpolicy_envs.metaworld_env import instruction
 
     todo = spread_list(args, writer, task, target, first)
     summary: dict[str, Any] = {"new_episodes": 0, "new_frames": 0, "attempts": 0, "seconds": 0.0,
-                               "success_rate": float("nan"), "success_by_task": {}}
+                               "success_rate": float("nan"), "success_by_task": {}, "replaced": []}
     if todo:
         t0, successes = time.perf_counter(), 0.0
-        env = make_vector_env(args.env, 1, seed=todo[0], device=device, kwargs={**kwargs, "task": task})
+        env = make_vector_env(args.env, 1, seed=todo[0][0], device=device, kwargs={**kwargs, "task": task})
         try:
-            for v in tqdm(todo, unit="ep", desc=task, disable=args.no_progress):
-                expert = fmpolicy_envs.make_expert(args.env, seed=v + 1, noise_std=args.noise_std,
-                                                   record=args.noise_record)
-                one = collect(env, expert, writer, writer.num_episodes + 1, seed=v, image_key=image_keys,
-                              expert_input="core", finalize=False)
-                for name in ("new_episodes", "new_frames", "attempts"):
-                    summary[name] += one[name]
-                successes += one["success_rate"] * one["attempts"]
+            for candidates in tqdm(todo, unit="ep", desc=task, disable=args.no_progress):
+                for v in candidates:
+                    expert = fmpolicy_envs.make_expert(args.env, seed=v + 1, noise_std=args.noise_std,
+                                                       record=args.noise_record)
+                    try:  # with --only-success one attempt: a failure raises, and the next candidate plays
+                        one = collect(env, expert, writer, writer.num_episodes + 1, seed=v, image_key=image_keys,
+                                      expert_input="core", finalize=False, only_success=args.only_success,
+                                      max_attempts=0)
+                    except ExpertFailing:
+                        summary["attempts"] += 1
+                        continue
+                    for name in ("new_episodes", "new_frames", "attempts"):
+                        summary[name] += one[name]
+                    successes += one["success_rate"] * one["attempts"]
+                    if v != candidates[0]:
+                        summary["replaced"].append((candidates[0], v))
+                    break
+                else:
+                    raise ExpertFailing(f"--spread --only-success: no demonstration of {task} succeeded at any of the "
+                                        f"{len(candidates)} goal variations of the cluster of {candidates[0]}")
         finally:
             env.close()
         summary["seconds"] = time.perf_counter() - t0
         summary["success_rate"] = successes / max(summary["attempts"], 1)
         summary["success_by_task"] = {instruction(task): summary["success_rate"]}
+        if summary["replaced"]:
+            print(f"  {task}: failed demonstrations replaced (medoid -> played): "
+                  + ", ".join(f"{a} -> {b}" for a, b in summary["replaced"]))
     if finalize and not writer.stats_are_current:
         writer.finalize()
     return summary
@@ -369,7 +395,8 @@ def collect_clips(args: argparse.Namespace, writer: Any, task: str, target: int,
         bar = tqdm(total=target - first, initial=writer.num_episodes - first, unit="clip", desc=task,
                    disable=args.no_progress)
         cameras = [k[len("observation.images."):] for k in image_keys]
-        variations = spread_list(args, writer, task, target, first) if args.spread else itertools.count(start)
+        variations = ([c[0] for c in spread_list(args, writer, task, target, first)] if args.spread
+                      else itertools.count(start))
         clips = clip_episodes(task, variations, args.clip_frames, cameras, kwargs.get("image_size", 64),
                               seed=args.seed, workers=args.num_envs, env_kwargs=kwargs, noise_std=args.noise_std,
                               record=args.noise_record)

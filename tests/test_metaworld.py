@@ -4,6 +4,7 @@ evaluate_policy). Each test uses one or two tasks and few steps; all skip when m
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # before anything imports mujoco: headless rendering
@@ -372,11 +373,49 @@ def test_collect_demos_spread_plays_the_chosen_variations(tmp_path, capsys):
     with pytest.raises(SystemExit, match="played goal variations"):
         load_script("collect_demos").main(cmd + ["--seed", "1"])
     with pytest.raises(SystemExit):
-        load_script("collect_demos").main(cmd + ["--only-success"])
-    assert "--spread and --only-success do not go together" in capsys.readouterr().err
+        load_script("collect_demos").main(cmd + ["--only-success", "--clip-frames", "4"])
+    assert "--spread, --only-success and --clip-frames do not go together" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="held-out ones start at 10000"):  # the pool must stay in the demo range
         load_script("collect_demos").main(cmd[:-2] + [str(tmp_path / "other"), "--seed", "9990", "--no-progress"])
     assert not (tmp_path / "other").exists()
+
+
+def test_spread_with_only_success_replaces_a_failed_demonstration_by_the_nearest_of_its_cluster(tmp_path):
+    """With a step limit some medoids' demonstrations fail: each is replaced by the first variation of its cluster
+    (nearest first) whose demonstration succeeds within the limit; a cluster where none does is an error."""
+    from fmpolicy.data import ChunkDataset
+
+    from .helpers import load_script
+
+    limit = 47
+    clusters = mw.spread_clusters("reach", 3, pool=20)
+    assert sorted(c[0] for c in clusters) == mw.spread_variations("reach", 3, pool=20)
+    assert sorted(v for c in clusters for v in c) == list(range(20))  # the clusters split the pool
+    env, expert = mw.MetaWorldEnv(task="reach", state="full", max_episode_steps=limit), mw.MetaWorldExpert()
+
+    def succeeds(v: int) -> bool:
+        env.reset(seed=v)
+        for _ in range(limit):
+            _, _, terminated, truncated, info = env.step(expert(env))
+            if terminated or truncated:
+                return bool(info["is_success"])
+        return False
+
+    want = [next(v for v in c if succeeds(v)) for c in clusters]
+    env.close()
+    assert want != [c[0] for c in clusters]  # the limit makes at least one medoid fail: a replacement happens
+    out = tmp_path / "clean"
+    cmd = ["--env", ENV_ID, "--tasks", "reach", "--episodes", "3", "--spread", "20", "--only-success", "--out", str(out),
+           "--no-progress", "--env-kwargs", json.dumps({"state": "full", "max_episode_steps": limit})]
+    summary = load_script("collect_demos").main(cmd)
+    ds = ChunkDataset(out, chunk_size=4)
+    assert [int(v) for v in ds.episodes["variation"]] == want and summary["episodes"] == 3
+    assert all(int(n) <= limit for n in ds.episodes["length"]) and summary["new_episodes"] == 3
+    assert summary["attempts"] > 3 and summary["success_rate"] < 1  # the failed attempts are counted
+    assert load_script("collect_demos").main(cmd)["new_episodes"] == 0  # a resume finds them all there
+    with pytest.raises(SystemExit, match="no demonstration of reach-v3 succeeded at any of the 9 goal variations of the cluster of 8"):
+        load_script("collect_demos").main([*cmd[:-4], str(tmp_path / "none"), "--no-progress", "--env-kwargs",
+                                           json.dumps({"state": "full", "max_episode_steps": 20})])
 
 
 @pytest.mark.parametrize("processes", [True, 2])

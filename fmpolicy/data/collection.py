@@ -176,7 +176,7 @@ def collect(env: Any, expert: Any, writer: DatasetWriter, episodes: int, *, seed
             written += 1
             new_frames += len(b["action"])
             bar.update(1)
-        if only_success and attempts > max_attempts:
+        if only_success and written < episodes and attempts > max_attempts:  # short of episodes: give up
             bar.close()
             raise ExpertFailing(f"only {written - existing} successful episodes in {attempts} attempts: "
                                "the expert rarely succeeds")
