@@ -19,7 +19,9 @@ The table goes to stdout and `<out>/results.json`. `env.id` may be any id `colle
 row per instruction). `env.collect_kwargs` (optional) holds env options for the demonstrations only, over
 `env.kwargs` (Meta-World's `steps_after_success: 20`: demonstrations that go on past the success);
 `--spread POOL` (Meta-World) puts the demonstrations at goal variations that cover the starts
-(`collect_demos.py --spread`).
+(`collect_demos.py --spread`); `--only-success` keeps only demonstrations that succeed (with `--spread`, a
+failed one is replaced by the nearest variation of its cluster; with `env.collect_kwargs.max_episode_steps`:
+those that succeed within that many steps).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--spread", type=int, default=None, metavar="POOL",
                    help="Meta-World: demonstrations at the goal variations among POOL that cover the starts "
                         "(collect_demos.py --spread)")
+    p.add_argument("--only-success", action="store_true",
+                   help="keep only the demonstrations that succeed (collect_demos.py --only-success)")
     p.add_argument("--resume", action="store_true", help="resume killed training runs")
     p.add_argument("--overwrite", action="store_true",
                    help="move earlier training runs in the folder aside (<run>.old-<time>) and train again")
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         collect_demos.main(["--env", env["id"], "--episodes", str(args.demos), "--num-envs", str(min(64, args.demos)),
                             "--out", str(root), "--seed", str(args.seed + 100 * i), "--env-kwargs",
                             json.dumps(task_kwargs), *camera, *(["--spread", str(args.spread)] if args.spread else []),
-                            "--no-progress"])
+                            *(["--only-success"] if args.only_success else []), "--no-progress"])
         roots[name] = str(root)
     data_override = ([f"data.roots={json.dumps(roots)}"] if len(roots) > 1 else [f"data.root={next(iter(roots.values()))}"])
     load_config(ImitationConfig, args.config, [*args.overrides, *data_override])  # "auto" widths resolve now

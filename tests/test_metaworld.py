@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # before anything imports mujoco: headless rendering
 
@@ -552,6 +553,25 @@ env:
     for ep in episodes:  # the same variation without the tail: the expert's first success ends it
         flags, terminated, _ = _play_expert(mw.MetaWorldEnv(task="reach"), ep["variation"], 300)
         assert terminated and ep["success"] and ep["length"] == len(flags) + 7 > 30
+
+
+def test_the_pipeline_passes_only_success_to_the_collection(tmp_path, monkeypatch):
+    from tests.helpers import load_script
+
+    pipeline = load_script("pipeline")
+    seen = []
+
+    def collect(argv):
+        seen.append(argv)
+        raise SystemExit("stop after the collection")
+
+    monkeypatch.setattr(pipeline.collect_demos, "main", collect)
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "metaworld_mt10_state.yaml")
+    for extra in ([], ["--only-success"]):
+        with pytest.raises(SystemExit, match="stop after the collection"):
+            pipeline.main(["--config", config, "--demos", "2", "--out", str(tmp_path), "--spread", "12", *extra])
+    assert ["--only-success" in argv for argv in seen] == [False, True]
+    assert all(argv[argv.index("--spread") + 1] == "12" for argv in seen)
 
 
 def test_the_shipped_configs_weight_only_tasks_the_adapter_names():
