@@ -590,8 +590,11 @@ class MetaWorldVectorEnv(gym.vector.VectorEnv):
                              "or an int >= 0 (worker processes; 0 = none)")
         self.num_envs = num_envs
         self.device = torch.device(device)
-        # the number of worker processes (0: the envs step here); more workers than envs would idle
-        self.processes = (num_envs if processes else 0) if isinstance(processes, bool) else min(int(processes), num_envs)
+        # the number of worker processes (0: the envs step here); True is one an env, and more workers than
+        # envs would idle
+        if isinstance(processes, bool):
+            processes = num_envs if processes else 0
+        self.processes = min(int(processes), num_envs)
         kwargs = {**kwargs, "variation_stride": num_envs}
         first = MetaWorldEnv(**kwargs)  # checks the options here, not in a worker
         self.tasks, self.max_episode_steps = first.tasks, first.max_episode_steps
