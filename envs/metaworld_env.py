@@ -160,6 +160,16 @@ def instruction(name: str) -> str:
     return INSTRUCTIONS.get(name, name.removesuffix("-v3").replace("-", " "))
 
 
+def task_of_instruction(text: str) -> str:
+    """The Meta-World task whose instruction is `text` (a dataset's task string -> "reach-v3")."""
+    names = [k.removesuffix("-goal-observable") for k in _require_metaworld()]
+    for name in names:
+        if instruction(name) == text:
+            return name
+    raise ValueError(f"no Meta-World task has the instruction {text!r} (MT10's: "
+                     f"{[instruction(t) for t in MT10]})")
+
+
 def start_positions(task: str, variations: Sequence[int]) -> np.ndarray:
     """(len(variations), 6): the object's start (xyz) and the goal (xyz) of `task` at each goal variation,
     as `reset(seed=v)` draws them (one env, reset once a variation: ~10 ms each)."""

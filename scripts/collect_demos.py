@@ -30,6 +30,14 @@ replaced by the next variation of its medoid's cluster, nearest first, so the de
 with a step limit (--env-kwargs '{"max_episode_steps": 120}') this keeps only demonstrations that succeed
 within it (Prove-it 1: peg-insert-side's scripted expert sometimes puts the peg down and re-grasps it).
 
+--replay SRC records the episodes of the dataset SRC again by replaying their actions from their starts
+(`fmpolicy.data.replay`): the same demonstrations with other observations (cameras, another image size,
+another state mode, the simulator's state). The env id and options are SRC's (info.json `env`), updated by
+--env-kwargs / --cameras / --image-size; each episode's start is its reset seed in SRC's episodes table
+(--replay-start-key, Meta-World's `variation`); the replayed state must equal the recorded one (within
+--replay-atol, on the entries both have) and each episode must end where SRC's ended with the same success,
+else the run stops naming the episode and the step. --episodes: the first N of SRC (default all).
+
 Bad options (--image-size, --fps, --device cuda without CUDA) fail before anything
 is written.
 
@@ -39,6 +47,8 @@ is written.
         --out data/mw_mt10 --seed 0 [--cameras corner2 --image-size 64] [--noise-std 0.1] [--env-kwargs '{"state": "full"}']
     python scripts/collect_demos.py --env fmpolicy/MetaWorld-v0 --tasks mt10 --episodes 200 --task-episodes \
         '{"reach": 1000, "push": 1000}' --clip-frames 8 --num-envs 2 --out data/mt10_clips --cameras corner,topview
+    python scripts/collect_demos.py --replay data/mt10_d10_spread120 --out data/mt10_d10_cameras \
+        --cameras corner,topview --image-size 64 --env-kwargs '{"state": "proprio", "environment_state": true}'
 """
 
 from __future__ import annotations
@@ -77,7 +87,9 @@ METAWORLD = "fmpolicy/MetaWorld-v0"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--env", default="fmpolicy/PointObstacle-v0", help="registered gymnasium id (ours or any other)")
+    p.add_argument("--env", default=None,
+                   help="registered gymnasium id (ours or any other; default fmpolicy/PointObstacle-v0, with --replay "
+                        "the source's)")
     p.add_argument("--tasks", help="Meta-World: 'mt10' or comma-separated tasks; --episodes per task, one dataset")
     p.add_argument("--cameras", help="Meta-World: comma-separated cameras (e.g. corner2) recorded at --image-size")
     p.add_argument("--noise-std", type=float, default=0.0, help="Meta-World: Gaussian noise on the expert's actions")
@@ -88,7 +100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--success-key", default="is_success", help="ids without our vector env: info entry of success")
     p.add_argument("--obs-map", default="{}", help='JSON {env key: our key} for dict observations, e.g. '
                                                    '\'{"agent_pos": "observation.state"}\'')
-    p.add_argument("--episodes", type=int, default=200, help="number of episodes the dataset should hold")
+    p.add_argument("--episodes", type=int, default=None,
+                   help="number of episodes the dataset should hold (default 200; with --replay all of the source's)")
     p.add_argument("--task-episodes", default="{}",
                    help='Meta-World: JSON {task: episodes} overriding --episodes for those tasks, e.g. \'{"reach": 1000}\'')
     p.add_argument("--clip-frames", type=int, default=None,
@@ -109,8 +122,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device of the environments (cpu, cuda, cuda:N, auto)")
     p.add_argument("--fps", type=float, default=None, help="recorded control frequency (default 1 / dt of the task)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--replay", metavar="SRC", help="record the episodes of the dataset SRC again by replaying their "
+                                                   "actions (other cameras, state, image size; no expert)")
+    p.add_argument("--replay-start-key", default="variation",
+                   help="--replay: the episodes-table column holding each episode's reset seed")
+    p.add_argument("--replay-atol", type=float, default=1e-3,
+                   help="--replay: the largest |replayed - recorded| state entry allowed")
     args = p.parse_args(argv)
-    if args.episodes < 1:
+    if args.episodes is not None and args.episodes < 1:
         p.error(f"--episodes must be >= 1, got {args.episodes}")
     if args.num_envs < 1:
         p.error(f"--num-envs must be >= 1, got {args.num_envs}")
@@ -134,6 +153,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not isinstance(value, dict):
             p.error(f"{name} must be a JSON object, got {value!r}")
         setattr(args, flag, value)
+    if args.replay:
+        given = [f for f, v in (("--tasks", args.tasks), ("--expert", args.expert), ("--spread", args.spread),
+                                ("--clip-frames", args.clip_frames), ("--only-success", args.only_success),
+                                ("--noise-std", args.noise_std), ("--task-episodes", args.task_episodes))
+                 if v]
+        if given:
+            p.error(f"--replay plays the source's recorded actions: {', '.join(given)} cannot be used with it")
+        if not (math.isfinite(args.replay_atol) and args.replay_atol >= 0):
+            p.error(f"--replay-atol must be a finite number >= 0, got {args.replay_atol}")
+    else:
+        args.env = args.env or "fmpolicy/PointObstacle-v0"
+        args.episodes = 200 if args.episodes is None else args.episodes
     bad = {k: v for k, v in args.task_episodes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
     if bad:
         p.error(f"--task-episodes must map tasks to ints >= 1, got {bad}")
@@ -432,12 +463,87 @@ def _refuse_more_than_asked(out: str, existing: int, wanted: int, how: str | Non
                          "another --out, or remove that dataset first")
 
 
+def collect_replay(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """--replay SRC: SRC's episodes replayed from their starts and recorded with this run's observations
+    (`fmpolicy.data.replay`), into --out."""
+    import fmpolicy_envs  # noqa: F401  (registers the ids)
+    from fmpolicy.data.dataset import read_v3_info
+    from fmpolicy.data.replay import ReplayError, read_source, replay
+    from fmpolicy.gym_adapter import env_fps, make_vector_env
+
+    source_env = read_v3_info(args.replay).get("env") or {}
+    if source_env.get("noise_std") and source_env.get("noise_record") == "clean":
+        raise SystemExit(f"{args.replay} recorded the expert's clean actions, not the noisy executed ones "
+                         "(--noise-record clean): a replay of them would not play its episodes")
+    env_id = args.env or source_env.get("id")
+    if not env_id:
+        raise SystemExit(f"{args.replay}/meta/info.json does not say which env made it: pass --env")
+    episodes = read_source(args.replay, args.replay_start_key)
+    if args.episodes is not None:
+        if args.episodes > len(episodes):
+            raise SystemExit(f"--episodes {args.episodes}: {args.replay} holds {len(episodes)} episodes")
+        episodes = episodes[:args.episodes]
+    kwargs = {**(source_env.get("kwargs") or {}), **args.env_kwargs}
+    is_mw = env_id == METAWORLD
+    if is_mw:
+        from fmpolicy_envs.metaworld_env import task_of_instruction
+
+        if args.cameras is not None:
+            kwargs["cameras"] = [c for c in args.cameras.split(",") if c]
+        if kwargs.get("cameras"):
+            kwargs["image_size"] = args.image_size or kwargs.get("image_size", 64)
+        for key in ("task", "tasks"):  # each episode's task is its instruction's
+            kwargs.pop(key, None)
+        try:
+            names = {text: task_of_instruction(text) for text in {ep.task for ep in episodes}}
+        except ValueError as e:
+            raise SystemExit(f"--replay {args.replay}: {e}") from None
+    elif args.cameras:
+        raise SystemExit("--cameras is a Meta-World option (--env fmpolicy/MetaWorld-v0)")
+
+    def make(task: str) -> Any:
+        extra = {"task": names[task]} if is_mw else {}
+        return make_vector_env(env_id, 1, device=device, kwargs={**kwargs, **extra}, success_key=args.success_key,
+                               obs_map=args.obs_map)
+
+    env = make(episodes[0].task)
+    try:
+        fps = env_fps(env, args.fps or read_v3_info(args.replay)["fps"], flag="--fps")
+        features = features_of((env.single_observation_space, env.single_action_space))
+    finally:
+        env.close()
+    width, recorded = features[STATE_KEY]["shape"][0], episodes[0].states.shape[1]
+    # Meta-World's state modes all begin with its raw observation: compare the entries both have
+    check_dims = min(width, recorded) if is_mw else (recorded if width == recorded else 0)
+    if not check_dims:
+        print(f"note: the replayed {STATE_KEY} has {width} entries, {args.replay}'s {recorded}: not compared")
+    image_keys = [k for k in features if k.startswith("observation.images.")]
+    env_info = {"id": env_id, "kwargs": kwargs, "image_size": kwargs.get("image_size") if image_keys else None,
+                "replay_of": str(args.replay), "source_env": source_env}
+    with DatasetWriter(args.out, fps=fps, features=features, robot_type=source_env.get("robot_type")
+                       or ROBOT_TYPES.get(env_id), env_info=env_info, video=args.video) as writer:
+        try:
+            summary = replay(make, episodes, writer, image_key=image_keys, check_dims=check_dims,
+                             atol=args.replay_atol, success_key=args.success_key, start_key=args.replay_start_key,
+                             progress=not args.no_progress)
+        except ReplayError as e:
+            raise SystemExit(f"--replay {args.replay}: {e}") from None
+        frames = writer.num_frames
+    print(f"{args.out}: {summary['episodes']} episodes, {frames} frames (+{summary['new_episodes']} replayed, "
+          f"+{summary['new_frames']} frames this run) from {args.replay}; largest state difference "
+          f"{summary['max_state_deviation']:.2g} over {check_dims} entries; {summary['seconds']:.1f} s")
+    return {**summary, "frames": frames}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = str(resolve_device(args.device, field="--device"))  # ConfigError: unknown, or CUDA without CUDA
     import gymnasium as gym
 
     import fmpolicy_envs  # noqa: F401  (registers the ids; fmpolicy itself never imports it)
+
+    if args.replay:
+        return collect_replay(args, device)
 
     if args.env not in fmpolicy_envs.TASKS:
         if args.env not in gym.registry:
