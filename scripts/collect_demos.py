@@ -36,7 +36,8 @@ another state mode, the simulator's state). The env id and options are SRC's (in
 --env-kwargs / --cameras / --image-size; each episode's start is its reset seed in SRC's episodes table
 (--replay-start-key, Meta-World's `variation`); the replayed state must equal the recorded one (within
 --replay-atol, on the entries both have) and each episode must end where SRC's ended with the same success,
-else the run stops naming the episode and the step. --episodes: the first N of SRC (default all).
+else the run stops naming the episode and the step. --episodes: the first N of SRC (default all);
+--num-envs: worker processes (rendering is the cost), the dataset the same for any number.
 
 Bad options (--image-size, --fps, --device cuda without CUDA) fail before anything
 is written.
@@ -112,7 +113,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "--seed on that cover its starts (k-medoids of object and goal positions), not the next "
                         "--episodes ones; with --only-success a failed one is replaced by the nearest variation of "
                         "its cluster")
-    p.add_argument("--num-envs", type=int, default=64, help="environments stepped together")
+    p.add_argument("--num-envs", type=int, default=None,
+                   help="environments stepped together (default 64); with --clip-frames / --replay: worker "
+                        "processes (default 2 / 1)")
     p.add_argument("--out", default="data/point_obstacle", help="dataset root (appended to when it exists)")
     p.add_argument("--seed", type=int, default=0, help="seed of the environments and of the expert's modes")
     p.add_argument("--env-kwargs", default="{}", help='JSON task options, e.g. \'{"n_links": 3}\'')
@@ -131,7 +134,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.episodes is not None and args.episodes < 1:
         p.error(f"--episodes must be >= 1, got {args.episodes}")
-    if args.num_envs < 1:
+    if args.num_envs is not None and args.num_envs < 1:
         p.error(f"--num-envs must be >= 1, got {args.num_envs}")
     if args.image_size is not None and not 1 <= args.image_size <= MAX_IMAGE_SIZE:
         p.error(f"--image-size must be in 1..{MAX_IMAGE_SIZE} pixels, got {args.image_size}")
@@ -165,6 +168,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     else:
         args.env = args.env or "fmpolicy/PointObstacle-v0"
         args.episodes = 200 if args.episodes is None else args.episodes
+    if args.num_envs is None:
+        args.num_envs = 1 if args.replay else 2 if args.clip_frames else 64
     bad = {k: v for k, v in args.task_episodes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
     if bad:
         p.error(f"--task-episodes must map tasks to ints >= 1, got {bad}")
@@ -468,8 +473,8 @@ def collect_replay(args: argparse.Namespace, device: str) -> dict[str, Any]:
     (`fmpolicy.data.replay`), into --out."""
     import fmpolicy_envs  # noqa: F401  (registers the ids)
     from fmpolicy.data.dataset import read_v3_info
-    from fmpolicy.data.replay import ReplayError, read_source, replay
-    from fmpolicy.gym_adapter import env_fps, make_vector_env
+    from fmpolicy.data.replay import EnvMaker, ReplayError, read_source, replay
+    from fmpolicy.gym_adapter import env_fps
 
     source_env = read_v3_info(args.replay).get("env") or {}
     if source_env.get("noise_std") and source_env.get("noise_record") == "clean":
@@ -501,10 +506,8 @@ def collect_replay(args: argparse.Namespace, device: str) -> dict[str, Any]:
     elif args.cameras:
         raise SystemExit("--cameras is a Meta-World option (--env fmpolicy/MetaWorld-v0)")
 
-    def make(task: str) -> Any:
-        extra = {"task": names[task]} if is_mw else {}
-        return make_vector_env(env_id, 1, device=device, kwargs={**kwargs, **extra}, success_key=args.success_key,
-                               obs_map=args.obs_map)
+    make = EnvMaker(env_id, kwargs, {text: {"task": name} for text, name in names.items()} if is_mw else {},
+                    success_key=args.success_key, obs_map=args.obs_map, device=device, imports=("fmpolicy_envs",))
 
     env = make(episodes[0].task)
     try:
@@ -525,7 +528,7 @@ def collect_replay(args: argparse.Namespace, device: str) -> dict[str, Any]:
         try:
             summary = replay(make, episodes, writer, image_key=image_keys, check_dims=check_dims,
                              atol=args.replay_atol, success_key=args.success_key, start_key=args.replay_start_key,
-                             progress=not args.no_progress)
+                             workers=args.num_envs, progress=not args.no_progress)
         except ReplayError as e:
             raise SystemExit(f"--replay {args.replay}: {e}") from None
         frames = writer.num_frames

@@ -78,6 +78,16 @@ def test_a_killed_replay_resumes_where_it_stopped(mw_source, tmp_path):
     np.testing.assert_array_equal(a.episodes["replay_of"], b.episodes["replay_of"])
 
 
+def test_worker_processes_write_the_same_dataset_in_source_order(mw_source, tmp_path):
+    args = ("--cameras", "corner", "--image-size", "8", "--env-kwargs", '{"state": "proprio"}')
+    _replay_cli(mw_source, tmp_path / "one", *args)
+    _replay_cli(mw_source, tmp_path / "two", *args, "--num-envs", "2")
+    data = sorted((tmp_path / "one").rglob("data/**/*.parquet"))
+    assert data and all(p.read_bytes() == (tmp_path / "two" / p.relative_to(tmp_path / "one")).read_bytes()
+                        for p in data)
+    assert ChunkDataset(tmp_path / "two", 1).episodes["replay_of"].tolist() == [0, 1, 2, 3]
+
+
 def test_a_replay_that_leaves_the_recording_stops_at_that_step(mw_source, tmp_path):
     _metaworld()
     import fmpolicy_envs  # noqa: F401
@@ -109,9 +119,10 @@ def test_a_replay_that_leaves_the_recording_stops_at_that_step(mw_source, tmp_pa
     ('{"max_episode_steps": 20}', "ended at step 20, before the"),  # a shorter limit
     ('{"terminate_on_success": false}', "goes on after the"),  # no end at the success
 ])
-def test_other_episode_ends_are_errors_that_name_the_setting(mw_source, tmp_path, kwargs, message):
+@pytest.mark.parametrize("workers", ["1", "2"])  # a worker process's error comes back the same
+def test_other_episode_ends_are_errors_that_name_the_setting(mw_source, tmp_path, kwargs, message, workers):
     with pytest.raises(SystemExit, match=message):
-        _replay_cli(mw_source, tmp_path / "x", "--env-kwargs", kwargs)
+        _replay_cli(mw_source, tmp_path / "x", "--env-kwargs", kwargs, "--num-envs", workers)
 
 
 def test_sources_that_cannot_be_replayed_are_refused(mw_source, tmp_path, capsys):

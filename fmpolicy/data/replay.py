@@ -14,6 +14,9 @@ target. No expert runs, so the new dataset holds exactly the source's demonstrat
 - `replay(make_env, episodes, writer)`: every episode replayed from its start in a one-env vector env (our
   contract, `fmpolicy.data.collection`) and written; the episode must end exactly where the source's ended,
   with the same success. A resumed run goes on after the episodes on disk (which must be the first ones).
+  With `workers` > 1 the episodes play in that many processes (rendering is the cost) and are written in
+  source order, so the dataset does not depend on the number of workers; `make_env` must then pickle
+  (`EnvMaker`).
 
 The actions written are the source's. They must be the executed ones: a dataset that recorded other labels
 (DART's clean actions, `--noise-record clean`) does not replay, and the state check says so at the first
@@ -22,13 +25,17 @@ step where it leaves the recording.
 
 from __future__ import annotations
 
+import importlib
+import multiprocessing
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from fmpolicy.data.collection import STATE_KEY, _numpy, _uint8_image
@@ -129,10 +136,33 @@ class ReplayExpert:
         return ep.actions[t][None]
 
 
+@dataclass(frozen=True)
+class EnvMaker:
+    """make_env for `replay` that pickles (for worker processes): task -> a one-env vector env of `env_id`
+    with `kwargs`, updated by `task_kwargs[task]` (e.g. Meta-World's task name for each instruction).
+    `imports`: modules that register the id (e.g. "fmpolicy_envs"), imported first."""
+
+    env_id: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    task_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    success_key: str = "is_success"
+    obs_map: dict[str, str] | None = None
+    device: str = "cpu"
+    imports: tuple[str, ...] = ()
+
+    def __call__(self, task: str) -> Any:
+        from fmpolicy.gym_adapter import make_vector_env
+
+        for module in self.imports:
+            importlib.import_module(module)
+        return make_vector_env(self.env_id, 1, device=self.device, kwargs={**self.kwargs, **self.task_kwargs.get(task, {})},
+                               success_key=self.success_key, obs_map=self.obs_map)
+
+
 def replay(make_env: Callable[[str], Any], episodes: Sequence[SourceEpisode], writer: DatasetWriter, *,
            image_key: str | Sequence[str] | None = None, check_dims: int | None = None, atol: float = 1e-3,
-           success_key: str = "is_success", start_key: str = "variation", progress: bool = False,
-           finalize: bool = True) -> dict[str, Any]:
+           success_key: str = "is_success", start_key: str = "variation", workers: int = 1,
+           progress: bool = False, finalize: bool = True) -> dict[str, Any]:
     """Replay `episodes` and write each into `writer`, after those it already holds (a resumed run: the
     episodes on disk must be replays of the first ones, in order).
 
@@ -141,6 +171,8 @@ def replay(make_env: Callable[[str], Any], episodes: Sequence[SourceEpisode], wr
     check_dims / atol: the state check of `ReplayExpert`. start_key: the episodes-table column the start is
     written to (the source's, so the new dataset replays too). Returns a summary (episodes, frames, seconds,
     the largest state deviation)."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers = {workers!r} is invalid: expected an int >= 1")
     image_keys = [image_key] if isinstance(image_key, str) else list(image_key or [])
     float_keys = [k for k in writer.features if k not in (STATE_KEY, "action") and k not in image_keys
                   and writer.features[k]["dtype"] == "float32"]
@@ -152,25 +184,75 @@ def replay(make_env: Callable[[str], Any], episodes: Sequence[SourceEpisode], wr
             raise ReplayError(f"episode {k} on disk is not the replay of source episode {episodes[k].index} (start "
                               f"{episodes[k].start}): it says replay_of {row.get('replay_of')!r}; write to another "
                               "dataset")
-    envs: dict[str, Any] = {}
+    todo = list(episodes[done_before:])
+    settings = (make_env, check_dims, atol, image_keys, float_keys, success_key)
     t0, frames, worst = time.perf_counter(), 0, 0.0
+    bar = tqdm(total=len(todo), unit="ep", desc="replay", disable=not progress)
     try:
-        for ep in tqdm(episodes[done_before:], unit="ep", desc="replay", disable=not progress):
-            if ep.task not in envs:
-                envs[ep.task] = make_env(ep.task)
-            expert = ReplayExpert(ep, check_dims, atol)
-            played = _play(envs[ep.task], expert, image_keys, float_keys, success_key)
+        for ep, (played, deviation) in zip(todo, _played(todo, settings, workers)):
             writer.add_episode(played, task=ep.task, extra=_extra(ep, played, start_key))
             frames += len(ep.actions)
-            worst = max(worst, expert.max_deviation)
+            worst = max(worst, deviation)
+            bar.update(1)
     finally:
-        for env in envs.values():
-            env.close()
+        bar.close()
     if finalize and not writer.stats_are_current:
         writer.finalize()
     seconds = time.perf_counter() - t0
     return {"episodes": writer.num_episodes, "new_episodes": writer.num_episodes - done_before, "new_frames": frames,
             "seconds": seconds, "max_state_deviation": worst}
+
+
+_WORKER: dict[str, Any] = {}  # per process: the settings and one env a task
+
+
+def _init_worker(settings: tuple) -> None:
+    torch.set_num_threads(1)  # a worker renders and steps one env: no intra-op threads to share the cores
+    _WORKER.clear()
+    _WORKER.update(settings=settings, envs={})
+
+
+def _play_one(ep: SourceEpisode, state: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], float]:
+    """Replay `ep` in the env of its task (`state`: the settings and envs; a worker's own by default)
+    -> (its frames, the largest state difference)."""
+    state = _WORKER if state is None else state
+    make_env, check_dims, atol, image_keys, float_keys, success_key = state["settings"]
+    envs = state["envs"]
+    if ep.task not in envs:  # made once a task and process
+        envs[ep.task] = make_env(ep.task)
+    expert = ReplayExpert(ep, check_dims, atol)
+    return _play(envs[ep.task], expert, image_keys, float_keys, success_key), expert.max_deviation
+
+
+def _played(todo: list[SourceEpisode], settings: tuple, workers: int) -> Iterator[tuple[dict[str, np.ndarray], float]]:
+    """The replays of `todo`, in order: in this process, or in `workers` processes with two episodes each
+    in flight."""
+    if workers == 1:
+        state: dict[str, Any] = {"settings": settings, "envs": {}}
+        try:
+            for ep in todo:
+                yield _play_one(ep, state)
+        finally:
+            for env in state["envs"].values():
+                env.close()
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                             initargs=(settings,)) as pool:
+        pending: list = []
+        queue = iter(todo)
+        try:
+            while True:
+                while len(pending) < 2 * workers:
+                    ep = next(queue, None)
+                    if ep is None:
+                        break
+                    pending.append(pool.submit(_play_one, ep))
+                if not pending:
+                    return
+                yield pending.pop(0).result()
+        finally:
+            for f in pending:
+                f.cancel()
 
 
 def _extra(ep: SourceEpisode, played: dict[str, np.ndarray], start_key: str) -> dict[str, Any]:
