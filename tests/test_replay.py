@@ -217,3 +217,23 @@ def test_replay_expert_checks_its_settings_and_its_length():
         expert(obs)
     with pytest.raises(ReplayError, match=r"observation.state\[1\] is -0.2"):
         ReplayExpert(ep, check_dims=2, atol=0.1)({STATE: np.array([[0.0, -0.2, 0.0]])})
+
+
+def test_in_order_yields_worker_results_in_item_order_and_raises_at_the_failing_item():
+    import itertools
+    import math
+
+    from fmpolicy.pool import in_order
+
+    got = []
+    for r in in_order(math.sqrt, itertools.count(0), 2, ahead=3):  # endless items: consumed lazily
+        got.append(r)
+        if len(got) == 6:
+            break
+    assert got == [math.sqrt(k) for k in range(6)]
+    results = in_order(math.sqrt, [4.0, 9.0, -1.0, 16.0], 2)
+    assert next(results) == 2.0 and next(results) == 3.0
+    with pytest.raises(ValueError, match="math domain error"):
+        next(results)
+    with pytest.raises(ValueError, match="workers"):
+        next(in_order(math.sqrt, [1.0], 0))

@@ -26,10 +26,8 @@ step where it leaves the recording.
 from __future__ import annotations
 
 import importlib
-import multiprocessing
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ from tqdm import tqdm
 from fmpolicy.data.collection import STATE_KEY, _numpy, _uint8_image
 from fmpolicy.data.dataset import ChunkDataset, DatasetError
 from fmpolicy.data.writer import DatasetWriter
+from fmpolicy.pool import in_order
 
 
 class ReplayError(RuntimeError):
@@ -236,23 +235,7 @@ def _played(todo: list[SourceEpisode], settings: tuple, workers: int) -> Iterato
             for env in state["envs"].values():
                 env.close()
         return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                             initargs=(settings,)) as pool:
-        pending: list = []
-        queue = iter(todo)
-        try:
-            while True:
-                while len(pending) < 2 * workers:
-                    ep = next(queue, None)
-                    if ep is None:
-                        break
-                    pending.append(pool.submit(_play_one, ep))
-                if not pending:
-                    return
-                yield pending.pop(0).result()
-        finally:
-            for f in pending:
-                f.cancel()
+    yield from in_order(_play_one, todo, workers, initializer=_init_worker, initargs=(settings,))
 
 
 def _extra(ep: SourceEpisode, played: dict[str, np.ndarray], start_key: str) -> dict[str, Any]:
