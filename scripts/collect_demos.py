@@ -3,12 +3,13 @@
 builds the vector env and the expert and calls `fmpolicy.data.collect`.
 
 --env: a fmpolicy_envs task (its batched scripted expert), `fmpolicy/MetaWorld-v0` (Meta-World's
-scripted experts, optional --noise-std; --tasks mt10 collects --episodes per task, one task after the
+scripted experts; --tasks mt10 collects --episodes per task, one task after the
 other, into one dataset with each episode's instruction, and prints the expert's success per task;
 docs/benchmarks/metaworld.md), or any other registered gymnasium id with --expert module:callable
 (observation dict -> actions (e, a); a flat observation is `observation.state`, float32) and success
 read from info[--success-key]. The frame rate is --fps, else the env's metadata["render_fps"]; an env
-without one is an error naming --fps.
+without one is an error naming --fps. --noise-std S adds Gaussian noise to any expert's actions (clipped to
+the action space); --noise-record clean records the expert's own actions instead of the executed ones (DART).
 
 The writer is crash-safe (a killed run leaves the finished episodes readable) and locks the dataset
 root for the whole run: a second collection on the same --out exits at once, naming the PID of the
@@ -65,6 +66,7 @@ from typing import Any, Callable
 from fmpolicy.config import resolve_device
 from fmpolicy.data import DatasetWriter, collect, run_seed
 from fmpolicy.data.collection import ExpertFailing
+from fmpolicy.data.noisy import NoisyExpert
 from fmpolicy.errors import FmPolicyError
 
 STATE_KEY = "observation.state"
@@ -93,9 +95,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the source's)")
     p.add_argument("--tasks", help="Meta-World: 'mt10' or comma-separated tasks; --episodes per task, one dataset")
     p.add_argument("--cameras", help="Meta-World: comma-separated cameras (e.g. corner2) recorded at --image-size")
-    p.add_argument("--noise-std", type=float, default=0.0, help="Meta-World: Gaussian noise on the expert's actions")
+    p.add_argument("--noise-std", type=float, default=0.0,
+                   help="Gaussian noise on the expert's actions (clipped to the action space)")
     p.add_argument("--noise-record", choices=("executed", "clean"), default="executed",
-                   help="Meta-World with --noise-std: record the noisy executed actions (a weaker expert) or the "
+                   help="with --noise-std: record the noisy executed actions (a weaker expert) or the "
                         "expert's clean ones (DART: noisy states, corrective labels)")
     p.add_argument("--expert", help="module:callable, observation dict -> actions (e, a), for ids without our expert")
     p.add_argument("--success-key", default="is_success", help="ids without our vector env: info entry of success")
@@ -309,6 +312,10 @@ def collect_generic(args: argparse.Namespace, device: str) -> dict[str, Any]:
                     else:
                         seed = run_seed(args.seed, max(0, min(writer.num_episodes - firsts[k], counts[k])))
                         expert, expert_input = load_callable(args.expert), "obs"
+                        if args.noise_std or args.noise_record != "executed":
+                            space = env.single_action_space
+                            expert = NoisyExpert(expert, args.noise_std, seed=seed + 1, record=args.noise_record,
+                                                 low=space.low, high=space.high)
                     summary = collect(env, expert, writer, target, seed=seed,
                                       task=DEFAULT_TASKS.get(args.env, "complete the task"), image_key=image_keys,
                                       only_success=args.only_success, progress=not args.no_progress,
@@ -567,6 +574,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fps = args.fps or 1.0 / float(args.env_kwargs.get("dt", 0.1))
     env_info = {"id": args.env, "kwargs": args.env_kwargs, "image_size": args.image_size,
                 "max_episode_steps": env.max_episode_steps, "expert": fmpolicy_envs.TASKS[args.env][3].__name__}
+    if args.noise_std:  # only when used: datasets made before this option stay appendable
+        env_info.update(noise_std=args.noise_std, noise_record=args.noise_record)
     # the writer holds the root's lock until the end (or an error): a second collection fails at once
     with DatasetWriter(args.out, fps=fps, features=features, robot_type=ROBOT_TYPES.get(args.env),
                        env_info=env_info, video=args.video) as writer:
@@ -574,6 +583,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _refuse_more_than_asked(args.out, existing, args.episodes)
         seed = run_seed(args.seed, existing)
         expert = fmpolicy_envs.make_expert(args.env, seed=seed + 1)
+        if args.noise_std or args.noise_record != "executed":
+            space = env.single_action_space
+            expert = NoisyExpert(expert, args.noise_std, seed=seed + 2, record=args.noise_record, low=space.low,
+                                 high=space.high)
         try:
             summary = collect(env, expert, writer, args.episodes, seed=seed,
                               task=DEFAULT_TASKS.get(args.env, "complete the task"),

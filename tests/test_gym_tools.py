@@ -148,3 +148,93 @@ def test_collect_demos_script_on_a_generic_env(tmp_path, monkeypatch):
     assert summary["episodes"] == 3 and summary["success_rate"] == 1.0
     info = json.loads((out / "meta" / "info.json").read_text())
     assert info["fps"] == 10 and info["features"]["observation.state"]["shape"] == [2]
+
+
+@pytest.mark.parametrize("record", ["executed", "clean"])
+def test_collect_demos_adds_action_noise_to_any_expert(tmp_path, monkeypatch, record):
+    """--noise-std on an expert callable: the env executes expert + noise (clipped to the action space); the
+    dataset records those (a weaker expert) or, with --noise-record clean, the expert's own (DART)."""
+    import sys
+    import types
+
+    from fmpolicy.data import ChunkDataset
+
+    module = types.ModuleType("fmpolicytest_experts")
+    module.line_expert = line_expert
+    monkeypatch.setitem(sys.modules, "fmpolicytest_experts", module)
+    out = tmp_path / record
+    load_script("collect_demos").main(
+        ["--env", LINE, "--expert", "fmpolicytest_experts:line_expert", "--success-key", "reached", "--fps", "10",
+         "--episodes", "4", "--num-envs", "2", "--out", str(out), "--no-progress", "--noise-std", "0.5",
+         "--noise-record", record])
+    ds = ChunkDataset(out, 1)
+    x, a = ds.state[:, 0].double(), ds.action[:, 0].double()
+    same_episode = ds.episode_index[1:] == ds.episode_index[:-1]
+    moved = (x[1:] - x[:-1])[same_episode]  # the env moves x by 0.2 x the executed action
+    assert a.abs().max() <= 1.0
+    if record == "executed":  # recorded = executed: noisy, and exactly what moved the point
+        torch.testing.assert_close(moved, 0.2 * a[:-1][same_episode], atol=1e-6, rtol=0)
+        assert ((a.abs() - 1).abs() > 1e-3).float().mean() > 0.3
+    else:  # recorded = the expert's clean action (+-1), while the point moved by the noisy one
+        assert torch.equal(a.abs(), torch.ones_like(a))
+        assert (moved - 0.2 * a[:-1][same_episode]).abs().max() > 0.01
+    env = __import__("json").loads((out / "meta" / "info.json").read_text())["env"]
+    assert env["noise_std"] == 0.5 and env["noise_record"] == record
+
+
+def test_noisy_expert_noise_bounds_labels_and_devices():
+    from fmpolicy.data.noisy import NoisyExpert
+
+    class Moded:
+        mode = np.array([1, 0])
+
+        def __call__(self, obs):
+            return np.tile(obs, (1, 1)).astype(np.float32)
+
+    expert = NoisyExpert(lambda obs: np.full((20000, 2), 0.25, np.float32), 0.1, seed=0)
+    a = expert(None)
+    assert a.dtype == np.float32 and expert.label is None
+    np.testing.assert_allclose(a.mean(0), 0.25, atol=0.005)
+    np.testing.assert_allclose(a.std(0), 0.1, rtol=0.05)
+    bounded = NoisyExpert(lambda obs: np.zeros((1000, 2)), 3.0, seed=1, record="clean", low=[-1, -0.5], high=[1, 0.5])
+    b = bounded(None)
+    assert b[:, 0].min() == -1 and b[:, 1].max() == 0.5 and np.abs(b[:, 1]).max() <= 0.5
+    np.testing.assert_array_equal(bounded.label, np.zeros((1000, 2)))  # the clean labels
+    again = NoisyExpert(lambda obs: np.zeros((1000, 2)), 3.0, seed=1, record="clean", low=[-1, -0.5], high=[1, 0.5])
+    np.testing.assert_array_equal(again(None), b)  # the seed fixes the noise
+    t = NoisyExpert(lambda obs: torch.zeros(5, 3, dtype=torch.float64), 0.5, seed=0, record="clean")(None)
+    assert t.dtype == torch.float64 and t.std() > 0.1
+    assert NoisyExpert(Moded(), 0.1).mode.tolist() == [1, 0]  # the wrapped expert's modes pass through
+    for kwargs, message in (({"noise_std": -1.0}, "noise_std"), ({"noise_std": float("nan")}, "noise_std"),
+                            ({"noise_std": 0.1, "record": "both"}, "record"), ({"noise_std": 0.1, "low": 1, "high": 0},
+                                                                                "exceeds")):
+        with pytest.raises(ValueError, match=message):
+            NoisyExpert(lambda obs: obs, **kwargs)
+    with pytest.raises(TypeError, match="not callable"):
+        NoisyExpert(3, 0.1)
+
+
+def test_collect_demos_noise_on_our_own_envs_expert(tmp_path):
+    """Our batched scripted experts take --noise-std too: same seed, same starts, other actions; with
+    --noise-record clean the labels are the expert's own while the states leave its path."""
+    import json
+
+    from fmpolicy.data import ChunkDataset
+
+    def run(name, *extra):
+        load_script("collect_demos").main(["--env", "fmpolicy/PointObstacle-v0", "--episodes", "4", "--num-envs", "4",
+                                           "--out", str(tmp_path / name), "--no-progress", *extra])
+        return ChunkDataset(tmp_path / name, 1)
+
+    plain, noisy = run("plain"), run("noisy", "--noise-std", "0.3")
+    clean = run("clean", "--noise-std", "0.3", "--noise-record", "clean")
+    def starts(ds):
+        s = ds.state[ds.frame_index == 0]
+        return s[s[:, 0].argsort()]
+
+    assert torch.equal(starts(plain), starts(noisy))  # the same starts (episodes written as they finish)
+    n = min(len(plain), len(noisy))
+    assert not torch.allclose(plain.action[:n], noisy.action[:n], atol=0.05)
+    assert torch.equal(noisy.state[:n], clean.state[:n])  # the same executed actions ...
+    assert not torch.allclose(noisy.action[:n], clean.action[:n], atol=0.05)  # ... recorded otherwise
+    assert "noise_std" not in json.loads((tmp_path / "plain/meta/info.json").read_text())["env"]
