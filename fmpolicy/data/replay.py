@@ -165,7 +165,8 @@ def replay(make_env: Callable[[str], Any], episodes: Sequence[SourceEpisode], wr
     """Replay `episodes` and write each into `writer`, after those it already holds (a resumed run: the
     episodes on disk must be replays of the first ones, in order).
 
-    make_env(task) -> a one-env vector env in our contract (made once a task, closed at the end);
+    make_env(task) -> a one-env vector env in our contract (made at the first episode of a task, closed at the
+    next task's);
     `reset(seed=episode.start)` must reproduce the episode's start. image_key: the camera(s) to record.
     check_dims / atol: the state check of `ReplayExpert`. start_key: the episodes-table column the start is
     written to (the source's, so the new dataset replays too). Returns a summary (episodes, frames, seconds,
@@ -217,7 +218,10 @@ def _play_one(ep: SourceEpisode, state: dict[str, Any] | None = None) -> tuple[d
     state = _WORKER if state is None else state
     make_env, check_dims, atol, image_keys, float_keys, success_key = state["settings"]
     envs = state["envs"]
-    if ep.task not in envs:  # made once a task and process
+    if ep.task not in envs:  # one env at a time (each holds a simulator and renderers): sources go task by task
+        for env in envs.values():
+            env.close()
+        envs.clear()
         envs[ep.task] = make_env(ep.task)
     expert = ReplayExpert(ep, check_dims, atol)
     return _play(envs[ep.task], expert, image_keys, float_keys, success_key), expert.max_deviation
