@@ -504,7 +504,7 @@ def collect_replay(args: argparse.Namespace, device: str) -> dict[str, Any]:
             kwargs["cameras"] = [c for c in args.cameras.split(",") if c]
         if kwargs.get("cameras"):
             kwargs["image_size"] = args.image_size or kwargs.get("image_size", 64)
-        for key in ("task", "tasks"):  # each episode's task is its instruction's
+        for key in ("task", "tasks", "processes"):  # each episode's task is its instruction's; --num-envs: workers
             kwargs.pop(key, None)
         try:
             names = {text: task_of_instruction(text) for text in {ep.task for ep in episodes}}
