@@ -483,7 +483,8 @@ def collect_replay(args: argparse.Namespace, device: str) -> dict[str, Any]:
     from fmpolicy.data.replay import EnvMaker, ReplayError, read_source, replay
     from fmpolicy.gym_adapter import env_fps
 
-    source_env = read_v3_info(args.replay).get("env") or {}
+    source_info = read_v3_info(args.replay)
+    source_env = source_info.get("env") or {}
     if source_env.get("noise_std") and source_env.get("noise_record") == "clean":
         raise SystemExit(f"{args.replay} recorded the expert's clean actions, not the noisy executed ones "
                          "(--noise-record clean): a replay of them would not play its episodes")
@@ -518,7 +519,7 @@ def collect_replay(args: argparse.Namespace, device: str) -> dict[str, Any]:
 
     env = make(episodes[0].task)
     try:
-        fps = env_fps(env, args.fps or read_v3_info(args.replay)["fps"], flag="--fps")
+        fps = env_fps(env, args.fps or source_info["fps"], flag="--fps")
         features = features_of((env.single_observation_space, env.single_action_space))
     finally:
         env.close()
@@ -530,7 +531,7 @@ def collect_replay(args: argparse.Namespace, device: str) -> dict[str, Any]:
     image_keys = [k for k in features if k.startswith("observation.images.")]
     env_info = {"id": env_id, "kwargs": kwargs, "image_size": kwargs.get("image_size") if image_keys else None,
                 "replay_of": str(args.replay), "source_env": source_env}
-    with DatasetWriter(args.out, fps=fps, features=features, robot_type=source_env.get("robot_type")
+    with DatasetWriter(args.out, fps=fps, features=features, robot_type=source_info.get("robot_type")
                        or ROBOT_TYPES.get(env_id), env_info=env_info, video=args.video) as writer:
         try:
             summary = replay(make, episodes, writer, image_key=image_keys, check_dims=check_dims,

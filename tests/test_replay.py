@@ -63,8 +63,9 @@ def test_metaworld_replay_records_the_same_demonstrations_with_cameras_and_anoth
     assert new.image_keys == ["observation.images.corner"]
     frames = torch.stack([new[i]["observation.images.corner"] for i in (0, len(new) - 1)])
     assert frames.shape == (2, 3, 16, 16) and frames.std() > 0.01  # a rendered scene, not a blank
-    env = json.loads((out / "meta/info.json").read_text())["env"]
-    assert env["replay_of"] == str(mw_source) and env["kwargs"]["max_episode_steps"] == 120  # the source's limit
+    info = json.loads((out / "meta/info.json").read_text())
+    assert info["env"]["replay_of"] == str(mw_source) and info["env"]["kwargs"]["max_episode_steps"] == 120  # the source's limit
+    assert info["robot_type"] == "sawyer" and info["fps"] == json.loads((mw_source / "meta/info.json").read_text())["fps"]
 
 
 def test_a_killed_replay_resumes_where_it_stopped(mw_source, tmp_path):
