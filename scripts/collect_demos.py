@@ -195,6 +195,14 @@ def load_callable(spec: str) -> Callable:
     return obj
 
 
+def with_noise(args: argparse.Namespace, expert: Any, env: Any, seed: int) -> Any:
+    """`expert` with --noise-std / --noise-record (`NoisyExpert`, clipped to the env's action space), or as it is."""
+    if not args.noise_std and args.noise_record == "executed":
+        return expert
+    space = env.single_action_space
+    return NoisyExpert(expert, args.noise_std, seed=seed, record=args.noise_record, low=space.low, high=space.high)
+
+
 def features_of(space: Any) -> dict[str, dict[str, Any]]:
     """Dataset features from a vector env's single observation and action spaces: the state and
     action as float32, cameras (3, H, W) as uint8."""
@@ -311,11 +319,7 @@ def collect_generic(args: argparse.Namespace, device: str) -> dict[str, Any]:
                         expert_input = "core"
                     else:
                         seed = run_seed(args.seed, max(0, min(writer.num_episodes - firsts[k], counts[k])))
-                        expert, expert_input = load_callable(args.expert), "obs"
-                        if args.noise_std or args.noise_record != "executed":
-                            space = env.single_action_space
-                            expert = NoisyExpert(expert, args.noise_std, seed=seed + 1, record=args.noise_record,
-                                                 low=space.low, high=space.high)
+                        expert, expert_input = with_noise(args, load_callable(args.expert), env, seed + 1), "obs"
                     summary = collect(env, expert, writer, target, seed=seed,
                                       task=DEFAULT_TASKS.get(args.env, "complete the task"), image_key=image_keys,
                                       only_success=args.only_success, progress=not args.no_progress,
@@ -583,11 +587,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         existing = writer.num_episodes
         _refuse_more_than_asked(args.out, existing, args.episodes)
         seed = run_seed(args.seed, existing)
-        expert = fmpolicy_envs.make_expert(args.env, seed=seed + 1)
-        if args.noise_std or args.noise_record != "executed":
-            space = env.single_action_space
-            expert = NoisyExpert(expert, args.noise_std, seed=seed + 2, record=args.noise_record, low=space.low,
-                                 high=space.high)
+        expert = with_noise(args, fmpolicy_envs.make_expert(args.env, seed=seed + 1), env, seed + 2)
         try:
             summary = collect(env, expert, writer, args.episodes, seed=seed,
                               task=DEFAULT_TASKS.get(args.env, "complete the task"),

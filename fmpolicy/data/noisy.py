@@ -52,13 +52,13 @@ class NoisyExpert:
     def __call__(self, obs: Any) -> Any:
         clean = self.expert(obs)
         as_torch = isinstance(clean, torch.Tensor)
-        raw = clean.detach().cpu().numpy() if as_torch else np.asarray(clean)
-        raw = raw.astype(np.float64)
+        given = clean.detach().cpu().numpy() if as_torch else np.asarray(clean)
+        raw = given.astype(np.float64)
         noisy = self._clip(raw + self.rng.normal(0.0, self.noise_std, raw.shape)) if self.noise_std else self._clip(raw)
         label = self._clip(raw) if self.record == "clean" else None
         if as_torch:
             self.label = None if label is None else torch.as_tensor(label).to(clean)
             return torch.as_tensor(noisy).to(clean)
-        dtype = np.asarray(clean).dtype if np.asarray(clean).dtype.kind == "f" else np.float32
+        dtype = given.dtype if given.dtype.kind == "f" else np.float32
         self.label = None if label is None else label.astype(dtype)
         return noisy.astype(dtype)
