@@ -37,14 +37,14 @@ BACKENDS = ("cuda", "eager")
 WARMUP_SOLVES = 2  # solves on a side stream before capture (cuBLAS / cuDNN pick and allocate their workspaces)
 
 
-def _flatten(x0: Tensor, valid: Tensor | None, cache: ExpertCache) -> list[Tensor | None]:
+def flatten_solve_inputs(x0: Tensor, valid: Tensor | None, cache: ExpertCache) -> list[Tensor | None]:
     """Every tensor the solve reads, in a fixed order: x0, valid, state_token, attn_mask, cond, then the
-    prefix keys and values layer by layer."""
+    prefix keys and values layer by layer (also what `fmpolicy.compiled.CompiledSolver` passes)."""
     kv = [t for pair in (cache.prefix_kv or []) for t in pair]
     return [x0, valid, cache.state_token, cache.attn_mask, cache.cond, *kv]
 
 
-def _unflatten(tensors: list[Tensor | None], layers: int) -> tuple[Tensor, Tensor | None, ExpertCache]:
+def unflatten_solve_inputs(tensors: list[Tensor | None], layers: int) -> tuple[Tensor, Tensor | None, ExpertCache]:
     x0, valid, state_token, attn_mask, cond, *kv = tensors
     prefix_kv = [(kv[2 * i], kv[2 * i + 1]) for i in range(layers)] if layers else None
     return x0, valid, ExpertCache(state_token=state_token, prefix_kv=prefix_kv, attn_mask=attn_mask, cond=cond)
@@ -101,7 +101,7 @@ class GraphedSolver:
         if method not in NFE_PER_STEP:
             raise ValueError(f"sampler method {method!r} cannot be captured: CUDA graphs replay the "
                              f"fixed-grid methods {list(NFE_PER_STEP)} only")
-        tensors = _flatten(x0, valid, cache)
+        tensors = flatten_solve_inputs(x0, valid, cache)
         key = _signature(method, num_steps, tensors)
         entry = self._entries.get(key)
         if entry is None:
@@ -121,7 +121,7 @@ class GraphedSolver:
 
     def _capture(self, tensors: list[Tensor | None], layers: int, method: str, num_steps: int) -> _Entry:
         inputs = [None if t is None else t.clone() for t in tensors]
-        x0, valid, cache = _unflatten(inputs, layers)
+        x0, valid, cache = unflatten_solve_inputs(inputs, layers)
 
         compute = next(self.net.parameters()).dtype  # the expert may compute in bf16 on float32 chunks
 

@@ -64,6 +64,7 @@ class FlowPolicy(nn.Module):
         self.embodiments = Embodiments(config)
         self._queue: deque[Tensor] = deque()
         self._graphs = None  # a fmpolicy.cuda_graphs.GraphedSolver once enable_cuda_graphs() is called
+        self._compiled_solve = None  # a fmpolicy.compiled.CompiledSolver once compile_solve() is called
         self.to(resolve_device(config.device, "PolicyConfig.device"))
 
     @property
@@ -226,6 +227,24 @@ class FlowPolicy(nn.Module):
         """
         compile_kwargs.setdefault("dynamic", False)
         self.net.velocity = torch.compile(type(self.net).velocity.__get__(self.net), **compile_kwargs)
+        return self
+
+    def compile_solve(self, **compile_kwargs: Any) -> "FlowPolicy":
+        """Run fixed-grid sampling (euler, midpoint, rk4) as one `torch.compile`d solve from now on (CPU
+        and CUDA); returns the policy.
+
+        Where `compile_velocity()` compiles the expert step and leaves the loop over the steps in Python,
+        this compiles the whole solve, every step from the noise to the chunk, given the observation's
+        prefix cache (`fmpolicy.compiled`): one call per chunk. The first call at each batch size (and
+        prefix length, method, step count) compiles (up to a minute); at batch 1 on a CPU later chunks
+        are faster than with the compiled step (`scripts/bench.py --only compile`). Used in eval mode only
+        (in train mode, and for dopri5, trajectories or RTC, sampling runs as before); with CUDA graphs
+        enabled, the graphs take precedence. Weights updated in place are seen. Chunks agree with eager
+        sampling to float rounding. `compile_kwargs` go to `torch.compile` (`dynamic=False` by default).
+        """
+        from fmpolicy.compiled import CompiledSolver
+
+        self._compiled_solve = CompiledSolver(self.net, **compile_kwargs)
         return self
 
     def enable_cuda_graphs(self, max_graphs: int = 8) -> "FlowPolicy":
@@ -426,9 +445,10 @@ class FlowPolicy(nn.Module):
         else:
             noise = keys.read_noise(noise, self._chunk_shape(b), "b h max_action_dim", self.device, self.dtype)
         s = sampler or self.config.sampler
-        if self._graphs is not None and s.method in NFE_PER_STEP and not return_trajectory and not self.training:
+        solver = self._graphs if self._graphs is not None else self._compiled_solve
+        if solver is not None and s.method in NFE_PER_STEP and not return_trajectory and not self.training:
             valid = cache.action_valid if cache.action_valid is not None else self.action_valid
-            x1 = self._graphs.solve(cache, valid, noise, s.method, s.num_steps)
+            x1 = solver.solve(cache, valid, noise, s.method, s.num_steps)
             return SampleResult(x1=x1, nfe=NFE_PER_STEP[s.method] * s.num_steps, embodiment=cache.embodiment)
         result = sample_ode(self.velocity_fn(cache), noise, method=s.method, num_steps=s.num_steps,
                             atol=s.atol, rtol=s.rtol, return_trajectory=return_trajectory)

@@ -65,7 +65,7 @@ def sample_ode(
     if num_steps < 1:
         raise ValueError(f"num_steps = {num_steps} is invalid: expected a positive int")
     func = CountingVelocity(velocity)
-    grid = torch.linspace(0.0, 1.0, num_steps + 1, device=x0.device, dtype=x0.dtype)
+    grid = fixed_grid(num_steps, x0)
     if method in FIXED_GRID:
         # Hand odeint our grid explicitly: a step_size of 1/num_steps can round into an extra step.
         times = grid if return_trajectory else grid[[0, -1]]
@@ -82,19 +82,27 @@ def sample_ode(
 NFE_PER_STEP = {"euler": 1, "midpoint": 2, "rk4": 4}  # velocity evaluations per fixed-grid step
 
 
-def solve_fixed_grid(velocity: Velocity, x0: Tensor, method: str, num_steps: int) -> Tensor:
+def fixed_grid(num_steps: int, like: Tensor) -> Tensor:
+    """The time grid k / num_steps, k = 0 .. num_steps (num_steps + 1,), as `sample_ode` builds it."""
+    return torch.linspace(0.0, 1.0, num_steps + 1, device=like.device, dtype=like.dtype)
+
+
+def solve_fixed_grid(velocity: Velocity, x0: Tensor, method: str, num_steps: int,
+                     grid: Tensor | None = None) -> Tensor:
     """The fixed-grid solve of `sample_ode` in plain tensor operations: -> x1 (b, ...).
 
     The same steps as torchdiffeq's `euler`, `midpoint` and `rk4` (its rk4 is the 3/8 rule) on the grid
     k / num_steps, without odeint's bookkeeping, which reads tensors back on the host at every step: a
     loop of device operations only, which a CUDA graph can capture (`fmpolicy.cuda_graphs`). Agrees with
-    `sample_ode` to float rounding.
+    `sample_ode` to float rounding. `grid`: `fixed_grid(num_steps, x0)`, made by the caller where the
+    solve is compiled (a compiled linspace may round its points otherwise, and a time feature of
+    period 0.004 turns one rounding step of t into a visible change of the velocity).
     """
     if method not in NFE_PER_STEP:
         raise ValueError(f"sampler method {method!r} has no fixed grid: expected one of {list(NFE_PER_STEP)}")
     if num_steps < 1:
         raise ValueError(f"num_steps = {num_steps} is invalid: expected a positive int")
-    grid = torch.linspace(0.0, 1.0, num_steps + 1, device=x0.device, dtype=x0.dtype)
+    grid = fixed_grid(num_steps, x0) if grid is None else grid
     b = x0.shape[0]
 
     def f(t: Tensor, x: Tensor) -> Tensor:

@@ -15,11 +15,13 @@ with uncached, fp32 with bf16), the calls are interleaved round by round (the st
 so that a ratio is measured side by side, under the same load.
 
 Sections (`--only`):
-- `compile` (not in the default run: it compiles for a minute): the 10-step chunk with the eager expert
-  step against `policy.compile_velocity()` (torch.compile, one compile per batch size, timed apart as
-  `compile_s`), interleaved; `speedup` = eager / compiled, `max_abs_diff` between their chunks. Then the
-  `cache` section's pair at batch 1 with both sides compiled (`cache_cached_compiled` /
-  `cache_uncached_compiled`: the prefix cache's speed-up with compile on, target >= 2).
+- `compile` (not in the default run: it compiles for a few minutes): the 10-step chunk with the eager
+  expert step against `policy.compile_velocity()` (torch.compile of the step) and against
+  `policy.compile_solve()` (torch.compile of the whole fixed-grid solve: row `compiled_solve`), one
+  compile per batch size each, timed apart as `compile_s`, interleaved; `speedup` = eager / compiled,
+  `max_abs_diff` between their chunks. Then the `cache` section's pair at batch 1 with both sides
+  compiled, the step (`cache_cached_compiled` / `cache_uncached_compiled`) and the whole solve
+  (`cache_cached_solve` / `cache_uncached_solve`): the prefix cache's speed-up with compile on, target >= 2.
 - `cuda_graph` (not in the default run; CUDA only): the 10-step chunk with eager sampling against
   `policy.enable_cuda_graphs()` (the whole solve replayed from one CUDA graph; capture timed apart as
   `capture_s`), against compile + graphs, and both again with the expert in bf16
@@ -91,7 +93,7 @@ from fmpolicy.config import EXPERT_PRESETS, resolve_device
 from fmpolicy.machine import cpu_model
 from fmpolicy.model import ActionExpert
 from fmpolicy.model.layers import AdaptiveModulation
-from fmpolicy.sampling import sample_ode
+from fmpolicy.sampling import fixed_grid, sample_ode, solve_fixed_grid
 
 SECTIONS = ("chunk", "overhead", "cache", "train", "encoder", "envs", "rl_update", "rl_vl", "compile", "cuda_graph")
 DEFAULT_SECTIONS = SECTIONS[:-3]  # `rl_vl` (a minute of rollouts), `compile` (a minute compiling) and
@@ -534,36 +536,44 @@ def bench_train(bench: Bench) -> list[dict]:
 
 @torch.no_grad()
 def bench_compile(bench: Bench) -> list[dict]:
-    """A 10-step chunk with the eager expert step against `policy.compile_velocity()` (a copy of the same
-    weights), timed interleaved after the compiled copy has compiled for the batch size."""
+    """A 10-step chunk with the eager expert step against `policy.compile_velocity()` and against
+    `policy.compile_solve()` (copies of the same weights), timed interleaved after the compiled copies
+    have compiled for the batch size."""
     import copy
 
     policy, s = bench.policy, bench.sizes
-    compiled = copy.deepcopy(policy).compile_velocity()
+    variants = {"compiled": copy.deepcopy(policy).compile_velocity(),
+                "compiled_solve": copy.deepcopy(policy).compile_solve()}
     rows = []
     for batch in s.batches:
         obs = make_obs(policy, batch, s.prefix_tokens, bench.generator)
         noise = policy.sample_noise(batch, bench.device_generator)
-        start = time.perf_counter()
-        compiled.predict_action_chunk(obs, noise=noise)
-        synchronize(policy.device)
-        compile_s = time.perf_counter() - start
-        diff = float((compiled.predict_action_chunk(obs, noise=noise) - policy.predict_action_chunk(obs, noise=noise))
-                     .abs().max())
-        times = bench.time({"eager": lambda: policy.predict_action_chunk(obs, noise=noise),
-                            "compiled": lambda: compiled.predict_action_chunk(obs, noise=noise)}, batch)
+        eager = policy.predict_action_chunk(obs, noise=noise)
+        compile_s, diff = {}, {}
+        for name, compiled in variants.items():
+            start = time.perf_counter()
+            compiled.predict_action_chunk(obs, noise=noise)
+            synchronize(policy.device)
+            compile_s[name] = time.perf_counter() - start
+            diff[name] = float((compiled.predict_action_chunk(obs, noise=noise) - eager).abs().max())
+        calls = {"eager": policy}
+        calls.update(variants)
+        times = bench.time({name: (lambda p=p: p.predict_action_chunk(obs, noise=noise)) for name, p in calls.items()},
+                           batch)
         common = dict(batch=batch, steps=policy.config.sampler.num_steps, p=s.prefix_tokens)
         rows.append(bench.row("compile", "eager", times["eager"], **common))
-        rows.append(bench.row("compile", "compiled", times["compiled"], **common, compile_s=compile_s,
-                              speedup=median(times["eager"]) / median(times["compiled"]), max_abs_diff=diff))
-    rows += bench_cache_compiled(bench, compiled)
+        for name in variants:
+            rows.append(bench.row("compile", name, times[name], **common, compile_s=compile_s[name],
+                                  speedup=median(times["eager"]) / median(times[name]), max_abs_diff=diff[name]))
+    rows += bench_cache_compiled(bench, variants["compiled"])
     return rows
 
 
 def bench_cache_compiled(bench: Bench, compiled: FlowPolicy) -> list[dict]:
     """The prefix cache's speed-up at batch 1 with compile on (issue 18): a 10-step solve through the
     compiled expert step with the prefix keys / values computed once, against one through a compiled
-    whole forward pass that recomputes them at every step (the `cache` section's pair, both compiled)."""
+    whole forward pass that recomputes them at every step (the `cache` section's pair, both compiled);
+    then the same pair with each whole solve compiled as one graph (`compile_solve`'s way)."""
     s = bench.sizes
     p, k, batch = s.cache_prefix_tokens, s.overhead_steps, 1
     obs = make_obs(compiled, batch, p, bench.generator, ragged=True)
@@ -588,10 +598,35 @@ def bench_cache_compiled(bench: Bench, compiled: FlowPolicy) -> list[dict]:
         times = bench.time({"cached_compiled": cached, "uncached_compiled": uncached}, batch)
     speedup = median(times["uncached_compiled"]) / median(times["cached_compiled"])
     common = dict(batch=batch, steps=k, p=p)
-    return [bench.row("compile", "cache_cached_compiled", times["cached_compiled"], **common),
+    rows = [bench.row("compile", "cache_cached_compiled", times["cached_compiled"], **common),
             bench.row("compile", "cache_uncached_compiled", times["uncached_compiled"], **common, speedup=speedup,
                       compile_s=compile_s, max_abs_diff=diff, target=f">= {CACHE_TARGET}",
                       meets_target=speedup >= CACHE_TARGET and diff < DIFF_LIMIT)]
+
+    net, state_valid, valid = compiled.net, compiled.state_valid, compiled.action_valid
+    grid = fixed_grid(k, x0)
+
+    def cached_solve(x0: Tensor, grid: Tensor) -> Tensor:  # the encode pass and every step in one graph
+        cache = net.encode(state, state_valid, prefix, mask)
+        return solve_fixed_grid(lambda x, t: type(net).velocity(net, x, t, cache, valid), x0, "euler", k, grid)
+
+    def uncached_solve(x0: Tensor, grid: Tensor) -> Tensor:
+        return solve_fixed_grid(lambda x, t: type(net).forward(net, x, t, state, state_valid, prefix, mask, valid),
+                                x0, "euler", k, grid)
+
+    solves = {"cache_cached_solve": torch.compile(cached_solve, dynamic=False),
+              "cache_uncached_solve": torch.compile(uncached_solve, dynamic=False)}
+    with torch.no_grad():
+        start = time.perf_counter()
+        diff = float((solves["cache_cached_solve"](x0, grid) - solves["cache_uncached_solve"](x0, grid)).abs().max())
+        compile_s = time.perf_counter() - start
+        times = bench.time({name: (lambda f=f: f(x0, grid)) for name, f in solves.items()}, batch)
+    speedup = median(times["cache_uncached_solve"]) / median(times["cache_cached_solve"])
+    rows += [bench.row("compile", "cache_cached_solve", times["cache_cached_solve"], **common),
+             bench.row("compile", "cache_uncached_solve", times["cache_uncached_solve"], **common, speedup=speedup,
+                       compile_s=compile_s, max_abs_diff=diff, target=f">= {CACHE_TARGET}",
+                       meets_target=speedup >= CACHE_TARGET and diff < DIFF_LIMIT)]
+    return rows
 
 
 # pi0's action expert (Gemma 300M: width 1024, 18 layers, 8 heads, MLP 4096), chunk 50, 32-wide padded

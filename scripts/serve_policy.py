@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None):
                    help="extra key mappings, e.g. observation/exterior_image_1_left=observation.images.top")
     p.add_argument("--device", default="auto", help="device of the policy (auto: CUDA when present)")
     p.add_argument("--steps", type=int, default=None, help="integration steps (default: the policy's own)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the expert step (the first request at each batch size compiles)")
+    p.add_argument("--compile", nargs="?", const="step", default=None, choices=("step", "solve"),
+                   help="torch.compile the expert step ('step', the default) or the whole fixed-grid solve "
+                        "('solve': one call per chunk); the first request at each batch size compiles")
     p.add_argument("--bf16", action="store_true",
                    help="run the action expert in bfloat16 (inputs, integration and actions stay float32)")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -69,8 +70,10 @@ def main(argv: list[str] | None = None):
         policy = FlowPolicy.from_pretrained(args.policy, device=args.device)
         if args.bf16:
             policy.set_compute_dtype(torch.bfloat16)
-        if args.compile:
+        if args.compile == "step":
             policy.compile_velocity()
+        elif args.compile == "solve":
+            policy.compile_solve()
         if args.cuda_graphs:  # one graph per batch size the batcher forms: keep them all
             policy.enable_cuda_graphs(max_graphs=max(8, args.max_batch))
         sampler = None

@@ -1,11 +1,15 @@
-"""Compiled sampling: the same chunks as the eager expert, to float rounding."""
+"""Compiled sampling (the expert step, the whole solve): the same chunks as the eager expert, to float rounding."""
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 
-from fmpolicy import FlowPolicy, NormalizationConfig, PolicyConfig, make_expert_config
+from fmpolicy import FlowPolicy, NormalizationConfig, PolicyConfig, SamplerConfig, make_expert_config
 from tests.helpers import randomized
+from tests.test_policy import make_obs, make_policy
 
 
 def test_a_compiled_expert_samples_the_chunks_of_the_eager_one_and_saves_the_same(tmp_path):
@@ -29,3 +33,80 @@ def test_a_compiled_expert_samples_the_chunks_of_the_eager_one_and_saves_the_sam
     policy.save_pretrained(tmp_path / "p")
     again = FlowPolicy.from_pretrained(tmp_path / "p", device="cpu").eval()
     assert torch.equal(again.predict_action_chunk(obs, noise=noise), eager)
+
+
+def solve_calls(policy) -> list:
+    """Record the calls that reach the compiled whole solve (what dispatches to it, and what not)."""
+    calls, solve = [], policy._compiled_solve.solve
+
+    def counting(*args, **kwargs):
+        calls.append(args[3])  # the method
+        return solve(*args, **kwargs)
+
+    policy._compiled_solve.solve = counting
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["transformer", "mlp"])
+def test_the_compiled_whole_solve_samples_the_eager_chunks_and_sees_weight_updates(kind):
+    policy = make_policy(kind).eval()
+    obs = make_obs(3, seed=2)  # the last sample's prefix half masked
+    noise = policy.sample_noise(3, torch.Generator().manual_seed(5))
+    samplers = {"euler": None, "rk4": SamplerConfig(method="rk4", num_steps=3)}
+    eager = {m: policy.predict_action_chunk(obs, noise=noise, sampler=s) for m, s in samplers.items()}
+    calls = solve_calls(policy.compile_solve())
+    methods = ["euler", "rk4"] if kind == "transformer" else ["euler"]  # each compiles: ~10-20 s
+    for method in methods:
+        sampler = samplers[method]
+        # float32 fused kernels against odeint's loop. This random expert (every weight ~0.3) amplifies
+        # rounding: the compiled step (compile_velocity) and the compiled solve both land 5e-4 relative
+        # from eager on rk4's entries of ~15 (measured, equal to each other); a wrong stage, time or mask
+        # moves the chunk by O(1)
+        torch.testing.assert_close(policy.predict_action_chunk(obs, noise=noise, sampler=sampler), eager[method],
+                                   rtol=2e-3, atol=2e-3)
+    assert calls == methods
+    assert (eager["euler"] - eager["rk4"]).abs().max() > 0.5  # the methods differ by far more than the tolerance
+    # weights changed in place (an optimizer step, load_state_dict) reach the next compiled chunk
+    with torch.no_grad():
+        for p in policy.net.parameters():
+            p.mul_(1.2)
+    compiled = policy.predict_action_chunk(obs, noise=noise)
+    policy._compiled_solve = None
+    updated = policy.predict_action_chunk(obs, noise=noise)
+    assert (updated - eager["euler"]).abs().max() > 0.1
+    torch.testing.assert_close(compiled, updated, rtol=2e-3, atol=2e-3)
+
+
+def test_the_compiled_solve_leaves_training_adaptive_methods_and_trajectories_eager_and_copies_apart():
+    policy = make_policy().compile_solve()
+    obs, noise = make_obs(2), policy.sample_noise(2, torch.Generator().manual_seed(0))
+    calls = solve_calls(policy)
+    policy.train()
+    policy.sample_chunk(obs, noise=noise)
+    policy.eval()
+    policy.sample_chunk(obs, noise=noise, sampler=SamplerConfig(method="dopri5", num_steps=4))
+    assert policy.sample_chunk(obs, noise=noise, return_trajectory=True).trajectory is not None
+    assert calls == []
+    # a deep copy compiles its own solve of its own weights: changing the copy leaves the original be
+    twin = copy.deepcopy(policy)
+    assert twin._compiled_solve.net is twin.net and twin._compiled_solve.net is not policy.net
+    before = policy.predict_action_chunk(obs, noise=noise)
+    with torch.no_grad():
+        twin.net.action_out.bias.add_(1.0)
+    assert (twin.predict_action_chunk(obs, noise=noise) - before).abs().max() > 0.1
+    torch.testing.assert_close(policy.predict_action_chunk(obs, noise=noise), before, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="dopri5.*whole solve"):
+        policy._compiled_solve.solve(policy.encode(obs), None, noise, "dopri5", 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_compiled_whole_solve_samples_the_eager_chunks_on_cuda():
+    policy = make_policy().to("cuda").eval()
+    obs = {k: v.to("cuda") for k, v in make_obs(3, seed=2).items()}
+    noise = policy.sample_noise(3, torch.Generator(device="cuda").manual_seed(5))
+    eager = policy.predict_action_chunk(obs, noise=noise)
+    calls = solve_calls(policy.compile_solve())
+    compiled = policy.predict_action_chunk(obs, noise=noise)
+    assert calls == ["euler"]
+    torch.testing.assert_close(compiled, eager, rtol=2e-3, atol=2e-3)  # as on CPU (TF32 stays off for fp32)
+    assert (policy.predict_action_chunk(obs, noise=noise + 1.0) - compiled).abs().max() > 0.1

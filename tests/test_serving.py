@@ -177,7 +177,8 @@ def test_the_serve_script_serves_a_saved_policy_and_refuses_a_bad_one(policy, tm
     policy.save_pretrained(tmp_path / "policy")
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve_policy.py"), "--policy",
                              str(tmp_path / "policy"), "--port", "0", "--device", "cpu", "--steps", "2",
-                             "--map", "cam=observation.images.top", "--max-batch", "3", "--batch-window-ms", "1"],
+                             "--map", "cam=observation.images.top", "--max-batch", "3", "--batch-window-ms", "1",
+                             "--compile", "solve"],  # the first request compiles the whole solve
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         line = proc.stdout.readline()

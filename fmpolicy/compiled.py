@@ -1,0 +1,75 @@
+"""The whole fixed-grid solve as one `torch.compile` graph: every step, from the noise to the chunk.
+
+`FlowPolicy.compile_velocity()` compiles the expert step: each of a chunk's steps is still one Python
+call into the compiled step, through torchdiffeq's solver loop. `CompiledSolver` compiles the loop too
+(`fmpolicy.sampling.solve_fixed_grid` over the expert's `velocity`, given the observation's
+`ExpertCache`): the steps are unrolled into one graph, so that a chunk costs one call, with no Python
+between the steps and the time features of every step fused into the graph. At batch 1, where a
+small expert's step costs little more than its calls, that is the difference (`python
+scripts/bench.py --only compile`, rows `compiled` and `compiled_solve`).
+
+One compiled graph per method, step count, and shape / dtype / device of the solve's inputs (noise,
+action mask, state token, attention mask, MLP conditioning, prefix keys / values: the same list that
+`fmpolicy.cuda_graphs` copies into its static tensors), made by torch.compile's own guards: a new
+batch size or prefix length compiles again (seconds to a minute) unless `dynamic=True` is passed.
+The weights are read where they are, so updates in place (an optimizer step, `load_state_dict`) are
+seen by the next call. Chunks agree with the eager solve to float rounding (fused kernels sum in
+another order).
+
+Switched on by `FlowPolicy.compile_solve()` (CPU and CUDA); used by `sample_chunk` /
+`predict_action_chunk` / `select_action` for the fixed-grid methods in eval mode. With
+`enable_cuda_graphs()` on as well, the graphs replay the solve instead (combine those with
+`compile_velocity()`); `compile_solve(mode="reduce-overhead")` on CUDA gives torch.compile's own graphs.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fmpolicy.cuda_graphs import flatten_solve_inputs, unflatten_solve_inputs
+from fmpolicy.model import ExpertCache
+from fmpolicy.sampling import NFE_PER_STEP, fixed_grid, solve_fixed_grid
+
+
+class CompiledSolver:
+    """Fixed-grid solves of a velocity network through one `torch.compile`d function (module docstring).
+
+    The step is the network class's own `velocity` (not an instance attribute that
+    `compile_velocity` may have set: the whole solve is compiled here, the step inside it too). A
+    deep copy (of the policy) gets the copied network and compiles its own graphs.
+    """
+
+    def __init__(self, net: nn.Module, **compile_kwargs: Any):
+        compile_kwargs.setdefault("dynamic", False)
+        self.net, self.compile_kwargs = net, compile_kwargs
+        self._solve = torch.compile(self._run, **compile_kwargs)
+
+    def __deepcopy__(self, memo: dict) -> "CompiledSolver":
+        return CompiledSolver(copy.deepcopy(self.net, memo), **self.compile_kwargs)
+
+    def _run(self, tensors: list[Tensor | None], grid: Tensor, layers: int, method: str, num_steps: int) -> Tensor:
+        x0, valid, cache = unflatten_solve_inputs(tensors, layers)
+        net = self.net
+        compute = next(net.parameters()).dtype  # the expert may compute in bf16 on float32 chunks
+        step = type(net).velocity
+
+        def velocity(x: Tensor, t: Tensor) -> Tensor:
+            return step(net, x.to(compute), t, cache, valid).to(x.dtype)
+
+        return solve_fixed_grid(velocity, x0, method, num_steps, grid)
+
+    @torch.no_grad()
+    def solve(self, cache: ExpertCache, valid: Tensor | None, x0: Tensor, method: str, num_steps: int) -> Tensor:
+        """x1 (b, h, A) of the fixed-grid solve from the noise `x0`."""
+        if method not in NFE_PER_STEP:
+            raise ValueError(f"sampler method {method!r} cannot be compiled as a whole solve: expected one of "
+                             f"the fixed-grid methods {list(NFE_PER_STEP)}")
+        if num_steps < 1:
+            raise ValueError(f"num_steps = {num_steps} is invalid: expected a positive int")
+        # the grid comes from outside the graph: a compiled linspace may round its points otherwise
+        grid = fixed_grid(num_steps, x0)
+        return self._solve(flatten_solve_inputs(x0, valid, cache), grid, len(cache.prefix_kv or []), method, num_steps)
