@@ -4,7 +4,8 @@
 call into the compiled step, through torchdiffeq's solver loop. `CompiledSolver` compiles the loop too
 (`fmpolicy.sampling.solve_fixed_grid` over the expert's `velocity`, given the observation's
 `ExpertCache`): the steps are unrolled into one graph, so that a chunk costs one call, with no Python
-between the steps and the time features of every step fused into the graph. At batch 1, where a
+between the steps, and the time conditioning of every step computed in one projection
+(`fmpolicy.cuda_graphs.solve_expert`). At batch 1, where a
 small expert's step costs little more than its calls, that is the difference (`python
 scripts/bench.py --only compile`, rows `compiled` and `compiled_solve`).
 
@@ -30,9 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fmpolicy.cuda_graphs import flatten_solve_inputs, unflatten_solve_inputs
+from fmpolicy.cuda_graphs import flatten_solve_inputs, solve_expert, unflatten_solve_inputs
 from fmpolicy.model import ExpertCache
-from fmpolicy.sampling import NFE_PER_STEP, fixed_grid, solve_fixed_grid
+from fmpolicy.sampling import NFE_PER_STEP, fixed_grid
 
 
 class CompiledSolver:
@@ -53,14 +54,8 @@ class CompiledSolver:
 
     def _run(self, tensors: list[Tensor | None], grid: Tensor, layers: int, method: str, num_steps: int) -> Tensor:
         x0, valid, cache = unflatten_solve_inputs(tensors, layers)
-        net = self.net
-        compute = next(net.parameters()).dtype  # the expert may compute in bf16 on float32 chunks
-        step = type(net).velocity
-
-        def velocity(x: Tensor, t: Tensor) -> Tensor:
-            return step(net, x.to(compute), t, cache, valid).to(x.dtype)
-
-        return solve_fixed_grid(velocity, x0, method, num_steps, grid)
+        step = type(self.net).velocity.__get__(self.net)  # the class's own step: compiled here, with the rest
+        return solve_expert(self.net, x0, valid, cache, method, num_steps, step, grid)
 
     @torch.no_grad()
     def solve(self, cache: ExpertCache, valid: Tensor | None, x0: Tensor, method: str, num_steps: int) -> Tensor:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from fmpolicy.model import ExpertCache
-from fmpolicy.sampling import NFE_PER_STEP, solve_fixed_grid
+from fmpolicy.sampling import NFE_PER_STEP, fixed_grid, solve_fixed_grid, stage_times
 
 BACKENDS = ("cuda", "eager")
 WARMUP_SOLVES = 2  # solves on a side stream before capture (cuBLAS / cuDNN pick and allocate their workspaces)
@@ -48,6 +48,34 @@ def unflatten_solve_inputs(tensors: list[Tensor | None], layers: int) -> tuple[T
     x0, valid, state_token, attn_mask, cond, *kv = tensors
     prefix_kv = [(kv[2 * i], kv[2 * i + 1]) for i in range(layers)] if layers else None
     return x0, valid, ExpertCache(state_token=state_token, prefix_kv=prefix_kv, attn_mask=attn_mask, cond=cond)
+
+
+def solve_expert(net: nn.Module, x0: Tensor, valid: Tensor | None, cache: ExpertCache, method: str, num_steps: int,
+                 step: Callable[..., Tensor] | None = None, grid: Tensor | None = None) -> Tensor:
+    """The fixed-grid solve of an expert network from the noise `x0`: -> x1, in x0's dtype.
+
+    `step(x, t, cache, valid[, time_cond])`: the network's `velocity` (default `net.velocity`, which
+    `FlowPolicy.compile_velocity` may have replaced by a compiled one), run in the weights' dtype (the
+    expert may compute in bf16 on float32 chunks). A network with `time_conditioning` (the
+    transformer) gets it for every evaluation time of the solve from one projection, made here, and
+    each step reads its row: the same values as computing it per step, up to float rounding.
+    """
+    grid = fixed_grid(num_steps, x0) if grid is None else grid
+    step = net.velocity if step is None else step
+    compute = next(net.parameters()).dtype
+    conditioning = getattr(net, "time_conditioning", None)
+    if conditioning is None:
+        def velocity(x: Tensor, t: Tensor) -> Tensor:
+            return step(x.to(compute), t, cache, valid).to(x.dtype)
+    else:
+        table = conditioning(stage_times(method, grid))  # tensors (n, 1, d), row i for the i-th call
+        calls = [0]
+
+        def velocity(x: Tensor, t: Tensor) -> Tensor:
+            i = calls[0]
+            calls[0] += 1
+            return step(x.to(compute), t, cache, valid, [m[i:i + 1] for m in table]).to(x.dtype)
+    return solve_fixed_grid(velocity, x0, method, num_steps, grid)
 
 
 def _signature(method: str, num_steps: int, tensors: list[Tensor | None]) -> tuple:
@@ -123,13 +151,8 @@ class GraphedSolver:
         inputs = [None if t is None else t.clone() for t in tensors]
         x0, valid, cache = unflatten_solve_inputs(inputs, layers)
 
-        compute = next(self.net.parameters()).dtype  # the expert may compute in bf16 on float32 chunks
-
-        def velocity(x: Tensor, t: Tensor) -> Tensor:
-            return self.net.velocity(x.to(compute), t, cache, valid).to(x.dtype)
-
         def run() -> Tensor:
-            return solve_fixed_grid(velocity, x0, method, num_steps)
+            return solve_expert(self.net, x0, valid, cache, method, num_steps)
 
         self.captures += 1
         if self.backend == "eager":

@@ -87,6 +87,24 @@ def fixed_grid(num_steps: int, like: Tensor) -> Tensor:
     return torch.linspace(0.0, 1.0, num_steps + 1, device=like.device, dtype=like.dtype)
 
 
+def stage_times(method: str, grid: Tensor) -> Tensor:
+    """(num_steps * NFE_PER_STEP[method],): the times at which `solve_fixed_grid` evaluates the velocity
+    on `grid`, in the order of its calls, computed by the same operations (so equal to its t's)."""
+    if method not in NFE_PER_STEP:
+        raise ValueError(f"sampler method {method!r} has no fixed grid: expected one of {list(NFE_PER_STEP)}")
+    times = []
+    for k in range(grid.shape[0] - 1):
+        t0, t1 = grid[k], grid[k + 1]
+        dt = t1 - t0
+        if method == "euler":
+            times.append(t0)
+        elif method == "midpoint":
+            times += [t0, t0 + 0.5 * dt]
+        else:
+            times += [t0, t0 + dt * (1 / 3), t0 + dt * (2 / 3), t1]
+    return torch.stack(times)
+
+
 def solve_fixed_grid(velocity: Velocity, x0: Tensor, method: str, num_steps: int,
                      grid: Tensor | None = None) -> Tensor:
     """The fixed-grid solve of `sample_ode` in plain tensor operations: -> x1 (b, ...).

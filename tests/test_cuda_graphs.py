@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fmpolicy import ConfigError
-from fmpolicy.cuda_graphs import GraphedSolver
-from fmpolicy.sampling import NFE_PER_STEP, sample_ode, solve_fixed_grid
+from fmpolicy.cuda_graphs import GraphedSolver, solve_expert
+from fmpolicy.sampling import NFE_PER_STEP, fixed_grid, sample_ode, solve_fixed_grid, stage_times
 from tests.test_policy import DP, S, make_obs, make_policy
 
 METHODS = tuple(NFE_PER_STEP)
@@ -53,6 +53,24 @@ def test_the_capturable_solve_rejects_adaptive_methods_and_bad_step_counts():
         solve_fixed_grid(lambda x, t: x, x0, "euler", 0)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_the_expert_solve_reads_the_time_table_in_call_order(method):
+    # float64: the time conditioning of every evaluation time from one projection, each step reading its
+    # row, against the network computing it at each step: equal to rounding (1e-10), while a row read
+    # for another stage's time moves x1 by far more
+    policy = make_policy().eval().to(torch.float64)
+    cache = policy.encode({k: v.double() if v.is_floating_point() else v for k, v in ragged_obs(3, 5, 0).items()})
+    x0 = policy.sample_noise(3, torch.Generator().manual_seed(2)).double()
+    valid = policy.action_valid
+    per_step = solve_fixed_grid(lambda x, t: policy.net.velocity(x, t, cache, valid), x0, method, 4)
+    table = solve_expert(policy.net, x0, valid, cache, method, 4)
+    torch.testing.assert_close(table, per_step, rtol=0, atol=1e-10)
+    times = stage_times(method, fixed_grid(4, x0))
+    assert len(times) == 4 * NFE_PER_STEP[method] and times[0] == 0
+    shifted = policy.net.time_conditioning(times.roll(1))
+    assert max(float((a - b).abs().max()) for a, b in zip(shifted, policy.net.time_conditioning(times))) > 0.1
+
+
 def eager_graphs(policy, max_graphs: int = 8) -> GraphedSolver:
     """The graph bookkeeping without CUDA: static inputs copied in, the solve re-run on them."""
     policy._graphs = GraphedSolver(policy.net, max_graphs, backend="eager")
@@ -71,13 +89,14 @@ def test_static_inputs_are_refreshed_and_outputs_are_never_shared(kind):
     kept_a = got_a.clone()
     got_b = policy.predict_action_chunk(obs_b, noise=noise_b)  # same signature: the same static tensors
     assert graphs.captures == 1 and len(graphs) == 1
-    # float32, 10 Euler steps, our loop against odeint's: the same operations, up to rounding
-    torch.testing.assert_close(got_a, want_a, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got_b, want_b, rtol=1e-5, atol=1e-5)
+    # float32, 10 Euler steps, our loop against odeint's: the same operations up to rounding (the time
+    # conditioning of all steps in one projection: test_the_expert_solve_reads_the_time_table_in_call_order)
+    torch.testing.assert_close(got_a, want_a, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(got_b, want_b, rtol=1e-3, atol=1e-3)
     assert torch.equal(got_a, kept_a)  # the second call did not overwrite the first chunk
     assert (want_a - want_b).abs().max() > 0.1  # the two observations give different chunks
     got_a.add_(100.0)  # nor does writing into a returned chunk reach the next one
-    torch.testing.assert_close(policy.predict_action_chunk(obs_a, noise=noise_a), want_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(policy.predict_action_chunk(obs_a, noise=noise_a), want_a, rtol=1e-3, atol=1e-3)
 
 
 def test_a_new_batch_size_or_prefix_length_captures_again_and_old_graphs_are_dropped():
@@ -88,7 +107,9 @@ def test_a_new_batch_size_or_prefix_length_captures_again_and_old_graphs_are_dro
         noise = policy.sample_noise(b, torch.Generator().manual_seed(0))
         want = policy.disable_cuda_graphs().predict_action_chunk(obs, noise=noise)
         policy._graphs = graphs
-        torch.testing.assert_close(policy.predict_action_chunk(obs, noise=noise), want, rtol=1e-5, atol=1e-5)
+        # the solve computes the time conditioning of all its steps in one projection, odeint's loop one
+        # per step: float32 rounding that this random expert (weights ~0.3) amplifies to ~2e-4 relative
+        torch.testing.assert_close(policy.predict_action_chunk(obs, noise=noise), want, rtol=1e-3, atol=1e-3)
     assert graphs.captures == 3 and len(graphs) == 2  # the least recently used (batch 1) was dropped
     policy.predict_action_chunk(ragged_obs(1, 5, seed=0))
     assert graphs.captures == 4
@@ -135,9 +156,9 @@ def test_weights_updated_in_place_are_seen_by_the_next_solve():
         for p in policy.net.parameters():
             p.mul_(1.1)
     after = policy.predict_action_chunk(obs, noise=noise)
-    assert graphs.captures == 1 and (after - before).abs().max() > 1e-3
+    assert graphs.captures == 1 and (after - before).abs().max() > 0.1
     torch.testing.assert_close(after, policy.disable_cuda_graphs().predict_action_chunk(obs, noise=noise),
-                               rtol=1e-5, atol=1e-5)
+                               rtol=1e-3, atol=1e-3)  # float32 rounding, as above
 
 
 # ---- on a GPU: the graphs themselves ----------------------------------------------------------------

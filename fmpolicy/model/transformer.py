@@ -171,12 +171,21 @@ class ActionExpert(nn.Module):
         mask = torch.cat([prefix_mask[:, None, :].expand(b, q, -1), self.suffix_mask.expand(b, q, q)], dim=-1)
         return ExpertCache(state_token=state_token, prefix_kv=prefix_kv, attn_mask=mask[:, None])
 
-    def velocity(self, x_t: Tensor, t: Tensor, cache: ExpertCache, action_valid: Tensor | None = None) -> Tensor:
+    def time_conditioning(self, t: Tensor) -> tuple[Tensor, ...]:
+        """Every block's (shift, scale, gate) triples and the final norm's for the times t (n,): 3 * (2 * depth
+        + 1) tensors (n, 1, d). A function of t and the weights only, so a fixed-grid solve computes it for
+        all its evaluation times in one projection (`fmpolicy.cuda_graphs.solve_expert`) instead of
+        reading the modulation's weights (a quarter of a pi0-sized expert's) at every step."""
+        return self.modulation(self.time_embed(t))
+
+    def velocity(self, x_t: Tensor, t: Tensor, cache: ExpertCache, action_valid: Tensor | None = None,
+                 time_cond: tuple[Tensor, ...] | list[Tensor] | None = None) -> Tensor:
         """v(x_t, t) for a cached observation. x_t (b, h, A), t (b,), action_valid (A,) or (b, A)
-        -> (b, h, A); padded entries are 0."""
+        -> (b, h, A); padded entries are 0. `time_cond`: `time_conditioning(t)` computed by the caller
+        (tensors (b or 1, 1, d)), in place of computing it here."""
         tokens = self.action_in(zero_padded(x_t, action_valid)) + self.position
         x = torch.cat([cache.state_token.to(tokens.dtype), tokens], dim=1)  # (b, 1 + h, d)
-        mods = self.modulation(self.time_embed(t))  # 3 * (2 * depth + 1) tensors (b, 1, d)
+        mods = self.time_conditioning(t) if time_cond is None else time_cond  # 3 * (2 * depth + 1) x (b, 1, d)
         prefix_kv = cache.prefix_kv or [None] * len(self.blocks)
         for i, (block, kv) in enumerate(zip(self.blocks, prefix_kv)):
             x = block(x, mods[6 * i: 6 * i + 6], kv, cache.attn_mask)
