@@ -97,8 +97,10 @@ class GraphedSolver:
     """Fixed-grid solves of a velocity network captured as CUDA graphs, one per input signature (module
     docstring).
 
-    `net.velocity(x_t, t, cache, valid)` is the step, looked up when a graph is captured (so a step
-    replaced by `FlowPolicy.compile_velocity` is captured compiled). A deep copy (of the policy) gets
+    `net.velocity(x_t, t, cache, valid[, time_cond])` is the step, looked up when a graph is captured
+    (so a step replaced by `FlowPolicy.compile_velocity` is captured compiled); the solve is
+    `solve_expert`'s (the time conditioning of every step in one projection, captured too). A deep
+    copy (of the policy) gets
     the copied network and no graphs. `backend="eager"`
     keeps the same static tensors and copies but re-runs the solve on them instead of replaying a
     graph: what tests on a machine without CUDA check the bookkeeping with.
