@@ -6,7 +6,9 @@ Usage:
     python scripts/profile_sampling.py --device cuda --tf32 --json
 
 For each variant (`eager`; `graphs`: `enable_cuda_graphs()`, CUDA only; `compile_graphs`:
-`compile_velocity()` + graphs, CUDA only; `compile`: on CPU) it times `--chunks` chunks after warm-up
+`compile_velocity()` + graphs, CUDA only; `compile`: `compile_velocity()`; `compile_solve`:
+`compile_solve()`, the whole solve as one graph; by default eager, graphs and compile_graphs on CUDA,
+eager, compile and compile_solve on CPU) it times `--chunks` chunks after warm-up
 (wall clock, device synchronised), then profiles the same calls and reports per chunk: `wall_ms`,
 `device_ms` (the sum of the GPU kernels' own times: where it is far below `wall_ms`, the GPU waits on
 the host, i.e. launches and Python set the latency, not arithmetic), `launches` (kernels per chunk), and
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--chunks", type=int, default=20, help="chunks timed, then profiled")
     parser.add_argument("--variants", default=None,
-                        help="comma-separated from eager,graphs,compile_graphs,compile (default: all that apply)")
+                        help="comma-separated from eager,graphs,compile_graphs,compile,compile_solve "
+                             "(default: see above)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 tensor cores for float32 matmuls")
     parser.add_argument("--top", type=int, default=12, help="operators listed per variant")
     parser.add_argument("--quick", action="store_true", help="3 chunks, 1 warm-up")
@@ -111,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_float32_matmul_precision("high")
     cuda = device.type == "cuda"
     variants = (args.variants.split(",") if args.variants
-                else ["eager", "graphs", "compile_graphs"] if cuda else ["eager", "compile"])
-    bad = [v for v in variants if v not in ("eager", "graphs", "compile_graphs", "compile")
-           or (not cuda and v in ("graphs", "compile_graphs"))]
+                else ["eager", "graphs", "compile_graphs"] if cuda else ["eager", "compile", "compile_solve"])
+    known = ("eager", "graphs", "compile_graphs", "compile", "compile_solve")
+    bad = [v for v in variants if v not in known or (not cuda and v in ("graphs", "compile_graphs"))]
     if bad:
-        parser.error(f"--variants {bad} invalid on {device.type}: expected some of "
-                     f"{'eager,graphs,compile_graphs,compile' if cuda else 'eager,compile'}")
+        allowed = known if cuda else [v for v in known if "graphs" not in v]
+        parser.error(f"--variants {bad} invalid on {device.type}: expected some of {','.join(allowed)}")
     chunks, warmup = (3, 1) if args.quick else (args.chunks, 3)
     base, obs = make_case(args.expert, device, args.batch, args.seed)
     machine = bench.machine_info(device, torch.get_num_threads())
@@ -124,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         policy = copy.deepcopy(base)
         if name in ("compile", "compile_graphs"):
             policy.compile_velocity()
+        if name == "compile_solve":
+            policy.compile_solve()
         if name in ("graphs", "compile_graphs"):
             policy.enable_cuda_graphs()
         result = {"variant": name, "expert": args.expert, "batch": args.batch, "tf32": args.tf32,
