@@ -6,9 +6,13 @@ a batching window (`--window-ms`, default 3), side by side in one run.
 
     python scripts/bench_serving.py [--clients 1,2,4] [--requests 200] [--modes off,on,window]
         [--max-batch 16] [--window-ms 3] [--json] [--out bench.json] [--client-python .venv-openpi/bin/python]
+        [--device cuda] [--compile step|solve] [--cuda-graphs] [--bf16]
 
 The policy: the `cpu` expert preset with a vision_text encoder over two 224x224 cameras (the tower
-at its tiny test width) and an instruction, chunk 10 x 7, 10 Euler steps. Each client is a separate
+at its tiny test width) and an instruction, chunk 10 x 7, 10 Euler steps, on `--device` (default cpu),
+optionally with the expert step or the whole solve compiled, CUDA graphs and bf16 (as `serve_policy.py`
+sets them up; the first calls at each batch size compile or capture, before the timed rows: each
+row's warm-up requests and the in-process `alone` calls before it). Each client is a separate
 process running the real openpi-client (`tests/openpi_client_bench.py`, in the venv `make test`
 creates) and sends two 224x224 uint8 images, an 8-d state and a prompt per request, one after the
 other as fast as its replies come.
@@ -38,6 +42,7 @@ import torch
 
 from fmpolicy import FlowPolicy, NormalizationConfig, PolicyConfig, make_expert_config
 from fmpolicy.config import EncoderConfig
+from fmpolicy.errors import FmPolicyError
 from fmpolicy.machine import cpu_model
 from fmpolicy.serving import PolicyServer, ServerConfig
 
@@ -45,11 +50,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CLIENT = ROOT / "tests" / "openpi_client_bench.py"
 
 
-def make_policy() -> FlowPolicy:
+def make_policy(device: str = "cpu") -> FlowPolicy:
     cams = ("observation.images.top", "observation.images.wrist")
     enc = EncoderConfig(kind="vision_text", cameras=cams, image_size=224, vision_patch_size=32, out_dim=128,
                         max_text_tokens=16)
-    cfg = PolicyConfig(state_dim=8, action_dim=7, chunk_size=10, n_action_steps=5, device="cpu",
+    cfg = PolicyConfig(state_dim=8, action_dim=7, chunk_size=10, n_action_steps=5, device=device,
                        expert=make_expert_config("cpu", prefix_dim=128), encoder=enc,
                        normalization=NormalizationConfig(state="identity", action="identity"))
     return FlowPolicy(cfg).eval()
@@ -66,6 +71,8 @@ def infer_alone_ms(policy: FlowPolicy, n: int = 20) -> float:
         for i in range(n + 5):
             start = time.perf_counter()
             policy.predict_action_chunk(obs)
+            if policy.device.type == "cuda":  # the chunk returned is on the GPU: wait for it
+                torch.cuda.synchronize(policy.device)
             if i >= 5:
                 times.append(1000 * (time.perf_counter() - start))
     return float(np.median(times))
@@ -109,6 +116,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="off (max_batch=1), on (--max-batch, no window), window (--max-batch and --window-ms)")
     p.add_argument("--client-python", default=str(ROOT / ".venv-openpi" / "bin" / "python"),
                    help="a python with openpi-client installed (make test creates .venv-openpi)")
+    p.add_argument("--device", default="cpu", help="the policy's device: cpu, cuda, cuda:N or auto")
+    p.add_argument("--compile", nargs="?", const="step", default=None, choices=("step", "solve"),
+                   help="torch.compile the expert step (step) or the whole fixed-grid solve (solve)")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the fixed-grid solve from CUDA graphs")
+    p.add_argument("--bf16", action="store_true", help="run the action expert in bfloat16")
     p.add_argument("--json", action="store_true", help="also print one JSON object per row")
     p.add_argument("--out", default=None, help="write {machine, rows} as JSON to this file")
     args = p.parse_args(argv)
@@ -119,8 +131,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sys.exit(f"error: --modes {args.modes!r}: expected some of off,on,window")
 
     torch.manual_seed(0)
-    policy = make_policy()
-    infer_alone_ms(policy, 5)  # the first calls are slow (allocations, lazy init)
+    try:
+        policy = make_policy(args.device)
+        if args.bf16:
+            policy.set_compute_dtype(torch.bfloat16)
+        if args.compile == "step":
+            policy.compile_velocity()
+        elif args.compile == "solve":
+            policy.compile_solve()
+        if args.cuda_graphs:
+            policy.enable_cuda_graphs(max_graphs=max(8, args.max_batch))
+    except FmPolicyError as e:
+        sys.exit(f"error: {e}")
+    infer_alone_ms(policy, 5)  # the first calls are slow (allocations, lazy init, compiling at batch 1)
     load_before = loadavg()
     configs = {"off": ServerConfig(port=0, max_batch=1), "on": ServerConfig(port=0, max_batch=args.max_batch),
                "window": ServerConfig(port=0, max_batch=args.max_batch, batch_window_ms=args.window_ms)}
@@ -142,13 +165,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "vs_alone_ms_median": float(np.median(vs_alone)),
                              "vs_alone_ms_p99": float(np.percentile(vs_alone, 99)),
                              **breakdown(r),
-                             "cpu": cpu_model(), "threads": torch.get_num_threads()})
+                             "cpu": cpu_model(), "threads": torch.get_num_threads(), "device": str(policy.device),
+                             "gpu": torch.cuda.get_device_name(policy.device) if policy.device.type == "cuda" else None,
+                             "compile": args.compile, "cuda_graphs": args.cuda_graphs, "bf16": args.bf16})
     finally:
         for server in servers.values():
             server.stop()
     load_after = loadavg()
+    gpu = f", {torch.cuda.get_device_name(policy.device)}" if policy.device.type == "cuda" else ""
     print(f"load average before {load_before}, after {load_after}; {cpu_model()}, {torch.get_num_threads()} torch "
-          f"threads; window = {args.window_ms} ms")
+          f"threads; policy on {policy.device}{gpu} (compile {args.compile}, CUDA graphs {args.cuda_graphs}, bf16 "
+          f"{args.bf16}); window = {args.window_ms} ms")
     print(f"{'batching':>8} {'clients':>7} {'requests':>8} {'rows/call':>9} {'alone ms':>9} {'infer ms':>9} "
           f"{'round trip ms':>14} {'p99':>7} {'overhead ms':>12} {'p99':>7} {'vs alone ms':>12} {'p99':>7}")
     for r in rows:

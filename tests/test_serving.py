@@ -238,3 +238,22 @@ def test_the_real_openpi_client_drives_the_server_through_its_chunk_broker(polic
     assert rtc.shape == (4, 2) and np.isfinite(rtc).all()
     sample = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "s": np.float64(1.5), "t": "x"}
     assert packb(sample).hex() == result["packed_sample"]
+
+
+def test_the_serving_benchmark_runs_the_real_client_and_refuses_a_missing_gpu(tmp_path):
+    python = os.environ.get("OPENPI_CLIENT_PYTHON")
+    if not python or not Path(python).exists():
+        pytest.skip("OPENPI_CLIENT_PYTHON is not set: `make test` creates the openpi-client venv")
+    script = ROOT / "scripts" / "bench_serving.py"
+    out = subprocess.run([sys.executable, str(script), "--clients", "1", "--requests", "3", "--warmup", "1",
+                          "--modes", "off", "--bf16", "--client-python", python, "--out",
+                          str(tmp_path / "b.json")], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert row["requests"] == 3 and row["bf16"] and row["device"] == "cpu"
+    # the round trip holds the policy call: it is never shorter than the server's own time for it
+    assert row["rtt_ms_median"] >= row["infer_ms_median"] > 0
+    if not torch.cuda.is_available():
+        bad = subprocess.run([sys.executable, str(script), "--device", "cuda", "--client-python", python],
+                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert bad.returncode != 0 and "Traceback" not in bad.stderr and "CUDA is not available" in bad.stderr
