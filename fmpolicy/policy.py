@@ -247,6 +247,24 @@ class FlowPolicy(nn.Module):
         self._compiled_solve = CompiledSolver(self.net, **compile_kwargs)
         return self
 
+    def prepare_inference(self, compile: str | None = None, cuda_graphs: bool = False, bf16: bool = False,
+                          max_graphs: int = 8) -> "FlowPolicy":
+        """The control-time speed settings in one call, in the order they must come (what
+        `serve_policy.py --bf16 --compile ... --cuda-graphs` does); returns the policy. `compile`: None,
+        "step" (`compile_velocity`) or "solve" (`compile_solve`); `bf16`: `set_compute_dtype(bfloat16)`;
+        `cuda_graphs`: `enable_cuda_graphs(max_graphs)`."""
+        if compile not in (None, "step", "solve"):
+            raise ConfigError(f"compile = {compile!r} is invalid: expected None, 'step' or 'solve'")
+        if bf16:
+            self.set_compute_dtype(torch.bfloat16)
+        if compile == "step":
+            self.compile_velocity()
+        elif compile == "solve":
+            self.compile_solve()
+        if cuda_graphs:
+            self.enable_cuda_graphs(max_graphs)
+        return self
+
     def enable_cuda_graphs(self, max_graphs: int = 8) -> "FlowPolicy":
         """Replay fixed-grid sampling (euler, midpoint, rk4) from CUDA graphs from now on; returns the policy.
 

@@ -132,15 +132,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     torch.manual_seed(0)
     try:
-        policy = make_policy(args.device)
-        if args.bf16:
-            policy.set_compute_dtype(torch.bfloat16)
-        if args.compile == "step":
-            policy.compile_velocity()
-        elif args.compile == "solve":
-            policy.compile_solve()
-        if args.cuda_graphs:
-            policy.enable_cuda_graphs(max_graphs=max(8, args.max_batch))
+        policy = make_policy(args.device).prepare_inference(args.compile, args.cuda_graphs, args.bf16,
+                                                            max_graphs=max(8, args.max_batch))
     except FmPolicyError as e:
         sys.exit(f"error: {e}")
     infer_alone_ms(policy, 5)  # the first calls are slow (allocations, lazy init, compiling at batch 1)

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from fmpolicy import FlowPolicy, SamplerConfig
 from fmpolicy.errors import FmPolicyError
 
@@ -68,14 +66,8 @@ def main(argv: list[str] | None = None):
                               batch_window_ms=args.batch_window_ms,
                               rtc_max_guidance_weight=args.rtc_max_guidance_weight, rtc_schedule=args.rtc_schedule)
         policy = FlowPolicy.from_pretrained(args.policy, device=args.device)
-        if args.bf16:
-            policy.set_compute_dtype(torch.bfloat16)
-        if args.compile == "step":
-            policy.compile_velocity()
-        elif args.compile == "solve":
-            policy.compile_solve()
-        if args.cuda_graphs:  # one graph per batch size the batcher forms: keep them all
-            policy.enable_cuda_graphs(max_graphs=max(8, args.max_batch))
+        # one graph per batch size the batcher forms: keep them all
+        policy.prepare_inference(args.compile, args.cuda_graphs, args.bf16, max_graphs=max(8, args.max_batch))
         sampler = None
         if args.steps is not None:
             sampler = SamplerConfig(**{**vars(policy.config.sampler), "num_steps": args.steps})

@@ -110,3 +110,18 @@ def test_the_compiled_whole_solve_samples_the_eager_chunks_on_cuda():
     assert calls == ["euler"]
     torch.testing.assert_close(compiled, eager, rtol=2e-3, atol=2e-3)  # as on CPU (TF32 stays off for fp32)
     assert (policy.predict_action_chunk(obs, noise=noise + 1.0) - compiled).abs().max() > 0.1
+
+
+def test_prepare_inference_sets_the_speed_options_in_order_and_names_a_bad_one():
+    from fmpolicy import ConfigError
+
+    policy = make_policy().prepare_inference(compile="solve", bf16=True)
+    assert policy._compiled_solve is not None and policy._compiled_solve.net is policy.net
+    assert policy.compute_dtype == torch.bfloat16 and policy.dtype == torch.float32  # chunks stay float32
+    assert "velocity" in make_policy().prepare_inference(compile="step").net.__dict__  # the compiled step
+    assert "velocity" not in policy.net.__dict__
+    with pytest.raises(ConfigError, match="compile = 'fast' is invalid"):
+        make_policy().prepare_inference(compile="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA graphs need a CUDA device"):
+            make_policy().prepare_inference(cuda_graphs=True)
