@@ -20,7 +20,12 @@ another order).
 Switched on by `FlowPolicy.compile_solve()` (CPU and CUDA); used by `sample_chunk` /
 `predict_action_chunk` / `select_action` for the fixed-grid methods in eval mode. With
 `enable_cuda_graphs()` on as well, the graphs replay the solve instead (combine those with
-`compile_velocity()`); `compile_solve(mode="reduce-overhead")` on CUDA gives torch.compile's own graphs.
+`compile_velocity()`). On CUDA, `compile_solve(mode="reduce-overhead")` asks torch.compile for its own
+CUDA graphs of the solve (not yet run on a GPU here: tests/test_compile.py has the CUDA test).
+
+torch.compile keeps at most `torch._dynamo.config.recompile_limit` graphs of one function (8 by
+default) across the policies of a process; past that it runs the solve uncompiled (the same chunks,
+eager speed) and logs a warning.
 """
 
 from __future__ import annotations

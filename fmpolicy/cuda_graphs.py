@@ -100,10 +100,9 @@ class GraphedSolver:
     `net.velocity(x_t, t, cache, valid[, time_cond])` is the step, looked up when a graph is captured
     (so a step replaced by `FlowPolicy.compile_velocity` is captured compiled); the solve is
     `solve_expert`'s (the time conditioning of every step in one projection, captured too). A deep
-    copy (of the policy) gets
-    the copied network and no graphs. `backend="eager"`
-    keeps the same static tensors and copies but re-runs the solve on them instead of replaying a
-    graph: what tests on a machine without CUDA check the bookkeeping with.
+    copy (of the policy) gets the copied network and no graphs. `backend="eager"` keeps the same static
+    tensors and copies but re-runs the solve on them instead of replaying a graph: what tests on a
+    machine without CUDA check the bookkeeping with.
     """
 
     def __init__(self, net: nn.Module, max_graphs: int = 8, backend: str = "cuda"):
