@@ -11,8 +11,8 @@ a batching window (`--window-ms`, default 3), side by side in one run.
 The policy: the `cpu` expert preset with a vision_text encoder over two 224x224 cameras (the tower
 at its tiny test width) and an instruction, chunk 10 x 7, 10 Euler steps, on `--device` (default cpu),
 optionally with the expert step or the whole solve compiled, CUDA graphs and bf16 (as `serve_policy.py`
-sets them up; the first calls at each batch size compile or capture, before the timed rows: each
-row's warm-up requests and the in-process `alone` calls before it). Each client is a separate
+sets them up; one chunk at each batch size from 1 to the most clients compiles or captures first,
+before anything is timed). Each client is a separate
 process running the real openpi-client (`tests/openpi_client_bench.py`, in the venv `make test`
 creates) and sends two 224x224 uint8 images, an 8-d state and a prompt per request, one after the
 other as fast as its replies come.
@@ -60,12 +60,27 @@ def make_policy(device: str = "cpu") -> FlowPolicy:
     return FlowPolicy(cfg).eval()
 
 
-def infer_alone_ms(policy: FlowPolicy, n: int = 20) -> float:
-    """Median ms of `predict_action_chunk` at batch 1 on the benchmark's observation, in-process: uint8
-    camera images as the clients send them (the server hands them to the policy as uint8 too)."""
+def bench_obs(policy: FlowPolicy, batch: int = 1) -> dict:
+    """The benchmark's observation in-process: uint8 camera images and the prompt as the clients send them
+    (the server hands them to the policy as uint8 too)."""
     rng = np.random.default_rng(0)
-    obs = {"observation.state": torch.as_tensor(rng.standard_normal((1, 8)), dtype=torch.float32), "task": ["pick"],
-           **{cam: torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8) for cam in policy.config.encoder.cameras}}
+    return {"observation.state": torch.as_tensor(rng.standard_normal((batch, 8)), dtype=torch.float32),
+            "task": ["pick up the red block"] * batch,
+            **{cam: torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8) for cam in policy.config.encoder.cameras}}
+
+
+def warm_batch_sizes(policy: FlowPolicy, sizes: range) -> None:
+    """One chunk at each batch size the server may form, before anything is timed: with --compile or
+    --cuda-graphs the first call at a size compiles or captures, which would otherwise land in a timed
+    request (a call's rows never exceed the number of clients)."""
+    with torch.no_grad():
+        for b in sizes:
+            policy.predict_action_chunk(bench_obs(policy, b))
+
+
+def infer_alone_ms(policy: FlowPolicy, n: int = 20) -> float:
+    """Median ms of `predict_action_chunk` at batch 1 on the benchmark's observation, in-process."""
+    obs = bench_obs(policy)
     times = []
     with torch.no_grad():
         for i in range(n + 5):
@@ -136,14 +151,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                             max_graphs=max(8, args.max_batch))
     except FmPolicyError as e:
         sys.exit(f"error: {e}")
-    infer_alone_ms(policy, 5)  # the first calls are slow (allocations, lazy init, compiling at batch 1)
+    clients = [int(c) for c in args.clients.split(",")]
+    if args.compile or args.cuda_graphs:
+        warm_batch_sizes(policy, range(1, min(max(clients), args.max_batch) + 1))
+    infer_alone_ms(policy, 5)  # the first calls are slow (allocations, lazy init)
     load_before = loadavg()
     configs = {"off": ServerConfig(port=0, max_batch=1), "on": ServerConfig(port=0, max_batch=args.max_batch),
                "window": ServerConfig(port=0, max_batch=args.max_batch, batch_window_ms=args.window_ms)}
     servers = {m: PolicyServer(policy, configs[m]).start() for m in modes}
     rows = []
     try:
-        for n in (int(c) for c in args.clients.split(",")):
+        for n in clients:
             for mode in modes:  # side by side: the same load for each
                 alone_ms = infer_alone_ms(policy)  # just before: under the same load
                 r = run_clients(servers[mode], n, args)
