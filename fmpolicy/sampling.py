@@ -89,7 +89,7 @@ def fixed_grid(num_steps: int, like: Tensor) -> Tensor:
 
 def stage_times(method: str, grid: Tensor) -> Tensor:
     """(num_steps * NFE_PER_STEP[method],): the times at which `solve_fixed_grid` evaluates the velocity
-    on `grid`, in the order of its calls, computed by the same operations (so equal to its t's)."""
+    on `grid`, in the order of its calls (it reads them from here), torchdiffeq's stage times."""
     if method not in NFE_PER_STEP:
         raise ValueError(f"sampler method {method!r} has no fixed grid: expected one of {list(NFE_PER_STEP)}")
     times = []
@@ -126,20 +126,20 @@ def solve_fixed_grid(velocity: Velocity, x0: Tensor, method: str, num_steps: int
     def f(t: Tensor, x: Tensor) -> Tensor:
         return velocity(x, t.expand(b))
 
+    times = stage_times(method, grid).view(num_steps, NFE_PER_STEP[method])  # each step's stage times
     x = x0
     for k in range(num_steps):
-        t0, t1 = grid[k], grid[k + 1]
-        dt = t1 - t0
+        dt = grid[k + 1] - grid[k]
+        ts = times[k]
         if method == "euler":
-            dx = dt * f(t0, x)
+            dx = dt * f(ts[0], x)
         elif method == "midpoint":
-            half = 0.5 * dt
-            dx = dt * f(t0 + half, x + f(t0, x) * half)
+            dx = dt * f(ts[1], x + f(ts[0], x) * (0.5 * dt))
         else:  # torchdiffeq's rk4_alt_step_func, the same operations in the same order
-            k1 = f(t0, x)
-            k2 = f(t0 + dt * (1 / 3), x + dt * k1 * (1 / 3))
-            k3 = f(t0 + dt * (2 / 3), x + dt * (k2 - k1 * (1 / 3)))
-            k4 = f(t1, x + dt * (k1 - k2 + k3))
+            k1 = f(ts[0], x)
+            k2 = f(ts[1], x + dt * k1 * (1 / 3))
+            k3 = f(ts[2], x + dt * (k2 - k1 * (1 / 3)))
+            k4 = f(ts[3], x + dt * (k1 - k2 + k3))
             dx = (k1 + 3 * (k2 + k3) + k4) * dt * 0.125
         x = x + dx
     return x

@@ -608,7 +608,6 @@ def bench_cache_compiled(bench: Bench, compiled: FlowPolicy) -> list[dict]:
 
     net, state_valid, valid = compiled.net, compiled.state_valid, compiled.action_valid
     grid = fixed_grid(k, x0)
-
     step = type(net).velocity.__get__(net)
 
     def cached_solve(x0: Tensor, grid: Tensor) -> Tensor:  # the encode pass and every step in one graph
