@@ -6,7 +6,7 @@ a batching window (`--window-ms`, default 3), side by side in one run.
 
     python scripts/bench_serving.py [--clients 1,2,4] [--requests 200] [--modes off,on,window]
         [--max-batch 16] [--window-ms 3] [--json] [--out bench.json] [--client-python .venv-openpi/bin/python]
-        [--device cuda] [--compile step|solve] [--cuda-graphs] [--bf16]
+        [--device cuda] [--compile step|solve] [--cuda-graphs] [--bf16] [--calls-on main|worker]
 
 The policy: the `cpu` expert preset with a vision_text encoder over two 224x224 cameras (the tower
 at its tiny test width) and an instruction, chunk 10 x 7, 10 Euler steps, on `--device` (default cpu),
@@ -15,7 +15,10 @@ sets them up; one chunk at each batch size from 1 to the most clients compiles o
 before anything is timed). Each client is a separate
 process running the real openpi-client (`tests/openpi_client_bench.py`, in the venv `make test`
 creates) and sends two 224x224 uint8 images, an 8-d state and a prompt per request, one after the
-other as fast as its replies come.
+other as fast as its replies come. The server runs its policy calls on the main thread
+(`PolicyServer.pump`), where the policy was loaded and `alone` is timed, as `serve_policy.py` does;
+`--calls-on worker` leaves them on its worker thread (a server that is only `start()`ed), which on
+CPU is slower (libgomp: docs/serving.md).
 
 Per request: the round trip measured by the client, the server's own `infer_ms` (the policy call that
 served it, which holds several requests when batched), that call's rows, and the server's timing of the
@@ -34,6 +37,7 @@ import argparse
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -101,9 +105,25 @@ def loadavg() -> str:
 
 
 def run_clients(server: PolicyServer, n: int, args) -> dict:
+    """n client processes against `server`; the policy calls run on this (the main) thread meanwhile,
+    as under `serve_policy.py`, unless --calls-on worker."""
     procs = [subprocess.Popen([args.client_python, str(CLIENT), str(server.port), str(args.requests),
                                str(args.warmup)], stdout=subprocess.PIPE, text=True) for _ in range(n)]
-    outs = [json.loads(proc.communicate(timeout=1800)[0].strip().splitlines()[-1]) for proc in procs]
+    outs, done = [], threading.Event()
+
+    def collect() -> None:
+        try:
+            outs.extend(json.loads(proc.communicate(timeout=1800)[0].strip().splitlines()[-1]) for proc in procs)
+        finally:
+            done.set()
+
+    collector = threading.Thread(target=collect, name="clients")
+    collector.start()
+    if args.calls_on == "main":
+        server.pump(until=done)
+    collector.join()
+    if len(outs) != n:
+        sys.exit(f"error: {n - len(outs)} of {n} clients failed")
     return {k: np.concatenate([o[k] for o in outs])
             for k in ("rtt_ms", "infer_ms", "batch_size", "queue_ms", "decode_ms", "total_ms")}
 
@@ -136,6 +156,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="torch.compile the expert step (step) or the whole fixed-grid solve (solve)")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the fixed-grid solve from CUDA graphs")
     p.add_argument("--bf16", action="store_true", help="run the action expert in bfloat16")
+    p.add_argument("--calls-on", default="main", choices=("main", "worker"),
+                   help="where the server runs its policy calls: this process's main thread (PolicyServer.pump, "
+                        "as serve_policy.py does) or its worker thread (a server only start()ed)")
     p.add_argument("--json", action="store_true", help="also print one JSON object per row")
     p.add_argument("--out", default=None, help="write {machine, rows} as JSON to this file")
     args = p.parse_args(argv)
@@ -178,7 +201,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              **breakdown(r),
                              "cpu": cpu_model(), "threads": torch.get_num_threads(), "device": str(policy.device),
                              "gpu": torch.cuda.get_device_name(policy.device) if policy.device.type == "cuda" else None,
-                             "compile": args.compile, "cuda_graphs": args.cuda_graphs, "bf16": args.bf16})
+                             "compile": args.compile, "cuda_graphs": args.cuda_graphs, "bf16": args.bf16,
+                             "calls_on": args.calls_on})
     finally:
         for server in servers.values():
             server.stop()
@@ -186,7 +210,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     gpu = f", {torch.cuda.get_device_name(policy.device)}" if policy.device.type == "cuda" else ""
     print(f"load average before {load_before}, after {load_after}; {cpu_model()}, {torch.get_num_threads()} torch "
           f"threads; policy on {policy.device}{gpu} (compile {args.compile}, CUDA graphs {args.cuda_graphs}, bf16 "
-          f"{args.bf16}); window = {args.window_ms} ms")
+          f"{args.bf16}); window = {args.window_ms} ms; policy calls on the {args.calls_on} thread")
     print(f"{'batching':>8} {'clients':>7} {'requests':>8} {'rows/call':>9} {'alone ms':>9} {'infer ms':>9} "
           f"{'round trip ms':>14} {'p99':>7} {'overhead ms':>12} {'p99':>7} {'vs alone ms':>12} {'p99':>7}")
     for r in rows:

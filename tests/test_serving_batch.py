@@ -31,6 +31,7 @@ class GatedPolicy:
     def __init__(self, policy):
         self._policy = policy
         self.calls: list[tuple[str, int]] = []
+        self.threads: list[str] = []  # the name of the thread each call ran on
         self.gate = threading.Event()
         self.entered = threading.Event()
 
@@ -38,6 +39,7 @@ class GatedPolicy:
         return getattr(self._policy, name)
 
     def _hold(self, kind: str, obs) -> None:
+        self.threads.append(threading.current_thread().name)
         self.entered.set()
         assert self.gate.wait(60), "the test never opened the gate"
         state = obs["observation.state"]
@@ -338,6 +340,113 @@ def test_bad_rtc_fields_and_seeds_get_errors_naming_them(policy):
             ws.send(packb(obs))
             assert unpackb(ws.recv())["actions"].shape == (4, 2)
     finally:
+        srv.stop()
+
+
+def test_serve_forever_runs_the_policy_calls_on_its_own_thread_until_stop(policy):
+    """On CPU a policy call from a thread other than the one that loaded the policy is slower (libgomp),
+    so `serve_forever()` runs the calls itself while the event loop stays on the server's thread."""
+    wrapper = GatedPolicy(policy)
+    wrapper.gate.set()
+    srv = PolicyServer(wrapper, ServerConfig(port=0)).start()
+    serving = threading.Thread(target=srv.serve_forever, name="serving")
+    serving.start()
+    clients = None
+    try:
+        wait_for(lambda: srv.pumping == 1, "serve_forever to take the calls")
+        clients = Clients(srv.port, 2)
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            obs = [{**client_obs(rng), "seed": i} for i in range(2)]
+            for ws, o in zip(clients.ws, obs):
+                ws.send(packb(o))
+            for ws, o, i in zip(clients.ws, obs, range(2)):
+                np.testing.assert_allclose(unpackb(ws.recv())["actions"], expected(policy, o, i), rtol=2e-4, atol=1e-4)
+        assert len(wrapper.threads) >= 3 and set(wrapper.threads) == {"serving"}
+    finally:
+        if clients is not None:
+            clients.close()
+        srv.stop()
+    serving.join(10)
+    assert not serving.is_alive() and srv.pumping == 0
+
+
+def test_a_pump_that_leaves_hands_the_calls_back_and_no_request_is_stranded(policy):
+    wrapper = GatedPolicy(policy)
+    wrapper.gate.set()
+    srv = PolicyServer(wrapper, ServerConfig(port=0)).start()
+    with pytest.raises(RuntimeError, match="not running"):
+        PolicyServer(policy).pump()
+    clients = Clients(srv.port, 1)
+    rng = np.random.default_rng(1)
+    try:
+        leave = threading.Event()
+        pumping = threading.Thread(target=srv.pump, kwargs={"until": leave, "poll_s": 0.01}, name="pump")
+        pumping.start()
+        wait_for(lambda: srv.pumping == 1, "the pump to start")
+        clients.ws[0].send(packb(client_obs(rng)))
+        unpackb(clients.ws[0].recv())
+        assert wrapper.threads == ["pump"]
+        leave.set()
+        pumping.join(10)
+        clients.ws[0].send(packb(client_obs(rng)))
+        unpackb(clients.ws[0].recv())
+        assert wrapper.threads[-1] not in ("pump", threading.current_thread().name)  # the worker thread
+        # the pump leaves while a call waits in its queue (it takes 0.3 s to see `until`, and a second
+        # request is queued meanwhile): that call goes to the worker thread instead of being stranded
+        class SlowToLeave:
+            def __init__(self):
+                self.leaving = False
+
+            def is_set(self):
+                if self.leaving:
+                    time.sleep(0.3)
+                return self.leaving
+
+        wrapper.gate.clear()
+        wrapper.entered.clear()
+        leave = SlowToLeave()
+        pumping = threading.Thread(target=srv.pump, kwargs={"until": leave}, name="pump")
+        pumping.start()
+        wait_for(lambda: srv.pumping == 1, "the pump to start")
+        two = Clients(srv.port, 2)
+        two.ws[0].send(packb(client_obs(rng)))
+        assert wrapper.entered.wait(60)  # the pump holds the first request's call
+        two.ws[1].send(packb(client_obs(rng)))
+        time.sleep(0.1)  # the second request is read and waits for the policy
+        leave.leaving = True
+        wrapper.gate.set()
+        for ws in two.ws:
+            assert unpackb(ws.recv(timeout=60))["actions"].shape == (4, 2)
+        two.close()
+        pumping.join(10)
+        assert wrapper.threads[-2] == "pump" and wrapper.threads[-1] != "pump"
+        # pumps come and go while one client sends back to back: every request is answered
+        sent, stop = 40, threading.Event()
+        replies = []
+
+        def send_all():
+            for _ in range(sent):
+                clients.ws[0].send(packb(client_obs(rng)))
+                replies.append(unpackb(clients.ws[0].recv(timeout=60)))
+            stop.set()
+
+        sender = threading.Thread(target=send_all)
+        sender.start()
+        pumps = 0
+        while not stop.is_set():
+            leave = threading.Event()
+            pumping = threading.Thread(target=srv.pump, kwargs={"until": leave, "poll_s": 0.002})
+            pumping.start()
+            time.sleep(0.002 * (1 + pumps % 5))
+            leave.set()
+            pumping.join(10)
+            pumps += 1
+        sender.join(60)
+        assert not sender.is_alive() and len(replies) == sent and pumps > 1
+        assert all(r["actions"].shape == (4, 2) for r in replies)
+    finally:
+        clients.close()
         srv.stop()
 
 

@@ -34,8 +34,14 @@ Incompatible ones run in separate calls, oldest first. Each row gets its own noi
 torch's global generator), so a batched result equals the unbatched one to float rounding when the
 noise is fixed (`seed`), and is an equally likely sample otherwise. When a batched call raises (a
 request that passed the checks but fails in the policy), its requests are run again one by one, so
-only the faulty one gets an error. Inference runs on one worker thread (one policy, one device): the
-event loop keeps accepting connections and sending metadata meanwhile.
+only the faulty one gets an error. One policy call runs at a time (one policy, one device), off the
+event loop, which keeps accepting connections and sending metadata meanwhile: on the thread that
+calls `serve_forever()` (or `pump()`), otherwise on a worker thread. Where the calls run matters on
+CPU: torch's OpenMP runtime (libgomp) keeps a pool of worker threads for every host thread that has
+run a parallel region, and once the pools together hold more threads than there are cores it stops
+letting its workers spin between regions, so every region pays for waking them (measured on 2 cores:
+a small `nn.Linear` 25 -> 55-90 us, a policy call ~2x). The process that loaded the policy on its main
+thread and serves from it keeps one pool; the event loop's own per-request work stays in numpy.
 
 Optional request fields (our names, not mapped):
 - `seed` (int >= 0): the request's noise is drawn from `torch.Generator().manual_seed(seed)`:
@@ -52,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import threading
 import time
 import traceback
@@ -199,7 +206,8 @@ class ObservationAdapter:
             return torch.from_numpy(img).to(self.device)
         if img.dtype.kind != "f":
             raise InputError(f"{key!r} has dtype {img.dtype}: expected uint8 or float in [0, 1]")
-        return torch.as_tensor(np.ascontiguousarray(img), device=self.device).float()
+        # cast by numpy: a torch op this size would be an OpenMP region on the event loop's thread
+        return torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).to(self.device)
 
 
 def _embodiment(value: Any, b: int, device: torch.device) -> list[str] | torch.Tensor:
@@ -247,9 +255,11 @@ class Request:
 class PolicyServer:
     """Serves `policy` (a `FlowPolicy`) over websockets; see the module docstring.
 
-    `start()` runs the server on a background thread and returns once it listens (`self.port`);
-    `serve_forever()` (starting it when needed) blocks until Ctrl-C or `stop()`. `calls` counts the
-    policy calls made and `rows` the rows they held (batching at work: rows / calls).
+    `start()` runs the server (its event loop) on a background thread and returns once it listens
+    (`self.port`); `serve_forever()` (starting it when needed) blocks until Ctrl-C or `stop()`,
+    running the policy calls on its own thread; `pump(until)` does the same for a while. Without a
+    pumping thread the calls run on a worker thread. `calls` counts the policy calls made and `rows`
+    the rows they held (batching at work: rows / calls).
     """
 
     def __init__(self, policy, config: ServerConfig | None = None, sampler=None):
@@ -276,6 +286,9 @@ class PolicyServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop: asyncio.Future | None = None
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (requests, asyncio future) for the pumping threads
+        self._pumps = 0  # threads in pump() now
+        self._pump_lock = threading.Lock()  # the count and the queue change together
 
     # ---- requests ----
     def prepare(self, obs: Any) -> Request:
@@ -443,7 +456,7 @@ class PolicyServer:
                         break
             group = self._take()
             try:
-                results = await asyncio.to_thread(self.run_batch, group)
+                results = await self._call(group)
             except Exception as e:  # noqa: BLE001 (run_batch returns errors; this is a last resort)
                 results = [e] * len(group)
             free_since = time.perf_counter()
@@ -454,6 +467,62 @@ class PolicyServer:
                     r.future.set_exception(result)
                 else:
                     r.future.set_result(result)
+
+    async def _call(self, group: list[Request]) -> list[dict[str, Any] | Exception]:
+        """`run_batch(group)` on a thread in `pump()` when there is one, else on a worker thread."""
+        done = None
+        with self._pump_lock:  # a pump leaving takes the queue's rest under this lock: nothing is stranded
+            if self._pumps:
+                done = asyncio.get_running_loop().create_future()
+                self._jobs.put((group, done))
+        results = None if done is None else await done  # None: the last pump left before running it
+        return results if results is not None else await asyncio.to_thread(self.run_batch, group)
+
+    @property
+    def pumping(self) -> int:
+        """How many threads are in `pump()` (or `serve_forever()`) now."""
+        return self._pumps
+
+    def pump(self, until: threading.Event | None = None, poll_s: float = 0.1) -> None:
+        """Run the server's policy calls on this thread until `until` is set or the server stops.
+
+        Use it to keep every policy call on the thread that loaded the policy (the main thread): on
+        CPU a call from another thread is slower (see the module docstring). Calls queued when the
+        last pumping thread leaves go back to the worker thread; several threads may pump at once.
+        """
+        if self._thread is None or not self._thread.is_alive():
+            raise RuntimeError("the policy server is not running: start() it before pump()")
+        with self._pump_lock:
+            self._pumps += 1
+        try:
+            while self._thread.is_alive() and (until is None or not until.is_set()):
+                try:
+                    group, done = self._jobs.get(timeout=poll_s)
+                except queue.Empty:
+                    continue
+                try:
+                    results = self.run_batch(group)
+                except Exception as e:  # noqa: BLE001 (run_batch returns errors; this is a last resort)
+                    results = [e] * len(group)
+                self._hand_back(lambda d=done, r=results: d.done() or d.set_result(r))
+        finally:
+            with self._pump_lock:
+                self._pumps -= 1
+                left = [] if self._pumps else self._drain()
+            for _, done in left:  # nobody pumps any more: back to `_call`, which runs them on the worker thread
+                self._hand_back(lambda d=done: d.done() or d.set_result(None))
+
+    def _drain(self) -> list[tuple[list[Request], asyncio.Future]]:
+        left = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                left.append(self._jobs.get_nowait())
+        return left
+
+    def _hand_back(self, fn) -> None:
+        """Run `fn` on the event loop (asyncio futures are not thread-safe); a stopped loop drops it."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server stopped meanwhile
+            self._loop.call_soon_threadsafe(fn)
 
     # ---- the websocket side ----
     async def _handle(self, websocket) -> None:
@@ -507,6 +576,7 @@ class PolicyServer:
         self._stop = asyncio.get_running_loop().create_future()
         self._wakeup = asyncio.Event()
         self._pending.clear()
+        self._drain()  # calls a previous run of the server left queued
         batcher = asyncio.create_task(self._batcher())
         try:
             await self._serve_forever_on(ready)
@@ -526,12 +596,12 @@ class PolicyServer:
             await self._stop
 
     def serve_forever(self) -> None:
-        """Serve until interrupted (Ctrl-C) or `stop()`; `start()` first to learn the bound port."""
+        """Serve until interrupted (Ctrl-C) or `stop()`, running the policy calls on this thread;
+        `start()` first to learn the bound port."""
         if self._thread is None:
             self.start()
         try:
-            while self._thread.is_alive():
-                self._thread.join(0.5)
+            self.pump()
         except KeyboardInterrupt:
             self.stop()
 
