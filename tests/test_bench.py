@@ -67,3 +67,15 @@ def test_profile_sampling_reports_where_a_chunk_spends_its_time_and_refuses_grap
                           "--variants", "eager,graphs"], capture_output=True, text=True, timeout=300, env=env,
                          cwd=SCRIPT.parents[1])
     assert bad.returncode == 2 and "--variants ['graphs'] invalid on cpu" in bad.stderr
+
+
+def test_thread_probe_reports_each_situation_as_json():
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "thread_probe.py"), "--calls", "50", "--chunks", "2",
+                           "--json"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=SCRIPT.parents[1])
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    keys = {"main_us", "other_thread_us", "main_while_other_lives_us", "main_after_other_ended_us",
+            "main_while_small_op_thread_lives_us", "chunk_main_ms", "chunk_new_thread_ms"}
+    assert keys <= set(r) and r["torch_threads"] >= 1
+    assert all(math.isfinite(r[k]) and r[k] > 0 for k in keys)
