@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 OPENPI_VENV ?= .venv-openpi
 OPENPI_STAMP := $(OPENPI_VENV)/.installed
 
-.PHONY: setup demo toy test bench gpu-check gpu-check-system clean
+.PHONY: setup demo toy test bench gpu-check gpu-check-system gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,17 @@ GPU_PYTHON ?= python3
 gpu-check-system:
 	mkdir -p .gpu_path && ln -sfn ../envs .gpu_path/fmpolicy_envs
 	PYTHONPATH=$(CURDIR):$(CURDIR)/.gpu_path$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) scripts/gpu_check.py
+
+# here, before a GPU session: wheels for the GPU machine's python (3.12 on the lent machines) of what its
+# image lacks for the serving benchmark (the server's websockets and msgpack, openpi-client and its
+# imports), from the local package index; scripts/gpu_round.sh unpacks them there (carry .gpu_wheels)
+GPU_PY_VERSION ?= 3.12
+GPU_WHEELS = msgpack websockets openpi-client==0.1.2 dm-tree typing_extensions pillow attrs wrapt absl-py
+gpu-wheels: $(STAMP)
+	rm -rf .gpu_wheels
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PY_VERSION) \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .gpu_wheels $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) $(OPENPI_VENV) build *.egg-info

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -162,8 +163,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--json", action="store_true", help="also print one JSON object per row")
     p.add_argument("--out", default=None, help="write {machine, rows} as JSON to this file")
     args = p.parse_args(argv)
-    if not Path(args.client_python).exists():
-        sys.exit(f"error: {args.client_python} does not exist: run `make test` once, or pass --client-python")
+    client_python = shutil.which(args.client_python)
+    if client_python is None:
+        sys.exit(f"error: --client-python {args.client_python} is not a python found here: run `make test` once, "
+                 "or pass a python with openpi-client installed")
+    args.client_python = client_python
     modes = [m.strip() for m in args.modes.split(",")]
     if not modes or set(modes) - {"off", "on", "window"}:
         sys.exit(f"error: --modes {args.modes!r}: expected some of off,on,window")
