@@ -4,6 +4,7 @@
     python scripts/serve_policy.py --policy runs/point_obstacle_flow/policy [--port 8000] [--host 127.0.0.1]
         [--api-key KEY] [--map observation/image=observation.images.top ...] [--device cpu] [--steps 10]
         [--max-batch 16] [--batch-window-ms 0] [--rtc-max-guidance-weight 5] [--rtc-schedule exp]
+        [--compile step|solve] [--cuda-graphs] [--bf16] [--threads N]
 
 A client then does, e.g.:
 
@@ -15,7 +16,9 @@ Binds 127.0.0.1 unless --host says otherwise. Requests from several clients that
 are batched into one call (--max-batch rows at most; --max-batch 1 turns it off). A request may carry
 `seed`, and for real-time chunking `prev_chunk_left_over`, `inference_delay`, `execution_horizon`. See
 fmpolicy/serving/server.py and docs/serving.md for the protocol, the default key mapping, batching,
-the request fields and the error behaviour.
+the request fields and the error behaviour. The policy calls run on the main thread, which loaded the
+policy (on CPU a call from another thread is slower: docs/serving.md); --threads sets torch's CPU
+threads for them (default: torch's own, one per core).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ def main(argv: list[str] | None = None):
                    help="run the action expert in bfloat16 (inputs, integration and actions stay float32)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay the fixed-grid solve from CUDA graphs (CUDA only; one capture per batch size)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch's CPU threads (torch.set_num_threads; default: torch's own, one per core)")
     p.add_argument("--max-batch", type=int, default=16,
                    help="most rows in one policy call when requests wait together (1: no batching)")
     p.add_argument("--batch-window-ms", type=float, default=0.0,
@@ -52,7 +57,13 @@ def main(argv: list[str] | None = None):
                    help="real-time chunking's guidance clip (beta), for requests with prev_chunk_left_over")
     p.add_argument("--rtc-schedule", default="exp", help="real-time chunking's prefix weights: exp or linear")
     args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads {args.threads}: expected an int >= 1")
     try:
+        import torch
+
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
         from fmpolicy.serving import DEFAULT_KEY_MAP, PolicyServer, ServerConfig
 
         extra = {}
@@ -73,7 +84,8 @@ def main(argv: list[str] | None = None):
             sampler = SamplerConfig(**{**vars(policy.config.sampler), "num_steps": args.steps})
         server = PolicyServer(policy, config, sampler=sampler).start()
         print(f"serving {args.policy} on ws://{config.host}:{server.port} (chunk {policy.config.chunk_size} x "
-              f"{policy.config.action_dim}, batches of up to {config.max_batch}); Ctrl-C stops", flush=True)
+              f"{policy.config.action_dim}, batches of up to {config.max_batch}, {torch.get_num_threads()} torch threads); "
+              "Ctrl-C stops", flush=True)
         server.serve_forever()
     except FmPolicyError as e:
         sys.exit(f"error: {e}")

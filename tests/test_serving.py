@@ -178,11 +178,12 @@ def test_the_serve_script_serves_a_saved_policy_and_refuses_a_bad_one(policy, tm
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve_policy.py"), "--policy",
                              str(tmp_path / "policy"), "--port", "0", "--device", "cpu", "--steps", "2",
                              "--map", "cam=observation.images.top", "--max-batch", "3", "--batch-window-ms", "1",
-                             "--compile", "solve"],  # the first request compiles the whole solve
+                             "--compile", "solve", "--threads", "1"],  # the first request compiles the whole solve
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         line = proc.stdout.readline()
         assert "serving" in line, proc.stderr.read() if proc.poll() is not None else line
+        assert "1 torch threads" in line
         port = int(line.split("ws://127.0.0.1:")[1].split()[0])
         rng = np.random.default_rng(3)
         obs = client_obs(rng)
@@ -205,6 +206,9 @@ def test_the_serve_script_serves_a_saved_policy_and_refuses_a_bad_one(policy, tm
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve_policy.py"), "--policy", str(tmp_path / "policy"),
                           "--max-batch", "0"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "max_batch = 0" in bad.stderr
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve_policy.py"), "--policy", str(tmp_path / "policy"),
+                          "--threads", "0"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "--threads 0: expected an int >= 1" in bad.stderr
 
 
 def test_bad_server_settings_are_config_errors():
