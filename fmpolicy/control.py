@@ -100,10 +100,19 @@ class AsyncChunkRunner:
     what the robot is doing (in process: `sample_chunk_rtc(policy, obs, leftover, d)`). Set d to the
     control steps an inference takes (`delays` shows them), and `threshold` >= d so that the chunk
     arrives before the current one's `n_action_steps` are used up.
+
+    `threads` (an int, or None to leave torch as it is): torch's CPU threads for `predict` on the
+    worker thread. With a policy on the CPU, `threads=1` is usually fastest: torch's OpenMP runtime
+    slows every parallel region once two host threads (the control loop's, which loaded the policy,
+    and the worker) each hold a pool of OpenMP threads that together outnumber the cores, and one
+    thread keeps the worker from making a pool (docs/serving.md: on a 2-core machine 43-47 -> 32-37 ms
+    a chunk). The control loop's thread keeps its own setting; threads torch starts later take
+    `threads` as their default while a chunk is computed (torch's setting is restored after it).
     """
 
     def __init__(self, predict: Callable[..., Any], n_action_steps: int, threshold: int = 1,
-                 aggregation: str = "latest", ensemble_m: float = 0.01, inference_delay: int | None = None):
+                 aggregation: str = "latest", ensemble_m: float = 0.01, inference_delay: int | None = None,
+                 threads: int | None = None):
         if not 0 <= threshold < n_action_steps:
             raise InputError(f"threshold = {threshold}: expected 0 <= threshold < n_action_steps = {n_action_steps}")
         if inference_delay is not None:
@@ -113,6 +122,10 @@ class AsyncChunkRunner:
             if aggregation != "latest":
                 raise InputError(f"aggregation = {aggregation!r} with inference_delay = {inference_delay}: real-time "
                                  "chunking continues the executed chunk, expected aggregation='latest'")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise InputError(f"threads = {threads!r}: expected None (torch's own setting) or an int >= 1 (torch's CPU "
+                             "threads for predict on the worker thread)")
+        self.threads = threads
         self.predict, self.s, self.threshold = predict, int(n_action_steps), int(threshold)
         self.inference_delay = inference_delay
         self.queue = ChunkQueue(aggregation, ensemble_m)
@@ -133,10 +146,16 @@ class AsyncChunkRunner:
                 args = (obs, self._as_returned(leftover), min(self.inference_delay, leftover.shape[1]))
 
         def run() -> None:
+            before = torch.get_num_threads()
             try:
+                if self.threads is not None:
+                    torch.set_num_threads(self.threads)  # this thread's OpenMP setting (and torch's default)
                 self._result = (start, self.predict(*args))
             except BaseException as e:  # noqa: BLE001 (re-raised in act)
                 self._error = e
+            finally:
+                if self.threads is not None:
+                    torch.set_num_threads(before)
 
         self._worker = threading.Thread(target=run, name="fmpolicy-chunk", daemon=True)
         self._worker.start()

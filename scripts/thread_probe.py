@@ -10,9 +10,10 @@ pool lives), `main_while_other_lives` (the main thread while another, now idle, 
 one element-wise op on a 224x224x3 tensor, i.e. one parallel region, is still alive),
 `main_after_other_ended` (the same once that thread has ended) and `main_while_small_op_thread_lives`
 (that thread's op too small for a parallel region). Then `bench_serving.py`'s policy
-(`predict_action_chunk` at batch 1) over `--chunks` alternated calls: on the main thread, and on a
-new thread per call as `AsyncChunkRunner` makes them (`--chunks 0` skips it). Prints a table, or
-one JSON object with `--json`.
+(`predict_action_chunk` at batch 1) over `--chunks` alternated calls: on the main thread
+(`chunk_main`), on a new thread per call as `AsyncChunkRunner` makes them (`chunk_new_thread`), and
+the same with one torch thread there, as `AsyncChunkRunner(..., threads=1)` sets it
+(`chunk_new_thread_1_thread`); `--chunks 0` skips them. Prints a table, or one JSON object with `--json`.
 """
 
 from __future__ import annotations
@@ -96,11 +97,21 @@ def main(argv: list[str] | None = None) -> dict:
 
         for _ in range(5):
             chunk_ms()
-        main_ms, thread_ms = [], []
+        def one_thread_chunk_ms() -> float:
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)  # as AsyncChunkRunner(threads=1) does on its worker thread
+            try:
+                return chunk_ms()
+            finally:
+                torch.set_num_threads(before)
+
+        times: dict[str, list[float]] = {"chunk_main_ms": [], "chunk_new_thread_ms": [],
+                                         "chunk_new_thread_1_thread_ms": []}
         for _ in range(args.chunks):
-            main_ms.append(chunk_ms())
-            thread_ms.append(on_new_thread(chunk_ms))
-        r["chunk_main_ms"], r["chunk_new_thread_ms"] = statistics.median(main_ms), statistics.median(thread_ms)
+            times["chunk_main_ms"].append(chunk_ms())
+            times["chunk_new_thread_ms"].append(on_new_thread(chunk_ms))
+            times["chunk_new_thread_1_thread_ms"].append(on_new_thread(one_thread_chunk_ms))
+        r.update({k: statistics.median(v) for k, v in times.items()})
     if args.json:
         print(json.dumps(r))
     else:

@@ -76,6 +76,6 @@ def test_thread_probe_reports_each_situation_as_json():
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     keys = {"main_us", "other_thread_us", "main_while_other_lives_us", "main_after_other_ended_us",
-            "main_while_small_op_thread_lives_us", "chunk_main_ms", "chunk_new_thread_ms"}
+            "main_while_small_op_thread_lives_us", "chunk_main_ms", "chunk_new_thread_ms", "chunk_new_thread_1_thread_ms"}
     assert keys <= set(r) and r["torch_threads"] >= 1
     assert all(math.isfinite(r[k]) and r[k] > 0 for k in keys)

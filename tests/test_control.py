@@ -74,6 +74,38 @@ def test_the_async_runner_reports_an_inference_error_in_the_control_loop():
             time.sleep(0.01)
 
 
+def test_the_async_runner_sets_torchs_threads_for_predict_only():
+    """`threads` applies to predict on the worker thread; the control loop's thread keeps its setting,
+    and torch's default is restored after each chunk."""
+    seen = []
+
+    def predict(obs):
+        seen.append(torch.get_num_threads())
+        return policy.predict_action_chunk(obs)
+
+    policy = point_policy()
+    obs = {"observation.state": torch.zeros(1, 4)}
+    main_threads = torch.get_num_threads()
+    want = main_threads + 1  # differs from the default on any machine
+    runner = AsyncChunkRunner(predict, n_action_steps=4, threshold=1, threads=want)
+    for _ in range(6):
+        assert runner.act(obs).shape == (1, 2)
+    runner.wait()
+    assert seen and set(seen) == {want}
+    assert torch.get_num_threads() == main_threads
+    after = []
+    t = threading.Thread(target=lambda: after.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert after == [main_threads]  # a thread started later gets torch's default back
+    unset = []
+    AsyncChunkRunner(lambda o: unset.append(torch.get_num_threads()) or chunk_of(0.0, h=4), 4).act(0)
+    assert unset == [main_threads]  # None: torch as it is
+    for bad in (0, 1.5, True):
+        with pytest.raises(InputError, match="threads"):
+            AsyncChunkRunner(predict, n_action_steps=4, threads=bad)
+
+
 def point_policy() -> FlowPolicy:
     cfg = PolicyConfig(state_dim=4, action_dim=2, chunk_size=8, n_action_steps=4, device="cpu",
                        expert=make_expert_config("tiny"),
