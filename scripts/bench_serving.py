@@ -2,9 +2,11 @@
 """What the policy server adds to a chunk: openpi-client round trips on localhost against
 `predict_action_chunk` alone, with 1, 2 and 4 clients at once, with batching of simultaneous requests
 off (`max_batch=1`: one request per policy call), on (`--max-batch`, default 16, no window) and on with
-a batching window (`--window-ms`, default 3), side by side in one run.
+a batching window (`--window-ms`, default 3), side by side in one run, and against `protocol`: a bare
+server that speaks the same protocol and answers every request with a fixed chunk after unpacking it
+(no policy, no checks): the round trip that no server can go below on this machine with these clients.
 
-    python scripts/bench_serving.py [--clients 1,2,4] [--requests 200] [--modes off,on,window]
+    python scripts/bench_serving.py [--clients 1,2,4] [--requests 200] [--modes off,on,window,protocol]
         [--max-batch 16] [--window-ms 3] [--json] [--out bench.json] [--client-python .venv-openpi/bin/python]
         [--device cuda] [--compile step|solve] [--cuda-graphs] [--bf16] [--calls-on main|worker]
 
@@ -34,6 +36,8 @@ table (median and p99 in ms), the machine's load average (`/proc/loadavg`) befor
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -49,7 +53,7 @@ from fmpolicy import FlowPolicy, NormalizationConfig, PolicyConfig, make_expert_
 from fmpolicy.config import EncoderConfig
 from fmpolicy.errors import FmPolicyError
 from fmpolicy.machine import cpu_model
-from fmpolicy.serving import PolicyServer, ServerConfig
+from fmpolicy.serving import PolicyServer, ServerConfig, packb, unpackb
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT = ROOT / "tests" / "openpi_client_bench.py"
@@ -105,7 +109,58 @@ def loadavg() -> str:
         return "n/a"
 
 
-def run_clients(server: PolicyServer, n: int, args) -> dict:
+class ProtocolFloor:
+    """openpi's protocol and nothing else: the metadata frame, then each request unpacked (its arrays
+    copied out of the message, as the policy server does) and answered at once with a fixed chunk and
+    the same `server_timing` keys (`infer_ms` 0)."""
+
+    def __init__(self, chunk: np.ndarray):
+        self.chunk, self.port = chunk, None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Future | None = None
+        self._thread: threading.Thread | None = None
+
+    async def _handle(self, websocket) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        with contextlib.suppress(ConnectionClosed):
+            await websocket.send(packb({"server": "protocol floor"}))
+            async for message in websocket:
+                start = time.perf_counter()
+                _ = [np.array(v) for v in unpackb(message).values() if isinstance(v, np.ndarray)]
+                ms = 1000 * (time.perf_counter() - start)
+                await websocket.send(packb({"actions": self.chunk, "server_timing": {
+                    "infer_ms": 0.0, "queue_ms": ms, "decode_ms": ms, "total_ms": ms, "batch_size": 1}}))
+
+    def start(self) -> "ProtocolFloor":
+        from websockets.asyncio.server import serve
+
+        ready = threading.Event()
+
+        async def run() -> None:
+            self._stop = asyncio.get_running_loop().create_future()
+            async with serve(self._handle, "127.0.0.1", 0, compression=None, max_size=None) as server:
+                self.port = server.sockets[0].getsockname()[1]
+                ready.set()
+                await self._stop
+
+        def thread() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(run())
+            self._loop.close()
+
+        self._thread = threading.Thread(target=thread, name="protocol-floor", daemon=True)
+        self._thread.start()
+        if not ready.wait(30):
+            raise RuntimeError("the protocol floor server did not start")
+        return self
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(lambda: self._stop.done() or self._stop.set_result(None))
+        self._thread.join(10)
+
+
+def run_clients(server: PolicyServer | ProtocolFloor, n: int, args) -> dict:
     """n client processes against `server`; the policy calls run on this (the main) thread meanwhile,
     as under `serve_policy.py`, unless --calls-on worker."""
     procs = [subprocess.Popen([args.client_python, str(CLIENT), str(server.port), str(args.requests),
@@ -120,7 +175,7 @@ def run_clients(server: PolicyServer, n: int, args) -> dict:
 
     collector = threading.Thread(target=collect, name="clients")
     collector.start()
-    if args.calls_on == "main":
+    if args.calls_on == "main" and isinstance(server, PolicyServer):
         server.pump(until=done)
     collector.join()
     if len(outs) != n:
@@ -148,8 +203,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=10, help="untimed requests per client first")
     p.add_argument("--max-batch", type=int, default=16, help="ServerConfig.max_batch with batching on")
     p.add_argument("--window-ms", type=float, default=3.0, help="ServerConfig.batch_window_ms in the mode 'window'")
-    p.add_argument("--modes", default="off,on,window",
-                   help="off (max_batch=1), on (--max-batch, no window), window (--max-batch and --window-ms)")
+    p.add_argument("--modes", default="off,on,window,protocol",
+                   help="off (max_batch=1), on (--max-batch, no window), window (--max-batch and --window-ms), "
+                        "protocol (a bare protocol server with a fixed reply: the floor)")
     p.add_argument("--client-python", default=str(ROOT / ".venv-openpi" / "bin" / "python"),
                    help="a python with openpi-client installed (make test creates .venv-openpi)")
     p.add_argument("--device", default="cpu", help="the policy's device: cpu, cuda, cuda:N or auto")
@@ -169,8 +225,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                  "or pass a python with openpi-client installed")
     args.client_python = client_python
     modes = [m.strip() for m in args.modes.split(",")]
-    if not modes or set(modes) - {"off", "on", "window"}:
-        sys.exit(f"error: --modes {args.modes!r}: expected some of off,on,window")
+    if not modes or set(modes) - {"off", "on", "window", "protocol"}:
+        sys.exit(f"error: --modes {args.modes!r}: expected some of off,on,window,protocol")
 
     torch.manual_seed(0)
     try:
@@ -185,7 +241,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     load_before = loadavg()
     configs = {"off": ServerConfig(port=0, max_batch=1), "on": ServerConfig(port=0, max_batch=args.max_batch),
                "window": ServerConfig(port=0, max_batch=args.max_batch, batch_window_ms=args.window_ms)}
-    servers = {m: PolicyServer(policy, configs[m]).start() for m in modes}
+    chunk = np.zeros((policy.config.chunk_size, policy.config.action_dim), np.float32)
+    servers = {m: (ProtocolFloor(chunk) if m == "protocol" else PolicyServer(policy, configs[m])).start()
+               for m in modes}
     rows = []
     try:
         for n in clients:
@@ -194,8 +252,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 r = run_clients(servers[mode], n, args)
                 rtt, infer = r["rtt_ms"], r["infer_ms"]
                 over, vs_alone = rtt - infer, rtt - alone_ms
-                rows.append({"batching": mode, "max_batch": configs[mode].max_batch,
-                             "batch_window_ms": configs[mode].batch_window_ms, "clients": n,
+                config = configs.get(mode)
+                rows.append({"batching": mode, "max_batch": config and config.max_batch,
+                             "batch_window_ms": config and config.batch_window_ms, "clients": n,
                              "requests": int(len(rtt)), "alone_ms": alone_ms,
                              "infer_ms_median": float(np.median(infer)), "mean_batch": float(np.mean(r["batch_size"])),
                              "rtt_ms_median": float(np.median(rtt)), "rtt_ms_p99": float(np.percentile(rtt, 99)),

@@ -55,13 +55,13 @@ if [ -n "$QUICK" ]; then
     step gpu_check 300 "$PY" scripts/gpu_check.py --device "$DEVICE" --quick --out "$OUT/gpu_check.json"
     step bench 300 "$PY" scripts/bench.py --device "$DEVICE" --quick --only chunk --json
     step serving 300 "$PY" scripts/bench_serving.py --device "$DEVICE" --clients 1,2 --requests 5 --warmup 1 \
-        --modes window --client-python "$CLIENT_PYTHON" --out "$OUT/serving.json"
+        --modes window,protocol --client-python "$CLIENT_PYTHON" --out "$OUT/serving.json"
     step thread_probe 120 "$PY" scripts/thread_probe.py --calls 50 --chunks 2 --json
 else
     step gpu_check 200 "$PY" scripts/gpu_check.py --device "$DEVICE" --cap 190 --out "$OUT/gpu_check.json"
     step bench 170 "$PY" scripts/bench.py --device "$DEVICE" --only compile,cuda_graph --json
     step serving 120 "$PY" scripts/bench_serving.py --device "$DEVICE" --cuda-graphs --clients 1,2,4 \
-        --requests 100 --modes off,window --client-python "$CLIENT_PYTHON" --out "$OUT/serving.json"
+        --requests 100 --modes off,window,protocol --client-python "$CLIENT_PYTHON" --out "$OUT/serving.json"
     step thread_probe 45 "$PY" scripts/thread_probe.py --json
 fi
 rm -rf "$SITE"

@@ -38,4 +38,6 @@ def test_gpu_round_runs_every_step_on_cpu_and_records_it(tmp_path):
     if client:
         assert steps["serving"] == "0", (out / "serving.txt").read_text()[-2000:]
         rows = json.loads((out / "serving.json").read_text())["rows"]
-        assert [r["clients"] for r in rows] == [1, 2] and all(r["rtt_ms_median"] > 0 for r in rows)
+        assert [(r["clients"], r["batching"]) for r in rows] == [(1, "window"), (1, "protocol"), (2, "window"),
+                                                                 (2, "protocol")]
+        assert all(r["rtt_ms_median"] > 0 for r in rows)

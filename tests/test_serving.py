@@ -250,13 +250,16 @@ def test_the_serving_benchmark_runs_the_real_client_and_refuses_a_missing_gpu(tm
         pytest.skip("OPENPI_CLIENT_PYTHON is not set: `make test` creates the openpi-client venv")
     script = ROOT / "scripts" / "bench_serving.py"
     out = subprocess.run([sys.executable, str(script), "--clients", "1", "--requests", "3", "--warmup", "1",
-                          "--modes", "off", "--bf16", "--compile", "--client-python", python, "--out",
+                          "--modes", "off,protocol", "--bf16", "--compile", "--client-python", python, "--out",
                           str(tmp_path / "b.json")], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
-    (row,) = json.loads((tmp_path / "b.json").read_text())["rows"]
+    row, floor = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert row["requests"] == 3 and row["bf16"] and row["compile"] == "step" and row["device"] == "cpu"
     # the round trip holds the policy call: it is never shorter than the server's own time for it
     assert row["rtt_ms_median"] >= row["infer_ms_median"] > 0
+    # the bare protocol server answers without a policy call, so its round trip is all overhead
+    assert floor["batching"] == "protocol" and floor["infer_ms_median"] == 0 and floor["requests"] == 3
+    assert floor["rtt_ms_median"] == floor["overhead_ms_median"] > 0
     if not torch.cuda.is_available():
         bad = subprocess.run([sys.executable, str(script), "--device", "cuda", "--client-python", python],
                              capture_output=True, text=True, timeout=120, cwd=ROOT)
