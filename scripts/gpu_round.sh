@@ -2,7 +2,7 @@
 # The one prepared command for a lent GPU machine (no network, its own python with a CUDA torch):
 # the GPU check, the compile / CUDA-graph bench, the serving round trip with the real openpi-client
 # and the libgomp thread probe, each under its own time limit, every output under $OUT (default
-# runs/gpu_round). About 9 minutes at most.
+# runs/gpu_round). At most 560 s of steps: run it with the device tool's timeout_s=600.
 #
 #   make gpu-wheels                      # here, before: .gpu_wheels/ (websockets, msgpack, openpi-client, ...)
 #   OUT=$OUT bash scripts/gpu_round.sh   # there: the device tool's run, with carry [".gpu_wheels"]
@@ -58,10 +58,11 @@ if [ -n "$QUICK" ]; then
         --modes window,protocol --client-python "$CLIENT_PYTHON" --out "$OUT/serving.json"
     step thread_probe 120 "$PY" scripts/thread_probe.py --calls 50 --chunks 2 --json
 else
-    step gpu_check 200 "$PY" scripts/gpu_check.py --device "$DEVICE" --cap 190 --out "$OUT/gpu_check.json"
-    step bench 170 "$PY" scripts/bench.py --device "$DEVICE" --only compile,cuda_graph --json
-    step serving 120 "$PY" scripts/bench_serving.py --device "$DEVICE" --cuda-graphs --clients 1,2,4 \
+    step gpu_check 160 "$PY" scripts/gpu_check.py --device "$DEVICE" --cap 150 --out "$OUT/gpu_check.json"
+    step bench_graphs 110 "$PY" scripts/bench.py --device "$DEVICE" --only cuda_graph --json
+    step bench_compile 140 "$PY" scripts/bench.py --device "$DEVICE" --only compile --json
+    step serving 110 "$PY" scripts/bench_serving.py --device "$DEVICE" --cuda-graphs --clients 1,2,4 \
         --requests 100 --modes off,window,protocol --client-python "$CLIENT_PYTHON" --out "$OUT/serving.json"
-    step thread_probe 45 "$PY" scripts/thread_probe.py --json
+    step thread_probe 40 "$PY" scripts/thread_probe.py --json
 fi
 rm -rf "$SITE"
