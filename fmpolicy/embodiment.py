@@ -39,12 +39,16 @@ class Embodiments(nn.Module):
         self.max_action_dim = config.expert.max_action_dim
         self.register_buffer("state_dims", torch.tensor([e.state_dim for e in self.specs]), persistent=False)
         self.register_buffer("action_dims", torch.tensor([e.action_dim for e in self.specs]), persistent=False)
+        # the same on the host, whatever the policy's device: widths of host-side indices without a device
+        # round trip (the policy server checks requests on its event loop while the GPU computes)
+        self._host_dims = {"state": self.state_dims.clone(), "action": self.action_dims.clone()}
 
     # ---- which embodiment each sample is ----
 
-    def index(self, batch: Mapping[str, Any], batch_size: int) -> Tensor:
-        """(b,) long indices from `batch["embodiment"]` (a name, a list of names, or indices)."""
-        device = self.state_dims.device
+    def index(self, batch: Mapping[str, Any], batch_size: int, device: torch.device | str | None = None) -> Tensor:
+        """(b,) long indices from `batch["embodiment"]` (a name, a list of names, or indices), on
+        `device` (default: the policy's)."""
+        device = self.state_dims.device if device is None else torch.device(device)
         value = batch.get(EMBODIMENT) if isinstance(batch, Mapping) else None
         if value is None:
             if len(self.names) > 1:
@@ -68,6 +72,8 @@ class Embodiments(nn.Module):
     def width(self, idx: Tensor, kind: str) -> int:
         """The width a batch's tensors must have: the widest robot's among the samples' embodiments."""
         dims = self.state_dims if kind == "state" else self.action_dims
+        if idx.device.type == "cpu" and dims.device.type != "cpu":
+            dims = self._host_dims[kind]
         return int(dims[idx].max()) if idx.numel() else int(dims.max())
 
     # ---- masks ----

@@ -282,6 +282,47 @@ def test_rtc_over_the_protocol_is_the_library_call_and_plain_requests_are_unchan
     assert np.abs(guided - plain).max() > 1e-2
 
 
+def test_requests_are_checked_on_the_host_without_touching_the_policys_device_tensors(policy):
+    """The event loop checks requests while the policy computes: on a GPU, reading a device tensor there
+    would wait for the running call. So `prepare` keeps the batch on the host and reads no device-side
+    table (here the embodiment tables are meta tensors, which cannot be read at all)."""
+    import copy
+
+    blind = copy.deepcopy(policy)
+    blind.embodiments.state_dims = blind.embodiments.state_dims.to("meta")
+    blind.embodiments.action_dims = blind.embodiments.action_dims.to("meta")
+    srv = PolicyServer(blind, ServerConfig(port=0))
+    rng = np.random.default_rng(7)
+    prev = np.zeros((3, 2), np.float32)
+    for obs in (client_obs(rng), {**client_obs(rng), "prev_chunk_left_over": prev, "inference_delay": 1}):
+        request = srv.prepare(obs)
+        assert request.width == 2 and request.rows == 1
+        assert all(v.device.type == "cpu" for v in request.batch.values() if isinstance(v, torch.Tensor))
+        assert request.rtc is None or request.rtc[0].device.type == "cpu"
+    with pytest.raises(RuntimeError, match="meta"):  # the tables really are unreadable
+        blind.embodiments.width(blind.embodiments.index({}, 1), "state")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_policy_on_cuda_is_served_and_its_chunks_equal_the_policy_alone(policy):
+    import copy
+
+    cuda = copy.deepcopy(policy).to("cuda")
+    srv = PolicyServer(cuda, ServerConfig(port=0)).start()
+    rng = np.random.default_rng(8)
+    obs = [{**client_obs(rng), "seed": i} for i in range(3)]
+    clients = Clients(srv.port, 3)
+    try:
+        for ws, o in zip(clients.ws, obs):
+            ws.send(packb(o))
+        replies = [unpackb(ws.recv(timeout=120))["actions"] for ws in clients.ws]
+    finally:
+        clients.close()
+        srv.stop()
+    for reply, o, i in zip(replies, obs, range(3)):
+        np.testing.assert_allclose(reply, expected(policy, o, i), rtol=1e-3, atol=1e-3)  # CPU vs GPU kernels
+
+
 def test_rtc_pulls_the_committed_prefix_to_the_previous_chunk():
     """With a flow whose velocity is known in closed form (independent N(0, 0.5^2) action entries in
     network units), the committed positions land near the previous chunk's actions, and positions

@@ -42,6 +42,8 @@ run a parallel region, and once the pools together hold more threads than there 
 letting its workers spin between regions, so every region pays for waking them (measured on 2 cores:
 a small `nn.Linear` 25 -> 55-90 us, a policy call ~2x). The process that loaded the policy on its main
 thread and serves from it keeps one pool; the event loop's own per-request work stays in numpy.
+Requests are checked and kept on the host (the policy moves its inputs to its device in its call):
+on a GPU, the event loop never waits for the call in flight.
 
 Optional request fields (our names, not mapped):
 - `seed` (int >= 0): the request's noise is drawn from `torch.Generator().manual_seed(seed)`:
@@ -145,7 +147,9 @@ class ObservationAdapter:
         slots = {f"{{camera{i}}}": cam for i, cam in enumerate(self.cameras)}
         # a camera placeholder the policy has no camera for is dropped (the key is then ignored)
         self.key_map = {k: slots.get(v, v) for k, v in key_map.items() if not v.startswith("{camera") or v in slots}
-        self.device = policy.device
+        # the batch stays on the host: the policy moves its inputs to its device in its own call, so that
+        # the event loop, checking requests while the GPU computes, never waits for the GPU
+        self.device = torch.device("cpu")
 
     def __call__(self, obs: Any) -> tuple[dict[str, Any], bool]:
         """-> (batch, batched): `batched` is False when the client sent one observation."""
@@ -306,7 +310,7 @@ class PolicyServer:
                              "expected finite numbers")
         if TASK in batch and len(batch[TASK]) != b:
             raise InputError(f"{TASK!r} has {len(batch[TASK])} entries: expected one per row ({b}) or one string")
-        idx = policy.embodiments.index(batch, b)
+        idx = policy.embodiments.index(batch, b, device="cpu")
         swidth = policy.embodiments.width(idx, "state")
         if state.shape[1] not in (swidth, policy.config.state_dim):
             raise InputError(f"{STATE!r} has width {state.shape[1]}: this policy expects state_dim="
@@ -348,7 +352,7 @@ class PolicyServer:
         n = prev.shape[-2]
         horizon = _int_field(extras, EXECUTION_HORIZON, n, 1, h)
         delay = _int_field(extras, INFERENCE_DELAY, 0, 0, min(horizon, n))
-        leftover = torch.as_tensor(prev if batched else prev[None], dtype=self.policy.dtype, device=self.policy.device)
+        leftover = torch.as_tensor(prev if batched else prev[None], dtype=self.policy.dtype)  # to the device in _run
         return leftover, delay, horizon
 
     def run_batch(self, requests: list[Request]) -> list[dict[str, Any] | Exception]:
@@ -383,7 +387,7 @@ class PolicyServer:
                 from fmpolicy.rtc import sample_chunk_rtc
 
                 _, delay, horizon = first.rtc
-                leftover = torch.cat([r.rtc[0] for r in requests])
+                leftover = torch.cat([r.rtc[0] for r in requests]).to(policy.device)
                 actions = sample_chunk_rtc(policy, batch, leftover, delay, horizon,
                                            max_guidance_weight=self.config.rtc_max_guidance_weight,
                                            schedule=self.config.rtc_schedule, noise=noise, sampler=self.sampler)
