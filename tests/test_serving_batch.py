@@ -491,6 +491,45 @@ def test_a_pump_that_leaves_hands_the_calls_back_and_no_request_is_stranded(poli
         srv.stop()
 
 
+def test_a_pump_interrupted_in_a_call_hands_it_to_the_worker_thread(policy):
+    """Ctrl-C reaches the pumping thread (the main one) in the middle of a policy call: the call is run
+    again on the worker thread, and its client still gets its chunk."""
+
+    class InterruptOnce(GatedPolicy):
+        def predict_action_chunk(self, obs, **kwargs):
+            if threading.current_thread().name == "pump" and not self.calls:
+                self.calls.append(("interrupted", 0))
+                raise KeyboardInterrupt
+            return super().predict_action_chunk(obs, **kwargs)
+
+    wrapper = InterruptOnce(policy)
+    wrapper.gate.set()
+    srv = PolicyServer(wrapper, ServerConfig(port=0)).start()
+    clients = Clients(srv.port, 1)
+    caught = []
+
+    def pump():
+        try:
+            srv.pump()
+        except KeyboardInterrupt:
+            caught.append(True)
+
+    try:
+        pumping = threading.Thread(target=pump, name="pump")
+        pumping.start()
+        wait_for(lambda: srv.pumping == 1, "the pump to start")
+        obs = {**client_obs(np.random.default_rng(9)), "seed": 3}
+        clients.ws[0].send(packb(obs))
+        reply = unpackb(clients.ws[0].recv(timeout=60))
+        pumping.join(10)
+        assert caught == [True] and srv.pumping == 0
+        np.testing.assert_allclose(reply["actions"], expected(policy, obs, 3), rtol=2e-4, atol=1e-4)
+        assert wrapper.threads and wrapper.threads[-1] != "pump"  # served by the worker thread
+    finally:
+        clients.close()
+        srv.stop()
+
+
 def test_bad_batching_settings_are_config_errors():
     for kwargs, name in (({"max_batch": 0}, "max_batch"), ({"max_batch": 2.0}, "max_batch"),
                          ({"batch_window_ms": -1}, "batch_window_ms"), ({"rtc_schedule": "cosine"}, "rtc_schedule"),

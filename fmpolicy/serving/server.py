@@ -508,6 +508,9 @@ class PolicyServer:
                     results = self.run_batch(group)
                 except Exception as e:  # noqa: BLE001 (run_batch returns errors; this is a last resort)
                     results = [e] * len(group)
+                except BaseException:  # Ctrl-C in this thread: the call goes back to the worker thread
+                    self._hand_back(lambda d=done: d.done() or d.set_result(None))
+                    raise
                 self._hand_back(lambda d=done, r=results: d.done() or d.set_result(r))
         finally:
             with self._pump_lock:
