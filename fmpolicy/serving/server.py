@@ -304,21 +304,24 @@ class PolicyServer:
         b = state.shape[0]
         if b == 0:
             raise InputError(f"{STATE!r} has batch size 0: expected at least one row")
-        if not torch.isfinite(state).all():
+        if not np.isfinite(state.numpy()).all():  # numpy: ~10x less per call than torch on tiny arrays
             rows = (~torch.isfinite(state)).any(1).nonzero().flatten().tolist()
             raise InputError(f"{STATE!r} holds non-finite values (row {rows[0]}: {state[rows[0]].tolist()}): "
                              "expected finite numbers")
         if TASK in batch and len(batch[TASK]) != b:
             raise InputError(f"{TASK!r} has {len(batch[TASK])} entries: expected one per row ({b}) or one string")
-        idx = policy.embodiments.index(batch, b, device="cpu")
-        swidth = policy.embodiments.width(idx, "state")
+        embodiments = policy.embodiments
+        if EMBODIMENT not in batch and len(embodiments.specs) == 1:  # one robot: its widths, no tensors
+            swidth, width = embodiments.specs[0].state_dim, embodiments.specs[0].action_dim
+        else:
+            idx = embodiments.index(batch, b, device="cpu")
+            swidth, width = embodiments.width(idx, "state"), embodiments.width(idx, "action")
         if state.shape[1] not in (swidth, policy.config.state_dim):
             raise InputError(f"{STATE!r} has width {state.shape[1]}: this policy expects state_dim="
                              f"{' or '.join(str(w) for w in sorted({swidth, policy.config.state_dim}))}")
         for cam in self.adapter.cameras:
             if cam in batch and batch[cam].shape[0] != b:
                 raise InputError(f"{cam!r} has {batch[cam].shape[0]} images: expected one per row ({b})")
-        width = policy.embodiments.width(idx, "action")
         seed = extras.get(SEED)
         if seed is not None:
             if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
