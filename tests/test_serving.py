@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +149,13 @@ def test_an_api_key_is_required_when_set(policy):
             assert info.value.response.status_code == 401
         with connect(f"ws://127.0.0.1:{srv.port}", additional_headers={"Authorization": "Api-Key s3cret"}) as ws:
             assert unpackb(ws.recv())["chunk_size"] == 4
+        # openpi's health check answers without the key (and without a websocket); other paths need it
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/healthz", timeout=30) as reply:
+            assert reply.status == 200 and reply.read() == b"OK\n"
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/", timeout=30)
+        assert info.value.code == 401
+        info.value.close()  # its connection, which the server would otherwise wait for when it stops
     finally:
         srv.stop()
 

@@ -10,6 +10,7 @@ The protocol (openpi's `WebsocketPolicyServer` / `WebsocketClientPolicy`):
    "prev_total_ms"}};
 4. a request that fails gets a *text* frame with the error and its traceback, and the connection
    stays usable: a bad request never kills the server or the other clients.
+An HTTP `GET /healthz` is answered 200 "OK" without opening a websocket (as openpi's server does).
 
 Client keys are mapped to ours by `ServerConfig.key_map` (openpi's `observation/state` ->
 `observation.state`, `prompt` -> `task`, `observation/image` -> the policy's first camera, ...); keys
@@ -574,7 +575,12 @@ class PolicyServer:
             except Exception:  # noqa: BLE001 (the client gets it; the server goes on)
                 await websocket.send(traceback.format_exc())
 
-    def _check_api_key(self, connection, request):
+    def _process_request(self, connection, request):
+        """Before the websocket opens: `GET /healthz` is answered 200 "OK" (openpi's health check, for
+        load balancers and container probes; it needs no API key and tells nothing); otherwise the API
+        key is checked when one is set."""
+        if request.path == "/healthz":
+            return connection.respond(HTTPStatus.OK, "OK\n")
         if self.config.api_key is None:
             return None
         if request.headers.get("Authorization") != f"Api-Key {self.config.api_key}":
@@ -599,7 +605,7 @@ class PolicyServer:
         from websockets.asyncio.server import serve
 
         async with serve(self._handle, self.config.host, self.config.port, compression=None, max_size=None,
-                         process_request=self._check_api_key) as server:
+                         process_request=self._process_request) as server:
             self.port = server.sockets[0].getsockname()[1]
             if ready is not None:
                 ready.set()
