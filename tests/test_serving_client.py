@@ -5,6 +5,7 @@ driving a live server with RTC through an episode of PointObstacle."""
 from __future__ import annotations
 
 import threading
+import time
 
 import gymnasium as gym
 import numpy as np
@@ -91,6 +92,42 @@ def test_an_api_key_is_required_when_set_and_a_lost_server_is_a_connection_error
     client.close()
     with pytest.raises(ServerConnectionError, match="cannot connect"):
         PolicyClient("127.0.0.1", srv.port, timeout=5)
+
+
+def test_a_client_started_before_its_server_waits_for_it(policy):
+    import socket
+
+    with socket.socket() as s:  # a free port, for the server that is not there yet
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(ServerConnectionError, match="kept trying for 0.3 s"):
+        PolicyClient("127.0.0.1", port, wait_s=0.3, retry_s=0.1)
+    assert time.monotonic() - start >= 0.2
+    clients, errors = [], []
+
+    def connect_early():
+        try:
+            clients.append(PolicyClient("127.0.0.1", port, wait_s=60, retry_s=0.05))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    early = threading.Thread(target=connect_early)
+    early.start()
+    time.sleep(0.3)  # the client is trying meanwhile
+    assert early.is_alive() and not clients
+    srv = PolicyServer(policy, ServerConfig(port=port)).start()
+    try:
+        early.join(60)
+        assert errors == [] and len(clients) == 1
+        assert clients[0].metadata["chunk_size"] == 4
+        assert clients[0].infer_chunk(client_obs(np.random.default_rng(4))).shape == (4, 2)
+        clients[0].close()
+    finally:
+        srv.stop()
+    for bad in (-1, "5", True):
+        with pytest.raises(InputError, match="wait_s"):
+            PolicyClient("127.0.0.1", port, wait_s=bad)
 
 
 def test_rtc_through_the_client_is_the_library_call_with_the_same_noise(server, policy):

@@ -15,6 +15,7 @@ Calls from several threads are serialized (one request in flight per connection)
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,27 +51,39 @@ class PolicyClient:
     host, port: the server (`ws://host:port`). api_key: sent as "Authorization: Api-Key <key>" when
     set. timeout: seconds to wait for the connection and for each reply (None: wait forever); a reply
     that times out closes the connection (a late reply would otherwise answer the next request).
+    wait_s: how long to keep trying (every `retry_s`) while nothing answers at that address yet, e.g.
+    a robot process started before the GPU server has loaded its policy (openpi's client waits the
+    same way); 0 fails at once, `math.inf` waits forever. A refusal (HTTP 401) is never retried.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = 8000, api_key: str | None = None,
-                 timeout: float | None = 30.0):
+                 timeout: float | None = 30.0, wait_s: float = 0.0, retry_s: float = 0.5):
         from websockets.exceptions import InvalidStatus
         from websockets.sync.client import connect
 
+        for name, value in (("wait_s", wait_s), ("retry_s", retry_s)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise InputError(f"{name} = {value!r}: expected a number of seconds >= 0")
         self.uri = f"ws://{host}" if port is None else f"ws://{host}:{port}"
         self.timeout = timeout
         headers = {"Authorization": f"Api-Key {api_key}"} if api_key is not None else None
-        try:
-            # entered as a context manager: websockets >= 17.1 deprecates using it directly
-            self._ws = connect(self.uri, compression=None, max_size=None, additional_headers=headers,
-                               open_timeout=timeout).__enter__()
-        except InvalidStatus as e:
-            status = e.response.status_code
-            hint = " (missing or wrong API key: pass api_key=...)" if status == 401 else ""
-            raise ServerConnectionError(f"the policy server at {self.uri} refused the connection with HTTP "
-                                        f"{status}{hint}") from e
-        except (OSError, TimeoutError) as e:
-            raise ServerConnectionError(f"cannot connect to a policy server at {self.uri}: {e}") from e
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                # entered as a context manager: websockets >= 17.1 deprecates using it directly
+                self._ws = connect(self.uri, compression=None, max_size=None, additional_headers=headers,
+                                   open_timeout=timeout).__enter__()
+                break
+            except InvalidStatus as e:
+                status = e.response.status_code
+                hint = " (missing or wrong API key: pass api_key=...)" if status == 401 else ""
+                raise ServerConnectionError(f"the policy server at {self.uri} refused the connection with HTTP "
+                                            f"{status}{hint}") from e
+            except (OSError, TimeoutError) as e:
+                if time.monotonic() + retry_s > deadline:
+                    waited = f" (kept trying for {wait_s} s)" if wait_s else " (wait_s=... keeps trying)"
+                    raise ServerConnectionError(f"cannot connect to a policy server at {self.uri}: {e}{waited}") from e
+                time.sleep(retry_s)
         self._lock = threading.Lock()
         try:
             self.metadata: dict = self._receive()  # the server speaks first: its metadata
