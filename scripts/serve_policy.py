@@ -4,7 +4,7 @@
     python scripts/serve_policy.py --policy runs/point_obstacle_flow/policy [--port 8000] [--host 127.0.0.1]
         [--api-key KEY] [--map observation/image=observation.images.top ...] [--device cpu] [--steps 10]
         [--max-batch 16] [--batch-window-ms 0] [--rtc-max-guidance-weight 5] [--rtc-schedule exp]
-        [--compile step|solve] [--cuda-graphs] [--bf16] [--threads N]
+        [--compile step|solve] [--cuda-graphs] [--bf16] [--threads N] [--record DIR]
 
 A client then does, e.g.:
 
@@ -24,10 +24,15 @@ threads for them (default: torch's own, one per core).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from fmpolicy import FlowPolicy, SamplerConfig
 from fmpolicy.errors import FmPolicyError
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None):
@@ -47,6 +52,9 @@ def main(argv: list[str] | None = None):
                    help="run the action expert in bfloat16 (inputs, integration and actions stay float32)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay the fixed-grid solve from CUDA graphs (CUDA only; one capture per batch size)")
+    p.add_argument("--record", default=None, metavar="DIR",
+                   help="save every answered request and its reply in DIR (one msgpack file each; "
+                        "fmpolicy.serving.read_records reads them back)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch's CPU threads (torch.set_num_threads; default: torch's own, one per core)")
     p.add_argument("--max-batch", type=int, default=16,
@@ -75,7 +83,8 @@ def main(argv: list[str] | None = None):
         config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                               key_map={**DEFAULT_KEY_MAP, **extra}, max_batch=args.max_batch,
                               batch_window_ms=args.batch_window_ms,
-                              rtc_max_guidance_weight=args.rtc_max_guidance_weight, rtc_schedule=args.rtc_schedule)
+                              rtc_max_guidance_weight=args.rtc_max_guidance_weight, rtc_schedule=args.rtc_schedule,
+                              record_dir=args.record)
         policy = FlowPolicy.from_pretrained(args.policy, device=args.device)
         # one graph per batch size the batcher forms: keep them all
         policy.prepare_inference(args.compile, args.cuda_graphs, args.bf16, max_graphs=max(8, args.max_batch))
@@ -86,6 +95,8 @@ def main(argv: list[str] | None = None):
         print(f"serving {args.policy} on ws://{config.host}:{server.port} (chunk {policy.config.chunk_size} x "
               f"{policy.config.action_dim}, batches of up to {config.max_batch}, {torch.get_num_threads()} torch threads); "
               "Ctrl-C stops", flush=True)
+        # `docker stop` / systemd send SIGTERM: stop as on Ctrl-C (the recording, if any, is written out)
+        signal.signal(signal.SIGTERM, _interrupt)
         server.serve_forever()
     except FmPolicyError as e:
         sys.exit(f"error: {e}")

@@ -25,7 +25,7 @@ from websockets.sync.client import connect  # noqa: E402
 from fmpolicy import FlowPolicy, NormalizationConfig, PolicyConfig, make_expert_config  # noqa: E402
 from fmpolicy.config import EncoderConfig  # noqa: E402
 from fmpolicy.errors import ConfigError  # noqa: E402
-from fmpolicy.serving import PolicyServer, ServerConfig, packb, unpackb  # noqa: E402
+from fmpolicy.serving import PolicyServer, ServerConfig, packb, read_records, unpackb  # noqa: E402
 from tests.helpers import randomized  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,7 +187,8 @@ def test_the_serve_script_serves_a_saved_policy_and_refuses_a_bad_one(policy, tm
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "serve_policy.py"), "--policy",
                              str(tmp_path / "policy"), "--port", "0", "--device", "cpu", "--steps", "2",
                              "--map", "cam=observation.images.top", "--max-batch", "3", "--batch-window-ms", "1",
-                             "--compile", "solve", "--threads", "1"],  # the first request compiles the whole solve
+                             "--compile", "solve", "--threads", "1", "--record", str(tmp_path / "rec")],
+                            # the first request compiles the whole solve
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         line = proc.stdout.readline()
@@ -201,10 +202,14 @@ def test_the_serve_script_serves_a_saved_policy_and_refuses_a_bad_one(policy, tm
             meta = unpackb(ws.recv())
             assert meta["key_map"]["cam"] == CAM and meta["max_batch"] == 3
             ws.send(packb(obs))
-            assert unpackb(ws.recv())["actions"].shape == (4, 2)
+            actions = unpackb(ws.recv())["actions"]
+            assert actions.shape == (4, 2)
     finally:
-        proc.terminate()
+        proc.terminate()  # SIGTERM: the script stops as on Ctrl-C and writes its recording out
         proc.wait(30)
+    assert proc.returncode == 0, proc.stderr.read()
+    (record,) = read_records(tmp_path / "rec")
+    assert np.array_equal(record["request"]["cam"], obs["cam"]) and np.array_equal(record["reply"]["actions"], actions)
     graphs = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve_policy.py"), "--policy", str(tmp_path / "policy"),
                              "--device", "cpu", "--bf16", "--cuda-graphs"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert graphs.returncode != 0 and "Traceback" not in graphs.stderr and "CUDA graphs need a CUDA device" in graphs.stderr
@@ -218,6 +223,49 @@ def test_the_serve_script_serves_a_saved_policy_and_refuses_a_bad_one(policy, tm
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve_policy.py"), "--policy", str(tmp_path / "policy"),
                           "--threads", "0"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "--threads 0: expected an int >= 1" in bad.stderr
+
+
+def test_a_recording_holds_every_answered_request_and_its_reply_and_goes_on_after_a_restart(policy, tmp_path):
+    from fmpolicy.errors import LockError
+
+    rec = tmp_path / "rec"
+    srv = PolicyServer(policy, ServerConfig(port=0, record_dir=str(rec))).start()
+    rng = np.random.default_rng(5)
+    sent, got = [], []
+    try:
+        with pytest.raises(LockError, match="recording"):  # one writer per recording
+            PolicyServer(policy, ServerConfig(port=0, record_dir=str(rec))).start()
+        with connect(f"ws://127.0.0.1:{srv.port}") as a, connect(f"ws://127.0.0.1:{srv.port}") as b:
+            for ws in (a, b):
+                unpackb(ws.recv())
+            for ws in (a, b, a):
+                obs = {**client_obs(rng), "seed": len(sent)}
+                ws.send(packb(obs))
+                got.append(unpackb(ws.recv())["actions"])
+                sent.append(obs)
+            a.send(packb({"observation/state": np.zeros(5, np.float32)}))  # refused: not recorded
+            assert isinstance(a.recv(), str)
+    finally:
+        srv.stop()
+    records = list(read_records(rec))
+    assert [r["connection"] for r in records] == [0, 1, 0]
+    for r, obs, actions in zip(records, sent, got):
+        assert set(r["request"]) == set(obs) and r["request"]["prompt"] == obs["prompt"]
+        assert np.array_equal(r["request"]["observation/image"], obs["observation/image"])
+        assert np.array_equal(r["reply"]["actions"], actions) and r["reply"]["server_timing"]["infer_ms"] > 0
+    assert records[0]["time"] <= records[1]["time"] <= records[2]["time"]
+    srv = PolicyServer(policy, ServerConfig(port=0, record_dir=str(rec))).start()  # the lock went with the server
+    try:
+        with connect(f"ws://127.0.0.1:{srv.port}") as ws:
+            unpackb(ws.recv())
+            ws.send(packb(client_obs(rng)))
+            unpackb(ws.recv())
+    finally:
+        srv.stop()
+    names = sorted(p.name for p in rec.iterdir() if not p.name.startswith("."))
+    assert names == [f"{i:08d}.msgpack" for i in range(4)]  # numbering goes on; nothing overwritten
+    with pytest.raises(ConfigError, match="record_dir"):
+        ServerConfig(record_dir="")
 
 
 def test_bad_server_settings_are_config_errors():

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import queue
 import threading
 import time
@@ -77,8 +78,9 @@ import torch
 from fmpolicy import __version__
 from fmpolicy.batch import STATE, TASK
 from fmpolicy.embodiment import EMBODIMENT
-from fmpolicy.errors import ConfigError, InputError
+from fmpolicy.errors import ConfigError, FmPolicyError, InputError
 from fmpolicy.rtc import SCHEDULES
+from fmpolicy.serving.record import Recorder
 from fmpolicy.serving.wire import packb, unpackb
 
 # optional request fields beyond the observation (see the module docstring)
@@ -114,6 +116,8 @@ class ServerConfig:
     #   closes as soon as every connected client has a request waiting); 0 = batch what waits
     rtc_max_guidance_weight: float = 5.0  # RTC's beta (requests with prev_chunk_left_over)
     rtc_schedule: str = "exp"  # RTC's prefix weights over the execution horizon: "exp" or "linear"
+    record_dir: str | None = None  # when set, every answered request and its reply is saved there
+    #   (fmpolicy.serving.record: one msgpack file each, written atomically off the event loop)
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -134,6 +138,10 @@ class ServerConfig:
         if not isinstance(self.rtc_max_guidance_weight, (int, float)) or not self.rtc_max_guidance_weight > 0:
             raise ConfigError(f"ServerConfig.rtc_max_guidance_weight = {self.rtc_max_guidance_weight!r} is invalid: "
                               "expected a number > 0")
+        if self.record_dir is not None and (not isinstance(self.record_dir, (str, os.PathLike))
+                                            or not str(self.record_dir)):
+            raise ConfigError(f"ServerConfig.record_dir = {self.record_dir!r} is invalid: expected a directory path "
+                              "or None")
         if self.rtc_schedule not in SCHEDULES:
             raise ConfigError(f"ServerConfig.rtc_schedule = {self.rtc_schedule!r} is invalid: expected one of "
                               f"{SCHEDULES}")
@@ -294,6 +302,8 @@ class PolicyServer:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (requests, asyncio future) for the pumping threads
         self._pumps = 0  # threads in pump() now
         self._pump_lock = threading.Lock()  # the count and the queue change together
+        self._connection_count = 0  # connections opened in this run (event loop only): each one's number
+        self._recorder: Recorder | None = None
 
     # ---- requests ----
     def prepare(self, obs: Any) -> Request:
@@ -540,15 +550,16 @@ class PolicyServer:
         from websockets.exceptions import ConnectionClosed
 
         self._connections += 1
+        connection, self._connection_count = self._connection_count, self._connection_count + 1
         try:
-            await self._serve_connection(websocket)
+            await self._serve_connection(websocket, connection)
         except ConnectionClosed:  # the client went away (closed, or its process ended): nothing to answer
             pass
         finally:
             self._connections -= 1
             self._wakeup.set()  # a batch window may have been waiting for this client
 
-    async def _serve_connection(self, websocket) -> None:
+    async def _serve_connection(self, websocket, connection: int) -> None:
         await websocket.send(packb(self.metadata))
         prev_total_ms = None
         async for message in websocket:
@@ -572,6 +583,8 @@ class PolicyServer:
                     reply["server_timing"]["prev_total_ms"] = prev_total_ms
                 await websocket.send(packb(reply))
                 prev_total_ms = 1000 * (time.perf_counter() - start)
+                if self._recorder is not None:
+                    self._recorder.put(obs, reply, connection)
             except Exception:  # noqa: BLE001 (the client gets it; the server goes on)
                 await websocket.send(traceback.format_exc())
 
@@ -593,10 +606,14 @@ class PolicyServer:
         self._wakeup = asyncio.Event()
         self._pending.clear()
         self._drain()  # calls a previous run of the server left queued
+        self._connection_count = 0
+        self._recorder = None if self.config.record_dir is None else Recorder(self.config.record_dir)
         batcher = asyncio.create_task(self._batcher())
         try:
             await self._serve_forever_on(ready)
         finally:
+            if self._recorder is not None:
+                self._recorder.close()  # what is queued is written, the directory released
             batcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await batcher
@@ -639,6 +656,8 @@ class PolicyServer:
         self._thread = threading.Thread(target=run, name="fmpolicy-server", daemon=True)
         self._thread.start()
         if not ready.wait(timeout) or errors:
+            if errors and isinstance(errors[0], FmPolicyError):  # e.g. the recording directory is in use
+                raise errors[0]
             raise RuntimeError(f"the policy server did not start on {self.config.host}:{self.config.port}: "
                                f"{errors[0] if errors else 'timed out'}")
         return self
