@@ -268,6 +268,34 @@ def test_a_recording_holds_every_answered_request_and_its_reply_and_goes_on_afte
         ServerConfig(record_dir="")
 
 
+def test_a_recording_that_cannot_be_written_stops_with_one_message_and_serving_goes_on(policy, tmp_path, capsys,
+                                                                                        monkeypatch):
+    import fmpolicy.serving.record as record
+
+    writes = []
+
+    def failing_write(path, write):
+        writes.append(path)
+        if len(writes) >= 2:
+            raise OSError(28, "No space left on device")
+        return record_write(path, write)
+
+    record_write = record.atomic_write
+    monkeypatch.setattr(record, "atomic_write", failing_write)
+    srv = PolicyServer(policy, ServerConfig(port=0, record_dir=str(tmp_path / "rec"))).start()
+    rng = np.random.default_rng(6)
+    try:
+        with connect(f"ws://127.0.0.1:{srv.port}") as ws:
+            unpackb(ws.recv())
+            for _ in range(4):
+                ws.send(packb(client_obs(rng)))
+                assert unpackb(ws.recv())["actions"].shape == (4, 2)  # serving goes on
+    finally:
+        srv.stop()
+    assert len(list(read_records(tmp_path / "rec"))) == 1 and len(writes) == 2  # stopped at the failure
+    assert capsys.readouterr().err.count("No space left on device") == 1
+
+
 def test_bad_server_settings_are_config_errors():
     with pytest.raises(ConfigError, match="port"):
         ServerConfig(port=70000)
