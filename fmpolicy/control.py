@@ -19,9 +19,10 @@ arrives. What the robot executes then (`ChunkQueue.aggregation`, `run_with_laten
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,21 @@ class ChunkQueue:
 
     def reset(self) -> None:
         self.chunks.clear()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's CPU threads set to `n` for this thread's OpenMP setting (and torch's default for threads
+    started meanwhile), restored on exit; None leaves them as they are."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class AsyncChunkRunner:
@@ -146,16 +162,11 @@ class AsyncChunkRunner:
                 args = (obs, self._as_returned(leftover), min(self.inference_delay, leftover.shape[1]))
 
         def run() -> None:
-            before = torch.get_num_threads()
             try:
-                if self.threads is not None:
-                    torch.set_num_threads(self.threads)  # this thread's OpenMP setting (and torch's default)
-                self._result = (start, self.predict(*args))
+                with torch_threads(self.threads):
+                    self._result = (start, self.predict(*args))
             except BaseException as e:  # noqa: BLE001 (re-raised in act)
                 self._error = e
-            finally:
-                if self.threads is not None:
-                    torch.set_num_threads(before)
 
         self._worker = threading.Thread(target=run, name="fmpolicy-chunk", daemon=True)
         self._worker.start()

@@ -39,8 +39,7 @@ class Embodiments(nn.Module):
         self.max_action_dim = config.expert.max_action_dim
         self.register_buffer("state_dims", torch.tensor([e.state_dim for e in self.specs]), persistent=False)
         self.register_buffer("action_dims", torch.tensor([e.action_dim for e in self.specs]), persistent=False)
-        # the same on the host, whatever the policy's device: widths of host-side indices without a device
-        # round trip (the policy server checks requests on its event loop while the GPU computes)
+        # the same on the host, whatever the policy's device (`host_widths`)
         self._host_dims = {"state": self.state_dims.clone(), "action": self.action_dims.clone()}
 
     # ---- which embodiment each sample is ----
@@ -72,9 +71,17 @@ class Embodiments(nn.Module):
     def width(self, idx: Tensor, kind: str) -> int:
         """The width a batch's tensors must have: the widest robot's among the samples' embodiments."""
         dims = self.state_dims if kind == "state" else self.action_dims
-        if idx.device.type == "cpu" and dims.device.type != "cpu":
-            dims = self._host_dims[kind]
         return int(dims[idx].max()) if idx.numel() else int(dims.max())
+
+    def host_widths(self, batch: Mapping[str, Any], batch_size: int) -> tuple[int, int]:
+        """(state width, action width) of a batch, as `width` gives them, computed on the host whatever
+        the policy's device (no device tensor is read: the policy server checks requests with it while
+        the GPU computes)."""
+        if batch.get(EMBODIMENT) is None and len(self.specs) == 1:  # one robot: its widths
+            return self.specs[0].state_dim, self.specs[0].action_dim
+        idx = self.index(batch, batch_size, device="cpu")
+        return tuple(int(self._host_dims[k][idx].max()) if idx.numel() else int(self._host_dims[k].max())
+                     for k in ("state", "action"))
 
     # ---- masks ----
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from fmpolicy.control import torch_threads
 from fmpolicy.machine import cpu_model
 from fmpolicy.scripting import load_script
 
@@ -98,12 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(5):
             chunk_ms()
         def one_thread_chunk_ms() -> float:
-            before = torch.get_num_threads()
-            torch.set_num_threads(1)  # as AsyncChunkRunner(threads=1) does on its worker thread
-            try:
+            with torch_threads(1):  # as AsyncChunkRunner(threads=1) does on its worker thread
                 return chunk_ms()
-            finally:
-                torch.set_num_threads(before)
 
         times: dict[str, list[float]] = {"chunk_main_ms": [], "chunk_new_thread_ms": [],
                                          "chunk_new_thread_1_thread_ms": []}

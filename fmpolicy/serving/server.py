@@ -321,12 +321,7 @@ class PolicyServer:
                              "expected finite numbers")
         if TASK in batch and len(batch[TASK]) != b:
             raise InputError(f"{TASK!r} has {len(batch[TASK])} entries: expected one per row ({b}) or one string")
-        embodiments = policy.embodiments
-        if EMBODIMENT not in batch and len(embodiments.specs) == 1:  # one robot: its widths, no tensors
-            swidth, width = embodiments.specs[0].state_dim, embodiments.specs[0].action_dim
-        else:
-            idx = embodiments.index(batch, b, device="cpu")
-            swidth, width = embodiments.width(idx, "state"), embodiments.width(idx, "action")
+        swidth, width = policy.embodiments.host_widths(batch, b)
         if state.shape[1] not in (swidth, policy.config.state_dim):
             raise InputError(f"{STATE!r} has width {state.shape[1]}: this policy expects state_dim="
                              f"{' or '.join(str(w) for w in sorted({swidth, policy.config.state_dim}))}")
