@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from fmpolicy.cuda_graphs import flatten_solve_inputs, solve_expert, unflatten_solve_inputs
 from fmpolicy.model import ExpertCache
+from fmpolicy.rtc import PrefixGuidance
 from fmpolicy.sampling import NFE_PER_STEP, fixed_grid
 
 
@@ -53,6 +54,7 @@ class CompiledSolver:
         compile_kwargs.setdefault("dynamic", False)
         self.net, self.compile_kwargs = net, compile_kwargs
         self._solve = torch.compile(self._run, **compile_kwargs)
+        self._guided = torch.compile(self._run_guided, **compile_kwargs)  # its own graphs (and recompile limit)
 
     def __deepcopy__(self, memo: dict) -> "CompiledSolver":
         return CompiledSolver(copy.deepcopy(self.net, memo), **self.compile_kwargs)
@@ -62,14 +64,37 @@ class CompiledSolver:
         step = type(self.net).velocity.__get__(self.net)  # the class's own step: compiled here, with the rest
         return solve_expert(self.net, x0, valid, cache, method, num_steps, step, grid)
 
+    def _run_guided(self, tensors: list[Tensor | None], grid: Tensor, layers: int, method: str, num_steps: int,
+                    target: Tensor, weights: Tensor, max_weight: float) -> Tensor:
+        x0, valid, cache = unflatten_solve_inputs(tensors, layers)
+        step = type(self.net).velocity.__get__(self.net)
+        guide = PrefixGuidance(target, weights, max_weight)
+        return solve_expert(self.net, x0, valid, cache, method, num_steps, step, grid,
+                            guide=lambda velocity: guide.wrap(velocity, functional=True))
+
     @torch.no_grad()
     def solve(self, cache: ExpertCache, valid: Tensor | None, x0: Tensor, method: str, num_steps: int) -> Tensor:
         """x1 (b, h, A) of the fixed-grid solve from the noise `x0`."""
-        if method not in NFE_PER_STEP:
-            raise ValueError(f"sampler method {method!r} cannot be compiled as a whole solve: expected one of "
-                             f"the fixed-grid methods {list(NFE_PER_STEP)}")
-        if num_steps < 1:
-            raise ValueError(f"num_steps = {num_steps} is invalid: expected a positive int")
+        _check(method, num_steps)
         # the grid comes from outside the graph: a compiled linspace may round its points otherwise
         grid = fixed_grid(num_steps, x0)
         return self._solve(flatten_solve_inputs(x0, valid, cache), grid, len(cache.prefix_kv or []), method, num_steps)
+
+    @torch.no_grad()
+    def solve_guided(self, cache: ExpertCache, valid: Tensor | None, x0: Tensor, method: str, num_steps: int,
+                     guidance: PrefixGuidance) -> Tensor:
+        """x1 (b, h, A) of the fixed-grid solve from `x0` with RTC's guidance (`fmpolicy.rtc`): every step's
+        network pass and vector-Jacobian product (`torch.func.vjp`) in the one compiled graph. beta
+        (`guidance.max_weight`) is a constant of the graph: another value compiles again."""
+        _check(method, num_steps)
+        grid = fixed_grid(num_steps, x0)
+        return self._guided(flatten_solve_inputs(x0, valid, cache), grid, len(cache.prefix_kv or []), method,
+                            num_steps, guidance.target, guidance.weights, float(guidance.max_weight))
+
+
+def _check(method: str, num_steps: int) -> None:
+    if method not in NFE_PER_STEP:
+        raise ValueError(f"sampler method {method!r} cannot be compiled as a whole solve: expected one of "
+                         f"the fixed-grid methods {list(NFE_PER_STEP)}")
+    if num_steps < 1:
+        raise ValueError(f"num_steps = {num_steps} is invalid: expected a positive int")

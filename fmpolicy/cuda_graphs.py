@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from fmpolicy.model import ExpertCache
-from fmpolicy.sampling import NFE_PER_STEP, fixed_grid, solve_fixed_grid, stage_times
+from fmpolicy.sampling import NFE_PER_STEP, Velocity, fixed_grid, solve_fixed_grid, stage_times
 
 BACKENDS = ("cuda", "eager")
 WARMUP_SOLVES = 2  # solves on a side stream before capture (cuBLAS / cuDNN pick and allocate their workspaces)
@@ -51,14 +51,16 @@ def unflatten_solve_inputs(tensors: list[Tensor | None], layers: int) -> tuple[T
 
 
 def solve_expert(net: nn.Module, x0: Tensor, valid: Tensor | None, cache: ExpertCache, method: str, num_steps: int,
-                 step: Callable[..., Tensor] | None = None, grid: Tensor | None = None) -> Tensor:
+                 step: Callable[..., Tensor] | None = None, grid: Tensor | None = None,
+                 guide: Callable[[Velocity], Velocity] | None = None) -> Tensor:
     """The fixed-grid solve of an expert network from the noise `x0`: -> x1, in x0's dtype.
 
     `step(x, t, cache, valid[, time_cond])`: the network's `velocity` (default `net.velocity`, which
     `FlowPolicy.compile_velocity` may have replaced by a compiled one), run in the weights' dtype (the
     expert may compute in bf16 on float32 chunks). A network with `time_conditioning` (the
     transformer) gets it for every evaluation time of the solve from one projection, made here, and
-    each step reads its row: the same values as computing it per step, up to float rounding.
+    each step reads its row: the same values as computing it per step, up to float rounding. `guide`
+    wraps the velocity (RTC's guidance: `fmpolicy.compiled.CompiledSolver.solve_guided`).
     """
     grid = fixed_grid(num_steps, x0) if grid is None else grid
     step = net.velocity if step is None else step
@@ -75,7 +77,7 @@ def solve_expert(net: nn.Module, x0: Tensor, valid: Tensor | None, cache: Expert
             i = calls[0]
             calls[0] += 1
             return step(x.to(compute), t, cache, valid, [m[i:i + 1] for m in table]).to(x.dtype)
-    return solve_fixed_grid(velocity, x0, method, num_steps, grid)
+    return solve_fixed_grid(velocity if guide is None else guide(velocity), x0, method, num_steps, grid)
 
 
 def _signature(method: str, num_steps: int, tensors: list[Tensor | None]) -> tuple:

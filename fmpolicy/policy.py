@@ -29,6 +29,7 @@ from fmpolicy.flow import compute_cfm_loss, compute_masked_mse, interpolate, mak
 from fmpolicy.io import atomic_directory
 from fmpolicy.model import ExpertCache, make_velocity_net
 from fmpolicy.normalize import Normalizer
+from fmpolicy.rtc import PrefixGuidance
 from fmpolicy.sampling import NFE_PER_STEP, SampleResult, sample_noise, sample_ode
 
 FORMAT_VERSION = 1
@@ -451,9 +452,13 @@ class FlowPolicy(nn.Module):
     @torch.no_grad()
     def sample_chunk(self, obs: Mapping[str, Any], noise: Tensor | None = None,
                      generator: torch.Generator | None = None, sampler: SamplerConfig | None = None,
-                     return_trajectory: bool = False, cache: ExpertCache | None = None) -> SampleResult:
+                     return_trajectory: bool = False, cache: ExpertCache | None = None,
+                     guidance: PrefixGuidance | None = None) -> SampleResult:
         """Integrate the flow for a batch of observations; `x1` is padded and in network units.
-        `cache`: `encode(obs)` computed by the caller (reused, e.g. for FPO's old losses of the chunk)."""
+        `cache`: `encode(obs)` computed by the caller (reused, e.g. for FPO's old losses of the chunk).
+        `guidance`: RTC's guidance towards a committed prefix (`fmpolicy.rtc.sample_chunk_rtc` makes it);
+        after `compile_solve()` the guided fixed-grid solve is compiled too (CUDA graphs replay unguided
+        solves only: a guided one runs compiled if `compile_solve()` is on, eagerly otherwise)."""
         cache = self.encode(obs) if cache is None else cache
         b = cache.batch_size
         if self.config.head == "regression":
@@ -463,12 +468,16 @@ class FlowPolicy(nn.Module):
         else:
             noise = keys.read_noise(noise, self._chunk_shape(b), "b h max_action_dim", self.device, self.dtype)
         s = sampler or self.config.sampler
-        solver = self._graphs if self._graphs is not None else self._compiled_solve
+        solver = self._graphs if self._graphs is not None and guidance is None else self._compiled_solve
         if solver is not None and s.method in NFE_PER_STEP and not return_trajectory and not self.training:
             valid = cache.action_valid if cache.action_valid is not None else self.action_valid
-            x1 = solver.solve(cache, valid, noise, s.method, s.num_steps)
+            x1 = (solver.solve(cache, valid, noise, s.method, s.num_steps) if guidance is None
+                  else solver.solve_guided(cache, valid, noise, s.method, s.num_steps, guidance))
             return SampleResult(x1=x1, nfe=NFE_PER_STEP[s.method] * s.num_steps, embodiment=cache.embodiment)
-        result = sample_ode(self.velocity_fn(cache), noise, method=s.method, num_steps=s.num_steps,
+        velocity = self.velocity_fn(cache)
+        if guidance is not None:
+            velocity = guidance.wrap(velocity)
+        result = sample_ode(velocity, noise, method=s.method, num_steps=s.num_steps,
                             atol=s.atol, rtol=s.rtol, return_trajectory=return_trajectory)
         result.embodiment = cache.embodiment
         return result

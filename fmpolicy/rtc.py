@@ -19,13 +19,17 @@ r_t^2 = (1 - t)^2 / (t^2 + (1 - t)^2), clipped at `max_guidance_weight` (beta). 
 product costs one backward pass of the network per integration step.
 
 Following `sampling.py`'s rule, RTC is a wrapper around the velocity callable (`PrefixGuidedVelocity`),
-and `sample_chunk_rtc` is the policy-level entry point.
+and `sample_chunk_rtc` is the policy-level entry point: it hands a `PrefixGuidance` to
+`FlowPolicy.sample_chunk`, which after `compile_solve()` runs the guided fixed-grid solve, network,
+vector-Jacobian products and all, as one compiled graph (`fmpolicy.compiled`), and otherwise wraps the
+velocity and integrates with `sample_ode`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,9 +37,8 @@ from torch import Tensor
 
 from fmpolicy.config import SamplerConfig
 from fmpolicy.errors import InputError
-from fmpolicy.sampling import sample_ode
+from fmpolicy.sampling import Velocity
 
-Velocity = Callable[[Tensor, Tensor], Tensor]
 SCHEDULES = ("exp", "linear")
 
 
@@ -66,21 +69,46 @@ def guidance_weight(t: Tensor, max_weight: float) -> Tensor:
 
 class PrefixGuidedVelocity:
     """Wraps a velocity callable v(x_t, t) -> (b, h, A) with RTC's inpainting guidance towards `target`
-    (b, h, A) (network units) with weights `weights` (h,) or (b, h, A); see the module docstring."""
+    (b, h, A) (network units) with weights `weights` (h,) or (b, h, A); see the module docstring.
 
-    def __init__(self, velocity: Velocity, target: Tensor, weights: Tensor, max_guidance_weight: float = 5.0):
+    `functional`: the vector-Jacobian product through `torch.func.vjp` instead of `torch.autograd.grad`
+    (the same values): what `torch.compile` can trace into one graph with the rest of the solve
+    (`fmpolicy.compiled.CompiledSolver.solve_guided`); eagerly the autograd route is the faster one."""
+
+    def __init__(self, velocity: Velocity, target: Tensor, weights: Tensor, max_guidance_weight: float = 5.0,
+                 functional: bool = False):
         self.velocity, self.target, self.max_weight = velocity, target, float(max_guidance_weight)
         self.weights = weights if weights.dim() == 3 else weights[None, :, None]
+        self.functional = functional
 
     def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
-        with torch.enable_grad():
-            x = x_t.detach().requires_grad_(True)
+        def denoise(x: Tensor) -> tuple[Tensor, Tensor]:
             v = self.velocity(x, t)
-            denoised = x + (1.0 - t)[:, None, None] * v
-            error = self.weights * (self.target - denoised)
-            (correction,) = torch.autograd.grad(denoised, x, error)
+            return x + (1.0 - t)[:, None, None] * v, v
+
+        if self.functional:
+            denoised, pullback, v = torch.func.vjp(denoise, x_t, has_aux=True)
+            (correction,) = pullback(self.weights * (self.target - denoised))
+        else:
+            with torch.enable_grad():
+                x = x_t.detach().requires_grad_(True)
+                denoised, v = denoise(x)
+                (correction,) = torch.autograd.grad(denoised, x, self.weights * (self.target - denoised))
         w = guidance_weight(t, self.max_weight).to(v.dtype)[:, None, None]
         return (v + w * correction).detach()
+
+
+@dataclass(frozen=True)
+class PrefixGuidance:
+    """RTC's guidance for one solve, as `FlowPolicy.sample_chunk(guidance=...)` takes it: the target
+    chunk (b, h, A) and the weights (b, h, A), both in network units (padded, normalized), and beta."""
+
+    target: Tensor
+    weights: Tensor
+    max_weight: float = 5.0
+
+    def wrap(self, velocity: Velocity, functional: bool = False) -> PrefixGuidedVelocity:
+        return PrefixGuidedVelocity(velocity, self.target, self.weights, self.max_weight, functional)
 
 
 @torch.no_grad()
@@ -112,10 +140,6 @@ def sample_chunk_rtc(policy, obs: Mapping[str, Any], leftover: Tensor, inference
     target = policy.pad_action(padded, cache.embodiment)
     valid = (cache.action_valid if cache.action_valid is not None else policy.action_valid[None]).to(target)  # (b, A)
     weights = prefix_weights(inference_delay, horizon, h, schedule).to(target)[None, :, None] * valid[:, None, :]
-    if noise is None:
-        noise = policy.sample_noise(batch, generator)
-    s = sampler or policy.config.sampler
-    velocity = PrefixGuidedVelocity(policy.velocity_fn(cache), target, weights, max_guidance_weight)
-    result = sample_ode(velocity, noise.to(policy.device), method=s.method, num_steps=s.num_steps, atol=s.atol,
-                        rtol=s.rtol)
+    guidance = PrefixGuidance(target, weights, max_guidance_weight)
+    result = policy.sample_chunk(obs, noise, generator, sampler, cache=cache, guidance=guidance)
     return policy.embodiments.unnormalize_action(result.x1, cache.embodiment, width)

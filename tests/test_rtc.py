@@ -89,3 +89,26 @@ def test_the_policy_entry_point_without_weights_is_plain_sampling_and_checks_its
         sample_chunk_rtc(policy, obs, leftover[:, :, :1], inference_delay=1)
     with pytest.raises(InputError, match="inference_delay = 5"):
         sample_chunk_rtc(policy, obs, leftover, inference_delay=5)
+
+
+def test_the_functional_vector_jacobian_product_guides_as_autograd_does():
+    """`functional=True` (torch.func.vjp, what torch.compile traces) gives autograd's guided velocity: the
+    same operations, so in float64 the same numbers (float32 differs in the last bits between the two
+    backward kernels, amplified by this random expert's large Jacobian)."""
+    net = make_policy().net.double()
+    g = torch.Generator().manual_seed(4)
+    cache = net.encode(torch.randn(3, net.config.max_state_dim, generator=g, dtype=torch.float64))
+    x = torch.randn(3, 8, net.config.max_action_dim, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    target, weights = torch.randn(x.shape, generator=g, dtype=torch.float64), prefix_weights(2, 6, 8).double()
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return net.velocity(x, t, cache)
+
+    with torch.no_grad():
+        plain = velocity(x, t)
+        by_autograd = PrefixGuidedVelocity(velocity, target, weights)(x, t)
+        by_func = PrefixGuidedVelocity(velocity, target, weights, functional=True)(x, t)
+    torch.testing.assert_close(by_func, by_autograd, rtol=1e-12, atol=1e-12)
+    assert (by_autograd - plain).abs().max() > 0.1  # the correction is there to compare
+    assert not by_func.requires_grad
