@@ -24,6 +24,13 @@ Sections (`--only`):
   (`cache_cached_solve` / `cache_uncached_solve`): the prefix cache's speed-up with compile on, target >= 2.
   `cache_cached_solve_step_time`: the cached whole solve with the time conditioning computed at each
   step instead of once for all steps (its `speedup`: what that table saves).
+- `rtc` (not in the default run: it compiles for minutes): RTC's cost, the 10-step chunk guided towards
+  the previous chunk's leftover (`sample_chunk_rtc`: 3 of its 10 actions executed, inference delay 2)
+  against the plain chunk from the same noise, eager (`rtc_eager` / `plain_eager`) and with
+  `compile_solve()` (`rtc_compiled_solve` / `plain_compiled_solve`: the guided solve, vector-Jacobian
+  products included, compiled as one graph), interleaved, at batch 1 and 64. Figures: `vs_plain` = RTC
+  / plain, `speedup` = eager RTC / compiled RTC, `compile_s` (the first call), `max_abs_diff` between
+  the eager and the compiled RTC chunk.
 - `cuda_graph` (not in the default run; CUDA only): the 10-step chunk with eager sampling against
   `policy.enable_cuda_graphs()` (the whole solve replayed from one CUDA graph; capture timed apart as
   `capture_s`), against compile + graphs, and both again with the expert in bf16
@@ -98,9 +105,11 @@ from fmpolicy.model import ActionExpert
 from fmpolicy.model.layers import AdaptiveModulation
 from fmpolicy.sampling import fixed_grid, sample_ode, solve_fixed_grid
 
-SECTIONS = ("chunk", "overhead", "cache", "train", "encoder", "envs", "rl_update", "rl_vl", "compile", "cuda_graph")
-DEFAULT_SECTIONS = SECTIONS[:-3]  # `rl_vl` (a minute of rollouts), `compile` (a minute compiling) and
-#   `cuda_graph` (CUDA only): run them with --only rl_vl / --only compile / --only cuda_graph
+SECTIONS = ("chunk", "overhead", "cache", "train", "encoder", "envs", "rl_update", "rl_vl", "compile", "rtc",
+            "cuda_graph")
+DEFAULT_SECTIONS = SECTIONS[:-4]  # `rl_vl` (a minute of rollouts), `compile` and `rtc` (minutes compiling)
+#   and `cuda_graph` (CUDA only): run them with --only rl_vl / compile / rtc / cuda_graph
+RTC_EXECUTED, RTC_DELAY = 3, 2  # the rtc section: actions of the chunk executed, inference delay
 ENV_COUNTS = (1, 64, 1024, 4096)  # environments stepped together in the envs section
 FPO_TARGET = 2.5  # an FPO update (m = 8) costs at most this many Gaussian PPO updates
 STATE_DIM, ACTION_DIM, CHUNK_SIZE = 8, 7, 10
@@ -643,6 +652,47 @@ def bench_cache_compiled(bench: Bench, compiled: FlowPolicy) -> list[dict]:
     return rows
 
 
+def bench_rtc(bench: Bench) -> list[dict]:
+    """RTC's cost: the 10-step chunk guided towards the previous chunk's leftover (`sample_chunk_rtc`)
+    against the plain chunk from the same noise, both eager and both after `compile_solve()` (a copy of
+    the same weights), interleaved, after the compiled copy has compiled both solves for the batch."""
+    import copy
+
+    from fmpolicy.rtc import sample_chunk_rtc
+
+    policy, s = bench.policy, bench.sizes
+    compiled = copy.deepcopy(policy).compile_solve()
+    rows = []
+    for batch in s.batches:
+        obs = make_obs(policy, batch, s.prefix_tokens, bench.generator)
+        noise = policy.sample_noise(batch, bench.device_generator)
+        leftover = policy.predict_action_chunk(obs, noise=noise)[:, RTC_EXECUTED:]  # what is left after 3 steps
+        calls = {"plain_eager": lambda: policy.predict_action_chunk(obs, noise=noise),
+                 "rtc_eager": lambda: sample_chunk_rtc(policy, obs, leftover, RTC_DELAY, noise=noise),
+                 "plain_compiled_solve": lambda: compiled.predict_action_chunk(obs, noise=noise),
+                 "rtc_compiled_solve": lambda: sample_chunk_rtc(compiled, obs, leftover, RTC_DELAY, noise=noise)}
+        compile_s, out = {}, {}
+        for name, call in calls.items():
+            start = time.perf_counter()
+            out[name] = call()  # the compiled copy compiles here
+            synchronize(policy.device)
+            compile_s[name] = time.perf_counter() - start
+        times = bench.time(calls, batch)
+        common = dict(batch=batch, steps=policy.config.sampler.num_steps, p=s.prefix_tokens,
+                      inference_delay=RTC_DELAY, leftover=leftover.shape[1])
+        ms = {name: median(t) for name, t in times.items()}
+        rows += [bench.row("rtc", "plain_eager", times["plain_eager"], **common),
+                 bench.row("rtc", "rtc_eager", times["rtc_eager"], **common,
+                           vs_plain=ms["rtc_eager"] / ms["plain_eager"]),
+                 bench.row("rtc", "plain_compiled_solve", times["plain_compiled_solve"], **common,
+                           compile_s=compile_s["plain_compiled_solve"]),
+                 bench.row("rtc", "rtc_compiled_solve", times["rtc_compiled_solve"], **common,
+                           compile_s=compile_s["rtc_compiled_solve"], speedup=ms["rtc_eager"] / ms["rtc_compiled_solve"],
+                           vs_plain=ms["rtc_compiled_solve"] / ms["plain_compiled_solve"],
+                           max_abs_diff=float((out["rtc_compiled_solve"] - out["rtc_eager"]).abs().max()))]
+    return rows
+
+
 # pi0's action expert (Gemma 300M: width 1024, 18 layers, 8 heads, MLP 4096), chunk 50, 32-wide padded
 # actions, and the prefix of one 224-px view (256 SigLIP tokens) + 48 text tokens at the VLM's width 2048
 PI0_EXPERT = dict(width=1024, depth=18, num_heads=8, mlp_ratio=4.0, max_state_dim=32, max_action_dim=32,
@@ -703,7 +753,7 @@ def bench_cuda_graph(bench: Bench) -> list[dict]:
     return rows
 
 
-RUNNERS = {"cuda_graph": bench_cuda_graph, "compile": bench_compile, "chunk": bench_chunk, "overhead": bench_overhead, "cache": bench_cache, "train": bench_train,
+RUNNERS = {"cuda_graph": bench_cuda_graph, "compile": bench_compile, "rtc": bench_rtc, "chunk": bench_chunk, "overhead": bench_overhead, "cache": bench_cache, "train": bench_train,
            "encoder": bench_encoder, "envs": bench_envs, "rl_update": bench_rl_update, "rl_vl": bench_rl_vl}
 
 
