@@ -238,9 +238,11 @@ class FlowPolicy(nn.Module):
         this compiles the whole solve, every step from the noise to the chunk, given the observation's
         prefix cache (`fmpolicy.compiled`): one call per chunk. The first call at each batch size (and
         prefix length, method, step count) compiles (up to a minute); at batch 1 on a CPU later chunks
-        are faster than with the compiled step (`scripts/bench.py --only compile`). Used in eval mode only
-        (in train mode, and for dopri5, trajectories or RTC, sampling runs as before); with CUDA graphs
-        enabled, the graphs take precedence. Weights updated in place are seen. Chunks agree with eager
+        are faster than with the compiled step (`scripts/bench.py --only compile`). RTC's guided solve
+        (`fmpolicy.rtc.sample_chunk_rtc`) is compiled too, as a graph of its own, vector-Jacobian products
+        included (`scripts/bench.py --only rtc`). Used in eval mode only (in train mode, and for dopri5 or
+        trajectories, sampling runs as before); with CUDA graphs enabled, the graphs take precedence for
+        unguided solves. Weights updated in place are seen. Chunks agree with eager
         sampling to float rounding. `compile_kwargs` go to `torch.compile` (`dynamic=False` by default).
         """
         from fmpolicy.compiled import CompiledSolver

@@ -4,7 +4,7 @@
     python scripts/serve_policy.py --policy runs/point_obstacle_flow/policy [--port 8000] [--host 127.0.0.1]
         [--api-key KEY] [--map observation/image=observation.images.top ...] [--device cpu] [--steps 10]
         [--max-batch 16] [--batch-window-ms 0] [--rtc-max-guidance-weight 5] [--rtc-schedule exp]
-        [--compile step|solve] [--cuda-graphs] [--bf16] [--threads N] [--record DIR]
+        [--compile step|solve] [--cuda-graphs] [--bf16] [--threads N] [--record DIR] [--warmup 1,2,4|none]
 
 A client then does, e.g.:
 
@@ -18,7 +18,10 @@ are batched into one call (--max-batch rows at most; --max-batch 1 turns it off)
 fmpolicy/serving/server.py and docs/serving.md for the protocol, the default key mapping, batching,
 the request fields and the error behaviour. The policy calls run on the main thread, which loaded the
 policy (on CPU a call from another thread is slower: docs/serving.md); --threads sets torch's CPU
-threads for them (default: torch's own, one per core).
+threads for them (default: torch's own, one per core). Before it listens, the server runs made-up
+requests (plain and RTC) at the --warmup batch sizes, so that compiling (--compile: up to minutes) and
+graph capture (--cuda-graphs) are done when the first client connects (`PolicyClient(wait_s=...)`
+waits for it).
 """
 
 from __future__ import annotations
@@ -64,7 +67,15 @@ def main(argv: list[str] | None = None):
     p.add_argument("--rtc-max-guidance-weight", type=float, default=5.0,
                    help="real-time chunking's guidance clip (beta), for requests with prev_chunk_left_over")
     p.add_argument("--rtc-schedule", default="exp", help="real-time chunking's prefix weights: exp or linear")
+    p.add_argument("--warmup", default="1", metavar="SIZES",
+                   help="batch sizes to run made-up requests at (plain and RTC) before listening, so that "
+                        "compiling / graph capture happen then and not on the first real request: e.g. 1,2,4; "
+                        "'none' skips it (default: 1)")
     args = p.parse_args(argv)
+    try:
+        warmup = () if args.warmup.strip().lower() == "none" else tuple(int(b) for b in args.warmup.split(","))
+    except ValueError:
+        p.error(f"--warmup {args.warmup!r}: expected batch sizes like 1,2,4 or 'none'")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads {args.threads}: expected an int >= 1")
     try:
@@ -91,7 +102,10 @@ def main(argv: list[str] | None = None):
         sampler = None
         if args.steps is not None:
             sampler = SamplerConfig(**{**vars(policy.config.sampler), "num_steps": args.steps})
-        server = PolicyServer(policy, config, sampler=sampler).start()
+        server = PolicyServer(policy, config, sampler=sampler)
+        for w in server.warmup(warmup):  # here, on the thread that will serve
+            print(f"warm-up: batch {w['batch']}{' with RTC' if w['rtc'] else ''} {w['seconds']:.2f} s", flush=True)
+        server.start()
         print(f"serving {args.policy} on ws://{config.host}:{server.port} (chunk {policy.config.chunk_size} x "
               f"{policy.config.action_dim}, batches of up to {config.max_batch}, {torch.get_num_threads()} torch threads); "
               "Ctrl-C stops", flush=True)

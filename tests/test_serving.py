@@ -24,7 +24,7 @@ from websockets.sync.client import connect  # noqa: E402
 
 from fmpolicy import FlowPolicy, NormalizationConfig, PolicyConfig, make_expert_config  # noqa: E402
 from fmpolicy.config import EncoderConfig  # noqa: E402
-from fmpolicy.errors import ConfigError  # noqa: E402
+from fmpolicy.errors import ConfigError, InputError  # noqa: E402
 from fmpolicy.serving import PolicyServer, ServerConfig, packb, read_records, unpackb  # noqa: E402
 from tests.helpers import randomized  # noqa: E402
 
@@ -188,9 +188,12 @@ def test_the_serve_script_serves_a_saved_policy_and_refuses_a_bad_one(policy, tm
                              str(tmp_path / "policy"), "--port", "0", "--device", "cpu", "--steps", "2",
                              "--map", "cam=observation.images.top", "--max-batch", "3", "--batch-window-ms", "1",
                              "--compile", "solve", "--threads", "1", "--record", str(tmp_path / "rec")],
-                            # the first request compiles the whole solve
+                            # the warm-up compiles the whole solve, plain and guided
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
+        warm = [proc.stdout.readline() for _ in range(2)]  # the default --warmup 1: plain, then RTC
+        assert warm[0].startswith("warm-up: batch 1 ") and warm[1].startswith("warm-up: batch 1 with RTC"), \
+            proc.stderr.read() if proc.poll() is not None else warm
         line = proc.stdout.readline()
         assert "serving" in line, proc.stderr.read() if proc.poll() is not None else line
         assert "1 torch threads" in line
@@ -223,6 +226,50 @@ def test_the_serve_script_serves_a_saved_policy_and_refuses_a_bad_one(policy, tm
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve_policy.py"), "--policy", str(tmp_path / "policy"),
                           "--threads", "0"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "--threads 0: expected an int >= 1" in bad.stderr
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve_policy.py"), "--policy", str(tmp_path / "policy"),
+                          "--warmup", "1,two"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "--warmup '1,two'" in bad.stderr
+
+
+def test_the_warm_up_compiles_what_real_requests_then_use_and_counts_no_calls(policy):
+    """After `warmup((1, 2))` a compiled server answers real requests at those batch sizes, plain and
+    RTC, without compiling anything (dynamo's graph count stays, and it is told to raise on a
+    recompilation)."""
+    import copy
+
+    from fmpolicy import SamplerConfig
+
+    compiled = copy.deepcopy(policy).compile_solve()
+    # 2 steps: each graph unrolls the solve, and compiling 4 of them at 10 steps takes minutes
+    srv = PolicyServer(compiled, ServerConfig(max_batch=4), sampler=SamplerConfig(method="euler", num_steps=2))
+    timings = srv.warmup((1, 2))
+    assert [(t["batch"], t["rtc"]) for t in timings] == [(1, False), (1, True), (2, False), (2, True)]
+    assert srv.calls == 0 and srv.rows == 0
+    rng = np.random.default_rng(0)
+    obs = client_obs(rng)
+    two = {"observation/state": rng.standard_normal((2, 2)).astype(np.float32),
+           "observation/image": rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8), "prompt": ["left", "right"]}
+    before = {"solve": compiled._compiled_solve.solve, "solve_guided": compiled._compiled_solve.solve_guided}
+    used = []
+    for name, method in before.items():
+        setattr(compiled._compiled_solve, name, lambda *a, _m=method, _n=name, **k: used.append(_n) or _m(*a, **k))
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]  # graphs dynamo has made in this process so far
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        assert srv.infer(obs)["actions"].shape == (4, 2)
+        rtc = {**obs, "prev_chunk_left_over": rng.standard_normal((3, 2)).astype(np.float32), "inference_delay": 2}
+        assert srv.infer(rtc)["actions"].shape == (4, 2)
+        assert srv.infer(two)["actions"].shape == (2, 4, 2)
+        two_rtc = {**two, "prev_chunk_left_over": rng.standard_normal((2, 2, 2)).astype(np.float32)}
+        assert srv.infer(two_rtc)["actions"].shape == (2, 4, 2)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert used == ["solve", "solve_guided", "solve", "solve_guided"] and srv.calls == 4
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled for the real requests
+    with pytest.raises(InputError, match="warm-up batch size 5"):
+        srv.warmup((5,))
 
 
 def test_a_recording_holds_every_answered_request_and_its_reply_and_goes_on_after_a_restart(policy, tmp_path):

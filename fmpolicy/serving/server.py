@@ -422,6 +422,47 @@ class PolicyServer:
             raise reply
         return reply
 
+    def warmup(self, batch_sizes: tuple[int, ...] = (1,), rtc: bool | None = None) -> list[dict[str, Any]]:
+        """Run made-up requests through the server's own path (`prepare`, `run_batch`) before serving, so
+        that the first real request at each of `batch_sizes` rows does not pay for compiling the solve
+        (`--compile`: seconds to minutes) or capturing its CUDA graph. `rtc` (default: a flow head) also
+        sends each size with `prev_chunk_left_over`, which compiles the guided solve (its graph does not
+        depend on the leftover's length). The requests carry zero states and black images at the
+        encoder's size, and a task when the policy reads one (its first known task for `kind="task"`):
+        the prefix has the length real requests give it (instructions are padded to a fixed length). A
+        policy fed prefix tokens directly gets none (their length is the client's). Not counted in
+        `calls` / `rows`. -> one {"batch", "rtc", "seconds"} per call made. Run it on the thread that
+        will serve (`serve_forever()`), before it: the compiled code and torch's threads are then warm
+        there."""
+        policy = self.policy
+        rtc = policy.config.head == "flow" if rtc is None else rtc
+        spec = policy.embodiments.specs[0]
+        encoder = policy.config.encoder
+        timings, counts = [], (self.calls, self.rows)
+        for b in batch_sizes:
+            if not isinstance(b, int) or not 1 <= b <= self.config.max_batch:
+                raise InputError(f"warm-up batch size {b!r}: expected an int in [1, max_batch = {self.config.max_batch}]")
+            obs: dict[str, Any] = {STATE: np.zeros((b, spec.state_dim), np.float32)}
+            if len(policy.embodiments.names) > 1:
+                obs[EMBODIMENT] = [spec.name] * b
+            for cam in self.adapter.cameras:
+                obs[cam] = np.zeros((b, encoder.image_size, encoder.image_size, 3), np.uint8)
+            if encoder.kind != "none":
+                obs[TASK] = [encoder.tasks[0] if encoder.kind == "task" else "warm-up"] * b
+            h = policy.config.chunk_size
+            variants = [(False, obs)]
+            if rtc:
+                variants.append((True, {**obs, PREV_CHUNK: np.zeros((b, h, spec.action_dim), np.float32),
+                                        INFERENCE_DELAY: min(1, h)}))
+            for guided, request in variants:
+                start = time.perf_counter()
+                reply = self.run_batch([self.prepare(request)])[0]
+                if isinstance(reply, Exception):
+                    raise reply
+                timings.append({"batch": b, "rtc": guided, "seconds": time.perf_counter() - start})
+        self.calls, self.rows = counts
+        return timings
+
     # ---- batching (on the event loop) ----
     def _take(self) -> list[Request]:
         """The oldest waiting request and every later one compatible with it, up to max_batch rows."""
