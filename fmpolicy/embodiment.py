@@ -69,7 +69,11 @@ class Embodiments(nn.Module):
         return idx
 
     def width(self, idx: Tensor, kind: str) -> int:
-        """The width a batch's tensors must have: the widest robot's among the samples' embodiments."""
+        """The width a batch's tensors must have: the widest robot's among the samples' embodiments. With
+        one robot, its own, without reading `idx` (a device tensor: on a GPU, reading it would wait for
+        every kernel queued before, the encoder's among them)."""
+        if len(self.specs) == 1:
+            return self.specs[0].state_dim if kind == "state" else self.specs[0].action_dim
         dims = self.state_dims if kind == "state" else self.action_dims
         return int(dims[idx].max()) if idx.numel() else int(dims.max())
 
