@@ -300,7 +300,9 @@ def test_requests_are_checked_on_the_host_without_touching_the_policys_device_te
         assert all(v.device.type == "cpu" for v in request.batch.values() if isinstance(v, torch.Tensor))
         assert request.rtc is None or request.rtc[0].device.type == "cpu"
     with pytest.raises(RuntimeError, match="meta"):  # the tables really are unreadable
-        blind.embodiments.width(blind.embodiments.index({}, 1), "state")
+        int(blind.embodiments.state_dims.max())
+    # nor does the policy's own call read them for one robot (on a GPU: no wait before the solve)
+    assert blind.embodiments.width(torch.zeros(1, dtype=torch.long, device="meta"), "action") == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
