@@ -437,7 +437,7 @@ class PolicyServer:
         policy = self.policy
         rtc = policy.config.head == "flow" if rtc is None else rtc
         spec = policy.embodiments.specs[0]
-        encoder = policy.config.encoder
+        encoder, h = policy.config.encoder, policy.config.chunk_size
         timings, counts = [], (self.calls, self.rows)
         for b in batch_sizes:
             if not isinstance(b, int) or not 1 <= b <= self.config.max_batch:
@@ -449,7 +449,6 @@ class PolicyServer:
                 obs[cam] = np.zeros((b, encoder.image_size, encoder.image_size, 3), np.uint8)
             if encoder.kind != "none":
                 obs[TASK] = [encoder.tasks[0] if encoder.kind == "task" else "warm-up"] * b
-            h = policy.config.chunk_size
             variants = [(False, obs)]
             if rtc:
                 variants.append((True, {**obs, PREV_CHUNK: np.zeros((b, h, spec.action_dim), np.float32),
